@@ -1,0 +1,3 @@
+from forgeline.cli import main
+
+main()

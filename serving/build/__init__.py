@@ -1,0 +1,1 @@
+"""Engine builds: turn a registered model version into an artifact an engine can serve."""

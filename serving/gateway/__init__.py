@@ -1,0 +1,1 @@
+"""The OpenAI-compatible gateway: wire protocol, routers, error handling and the app."""

@@ -1,0 +1,122 @@
+"""``POST /v1/chat/completions``: render the chat template, generate, answer or stream."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from serving.engine.base import Chunk
+from serving.gateway.catalog import ModelCatalog
+from serving.gateway.generation import (
+    SSE_DONE,
+    GatewaySettings,
+    get_catalog,
+    get_settings,
+    lineage_headers,
+    open_stream,
+    resolve_model,
+    run_to_completion,
+    sampling_params,
+    sse,
+    sse_error,
+)
+from serving.gateway.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    DeltaMessage,
+    UsageInfo,
+)
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def create_chat_completion(
+    body: ChatCompletionRequest,
+    catalog: ModelCatalog = Depends(get_catalog),
+    settings: GatewaySettings = Depends(get_settings),
+) -> Response:
+    """Create a chat completion (OpenAI ``chat.completions.create``)."""
+    served, adapter = resolve_model(catalog, body.model)
+    engine = served.engine
+    prompt = engine.render_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+    params = sampling_params(
+        max_tokens=body.requested_max_tokens,
+        default_max_tokens=settings.max_new_tokens,
+        settings=settings,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=body.stop_list(),
+        seed=body.seed,
+    )
+    prompt_tokens = engine.count_tokens(prompt)
+    headers = lineage_headers(served)
+
+    if not body.stream:
+        done = await run_to_completion(served, prompt, params, adapter)
+        response = ChatCompletionResponse(
+            model=body.model,
+            choices=[ChatChoice(message=ChatResponseMessage(content=done.text), finish_reason=done.finish_reason)],
+            usage=UsageInfo(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=done.completion_tokens,
+                total_tokens=prompt_tokens + done.completion_tokens,
+            ),
+        )
+        return JSONResponse(response.model_dump(mode="json"), headers=headers)
+
+    chunks = await open_stream(served, prompt, params, adapter)
+    events = _chat_events(chunks, model=body.model, prompt_tokens=prompt_tokens, include_usage=body.include_usage)
+    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+
+async def _chat_events(
+    chunks: AsyncGenerator[Chunk, None], *, model: str, prompt_tokens: int, include_usage: bool
+) -> AsyncIterator[str]:
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    def event(delta: DeltaMessage, finish: str | None = None) -> str:
+        chunk = ChatCompletionChunk(
+            id=completion_id,
+            created=created,
+            model=model,
+            choices=[ChatStreamChoice(delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
+        )
+        return sse(chunk.model_dump(mode="json"))
+
+    completion_tokens = 0
+    try:
+        # OpenAI's first chunk carries the role and empty content.
+        yield event(DeltaMessage(role="assistant", content=""))
+        async for chunk in chunks:
+            completion_tokens += len(chunk.token_ids)
+            if chunk.text:
+                yield event(DeltaMessage(content=chunk.text))
+            if chunk.finish_reason is not None:
+                yield event(DeltaMessage(), chunk.finish_reason)
+        if include_usage:
+            usage = UsageInfo(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            )
+            final = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[], usage=usage)
+            yield sse(final.model_dump(mode="json"))
+    except Exception as exc:  # noqa: BLE001 - headers are sent; the error must travel in the stream
+        logger.exception("chat stream for %s failed", model)
+        yield sse_error(exc)
+    finally:
+        await chunks.aclose()
+    yield SSE_DONE

@@ -1,0 +1,29 @@
+"""``GET /v1/models`` and ``GET /v1/models/{model}``."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Depends
+
+from serving.gateway.catalog import ModelCatalog
+from serving.gateway.generation import get_catalog, resolve_model
+from serving.gateway.protocol import ModelCard, ModelList
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def list_models(catalog: ModelCatalog = Depends(get_catalog)) -> ModelList:
+    """Every name a client may send as ``model`` (each alias is listed on its own)."""
+    cards = [ModelCard(id=name, created=served.created) for served in catalog.list() for name in served.names]
+    return ModelList(data=cards)
+
+
+@router.get("/v1/models/{model:path}")
+async def retrieve_model(model: str, catalog: ModelCatalog = Depends(get_catalog)) -> ModelCard:
+    """One model (OpenAI ``models.retrieve``); 404 ``model_not_found`` when unknown."""
+    served, _ = resolve_model(catalog, model)
+    return ModelCard(id=model, created=served.created)

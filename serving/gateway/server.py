@@ -1,0 +1,72 @@
+"""Run the gateway with uvicorn, in the foreground or on a background thread."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import uvicorn
+from fastapi import FastAPI
+
+logger = logging.getLogger(__name__)
+
+
+def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info") -> None:
+    """Serve ``app`` until interrupted (Ctrl-C or SIGTERM)."""
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def serve_in_background(
+    app: FastAPI, host: str = "127.0.0.1", port: int = 0, *, timeout_s: float = 120.0, log_level: str = "warning"
+) -> tuple[str, Callable[[], None]]:
+    """Start uvicorn on a thread and wait until it accepts connections.
+
+    Args:
+        app: the ASGI app; its lifespan (engine start) completes before this returns.
+        host: interface to bind.
+        port: port to bind; 0 picks a free one.
+        timeout_s: how long to wait for startup.
+
+    Returns:
+        ``(base_url, stop)``: e.g. ``http://127.0.0.1:43117`` and a function that shuts the
+        server down (running the lifespan shutdown) and waits for the thread.
+
+    Raises:
+        RuntimeError: the server did not start (lifespan failure, port taken) in time.
+    """
+    # Bind here so port 0 is resolved before uvicorn starts, and nobody can take it meanwhile.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound_port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level=log_level, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="forgeline-gateway", daemon=True)
+    thread.start()
+
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive():
+            sock.close()
+            raise RuntimeError("the gateway failed to start; see the log above")
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            thread.join(timeout=10)
+            sock.close()
+            raise RuntimeError(f"the gateway did not start within {timeout_s:.0f} s")
+        time.sleep(0.02)
+    url_host = f"[{host}]" if ":" in host else host
+    with socket.create_connection((host, bound_port), timeout=5):
+        pass  # started means listening; this confirms the socket accepts connections
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+    base_url = f"http://{url_host}:{bound_port}"
+    logger.info("gateway listening on %s", base_url)
+    return base_url, stop

@@ -1,0 +1,25 @@
+"""Shared fixtures: every test gets its own $FORGELINE_HOME so nothing touches ~/.forgeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_BASE = REPO / "assets" / "tiny-base"
+SUPPORT_DATA = REPO / "recipes" / "data" / "support-tickets"
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "forgeline-home"
+    monkeypatch.setenv("FORGELINE_HOME", str(home))
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "FORGELINE_DB_URL", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO

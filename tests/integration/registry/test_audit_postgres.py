@@ -1,0 +1,79 @@
+"""The audit log on PostgreSQL: same behaviour as SQLite, and a per-model writer lock.
+
+Runs when ``FORGELINE_TEST_POSTGRES_URL`` points at a scratch database, e.g.
+``postgresql+psycopg://postgres@127.0.0.1:5432/forgeline_test``; skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+
+from registry.audit import AuditLog
+
+pytestmark = pytest.mark.integration
+
+URL = os.environ.get("FORGELINE_TEST_POSTGRES_URL")
+
+
+@pytest.fixture
+def audit() -> Iterator[AuditLog]:
+    if not URL:
+        pytest.skip("set FORGELINE_TEST_POSTGRES_URL to run the PostgreSQL audit tests")
+    log = AuditLog(URL)
+    yield log
+    log.dispose()
+
+
+def test_append_and_history_on_postgres(audit: AuditLog) -> None:
+    model = f"m-{uuid.uuid4().hex}"  # tables persist between runs on a shared database
+    audit.append(
+        model=model, alias="production", from_version=None, to_version=1, actor="a", reason="", action="promote"
+    )
+    audit.append(
+        model=model,
+        alias="production",
+        from_version=1,
+        to_version=2,
+        actor="b",
+        reason="why",
+        action="promote",
+        policy_result={"passed": True, "gates": []},
+    )
+    history = audit.history(model, "production")
+    assert [(e.from_version, e.to_version) for e in history] == [(None, 1), (1, 2)]
+    assert history[1].policy_result == {"passed": True, "gates": []}
+    assert history[0].created_at.utcoffset() == timedelta(0)
+
+    with pytest.raises(RuntimeError), audit.transaction(model) as tx:
+        tx.append(alias="production", from_version=2, to_version=3, actor="c", reason="", action="promote")
+        raise RuntimeError("MLflow said no")
+    assert len(audit.history(model)) == 2
+
+
+def test_transactions_on_one_model_are_serialised(audit: AuditLog) -> None:
+    model = f"m-{uuid.uuid4().hex}"
+    held = threading.Event()
+    order: list[str] = []
+
+    def first() -> None:
+        with audit.transaction(model):
+            held.set()
+            time.sleep(0.5)
+            order.append("first done")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    held.wait(10)
+    with audit.transaction(f"{model}-other"):
+        order.append("other model")  # a different model does not wait
+    with audit.transaction(model):
+        order.append("second")  # waits for the lock of `first`
+    thread.join(10)
+    assert order == ["other model", "first done", "second"]

@@ -1,0 +1,254 @@
+"""Registry against a real MLflow store (SQLite in tmp_path): versions, resolution,
+promotion, rollback, and the all-or-nothing alias move."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from sqlalchemy import event
+
+from registry import lineage
+from registry.client import NO_HOLDER, Registry, VersionInfo
+from registry.errors import ConflictError, ModelNotFoundError, NotFoundError, PolicyRefused
+from registry.policy import PromotionPolicy, Threshold
+from registry.promotion import promote, rollback
+
+pytestmark = pytest.mark.integration
+
+POLICY = PromotionPolicy(
+    thresholds={"accuracy": Threshold(min=0.8)},
+    better_than_base=["eval_loss"],
+    no_regression=["accuracy"],
+    tolerance=0.01,
+)
+
+
+@pytest.fixture(scope="session")
+def migrated_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow SQLite DB with its schema migrated once; creating one takes seconds."""
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_mlflow_db: Path) -> Iterator[Registry]:
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(migrated_mlflow_db, home / "mlflow.db")
+    monkeypatch.setenv("FORGELINE_HOME", str(home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.delenv("FORGELINE_DB_URL", raising=False)
+    reg = Registry()  # everything from settings, as the CLI does
+    yield reg
+    reg.close()
+
+
+def trained_version(
+    registry: Registry, name: str = "tiny", *, accuracy: float = 0.9, loss: float = 1.0, base_loss: float = 2.0
+) -> VersionInfo:
+    """A run with a tiny artifact, registered and evaluated like the pipeline does."""
+    experiment_id = registry.ensure_experiment("forgeline-tests")
+    run = registry.client.create_run(experiment_id)
+    run_id = run.info.run_id
+    registry.client.log_text(run_id, '{"model_type": "tiny"}', "model/config.json")
+    registry.client.set_terminated(run_id)
+    version = registry.create_version(
+        name,
+        source=f"runs:/{run_id}/model",
+        run_id=run_id,
+        tags={lineage.BASE_MODEL: "tiny-base", lineage.METHOD: "sft", lineage.RUN_ID: run_id},
+    )
+    registry.record_evaluation(
+        name, version.version, {"accuracy": accuracy, "eval_loss": loss}, base_metrics={"eval_loss": base_loss}
+    )
+    return registry.get_version(name, version.version)
+
+
+def test_create_version_carries_lineage_and_artifacts_live_under_home(registry: Registry, tmp_path: Path) -> None:
+    v = trained_version(registry)
+    assert (v.name, v.version) == ("tiny", 1)
+    assert v.tags[lineage.BASE_MODEL] == "tiny-base" and v.tags[lineage.METHOD] == "sft"
+    assert v.metrics() == {"accuracy": 0.9, "eval_loss": 1.0} and v.base_metrics() == {"eval_loss": 2.0}
+    assert v.run_id and v.created_ms > 0
+    experiment = registry.client.get_experiment(registry.ensure_experiment("forgeline-tests"))
+    assert experiment.artifact_location.startswith((tmp_path / "home" / "artifacts").as_uri())
+    artifacts = registry.client.list_artifacts(v.run_id, "model")
+    assert [a.path for a in artifacts] == ["model/config.json"]
+
+    trained_version(registry)
+    assert [x.version for x in registry.list_versions("tiny")] == [1, 2]
+    assert registry.list_models() == ["tiny"]
+
+
+def test_resolve_by_name_alias_and_number(registry: Registry) -> None:
+    v1 = trained_version(registry)
+    v2 = trained_version(registry)
+    registry.move_alias("tiny", "production", 1, actor="ana", reason="first")
+    registry.move_alias("tiny", "staging", 2, actor="ana", reason="try")
+
+    assert registry.resolve("tiny").version == v1.version
+    assert registry.resolve("tiny@production").aliases == ("production",)
+    assert registry.resolve("tiny@staging").version == v2.version
+    assert registry.resolve("tiny@1").version == 1
+    assert registry.resolve("tiny@latest").version == 2
+    assert registry.alias_holder("tiny", "canary") is None
+
+
+def test_unknown_refs_say_what_exists(registry: Registry) -> None:
+    trained_version(registry)
+    with pytest.raises(ModelNotFoundError, match=r"'tiny'.*no alias 'production'.*promote a version first"):
+        registry.resolve("tiny")
+    registry.move_alias("tiny", "staging", 1, actor="ana", reason="")
+    with pytest.raises(ModelNotFoundError, match=r"no alias 'canary' \(aliases: staging→1\)"):
+        registry.resolve("tiny@canary")
+    with pytest.raises(ModelNotFoundError, match=r"'tiny@7'.*no version 7 \(versions: 1\)"):
+        registry.resolve("tiny@7")
+    with pytest.raises(ModelNotFoundError, match=r"'nope@production'.*models: tiny"):
+        registry.resolve("nope@production")
+    with pytest.raises(NotFoundError, match="no version 9"):
+        registry.get_version("tiny", 9)
+
+
+def test_promote_moves_alias_and_audits(registry: Registry) -> None:
+    trained_version(registry, accuracy=0.85)
+    trained_version(registry, accuracy=0.9)
+
+    result, entry = promote(registry, "tiny", 1, policy=POLICY, actor="ana", reason="first release")
+    assert result.passed
+    assert (entry.actor, entry.from_version, entry.to_version, entry.reason) == ("ana", None, 1, "first release")
+    assert entry.action == "promote" and entry.policy_result == result.to_dict()
+
+    _, second = promote(registry, "tiny", 2, policy=POLICY, actor="bo")
+    assert (second.from_version, second.to_version) == (1, 2)
+    assert second.reason.startswith("all 3 gate(s) passed")
+    assert registry.resolve("tiny").version == 2
+    assert registry.audit.history("tiny", "production") == [entry, second]
+    assert registry.audit_drift("tiny") == {}
+
+
+def test_refused_promotion_moves_nothing(registry: Registry) -> None:
+    trained_version(registry, accuracy=0.9)
+    trained_version(registry, accuracy=0.85)  # regresses by more than the tolerance
+    promote(registry, "tiny", 1, policy=POLICY, actor="ana")
+
+    with pytest.raises(PolicyRefused, match=r"no_regression:accuracy") as refused:
+        promote(registry, "tiny", 2, policy=POLICY, actor="bo")
+    assert refused.value.policy_result is not None and refused.value.policy_result["passed"] is False
+    assert registry.resolve("tiny").version == 1
+    assert len(registry.audit.history("tiny")) == 1
+
+
+def test_rollback_returns_to_previous_holder_and_history_is_ordered(registry: Registry) -> None:
+    for _ in range(3):
+        trained_version(registry)
+    for version in (1, 2, 3):
+        registry.move_alias("tiny", "production", version, actor="ana", reason=f"v{version}")
+
+    entry = rollback(registry, "tiny", actor="oncall", reason="bad outputs")
+    assert (entry.action, entry.from_version, entry.to_version) == ("rollback", 3, 2)
+    rollback(registry, "tiny", actor="oncall", reason="still bad")  # walks further back, not to 3
+    assert registry.resolve("tiny").version == 1
+
+    history = registry.audit.history("tiny", "production")
+    assert [(e.action, e.from_version, e.to_version) for e in history] == [
+        ("promote", None, 1),
+        ("promote", 1, 2),
+        ("promote", 2, 3),
+        ("rollback", 3, 2),
+        ("rollback", 2, 1),
+    ]
+    with pytest.raises(NotFoundError, match="no earlier version"):
+        rollback(registry, "tiny", actor="oncall")
+    assert rollback(registry, "tiny", to_version=3, actor="oncall").to_version == 3
+
+
+def test_crash_inside_mlflow_leaves_alias_and_audit_in_agreement(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trained_version(registry)
+    trained_version(registry)
+    promote(registry, "tiny", 1, policy=POLICY, actor="ana")
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("MLflow server went away")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", crash)
+    with pytest.raises(RuntimeError, match="went away"):
+        promote(registry, "tiny", 2, policy=POLICY, actor="bo")
+    monkeypatch.undo()
+
+    assert registry.resolve("tiny").version == 1
+    assert [e.to_version for e in registry.audit.history("tiny")] == [1]
+    assert registry.audit_drift("tiny") == {}
+
+
+def test_failed_audit_commit_moves_the_alias_back(registry: Registry) -> None:
+    trained_version(registry)
+    trained_version(registry)
+    promote(registry, "tiny", 1, policy=POLICY, actor="ana")
+
+    def fail_commit(conn: object) -> None:
+        raise RuntimeError("disk full")
+
+    event.listen(registry.audit.engine, "commit", fail_commit)
+    try:
+        with pytest.raises(RuntimeError, match="disk full"):
+            promote(registry, "tiny", 2, policy=POLICY, actor="bo")
+    finally:
+        event.remove(registry.audit.engine, "commit", fail_commit)
+
+    assert registry.resolve("tiny").version == 1
+    assert registry.audit_drift("tiny") == {}
+
+
+def test_compare_and_set_and_concurrent_promotions(registry: Registry) -> None:
+    for _ in range(3):
+        trained_version(registry)
+    barrier = threading.Barrier(2)
+    outcomes: dict[int, str] = {}
+
+    def first_promotion(version: int) -> None:
+        barrier.wait()
+        try:
+            registry.move_alias("tiny", "production", version, actor=f"t{version}", reason="", expected_from=NO_HOLDER)
+            outcomes[version] = "moved"
+        except ConflictError:
+            outcomes[version] = "conflict"
+
+    threads = [threading.Thread(target=first_promotion, args=(v,)) for v in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert sorted(outcomes.values()) == ["conflict", "moved"]
+    winner = next(v for v, outcome in outcomes.items() if outcome == "moved")
+    assert registry.resolve("tiny").version == winner
+    assert [e.to_version for e in registry.audit.history("tiny")] == [winner]
+
+    with pytest.raises(ConflictError, match="changed meanwhile"):
+        registry.move_alias("tiny", "production", 3, actor="c", reason="", expected_from=99)
+    assert registry.resolve("tiny").version == winner
+
+
+def test_delete_alias_is_audited_and_outside_moves_show_as_drift(registry: Registry) -> None:
+    trained_version(registry)
+    trained_version(registry)
+    registry.move_alias("tiny", "staging", 1, actor="ana", reason="")
+    entry = registry.delete_alias("tiny", "staging", actor="ana", reason="retired")
+    assert (entry.action, entry.from_version, entry.to_version) == ("delete", 1, None)
+    assert registry.alias_holder("tiny", "staging") is None
+    with pytest.raises(NotFoundError, match="no alias 'staging'"):
+        registry.delete_alias("tiny", "staging", actor="ana", reason="")
+
+    registry.client.set_registered_model_alias("tiny", "production", "2")  # behind forgeline's back
+    assert registry.audit_drift("tiny") == {"production": (2, None)}
+    with pytest.raises(ConflictError, match="outside forgeline"):
+        rollback(registry, "tiny", actor="oncall")

@@ -1,0 +1,63 @@
+"""AuditLog on SQLite: append-only rows, order, filters, and transactional rollback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from registry.audit import AuditLog
+
+
+@pytest.fixture
+def audit(tmp_path: Path) -> Iterator[AuditLog]:
+    log = AuditLog(f"sqlite:///{tmp_path / 'control.db'}")
+    yield log
+    log.dispose()
+
+
+def test_append_and_history_in_order(audit: AuditLog) -> None:
+    first = audit.append(
+        model="m", alias="production", from_version=None, to_version=1, actor="ana", reason="first", action="promote"
+    )
+    audit.append(model="m", alias="staging", from_version=None, to_version=2, actor="bo", reason="", action="promote")
+    audit.append(
+        model="m",
+        alias="production",
+        from_version=1,
+        to_version=2,
+        actor="bo",
+        reason="better",
+        action="promote",
+        policy_result={"passed": True, "gates": []},
+    )
+    audit.append(
+        model="other", alias="production", from_version=None, to_version=1, actor="c", reason="", action="promote"
+    )
+
+    assert first.id > 0 and first.created_at.utcoffset() == timedelta(0)
+    production = audit.history("m", "production")
+    assert [(e.from_version, e.to_version, e.actor) for e in production] == [(None, 1, "ana"), (1, 2, "bo")]
+    assert production[1].policy_result == {"passed": True, "gates": []}
+    assert [e.alias for e in audit.history("m")] == ["production", "staging", "production"]
+    assert production[0].to_dict()["created_at"].endswith("+00:00")
+
+
+def test_history_survives_a_new_instance(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    AuditLog(url).append(model="m", alias="p", from_version=None, to_version=1, actor="a", reason="", action="promote")
+    assert len(AuditLog(url).history("m")) == 1
+
+
+def test_failed_transaction_leaves_no_row(audit: AuditLog) -> None:
+    with pytest.raises(RuntimeError), audit.transaction("m") as tx:
+        tx.append(alias="p", from_version=None, to_version=1, actor="a", reason="", action="promote")
+        raise RuntimeError("MLflow said no")
+    assert audit.history("m") == []
+
+
+def test_unknown_action_is_rejected(audit: AuditLog) -> None:
+    with pytest.raises(ValueError, match="action"):
+        audit.append(model="m", alias="p", from_version=None, to_version=1, actor="a", reason="", action="nope")  # type: ignore[arg-type]

@@ -1,0 +1,146 @@
+"""Gateway behaviour that needs no model: readiness, catalog, error shapes, stream errors.
+
+Drives the ASGI app in-process through httpx; a scripted engine stands behind the Engine seam.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from registry.errors import ConflictError, ErrorCode, ForgelineError, ModelNotFoundError
+from serving.engine.base import Chunk, SamplingParams
+from serving.engine.torch_engine import TorchEngine
+from serving.gateway.app import ServedModel, StaticCatalog, create_app
+from serving.gateway.generation import resolve_model
+
+
+class ScriptedEngine:
+    """Streams fixed chunks, then optionally fails; records what it was asked."""
+
+    def __init__(self, chunks: list[Chunk], fail_with: Exception | None = None) -> None:
+        self.model_id = "scripted"
+        self.ready = True
+        self.chunks = chunks
+        self.fail_with = fail_with
+        self.calls: list[tuple[str, SamplingParams, str | None]] = []
+
+    async def start(self) -> None:
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    async def generate(
+        self, prompt: str, params: SamplingParams, *, adapter: str | None = None
+    ) -> AsyncIterator[Chunk]:
+        self.calls.append((prompt, params, adapter))
+        for chunk in self.chunks:
+            yield chunk
+        if self.fail_with is not None:
+            raise self.fail_with
+
+
+def _post(app: object, path: str, body: dict) -> httpx.Response:
+    async def main() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            return await client.post(path, json=body)
+
+    return asyncio.run(main())
+
+
+def _get(app: object, path: str) -> httpx.Response:
+    async def main() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            return await client.get(path)
+
+    return asyncio.run(main())
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 5}
+
+
+def test_ready_is_503_until_engines_start(tiny_artifact: Path) -> None:
+    engine = TorchEngine(tiny_artifact, device="cpu")
+    app = create_app(StaticCatalog([ServedModel(name="tiny", version="1", engine=engine)]))
+    # httpx's ASGI transport does not run the lifespan, so the engine is never started.
+    assert _get(app, "/health").status_code == 200
+    ready = _get(app, "/ready")
+    assert ready.status_code == 503
+    assert ready.json() == {"status": "not_ready", "models": {"tiny": False}}
+
+
+def test_catalog_names_aliases_and_adapters() -> None:
+    engine = ScriptedEngine([])
+    served = ServedModel(name="m", version="3", engine=engine, aliases=("m@production", "m@3"))
+    catalog = StaticCatalog([served])
+    assert catalog.resolve("m@production") is served
+    assert resolve_model(catalog, "m@3:support") == (served, "support")
+    with pytest.raises(ModelNotFoundError):
+        resolve_model(catalog, "other:support")
+    with pytest.raises(ConflictError, match="m@3"):
+        catalog.add(ServedModel(name="n", version="1", engine=engine, aliases=("m@3",)))
+
+
+def test_request_fields_reach_the_engine() -> None:
+    engine = ScriptedEngine([Chunk("Hel", [1, 2]), Chunk("lo", [3], "stop")])
+    app = create_app(StaticCatalog([ServedModel(name="m", version="1", engine=engine)]))
+    body = {**CHAT, "model": "m:support", "temperature": 0, "stop": "END", "seed": 5}
+    response = _post(app, "/v1/chat/completions", body)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "Hello"
+    assert response.json()["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+    prompt, params, adapter = engine.calls[0]
+    assert prompt == "user: hi there\nassistant: "
+    assert (params.max_tokens, params.temperature, params.stop, params.seed) == (5, 0, ["END"], 5)
+    assert adapter == "support"
+
+
+def test_error_during_a_stream_is_sent_as_an_event_before_done() -> None:
+    failure = ForgelineError("the engine went away", code=ErrorCode.UNAVAILABLE)
+    engine = ScriptedEngine([Chunk("Hi", [1])], fail_with=failure)
+    app = create_app(StaticCatalog([ServedModel(name="m", version="1", engine=engine)]))
+    response = _post(app, "/v1/chat/completions", {**CHAT, "stream": True})
+    assert response.status_code == 200
+    events = [line.removeprefix("data: ") for line in response.text.splitlines() if line]
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "unavailable"
+    assert json.loads(events[1])["choices"][0]["delta"]["content"] == "Hi"
+
+
+def test_engine_error_before_the_first_token_is_a_proper_http_error() -> None:
+    failure = ForgelineError("prompt too long", code=ErrorCode.INVALID_REQUEST, param="max_tokens")
+    engine = ScriptedEngine([], fail_with=failure)
+    app = create_app(StaticCatalog([ServedModel(name="m", version="1", engine=engine)]))
+    response = _post(app, "/v1/completions", {"model": "m", "prompt": "x", "stream": True})
+    assert response.status_code == 400
+    assert response.json()["error"] == {
+        "message": "prompt too long",
+        "type": "invalid_request_error",
+        "param": "max_tokens",
+        "code": "invalid_request",
+    }
+
+
+def test_a_bug_is_a_logged_openai_shaped_500(caplog: pytest.LogCaptureFixture) -> None:
+    engine = ScriptedEngine([], fail_with=RuntimeError("boom"))
+    app = create_app(StaticCatalog([ServedModel(name="m", version="1", engine=engine)]))
+    response = _post(app, "/v1/chat/completions", CHAT)
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["type"] == "server_error" and error["code"] == "internal_error"
+    assert "boom" not in error["message"]
+    assert any("boom" in (r.exc_text or "") for r in caplog.records)

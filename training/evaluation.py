@@ -1,0 +1,135 @@
+"""Held-out evaluation: exact-match accuracy of generated answers, and completion loss.
+
+The same function scores the base model and the tuned version, so the promotion gate
+``better_than_base`` compares like with like.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .config import EvaluateSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalExample:
+    """One held-out question: the rendered prompt and the answer we expect."""
+
+    prompt: str
+    expected: str
+
+
+def to_examples(rows: list[dict[str, Any]], tokenizer: Any) -> list[EvalExample]:
+    """Render rows with the tokenizer's chat template; rows without an answer are skipped."""
+    examples = []
+    for row in rows:
+        if "messages" in row:
+            messages = row["messages"]
+            if messages[-1]["role"] != "assistant":
+                continue
+            prompt_msgs, expected = messages[:-1], messages[-1]["content"]
+        elif "prompt" in row:
+            prompt_msgs, completion = row["prompt"], row["completion"]
+            if isinstance(prompt_msgs, str):
+                examples.append(EvalExample(prompt_msgs, completion))
+                continue
+            expected = completion[-1]["content"]
+        else:
+            continue
+        prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+        examples.append(EvalExample(prompt, expected))
+    return examples
+
+
+def normalise(text: str) -> str:
+    """Exact match ignores surrounding whitespace and case, nothing else."""
+    return " ".join(text.split()).casefold()
+
+
+def _batches(items: list[EvalExample], size: int) -> list[list[EvalExample]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def generate_answers(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers, batched with left padding."""
+    import torch
+
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    answers: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            with torch.inference_mode():
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            new = out[:, enc["input_ids"].shape[1] :]
+            answers += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+def completion_loss(model: Any, tokenizer: Any, examples: list[EvalExample], *, batch_size: int) -> float:
+    """Mean per-token negative log-likelihood of the expected answers (plus eos)."""
+    import torch
+
+    total, count = 0.0, 0
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        for batch in _batches(examples, batch_size):
+            prompt_ids = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in batch]
+            answer_ids = [tokenizer(e.expected, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for e in batch]
+            seqs = [p + a for p, a in zip(prompt_ids, answer_ids, strict=True)]
+            width = max(map(len, seqs))
+            ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+            labels = torch.full_like(ids, -100)
+            mask = torch.zeros_like(ids)
+            for i, (p, s) in enumerate(zip(prompt_ids, seqs, strict=True)):
+                ids[i, : len(s)] = torch.tensor(s)
+                labels[i, len(p) : len(s)] = torch.tensor(s[len(p) :])
+                mask[i, : len(s)] = 1
+            with torch.inference_mode():
+                logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(model.device)
+            loss = torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), reduction="sum", ignore_index=-100
+            )
+            total += loss.item()
+            count += int((shift_labels != -100).sum())
+    finally:
+        tokenizer.padding_side = side
+    return total / max(count, 1)
+
+
+def evaluate_model(model: Any, tokenizer: Any, rows: list[dict[str, Any]], spec: EvaluateSpec) -> dict[str, float]:
+    """Score a model on held-out rows.
+
+    Returns:
+        ``accuracy`` (exact match of generated answers), ``eval_loss`` (completion NLL)
+        and ``eval_perplexity``, over at most ``spec.max_samples`` rows.
+    """
+    model.eval()
+    examples = to_examples(rows, tokenizer)[: spec.max_samples]
+    if not examples:
+        return {}
+    answers = generate_answers(
+        model, tokenizer, [e.prompt for e in examples], max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size
+    )
+    hits = sum(normalise(a) == normalise(e.expected) for a, e in zip(answers, examples, strict=True))
+    loss = completion_loss(model, tokenizer, examples, batch_size=spec.batch_size)
+    metrics = {"accuracy": hits / len(examples), "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    log.info("evaluated %d examples: %s", len(examples), {k: round(v, 4) for k, v in metrics.items()})
+    return metrics
