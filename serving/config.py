@@ -4,16 +4,59 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class CanarySLO(BaseModel):
+    """When a canary counts as failing; every limit that is set must hold."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    error_rate: float = Field(default=0.05, ge=0, le=1, description="Highest share of canary requests that may fail (5xx).")
+    p95_latency_ms: float | None = Field(default=None, gt=0, description="Highest p95 end-to-end latency of canary requests, in ms.")
+    window: float = Field(default=60.0, gt=0, description="Seconds of recent canary requests the SLO is judged on.")
+    min_requests: int = Field(default=10, gt=0, description="Canary requests the window must hold before it is judged.")
+
+
+class CanarySpec(BaseModel):
+    """Send a share of a model's traffic to the version another alias points to."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    alias: str = Field(default="staging", min_length=1, description="Alias holding the candidate, e.g. `staging`.")
+    percent: float = Field(default=10.0, gt=0, le=100, description="Share of the model's requests sent to the candidate.")
+    slo: CanarySLO = Field(default_factory=CanarySLO, description="Breaching it sends all traffic back to `production`.")
 
 
 class ServeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    engine: Literal["torch"] = Field(default="torch", description="Engine target; `torch` is the portable PyTorch engine.")
+    engine: Literal["torch", "upstream"] = Field(
+        default="torch",
+        description="`torch`: the portable PyTorch engine; `upstream`: the version's tensorrt-llm artifact served by a worker at `upstream_url`.",
+    )
+    upstream_url: str | None = Field(default=None, description="`engine: upstream`: the OpenAI-compatible worker, e.g. http://h200-0:8000.")
+    upstream_artifact_dir: str | None = Field(
+        default=None, description="`engine: upstream`: where the worker mounts the artifact (default: the same path as here)."
+    )
     host: str = Field(default="127.0.0.1", description="Interface the gateway listens on.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port the gateway listens on (0 picks a free one).")
     max_batch_size: int = Field(default=16, gt=0, description="Most requests decoded together by the PyTorch engine.")
     batch_window_ms: float = Field(default=5.0, ge=0, description="How long the engine waits to gather a batch.")
     max_new_tokens: int = Field(default=256, gt=0, description="Default and upper bound for `max_tokens` per request.")
     device: str = Field(default="auto", description="Torch device for the engine: auto, cpu, cuda, cuda:N.")
+    auth: bool = Field(default=True, description="Require `Authorization: Bearer <key>` (keys from `forgeline keys create`).")
+    key_cache_s: float = Field(default=2.0, ge=0, description="Seconds a verified key is trusted before it is checked again (revocation delay).")
+    redis_url: str | None = Field(default=None, description="Share quotas between replicas through this Redis (default: FORGELINE_REDIS_URL, else in-process).")
+    adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapters served as `model:name`: name -> PEFT folder.")
+    max_loaded_adapters: int = Field(default=8, gt=0, description="Adapters kept loaded per engine; the least recently used is unloaded.")
+    poll_interval_s: float = Field(default=10.0, ge=0, description="How often aliases are re-read for hot swaps and canaries (0: never).")
+    drain_timeout_s: float = Field(default=120.0, gt=0, description="How long a replaced version may finish its requests before it is unloaded.")
+    canary: CanarySpec | None = Field(default=None, description="Canary rollout with automatic return to `production` on SLO breach.")
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0, description="Largest request body accepted (larger gets 413).")
+
+    @model_validator(mode="after")
+    def _upstream_needs_url(self) -> ServeSpec:
+        if self.engine == "upstream" and not self.upstream_url:
+            raise ValueError("`engine: upstream` needs `upstream_url` (the worker's base URL)")
+        return self

@@ -7,16 +7,18 @@ the names clients send follow aliases (``quickstart`` is the ``production`` hold
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from registry import lineage
 from registry.client import Registry, VersionInfo
-from registry.errors import ErrorCode, ForgelineError
+from registry.errors import ErrorCode, ForgelineError, ModelNotFoundError
 from registry.settings import forgeline_home
 
 from .build.torch_build import load_manifest
 from .config import ServeSpec
+from .engine.base import Engine
 from .engine.torch_engine import TorchEngine
 from .gateway.catalog import ServedModel, StaticCatalog
 
@@ -25,14 +27,14 @@ log = logging.getLogger(__name__)
 DEFAULT_ALIAS = "production"
 
 
-def local_artifact_dir(uri: str, info: VersionInfo, target: str) -> Path:
+def local_artifact_dir(uri: str, info: VersionInfo, target: str, *, kind: str = "engine") -> Path:
     """A local folder holding the artifact at ``uri``; downloaded once for remote stores."""
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         return Path(unquote(parsed.path) if parsed.scheme else uri)
     import mlflow
 
-    dst = forgeline_home() / "cache" / info.name / str(info.version) / f"engine-{target}"
+    dst = forgeline_home() / "cache" / info.name / str(info.version) / (f"{kind}-{target}" if target else kind)
     done = dst / ".complete"
     if not done.exists():
         dst.mkdir(parents=True, exist_ok=True)
@@ -51,23 +53,116 @@ def public_names(ref: str, info: VersionInfo) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def served_model(registry: Registry, ref: str, *, spec: ServeSpec) -> ServedModel:
+EngineFactory = Callable[[Path, VersionInfo, str, ServeSpec, Callable[[str], Path]], Engine]
+"""Builds the engine for a version: (artifact folder, version, model id, spec, adapter source)."""
+
+LORA_KINDS = ("lora", "qlora")
+
+
+def torch_engine(path: Path, info: VersionInfo, model_id: str, spec: ServeSpec, adapters: Callable[[str], Path]) -> Engine:
+    """The default `EngineFactory`: the batched PyTorch engine with multi-LoRA."""
+    return TorchEngine(
+        path,
+        device=spec.device,
+        max_batch_size=spec.max_batch_size,
+        batch_window_ms=spec.batch_window_ms,
+        model_id=model_id,
+        adapters=adapters,
+        max_loaded_adapters=spec.max_loaded_adapters,
+    )
+
+
+def _same_model(a: str, b: str) -> bool:
+    # Local folders may be spelled differently (relative, symlinked); hub ids compare as text.
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def adapter_source(
+    registry: Registry | None, *, served: str, base_model: str | None, static: dict[str, str] | None = None
+) -> Callable[[str], Path]:
+    """Where ``served:adapter`` finds its LoRA folder.
+
+    ``adapter`` is first looked up in ``static`` (the recipe's ``serve.adapters``), then
+    resolved as a registry ref (``support``, ``support@staging``, ``support@3``) of a LoRA
+    version trained on ``base_model``, the base weights the engine holds.
+
+    Raises (from the returned function):
+        ModelNotFoundError: unknown adapter, not a LoRA version, or trained on another base.
+    """
+    static = dict(static or {})
+
+    def find(adapter: str) -> Path:
+        if adapter in static:
+            return Path(static[adapter])
+        if registry is None:
+            known = ", ".join(sorted(static)) or "none"
+            raise ModelNotFoundError(f"`{served}` has no adapter `{adapter}` (adapters: {known})", param="model")
+        if base_model is None:
+            raise ModelNotFoundError(
+                f"`{served}:{adapter}`: `{served}` has an adapter merged into its weights, so registry adapters "
+                "cannot be stacked on it; serve the base model and ask for `base:adapter`",
+                param="model",
+            )
+        info = registry.resolve(adapter)
+        kind = info.tags.get(lineage.ADAPTER)
+        if kind not in LORA_KINDS:
+            raise ModelNotFoundError(
+                f"`{served}:{adapter}`: {info.ref} is not a LoRA adapter (adapter kind {kind!r})", param="model"
+            )
+        trained_on = info.tags.get(lineage.BASE_MODEL, "")
+        if not _same_model(trained_on, base_model):
+            raise ModelNotFoundError(
+                f"`{served}:{adapter}`: {info.ref} was trained on {trained_on!r}, but `{served}` serves "
+                f"{base_model!r}; ask for it on a model with that base",
+                param="model",
+            )
+        return local_artifact_dir(info.source, info, "", kind="adapter")
+
+    return find
+
+
+def served_model(
+    registry: Registry,
+    ref: str,
+    *,
+    spec: ServeSpec,
+    info: VersionInfo | None = None,
+    names: list[str] | None = None,
+    engine_factory: EngineFactory = torch_engine,
+) -> ServedModel:
     """The engine for one registry ref, not yet started."""
-    info = registry.resolve(ref)
-    target = spec.engine
+    info = info or registry.resolve(ref)
+    target = "tensorrt-llm" if spec.engine == "upstream" else spec.engine
     uri = info.tags.get(lineage.engine_tag(target))
     if not uri:
+        flag = " --target tensorrt-llm" if target == "tensorrt-llm" else ""
         raise ForgelineError(
-            f"{info.name} v{info.version} has no {target} engine artifact; fix: run `forgeline build {info.name}@{info.version}`",
+            f"{info.name} v{info.version} has no {target} engine artifact; fix: run `forgeline build {info.name}@{info.version}{flag}`",
             code=ErrorCode.NOT_FOUND,
             param="model",
         )
     path = local_artifact_dir(uri, info, target)
-    load_manifest(path)  # verifies checksums before we load weights
-    names = public_names(ref, info)
-    engine = TorchEngine(path, device=spec.device, max_batch_size=spec.max_batch_size, batch_window_ms=spec.batch_window_ms, model_id=names[0])
+    if spec.engine == "upstream":
+        # A worker (trtllm-serve) serves the artifact; the gateway relays to it over HTTP.
+        from .engine.upstream import upstream_for_trtllm_artifact
+
+        names = names or public_names(ref, info)
+        assert spec.upstream_url is not None
+        engine = upstream_for_trtllm_artifact(path, spec.upstream_url, worker_artifact_dir=spec.upstream_artifact_dir, model_id=names[0])
+        return ServedModel(name=names[0], version=str(info.version), engine=engine, aliases=tuple(names[1:]), artifact=uri, model=info.name)
+    manifest = load_manifest(path)  # verifies checksums before we load weights
+    names = names or public_names(ref, info)
+    # Registry adapters need the bare base underneath; a merged artifact has another adapter in it.
+    base = manifest.base_model if manifest.adapter is None else None
+    adapters = adapter_source(registry, served=names[0], base_model=base, static=spec.adapters)
+    engine = engine_factory(path, info, names[0], spec, adapters)
     log.info("serving %s v%s from %s as %s", info.name, info.version, path, names)
-    return ServedModel(name=names[0], version=str(info.version), engine=engine, aliases=tuple(names[1:]), artifact=uri)
+    return ServedModel(
+        name=names[0], version=str(info.version), engine=engine, aliases=tuple(names[1:]), artifact=uri, model=info.name
+    )
 
 
 def registry_catalog(registry: Registry, refs: list[str], *, spec: ServeSpec) -> StaticCatalog:

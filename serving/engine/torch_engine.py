@@ -5,7 +5,13 @@ each other are prefilled together (left-padded, with an attention mask) and then
 step by step with the KV cache; each request streams its own tokens back to its asyncio
 queue via ``loop.call_soon_threadsafe`` and drops out of the batch when it finishes or its
 consumer goes away. Requests that arrive mid-decode wait for the next batch (no
-continuous batching yet).
+continuous batching: joining a running batch would mean merging left-padded KV caches of
+different lengths, which transformers' caches do not support safely).
+
+Multi-LoRA: with an ``adapters`` source the engine serves PEFT LoRA adapters on its base
+weights. An adapter is loaded on first use (on the worker thread, between batches), rows
+with different adapters share one batch through PEFT's per-row ``adapter_names``, and the
+least recently used adapter is unloaded once more than ``max_loaded_adapters`` are loaded.
 """
 
 from __future__ import annotations
@@ -17,17 +23,33 @@ import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from registry.errors import ErrorCode, ForgelineError, ModelNotFoundError
+from registry.errors import ErrorCode, ForgelineError, MissingDependencyError, ModelNotFoundError
 from serving.engine.base import Chunk, FinishReason, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 _STOP = object()  # sentinel that tells the worker thread to exit
+BASE_ADAPTER = "__base__"  # PEFT's per-row name for "no adapter"
+
+AdapterSource = Callable[[str], Path] | Mapping[str, "str | Path"]
+"""Where adapters come from: a mapping name -> PEFT folder, or a function that returns the
+folder for a name and raises `ModelNotFoundError` for unknown ones (it may block: it is
+called off the event loop)."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for metrics: what waits, what runs, which adapters are loaded."""
+
+    waiting: int
+    running: int
+    loaded_adapters: tuple[str, ...]
 
 
 @dataclass(eq=False)
@@ -38,6 +60,8 @@ class _Request:
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[Chunk | BaseException]
+    adapter: str | None = None  # public adapter name, None for the base weights
+    adapter_path: Path | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     generator: Any = None  # torch.Generator, created on the worker's device
     out_ids: list[int] = field(default_factory=list)
@@ -99,7 +123,14 @@ class TorchEngine:
         num_threads: CPU only: torch intra-op threads for decoding. The default leaves one
             core free, because spinning OpenMP workers on every core starve the event loop
             thread that streams tokens (measured 5-7x slower decoding on 2 cores).
+        adapters: PEFT LoRA adapters this engine may serve on its base weights (see
+            `AdapterSource`); None serves the base only.
+        max_loaded_adapters: most adapters kept loaded; the least recently used one is
+            unloaded to make room. Also the most distinct adapters in one batch.
     """
+
+    step_listener: Callable[[int], None] | None = None
+    """Called on the worker thread with the number of rows of every decode step (metrics)."""
 
     def __init__(
         self,
@@ -110,9 +141,13 @@ class TorchEngine:
         batch_window_ms: float = 5.0,
         model_id: str | None = None,
         num_threads: int | None = None,
+        adapters: AdapterSource | None = None,
+        max_loaded_adapters: int = 8,
     ) -> None:
         if max_batch_size <= 0:
             raise ValueError(f"max_batch_size must be > 0, got {max_batch_size}")
+        if max_loaded_adapters <= 0:
+            raise ValueError(f"max_loaded_adapters must be > 0, got {max_loaded_adapters}")
         self.model_dir = Path(model_dir)
         self.model_id = model_id or self.model_dir.name
         self.max_batch_size = max_batch_size
@@ -132,11 +167,35 @@ class TorchEngine:
         self._max_context: int | None = None
         self._cache_kwarg = "past_key_values"
         self._forward_kwargs: dict[str, Any] = {}
+        self._config: Any = None
+        self._adapter_source = adapters
+        self.max_loaded_adapters = max_loaded_adapters
+        self._adapter_paths: dict[str, Path] = {}  # resolved once per public name
+        # public name -> PEFT-internal name, in least-recently-used order (worker thread only).
+        self._loaded: OrderedDict[str, str] = OrderedDict()
+        self._loaded_paths: dict[str, Path] = {}
+        self._adapter_seq = 0
+        self._peft = False  # True once the base is wrapped in a PeftModel
+        self._pending: deque[_Request] = deque()  # taken from the inbox, deferred to a later batch
+        self._running = 0
 
     @property
     def ready(self) -> bool:
         """True once `start` finished and until `stop` begins."""
         return self._ready
+
+    @property
+    def serves_adapters(self) -> bool:
+        """Whether requests may name an adapter."""
+        return self._adapter_source is not None
+
+    def stats(self) -> EngineStats:
+        """What waits, what runs and which adapters are loaded, right now."""
+        return EngineStats(
+            waiting=self._inbox.qsize() + len(self._pending),
+            running=self._running,
+            loaded_adapters=tuple(self._loaded),
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -166,6 +225,8 @@ class TorchEngine:
         self._inbox.put(_STOP)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
+        while self._pending:
+            self._pending.popleft().deliver(self._unavailable())
         while True:
             try:
                 item = self._inbox.get_nowait()
@@ -174,6 +235,9 @@ class TorchEngine:
             if isinstance(item, _Request):
                 item.deliver(self._unavailable())
         self._model = None
+        self._peft = False
+        self._loaded.clear()
+        self._loaded_paths.clear()
         logger.info("engine %s stopped", self.model_id)
 
     def _load(self) -> None:
@@ -213,6 +277,7 @@ class TorchEngine:
             self._num_threads = self._num_threads_arg or min(torch.get_num_threads(), max(1, cores - 1))
         self._device = device
         self._tokenizer = tokenizer
+        self._config = model.config
         self._model = model
 
     # -- text helpers ------------------------------------------------------------------
@@ -272,11 +337,7 @@ class TorchEngine:
             ForgelineError: ``invalid_request`` for an empty or too long prompt,
                 ``model_not_found`` for an adapter, ``unavailable`` when the engine is stopped.
         """
-        if adapter is not None:
-            raise ModelNotFoundError(
-                f"model `{self.model_id}` has no adapter `{adapter}` (the torch engine serves merged models only)",
-                param="model",
-            )
+        adapter_path = await self._adapter_path(adapter) if adapter is not None else None
         prompt_ids = self._encode(prompt)
         if not prompt_ids:
             raise ForgelineError("the prompt is empty", code=ErrorCode.INVALID_REQUEST, param="prompt")
@@ -289,7 +350,9 @@ class TorchEngine:
                 code=ErrorCode.INVALID_REQUEST,
                 param="max_tokens",
             )
-        request = _Request(prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue())
+        request = _Request(
+            prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue(), adapter=adapter, adapter_path=adapter_path
+        )
         self._inbox.put(request)
         try:
             while True:
@@ -303,7 +366,128 @@ class TorchEngine:
             # Frees the batch row when the consumer stopped early (client disconnect).
             request.cancelled.set()
 
+    async def _adapter_path(self, adapter: str) -> Path:
+        known = self._adapter_paths.get(adapter)
+        if known is not None:
+            return known
+        source = self._adapter_source
+        if source is None:
+            raise ModelNotFoundError(
+                f"model `{self.model_id}` serves no adapters, so `{self.model_id}:{adapter}` does not exist",
+                param="model",
+            )
+        if callable(source):
+            path = Path(await asyncio.to_thread(source, adapter))
+        elif adapter in source:
+            path = Path(source[adapter])
+        else:
+            known_names = ", ".join(sorted(source)) or "none"
+            raise ModelNotFoundError(
+                f"model `{self.model_id}` has no adapter `{adapter}` (adapters: {known_names})", param="model"
+            )
+        if not (path / "adapter_config.json").is_file():
+            raise ModelNotFoundError(
+                f"adapter `{adapter}` of `{self.model_id}` is not a PEFT adapter folder: "
+                f"{path / 'adapter_config.json'} is missing",
+                param="model",
+            )
+        self._adapter_paths[adapter] = path
+        return path
+
     # -- worker thread -----------------------------------------------------------------
+
+    def _next_request(self, timeout: float | None) -> Any:
+        """The next request: deferred ones first, then the inbox (raises `queue.Empty`)."""
+        if self._pending:
+            return self._pending.popleft()
+        if timeout is None:
+            return self._inbox.get()
+        return self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait()
+
+    def _gather(self, first: _Request) -> tuple[list[_Request], bool]:
+        """A batch starting with ``first``; True when the engine is stopping."""
+        batch: list[_Request] = [first]
+        adapters = {first.adapter} - {None}
+        deferred: list[_Request] = []
+        deadline = time.monotonic() + self.batch_window_s
+        stopping = False
+        while len(batch) < self.max_batch_size:
+            try:
+                # After the window closes, still take what is already queued.
+                item = self._next_request(max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                break
+            if item is _STOP:
+                stopping = True
+                break
+            if item.adapter is not None and item.adapter not in adapters:
+                if len(adapters) >= self.max_loaded_adapters:
+                    deferred.append(item)  # no room for another adapter in this batch
+                    continue
+                adapters.add(item.adapter)
+            batch.append(item)
+        # Keep arrival order for the deferred rows.
+        self._pending.extendleft(reversed(deferred))
+        return batch, stopping
+
+    def _ensure_adapters(self, batch: list[_Request]) -> list[_Request]:
+        """Load every adapter ``batch`` needs; rows whose adapter fails to load get the error."""
+        wanted = {r.adapter: r.adapter_path for r in batch if r.adapter is not None}
+        failed: dict[str, BaseException] = {}
+        for name, path in wanted.items():
+            assert path is not None
+            try:
+                self._load_adapter(name, path, keep=set(wanted))
+            except Exception as exc:  # noqa: BLE001 - a bad adapter must not take the base down
+                logger.exception("engine %s: loading adapter %s from %s failed", self.model_id, name, path)
+                failed[name] = exc
+        if not failed:
+            return batch
+        kept = []
+        for r in batch:
+            if r.adapter in failed:
+                r.done = True
+                r.deliver(
+                    ForgelineError(
+                        f"adapter `{r.adapter}` could not be loaded: {failed[r.adapter]}", code=ErrorCode.INTERNAL
+                    )
+                )
+            else:
+                kept.append(r)
+        return kept
+
+    def _load_adapter(self, name: str, path: Path, *, keep: set[str]) -> None:
+        if name in self._loaded and self._loaded_paths.get(name) == path:
+            self._loaded.move_to_end(name)
+            return
+        if name in self._loaded:  # same name, new folder (the adapter's alias moved)
+            self._unload_adapter(name)
+        while len(self._loaded) >= self.max_loaded_adapters:
+            victim = next((n for n in self._loaded if n not in keep), None)
+            if victim is None:
+                break  # cannot happen: _gather caps distinct adapters per batch
+            self._unload_adapter(victim)
+        self._adapter_seq += 1
+        internal = f"adapter{self._adapter_seq}"  # PEFT names become module keys: no dots
+        if not self._peft:
+            try:
+                from peft import PeftModel
+            except ImportError as exc:
+                raise MissingDependencyError("serving LoRA adapters needs peft: pip install peft") from exc
+            self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=internal).eval()
+            self._peft = True
+        else:
+            self._model.load_adapter(str(path), adapter_name=internal)
+            self._model.eval()
+        self._loaded[name] = internal
+        self._loaded_paths[name] = path
+        logger.info("engine %s: loaded adapter %s from %s (%d loaded)", self.model_id, name, path, len(self._loaded))
+
+    def _unload_adapter(self, name: str) -> None:
+        internal = self._loaded.pop(name)
+        self._loaded_paths.pop(name, None)
+        self._model.delete_adapter(internal)
+        logger.info("engine %s: unloaded adapter %s", self.model_id, name)
 
     def _worker(self) -> None:
         import torch
@@ -312,23 +496,10 @@ class TorchEngine:
             # Called on this thread because OpenMP thread counts are per calling thread.
             torch.set_num_threads(self._num_threads)
         while True:
-            first = self._inbox.get()
+            first = self._next_request(None)
             if first is _STOP:
                 return
-            batch: list[_Request] = [first]
-            stopping = False
-            deadline = time.monotonic() + self.batch_window_s
-            while len(batch) < self.max_batch_size:
-                timeout = deadline - time.monotonic()
-                try:
-                    # After the window closes, still take what is already queued.
-                    item = self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
-                    break
-                batch.append(item)
+            batch, stopping = self._gather(first)
             if stopping:
                 for r in batch:
                     r.deliver(self._unavailable())
@@ -338,15 +509,26 @@ class TorchEngine:
                 continue
             try:
                 with torch.inference_mode():
-                    self._run_batch(batch)
+                    batch = self._ensure_adapters(batch)
+                    if batch:
+                        self._run_batch(batch)
             except Exception as exc:  # noqa: BLE001 - the worker must survive to serve the next batch
                 logger.exception("engine %s: batch of %d failed", self.model_id, len(batch))
                 for r in batch:
                     if not r.done:
                         r.done = True
                         r.deliver(ForgelineError(f"generation failed: {exc}", code=ErrorCode.INTERNAL))
+            finally:
+                self._running = 0
 
-    def _forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, cache: Any) -> Any:
+    def _forward(
+        self, input_ids: Any, attention_mask: Any, position_ids: Any, cache: Any, adapter_names: list[str] | None = None
+    ) -> Any:
+        extra: dict[str, Any] = {}
+        if self._peft:
+            # Always name every row's adapter once wrapped: without `adapter_names` PEFT would
+            # apply its active adapter to every row, base-only rows included.
+            extra["adapter_names"] = adapter_names or [BASE_ADAPTER] * input_ids.shape[0]
         out = self._model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -354,6 +536,7 @@ class TorchEngine:
             use_cache=True,
             **{self._cache_kwarg: cache},
             **self._forward_kwargs,
+            **extra,
         )
         return out.logits[:, -1, :].float()
 
@@ -383,8 +566,11 @@ class TorchEngine:
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         next_pos = torch.tensor(lengths, dtype=torch.long, device=device)
 
-        cache = DynamicCache(config=self._model.config)
-        logits = self._forward(input_ids, attention_mask, position_ids, cache)
+        cache = DynamicCache(config=self._config)
+        names = [self._loaded[r.adapter] if r.adapter is not None else BASE_ADAPTER for r in batch]
+        self._running = len(batch)
+        self._observe_step(len(batch))
+        logits = self._forward(input_ids, attention_mask, position_ids, cache, names)
         rows = list(batch)
         outbox: list[tuple[_Request, Chunk]] = []
         while True:
@@ -407,10 +593,21 @@ class TorchEngine:
                 next_pos = next_pos.index_select(0, index)
                 rows = [rows[i] for i in keep]
                 tokens = [tokens[i] for i in keep]
+                names = [names[i] for i in keep]
+                self._running = len(rows)
             step_ids = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(1)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
-            logits = self._forward(step_ids, attention_mask, next_pos.unsqueeze(1), cache)
+            self._observe_step(len(rows))
+            logits = self._forward(step_ids, attention_mask, next_pos.unsqueeze(1), cache, names)
             next_pos = next_pos + 1
+
+    def _observe_step(self, rows: int) -> None:
+        listener = self.step_listener
+        if listener is not None:
+            try:
+                listener(rows)
+            except Exception:  # noqa: BLE001 - metrics must never break decoding
+                logger.debug("step listener failed", exc_info=True)
 
     def _sample(self, logits: Any, rows: list[_Request]) -> list[int]:
         import torch

@@ -1,74 +1,88 @@
 """The OpenAI-compatible gateway application.
 
-``create_app(catalog)`` wires the routers, the OpenAI-shaped error handlers and a lifespan
-that starts every engine before the first request and stops them on shutdown.
+``create_app(catalog)`` wires the routers, the OpenAI-shaped error handlers, metrics and
+the access log, optional API-key auth and quotas, and a lifespan that loads every model
+before the first request and unloads them on shutdown.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from serving.engine.base import Engine
-from serving.gateway import chat, completions, health, models
+from serving.gateway import chat, completions, health, metrics, models
+from serving.gateway.auth import KeyAuth, KeyVerifier
 from serving.gateway.catalog import ModelCatalog, ServedModel, StaticCatalog
 from serving.gateway.errors import install_error_handlers
 from serving.gateway.generation import GatewaySettings
+from serving.gateway.metrics import AccessLogMiddleware, GatewayMetrics
+from serving.gateway.quota import Limiter, LocalLimiter
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["GatewaySettings", "ModelCatalog", "ServedModel", "StaticCatalog", "create_app"]
 
-
-def _engines(catalog: ModelCatalog) -> list[Engine]:
-    # Several names may share one engine; start and stop each engine once.
-    unique: dict[int, Engine] = {}
-    for served in catalog.list():
-        unique.setdefault(id(served.engine), served.engine)
-    return list(unique.values())
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
-async def _stop_all(engines: list[Engine]) -> None:
-    results = await asyncio.gather(*(e.stop() for e in engines), return_exceptions=True)
-    for engine, result in zip(engines, results, strict=True):
-        if isinstance(result, BaseException):
-            logger.error("stopping engine %s failed: %s", engine.model_id, result)
-
-
-def create_app(catalog: ModelCatalog, *, max_new_tokens: int = 256) -> FastAPI:
+def create_app(
+    catalog: ModelCatalog,
+    *,
+    max_new_tokens: int = 256,
+    keys: KeyVerifier | None = None,
+    key_cache_s: float = 2.0,
+    limiter: Limiter | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
     """Build the gateway for the models in ``catalog``.
 
     Args:
-        catalog: resolves request ``model`` names to served models.
+        catalog: resolves request ``model`` names to served models and loads them.
         max_new_tokens: default ``max_tokens`` for chat, and the most any request may ask for.
+        keys: API-key store; when given, every endpoint but ``/health``, ``/ready`` and
+            ``/metrics`` needs ``Authorization: Bearer <key>``. None turns auth off.
+        key_cache_s: seconds a verified key is trusted before it is checked again.
+        limiter: enforces each key's ``rpm``/``tpm``; defaults to an in-process limiter
+            when ``keys`` is given (quotas belong to keys, so none without auth).
+        max_body_bytes: larger request bodies get 413.
 
     Returns:
-        A FastAPI app; its lifespan starts the engines (startup fails if one cannot start).
+        A FastAPI app; its lifespan loads the models (startup fails if one cannot load).
     """
+    gateway_metrics = GatewayMetrics()
+    if limiter is None and keys is not None:
+        limiter = LocalLimiter()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engines = _engines(catalog)
-        results = await asyncio.gather(*(e.start() for e in engines), return_exceptions=True)
-        failed = [(e, r) for e, r in zip(engines, results, strict=True) if isinstance(r, BaseException)]
-        if failed:
-            await _stop_all(engines)
-            engine, error = failed[0]
-            raise RuntimeError(f"engine {engine.model_id} failed to start: {error}") from error
+        bind = getattr(catalog, "bind_metrics", None)
+        if bind is not None:
+            bind(gateway_metrics)
+        await catalog.start()
+        for served in catalog.list():
+            gateway_metrics.attach_engine(served)
         logger.info("gateway serving %s", ", ".join(n for m in catalog.list() for n in m.names) or "no models")
         try:
             yield
         finally:
-            await _stop_all(engines)
+            await catalog.stop()
+            if limiter is not None:
+                await limiter.close()
 
     app = FastAPI(title="forgeline gateway", version="0.1.0", lifespan=lifespan)
     app.state.catalog = catalog
     app.state.settings = GatewaySettings(max_new_tokens=max_new_tokens)
+    app.state.auth = KeyAuth(keys, cache_s=key_cache_s) if keys is not None else None
+    app.state.limiter = limiter
+    app.state.metrics = gateway_metrics
+    app.state.max_body_bytes = max_body_bytes
+    gateway_metrics.watch(catalog)
     install_error_handlers(app)
-    for module in (health, models, chat, completions):
+    for module in (health, metrics, models, chat, completions):
         app.include_router(module.router)
+    # Outermost of ours: it sees every request, limits bodies (413) and logs when the body ends.
+    app.add_middleware(AccessLogMiddleware, metrics=gateway_metrics, max_body_bytes=max_body_bytes)
     return app

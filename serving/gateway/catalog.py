@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -25,6 +26,10 @@ class ServedModel:
         aliases: further names that resolve to it (``quickstart@production``, ``quickstart@1``).
         artifact: the engine artifact it was built into, for lineage headers.
         created: Unix time shown in ``/v1/models``.
+        model: the registered model it is a version of (defaults to ``name``); the
+            ``model`` label of its metrics.
+        inflight: requests holding a `Lease` on it; a replaced version is unloaded only
+            once this drops to zero.
     """
 
     name: str
@@ -33,11 +38,62 @@ class ServedModel:
     aliases: tuple[str, ...] = ()
     artifact: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
+    model: str = ""
+    inflight: int = field(default=0, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            self.model = self.name.partition("@")[0]
 
     @property
     def names(self) -> tuple[str, ...]:
         """The name followed by every alias."""
         return (self.name, *self.aliases)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until no request holds a lease on this model; False when ``timeout_s`` passed first."""
+        deadline = time.monotonic() + timeout_s
+        while self.inflight > 0:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+
+class Lease:
+    """A request's hold on the served model that answers it.
+
+    Taken synchronously with the routing decision, so a hot swap can never unload the
+    model between the two; `release` is idempotent and reports the outcome to
+    ``on_release`` (a canary's SLO judge).
+    """
+
+    def __init__(
+        self,
+        served: ServedModel,
+        adapter: str | None,
+        on_release: Callable[[bool, float], None] | None = None,
+        *,
+        canary: bool = False,
+    ) -> None:
+        self.served = served
+        self.adapter = adapter
+        self.canary = canary
+        self._on_release = on_release
+        self._released = False
+        served.inflight += 1
+
+    def release(self, *, failed: bool | None = None, latency_s: float = 0.0) -> None:
+        """Give the model back; ``failed`` is None when the outcome says nothing (client left)."""
+        if self._released:
+            return
+        self._released = True
+        self.served.inflight -= 1
+        if self._on_release is not None and failed is not None:
+            try:
+                self._on_release(failed, latency_s)
+            except Exception:  # noqa: BLE001 - judging a canary must never fail a request
+                logger.exception("canary bookkeeping failed")
 
 
 class ModelCatalog(Protocol):
@@ -49,6 +105,18 @@ class ModelCatalog(Protocol):
 
     def list(self) -> list[ServedModel]:
         """Every served model, once each."""
+        ...
+
+    def acquire(self, model: str) -> Lease:
+        """Route ``model`` (``name`` or ``name:adapter``) and hold the served model; see `Lease`."""
+        ...
+
+    async def start(self) -> None:
+        """Load every model (the gateway is ready after this)."""
+        ...
+
+    async def stop(self) -> None:
+        """Unload every model."""
         ...
 
 
@@ -93,3 +161,52 @@ class StaticCatalog:
     def list(self) -> list[ServedModel]:
         """Every served model, once each, in the order added."""
         return list(self._models)
+
+    def acquire(self, model: str) -> Lease:
+        """Route ``model`` (``name`` or ``name:adapter``) and hold the served model."""
+        served, adapter = split_adapter(self, model)
+        return Lease(served, adapter)
+
+    async def start(self) -> None:
+        """Start every engine; if one fails, stop the others and raise."""
+        engines = unique_engines(self._models)
+        results = await asyncio.gather(*(e.start() for e in engines), return_exceptions=True)
+        failed = [(e, r) for e, r in zip(engines, results, strict=True) if isinstance(r, BaseException)]
+        if failed:
+            await stop_engines(engines)
+            engine, error = failed[0]
+            raise RuntimeError(f"engine {engine.model_id} failed to start: {error}") from error
+
+    async def stop(self) -> None:
+        """Stop every engine."""
+        await stop_engines(unique_engines(self._models))
+
+
+def split_adapter(catalog: ModelCatalog, model: str) -> tuple[ServedModel, str | None]:
+    """Resolve ``model`` to a served model and an optional adapter (``name:adapter``)."""
+    try:
+        return catalog.resolve(model), None
+    except ModelNotFoundError:
+        base, sep, adapter = model.partition(":")
+        if not sep or not base or not adapter:
+            raise
+    try:
+        return catalog.resolve(base), adapter
+    except ModelNotFoundError:
+        raise model_not_found(model) from None
+
+
+def unique_engines(models: Iterable[ServedModel]) -> list[Engine]:
+    """Each engine once, though several names may share one."""
+    unique: dict[int, Engine] = {}
+    for served in models:
+        unique.setdefault(id(served.engine), served.engine)
+    return list(unique.values())
+
+
+async def stop_engines(engines: list[Engine]) -> None:
+    """Stop ``engines`` concurrently, logging (not raising) failures."""
+    results = await asyncio.gather(*(e.stop() for e in engines), return_exceptions=True)
+    for engine, result in zip(engines, results, strict=True):
+        if isinstance(result, BaseException):
+            logger.error("stopping engine %s failed: %s", engine.model_id, result)

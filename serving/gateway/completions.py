@@ -7,24 +7,14 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from registry.keys import KeyRecord
 from serving.engine.base import Chunk
-from serving.gateway.catalog import ModelCatalog
-from serving.gateway.generation import (
-    SSE_DONE,
-    GatewaySettings,
-    get_catalog,
-    get_settings,
-    lineage_headers,
-    open_stream,
-    resolve_model,
-    run_to_completion,
-    sampling_params,
-    sse,
-    sse_error,
-)
+from serving.gateway.auth import get_principal
+from serving.gateway.generation import SSE_DONE, GatewaySettings, get_settings, sampling_params, sse, sse_error
+from serving.gateway.lifecycle import RequestLifecycle
 from serving.gateway.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
 
 logger = logging.getLogger(__name__)
@@ -34,41 +24,46 @@ router = APIRouter()
 
 @router.post("/v1/completions", response_model=None)
 async def create_completion(
+    request: Request,
     body: CompletionRequest,
-    catalog: ModelCatalog = Depends(get_catalog),
+    principal: KeyRecord | None = Depends(get_principal),
     settings: GatewaySettings = Depends(get_settings),
 ) -> Response:
     """Create a text completion (OpenAI ``completions.create``)."""
-    served, adapter = resolve_model(catalog, body.model)
-    prompt = body.prompt_text()
-    params = sampling_params(
-        max_tokens=body.max_tokens,
-        default_max_tokens=16,
-        settings=settings,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        stop=body.stop_list(),
-        seed=body.seed,
-    )
-    prompt_tokens = served.engine.count_tokens(prompt)
-    headers = lineage_headers(served)
-
-    if not body.stream:
-        done = await run_to_completion(served, prompt, params, adapter)
-        response = CompletionResponse(
-            model=body.model,
-            choices=[CompletionChoice(text=done.text, finish_reason=done.finish_reason)],
-            usage=UsageInfo(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=done.completion_tokens,
-                total_tokens=prompt_tokens + done.completion_tokens,
-            ),
+    run = RequestLifecycle.begin(request, body.model, principal)
+    try:
+        prompt = body.prompt_text()
+        params = sampling_params(
+            max_tokens=body.max_tokens,
+            default_max_tokens=16,
+            settings=settings,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop=body.stop_list(),
+            seed=body.seed,
         )
-        return JSONResponse(response.model_dump(mode="json"), headers=headers)
+        prompt_tokens = run.engine.count_tokens(prompt)
+        await run.admit(prompt_tokens)
 
-    chunks = await open_stream(served, prompt, params, adapter)
+        if not body.stream:
+            done = await run.complete(prompt, params)
+            response = CompletionResponse(
+                model=body.model,
+                choices=[CompletionChoice(text=done.text, finish_reason=done.finish_reason)],
+                usage=UsageInfo(
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=done.completion_tokens,
+                    total_tokens=prompt_tokens + done.completion_tokens,
+                ),
+            )
+            return JSONResponse(response.model_dump(mode="json"), headers=run.headers)
+
+        chunks = await run.stream(prompt, params)
+    except BaseException as exc:
+        run.fail(exc)
+        raise
     events = _completion_events(chunks, model=body.model, prompt_tokens=prompt_tokens, include_usage=body.include_usage)
-    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    return StreamingResponse(events, media_type="text/event-stream", headers=run.headers)
 
 
 async def _completion_events(

@@ -64,7 +64,11 @@ async def _on_forgeline_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ForgelineError)
     if exc.http_status >= 500:
         logger.error("%s %s failed: %s", request.method, request.url.path, exc.message)
-    return JSONResponse(forgeline_error_body(exc), status_code=exc.http_status)
+    response = JSONResponse(forgeline_error_body(exc), status_code=exc.http_status)
+    retry_after = getattr(exc, "retry_after_header", None)
+    if retry_after:
+        response.headers["Retry-After"] = retry_after
+    return response
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -100,6 +104,11 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 404:
         message = f"Invalid URL ({request.method} {request.url.path})"
         code = ErrorCode.NOT_FOUND
+    elif exc.status_code == 413:
+        from serving.gateway.metrics import too_large_message
+
+        message = too_large_message(getattr(request.app.state, "max_body_bytes", 0))
+        code = ErrorCode.PAYLOAD_TOO_LARGE
     else:
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         code = None

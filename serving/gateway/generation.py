@@ -10,9 +10,9 @@ from typing import Any
 
 from fastapi import Request
 
-from registry.errors import ErrorCode, ForgelineError, ModelNotFoundError
+from registry.errors import ErrorCode, ForgelineError
 from serving.engine.base import Chunk, SamplingParams
-from serving.gateway.catalog import ModelCatalog, ServedModel, model_not_found
+from serving.gateway.catalog import ModelCatalog, ServedModel, split_adapter
 from serving.gateway.errors import error_body, forgeline_error_body
 from serving.gateway.protocol import FinishReason
 
@@ -44,23 +44,16 @@ def get_settings(request: Request) -> GatewaySettings:
 
 def resolve_model(catalog: ModelCatalog, model: str) -> tuple[ServedModel, str | None]:
     """Resolve ``model`` to a served model and an optional adapter (``name:adapter``)."""
-    try:
-        return catalog.resolve(model), None
-    except ModelNotFoundError:
-        base, sep, adapter = model.rpartition(":")
-        if not sep or not base or not adapter:
-            raise
-    try:
-        return catalog.resolve(base), adapter
-    except ModelNotFoundError:
-        raise model_not_found(model) from None
+    return split_adapter(catalog, model)
 
 
-def lineage_headers(served: ServedModel) -> dict[str, str]:
-    """Response headers that say exactly which version and artifact answered."""
+def lineage_headers(served: ServedModel, adapter: str | None = None) -> dict[str, str]:
+    """Response headers that say exactly which version, artifact and adapter answered."""
     headers = {"x-forgeline-model-version": f"{served.name}/{served.version}"}
     if served.artifact:
         headers["x-forgeline-engine-artifact"] = served.artifact
+    if adapter:
+        headers["x-forgeline-adapter"] = adapter
     return headers
 
 
@@ -98,21 +91,6 @@ class Completion:
     text: str
     completion_tokens: int
     finish_reason: FinishReason
-
-
-async def run_to_completion(
-    served: ServedModel, prompt: str, params: SamplingParams, adapter: str | None
-) -> Completion:
-    """Generate until the engine reports a finish reason and join the chunks."""
-    parts: list[str] = []
-    tokens = 0
-    finish: FinishReason = "length"
-    async for chunk in served.engine.generate(prompt, params, adapter=adapter):
-        parts.append(chunk.text)
-        tokens += len(chunk.token_ids)
-        if chunk.finish_reason is not None:
-            finish = chunk.finish_reason
-    return Completion("".join(parts), tokens, finish)
 
 
 async def open_stream(

@@ -23,8 +23,8 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(catalog: ModelCatalog = Depends(get_catalog)) -> JSONResponse:
-    """Readiness: 200 when every engine is ready, else 503 with the models that are not."""
+    """Readiness: 200 once models are loaded and every engine is ready, else 503."""
     models = {served.name: bool(served.engine.ready) for served in catalog.list()}
-    is_ready = all(models.values())
+    is_ready = bool(models) and all(models.values())
     body = {"status": "ready" if is_ready else "not_ready", "models": models}
     return JSONResponse(body, status_code=200 if is_ready else 503)

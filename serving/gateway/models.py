@@ -6,6 +6,8 @@ import logging
 
 from fastapi import APIRouter, Depends
 
+from registry.keys import KeyRecord
+from serving.gateway.auth import check_model_allowed, get_principal, may_use
 from serving.gateway.catalog import ModelCatalog
 from serving.gateway.generation import get_catalog, resolve_model
 from serving.gateway.protocol import ModelCard, ModelList
@@ -16,14 +18,24 @@ router = APIRouter()
 
 
 @router.get("/v1/models")
-async def list_models(catalog: ModelCatalog = Depends(get_catalog)) -> ModelList:
-    """Every name a client may send as ``model`` (each alias is listed on its own)."""
-    cards = [ModelCard(id=name, created=served.created) for served in catalog.list() for name in served.names]
+async def list_models(
+    catalog: ModelCatalog = Depends(get_catalog), principal: KeyRecord | None = Depends(get_principal)
+) -> ModelList:
+    """Every name the caller's key may send as ``model`` (each alias is listed on its own)."""
+    cards = [
+        ModelCard(id=name, created=served.created)
+        for served in catalog.list()
+        for name in served.names
+        if may_use(principal, name)
+    ]
     return ModelList(data=cards)
 
 
 @router.get("/v1/models/{model:path}")
-async def retrieve_model(model: str, catalog: ModelCatalog = Depends(get_catalog)) -> ModelCard:
-    """One model (OpenAI ``models.retrieve``); 404 ``model_not_found`` when unknown."""
+async def retrieve_model(
+    model: str, catalog: ModelCatalog = Depends(get_catalog), principal: KeyRecord | None = Depends(get_principal)
+) -> ModelCard:
+    """One model (OpenAI ``models.retrieve``); 404 ``model_not_found`` when unknown, 403 when not allowed."""
+    check_model_allowed(principal, model)
     served, _ = resolve_model(catalog, model)
     return ModelCard(id=model, created=served.created)

@@ -23,13 +23,26 @@ class Gateway:
 
 
 @pytest.fixture(scope="session")
-def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with a tokenizer (the base the adapters are trained on)."""
+    return build_tiny_base(tmp_path_factory.mktemp("serving-integration") / "base")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_base_dir: Path) -> Path:
     """A torch engine artifact built from a tiny random Llama."""
-    root = tmp_path_factory.mktemp("serving-integration")
-    base = build_tiny_base(root / "base")
-    out = root / "artifact"
-    build_torch_artifact(str(base), None, out)
+    out = tiny_base_dir.parent / "artifact"
+    build_torch_artifact(str(tiny_base_dir), None, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_base_dir: Path) -> dict[str, Path]:
+    """Two LoRA adapters on the tiny base that steer it differently."""
+    from tests.unit.serving.tiny_model import build_tiny_adapter
+
+    root = tiny_base_dir.parent
+    return {name: build_tiny_adapter(tiny_base_dir, root / f"adapter-{name}", seed=seed) for name, seed in (("a", 1), ("b", 2))}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,208 @@
+"""One generation request's trip: permission, routing, quota, engine, accounting.
+
+Chat and completions differ only in how they build the prompt and shape the answer;
+everything else lives here so both count usage, time tokens, charge quotas, report to a
+canary and release their hold on the model the same way, streamed or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from fastapi import Request
+
+from registry.errors import ForgelineError
+from registry.keys import KeyRecord
+from serving.engine.base import Chunk, Engine, SamplingParams
+from serving.gateway.auth import check_model_allowed
+from serving.gateway.catalog import Lease, ModelCatalog, ServedModel
+from serving.gateway.generation import Completion, lineage_headers, open_stream
+from serving.gateway.metrics import GatewayMetrics
+from serving.gateway.protocol import FinishReason
+from serving.gateway.quota import Limiter, Limits
+
+logger = logging.getLogger(__name__)
+
+CLIENT_CLOSED = 499  # nginx's status for "the client went away"; not a server failure
+_background: set[asyncio.Task[Any]] = set()
+
+
+def _status_of(exc: BaseException) -> int:
+    if isinstance(exc, ForgelineError):
+        return exc.http_status
+    if isinstance(exc, GeneratorExit | asyncio.CancelledError):
+        return CLIENT_CLOSED
+    return 500
+
+
+class RequestLifecycle:
+    """Holds the routed model for one request and accounts for it exactly once.
+
+    Create it with `begin`; call `admit` once the prompt is known, then `complete` or
+    `stream`. Whatever happens, `finish` runs once: it releases the model (so a hot swap
+    can drain), records metrics and the access-log fields, charges completion tokens to
+    the key's quota and tells a canary how the request went.
+    """
+
+    def __init__(self, request: Request, model: str, principal: KeyRecord | None, lease: Lease) -> None:
+        self.request = request
+        self.model = model
+        self.principal = principal
+        self.lease = lease
+        self.started = time.perf_counter()
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.first_token_at: float | None = None
+        self._finished = False
+        state = request.app.state
+        self._metrics: GatewayMetrics = state.metrics
+        self._limiter: Limiter | None = state.limiter
+        served = lease.served
+        self._labels = (served.model, served.version, lease.adapter or "")
+        access = getattr(request.state, "access", None)
+        self._access: dict[str, Any] = access if access is not None else {}
+        # The access-log middleware calls these when the exchange ends, however it ends: a
+        # stream the client abandoned before it began still releases the model.
+        closers = getattr(request.state, "on_close", None)
+        if closers is not None:
+            closers.append(lambda: self.finish(CLIENT_CLOSED))
+        self._access.update(
+            model=model, served=f"{served.name}/{served.version}", adapter=lease.adapter, canary=lease.canary or None
+        )
+
+    @classmethod
+    def begin(cls, request: Request, model: str, principal: KeyRecord | None) -> RequestLifecycle:
+        """Check the key may use ``model``, route it and hold the served model.
+
+        Raises:
+            PermissionDeniedError: the key's model pattern does not cover ``model`` (403).
+            ModelNotFoundError: nothing serves ``model`` (404).
+        """
+        check_model_allowed(principal, model)
+        catalog: ModelCatalog = request.app.state.catalog
+        return cls(request, model, principal, catalog.acquire(model))
+
+    @property
+    def served(self) -> ServedModel:
+        return self.lease.served
+
+    @property
+    def engine(self) -> Engine:
+        return self.lease.served.engine
+
+    @property
+    def adapter(self) -> str | None:
+        return self.lease.adapter
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Lineage headers naming the exact version, artifact and adapter that answer."""
+        return lineage_headers(self.served, self.adapter)
+
+    @property
+    def _key(self) -> str:
+        return self.principal.id if self.principal is not None else ""
+
+    @property
+    def _limits(self) -> Limits:
+        p = self.principal
+        return Limits(rpm=p.rpm, tpm=p.tpm) if p is not None else Limits()
+
+    async def admit(self, prompt_tokens: int) -> None:
+        """Charge one request and the prompt tokens to the key's quota; 429 when over it."""
+        self.prompt_tokens = prompt_tokens
+        if self._limiter is not None and self.principal is not None:
+            await self._limiter.admit(self.principal.id, self._limits, prompt_tokens)
+
+    async def complete(self, prompt: str, params: SamplingParams) -> Completion:
+        """Generate to the end (non-streaming) and account for it."""
+        stream = await self.stream(prompt, params)
+        parts: list[str] = []
+        finish: FinishReason = "length"
+        async for chunk in stream:
+            parts.append(chunk.text)
+            if chunk.finish_reason is not None:
+                finish = chunk.finish_reason
+        return Completion("".join(parts), self.completion_tokens, finish)
+
+    async def stream(self, prompt: str, params: SamplingParams) -> AsyncGenerator[Chunk, None]:
+        """Start generating; errors before the first chunk raise here (proper HTTP errors)."""
+        chunks = await open_stream(self.served, prompt, params, self.adapter)
+        return self._timed(chunks)
+
+    async def _timed(self, chunks: AsyncGenerator[Chunk, None]) -> AsyncGenerator[Chunk, None]:
+        last = self.started
+        status = 200
+        try:
+            async for chunk in chunks:
+                now = time.perf_counter()
+                n = len(chunk.token_ids)
+                if n:
+                    if self.first_token_at is None:
+                        self.first_token_at = now
+                        self._metrics.ttft.labels(*self._labels).observe(now - self.started)
+                        # A first chunk of several tokens: the rest arrived with it.
+                        n_gaps, gap = n - 1, 0.0
+                    else:
+                        n_gaps, gap = n, (now - last) / n
+                    itl = self._metrics.itl.labels(*self._labels)
+                    for _ in range(n_gaps):
+                        itl.observe(gap)
+                    last = now
+                    self.completion_tokens += n
+                yield chunk
+        except BaseException as exc:
+            status = _status_of(exc)
+            raise
+        finally:
+            await chunks.aclose()
+            self.finish(status)
+
+    def fail(self, exc: BaseException) -> None:
+        """Account for a request that failed before its stream began."""
+        self.finish(_status_of(exc))
+
+    def finish(self, status: int) -> None:
+        """Release the model and record the outcome (idempotent)."""
+        if self._finished:
+            return
+        self._finished = True
+        elapsed = time.perf_counter() - self.started
+        # Only server failures count against a canary; client errors (4xx, 429, a client that
+        # left) say nothing about the version that would have answered.
+        failed = True if status >= 500 else (False if status < 400 else None)
+        self.lease.release(failed=failed, latency_s=elapsed)
+        m = self._metrics
+        model, version, adapter = self._labels
+        m.requests.labels(model, version, adapter, self._key, str(status)).inc()
+        if status < 400 or status == CLIENT_CLOSED:
+            m.e2e.labels(*self._labels).observe(elapsed)
+            m.prompt_tokens.labels(model, version, adapter, self._key).inc(self.prompt_tokens)
+            m.generation_tokens.labels(model, version, adapter, self._key).inc(self.completion_tokens)
+            if self._limiter is not None and self.principal is not None and self.completion_tokens:
+                self._charge(self.completion_tokens)
+        self._access.update(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            ttft_ms=round((self.first_token_at - self.started) * 1000, 1) if self.first_token_at else None,
+            outcome=status,
+        )
+
+    def _charge(self, tokens: int) -> None:
+        limiter, key, limits = self._limiter, self._key, self._limits
+        assert limiter is not None
+
+        async def charge() -> None:
+            try:
+                await limiter.charge(key, limits, tokens)
+            except Exception:  # noqa: BLE001 - a quota store hiccup must not fail a finished request
+                logger.warning("could not charge %d completion tokens to key %s", tokens, key, exc_info=True)
+
+        # Scheduled, not awaited: finish() also runs while a stream is being closed.
+        task = asyncio.get_running_loop().create_task(charge())
+        _background.add(task)
+        task.add_done_callback(_background.discard)

@@ -1,0 +1,265 @@
+"""Prometheus metrics (``GET /metrics``) and the structured access log.
+
+Names follow vLLM's and TensorRT-LLM's (time to first token, inter-token latency,
+end-to-end latency, prompt/generation tokens, waiting/running requests) with a
+``forgeline_`` prefix. Each app has its own registry, so several gateways in one process
+(tests) do not collide. The access log is one JSON object per request on the
+``forgeline.access`` logger; it never contains prompts or completions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.gateway.catalog import ModelCatalog, ServedModel
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("forgeline.access")
+
+router = APIRouter()
+
+# Latency buckets from vLLM's defaults, trimmed to what a gateway sees.
+_TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class _EngineCollector(Collector):
+    """Queue depth, running requests and loaded adapters, read from the engines at scrape time."""
+
+    def __init__(self, models: Callable[[], Iterable[ServedModel]]) -> None:
+        self._models = models
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        waiting = GaugeMetricFamily(
+            "forgeline_num_requests_waiting", "Requests queued in the engine (queue depth).", labels=["model", "version"]
+        )
+        running = GaugeMetricFamily(
+            "forgeline_num_requests_running", "Requests in the engine's running batch.", labels=["model", "version"]
+        )
+        adapters = GaugeMetricFamily(
+            "forgeline_loaded_adapters", "LoRA adapters loaded in the engine.", labels=["model", "version"]
+        )
+        inflight = GaugeMetricFamily(
+            "forgeline_requests_in_flight", "Requests the gateway is serving, per model version.", labels=["model", "version"]
+        )
+        seen: set[int] = set()
+        for served in self._models():
+            labels = [served.model, served.version]
+            inflight.add_metric(labels, served.inflight)
+            if id(served.engine) in seen:
+                continue
+            seen.add(id(served.engine))
+            stats = getattr(served.engine, "stats", None)
+            if stats is None:
+                continue
+            snapshot = stats()
+            waiting.add_metric(labels, snapshot.waiting)
+            running.add_metric(labels, snapshot.running)
+            adapters.add_metric(labels, len(snapshot.loaded_adapters))
+        yield from (waiting, running, adapters, inflight)
+
+
+class GatewayMetrics:
+    """Every metric the gateway exports, on its own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        per_request = ["model", "version", "adapter"]
+        self.requests = Counter(
+            "forgeline_requests",
+            "Generation requests by outcome (status is the HTTP status, 499 when the client left).",
+            ["model", "version", "adapter", "key", "status"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "forgeline_prompt_tokens", "Prompt tokens processed.", ["model", "version", "adapter", "key"], registry=r
+        )
+        self.generation_tokens = Counter(
+            "forgeline_generation_tokens", "Completion tokens generated.", ["model", "version", "adapter", "key"], registry=r
+        )
+        self.ttft = Histogram(
+            "forgeline_time_to_first_token_seconds", "Time to first token.", per_request, buckets=_TTFT_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "forgeline_inter_token_latency_seconds",
+            "Time between consecutive output tokens.",
+            per_request,
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "forgeline_e2e_request_latency_seconds",
+            "End-to-end request latency, from routing to the last token.",
+            per_request,
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "forgeline_batch_size", "Rows in each engine decode step.", ["model", "version"], buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.http_requests = Counter(
+            "forgeline_http_requests", "Every HTTP request by route and status.", ["path", "status"], registry=r
+        )
+        self.model_swaps = Counter(
+            "forgeline_model_swaps", "Hot swaps: an alias moved and a new version took over.", ["model"], registry=r
+        )
+        self.canary_active = Gauge(
+            "forgeline_canary_active", "1 while a canary version receives traffic.", ["model", "version"], registry=r
+        )
+        self.canary_rollbacks = Counter(
+            "forgeline_canary_rollbacks", "Canaries stopped for breaching their SLO.", ["model"], registry=r
+        )
+
+    def watch(self, catalog: ModelCatalog) -> None:
+        """Export engine gauges for ``catalog``'s models and count their decode batch sizes."""
+        # A rolling catalog also has versions that are loaded but not routed (canaries, draining).
+        self.registry.register(_EngineCollector(getattr(catalog, "loaded", catalog.list)))
+
+    def attach_engine(self, served: ServedModel) -> None:
+        """Observe the batch size of every decode step of ``served``'s engine (when it supports it)."""
+        if hasattr(served.engine, "step_listener"):
+            child = self.batch_size.labels(served.model, served.version)
+            served.engine.step_listener = child.observe  # type: ignore[attr-defined]
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    """Prometheus scrape endpoint (no key needed, like /health)."""
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+class AccessLogMiddleware:
+    """One JSON access-log line per request, written when the response body ends.
+
+    Streaming responses are logged when the stream ends, so durations and token counts
+    cover the whole stream. Handlers add fields through ``request.state.access``.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, max_body_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        state = scope.setdefault("state", {})
+        fields: dict[str, Any] = {}
+        state["access"] = fields
+        closers: list[Callable[[], None]] = []
+        state["on_close"] = closers
+        status = 0
+        logged = False
+
+        def log(final_status: int) -> None:
+            nonlocal logged
+            if logged:
+                return
+            logged = True
+            path = scope.get("path", "")
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.http_requests.labels(template, str(final_status)).inc()
+            if path in ("/metrics", "/health", "/ready") and final_status < 400:
+                return  # probes would drown the log
+            entry = {
+                "ts": round(time.time(), 3),
+                "method": scope.get("method"),
+                "path": path,
+                "status": final_status,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                "client": (scope.get("client") or ("", 0))[0],
+                "key_id": state.get("key_id"),
+                **fields,
+            }
+            access_logger.info(json.dumps(entry, separators=(",", ":"), default=str))
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                log(status)
+
+        try:
+            if _declared_length(scope) > self.max_body_bytes:
+                await _too_large(send_wrapper, self.max_body_bytes)
+            else:
+                await self.app(scope, _limited(receive, self.max_body_bytes), send_wrapper)
+        finally:
+            for close in closers:
+                try:
+                    close()
+                except Exception:  # noqa: BLE001 - one failing closer must not skip the others
+                    logger.exception("closing request state failed")
+            log(status or 499)
+
+
+class BodyTooLargeError(StarletteHTTPException):
+    """Raised while reading a body past the limit; FastAPI passes HTTP exceptions to the
+    app's handlers (other errors become a generic 400), which render an OpenAI 413."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=413, detail="request body too large")
+
+
+def _declared_length(scope: Scope) -> int:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    """A receive that raises once more than ``limit`` body bytes arrived (chunked uploads)."""
+    seen = 0
+
+    async def wrapped() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise BodyTooLargeError
+        return message
+
+    return wrapped
+
+
+def too_large_message(limit: int) -> str:
+    """The 413 message."""
+    return f"The request body is larger than this server accepts ({limit} bytes); shorten the prompt."
+
+
+async def _too_large(send: Send, limit: int) -> None:
+    from serving.gateway.errors import error_body
+
+    body = json.dumps(error_body(too_large_message(limit), 413, code="payload_too_large")).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

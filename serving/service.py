@@ -1,0 +1,65 @@
+"""The production gateway for registry refs, as ``forgeline serve`` runs it.
+
+Wires a `RegistryCatalog` (hot swap, canary), API keys from the control database, quotas
+(in-process, or shared through Redis), metrics and the access log from one `ServeSpec`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from fastapi import FastAPI
+
+from registry.client import Registry
+from registry.keys import KeyStore
+from serving.config import ServeSpec
+from serving.gateway.app import create_app
+from serving.gateway.quota import create_limiter
+from serving.registry_models import EngineFactory, torch_engine
+from serving.rollout import RegistryCatalog
+
+logger = logging.getLogger(__name__)
+
+
+def build_gateway(
+    registry: Registry,
+    refs: list[str],
+    spec: ServeSpec,
+    *,
+    keys: KeyStore | None = None,
+    engine_factory: EngineFactory = torch_engine,
+) -> FastAPI:
+    """The gateway app serving ``refs`` as ``spec`` says.
+
+    Args:
+        registry: where refs, aliases and adapters are resolved and canary decisions audited.
+        refs: model refs to serve (``name``, ``name@alias``, ``name@3``).
+        spec: the recipe's ``serve`` section (or ``forgeline serve``'s options).
+        keys: the key store; defaults to the control database's when ``spec.auth``.
+        engine_factory: builds each version's engine.
+    """
+    catalog = RegistryCatalog(registry, refs, spec=spec, engine_factory=engine_factory)
+    store = (keys or KeyStore()) if spec.auth else None
+    limiter = create_limiter(spec.redis_url) if spec.auth else None
+    if not spec.auth:
+        logger.warning("API-key auth is off: anyone who reaches %s:%s can call the models", spec.host, spec.port)
+    return create_app(
+        catalog,
+        max_new_tokens=spec.max_new_tokens,
+        keys=store,
+        key_cache_s=spec.key_cache_s,
+        limiter=limiter,
+        max_body_bytes=spec.max_body_bytes,
+    )
+
+
+def configure_access_log() -> None:
+    """Send the JSON access log (``forgeline.access``) to stdout, one object per line."""
+    access = logging.getLogger("forgeline.access")
+    if not access.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False

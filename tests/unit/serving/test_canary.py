@@ -1,0 +1,75 @@
+"""Canary traffic split and SLO verdicts."""
+
+from __future__ import annotations
+
+from serving.config import CanarySLO, CanarySpec
+from serving.engine.base import SamplingParams
+from serving.gateway.catalog import ServedModel
+from serving.rollout import Canary
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class NullEngine:
+    model_id = "null"
+    ready = True
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        return ""
+
+    def count_tokens(self, text: str) -> int:
+        return 0
+
+    async def generate(self, prompt: str, params: SamplingParams, *, adapter: str | None = None):  # noqa: ANN201
+        if False:
+            yield
+
+
+def _canary(percent: float, slo: CanarySLO, clock: Clock) -> Canary:
+    base = ServedModel(name="m", version="1", engine=NullEngine())
+    cand = ServedModel(name="m@staging", version="2", engine=NullEngine())
+    return Canary("m", cand, base, CanarySpec(percent=percent, slo=slo), clock)
+
+
+def test_split_is_exactly_the_configured_share() -> None:
+    canary = _canary(10, CanarySLO(), Clock())
+    taken = [canary.take() for _ in range(100)]
+    assert sum(taken) == 10
+    assert taken[:10].count(True) == 1  # spread out, not bunched at the end
+    quarter = _canary(25, CanarySLO(), Clock())
+    assert sum(quarter.take() for _ in range(40)) == 10
+
+
+def test_error_rate_breach_needs_min_requests_and_trips_once() -> None:
+    clock = Clock()
+    canary = _canary(50, CanarySLO(error_rate=0.2, min_requests=5, window=30), clock)
+    verdicts = [canary.record(True, 0.01) for _ in range(4)]
+    assert verdicts == [None] * 4  # not judged before min_requests
+    verdict = canary.record(False, 0.01)
+    assert verdict is not None and verdict.breached
+    assert verdict.errors == 4 and verdict.requests == 5
+    assert "error rate" in verdict.reason
+    assert canary.record(True, 0.01) is None  # already tripped
+
+
+def test_latency_breach_and_window_expiry() -> None:
+    clock = Clock()
+    canary = _canary(50, CanarySLO(error_rate=1.0, p95_latency_ms=100, min_requests=3, window=10), clock)
+    for _ in range(2):
+        assert canary.record(False, 0.5) is None
+    clock.now += 11  # those two leave the window
+    for _ in range(2):
+        assert canary.record(False, 0.05) is None
+    assert not canary.verdict().breached
+    verdict = canary.record(False, 0.5)
+    assert verdict is not None and "p95 latency" in verdict.reason
