@@ -7,6 +7,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-forgeline
 PYTEST_ARGS ?=
+EXTRAS ?= dev,deepspeed,postgres,redis,k8s
 
 .PHONY: setup quickstart test test-fast test-gpu lint bench clean-state
 
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,deepspeed]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 quickstart: $(STAMP)
@@ -36,8 +37,20 @@ test-gpu: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP)
+# The LiteLLM proxy (the gateway comparison) and py-spy (profiles) in their own venv:
+# litellm's pins (huggingface_hub, rich) conflict with ours.
+BENCH_TOOLS := bench/.venv-litellm/.installed
+LITELLM ?= litellm[proxy]==1.108.7
+
+# Benchmarks (~10 minutes): JSON to bench/results/, tables and plots to BENCHMARKS.md.
+bench: $(STAMP) $(BENCH_TOOLS)
 	$(PY) -m bench
+
+$(BENCH_TOOLS):
+	$(PYTHON) -m venv bench/.venv-litellm
+	bench/.venv-litellm/bin/pip install -q --upgrade pip
+	bench/.venv-litellm/bin/pip install -q "$(LITELLM)" py-spy
+	touch $@
 
 clean-state:
 	rm -rf $${FORGELINE_HOME:-$$HOME/.forgeline}

@@ -21,9 +21,15 @@ from rich.table import Table
 
 from registry.errors import ConfigError, ForgelineError
 
+from .cli_jobs import jobs_app
+from .cli_keys import keys_app
+from .cli_worker import worker as _worker_command
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Recipe in; governed OpenAI-compatible endpoint out.")
 models_app = typer.Typer(no_args_is_help=True, help="Registered models, versions and alias history.")
 app.add_typer(models_app, name="models")
+app.add_typer(keys_app, name="keys")
+app.add_typer(jobs_app, name="jobs")
 console = Console(stderr=False)
 err_console = Console(stderr=True)
 _state = {"debug": False}
@@ -85,14 +91,33 @@ def validate(
 
 @app.command()
 @handles_errors
-def train(recipe: RecipeArg) -> None:
-    """Train, track and register one version from a recipe."""
+def train(
+    recipe: RecipeArg,
+    cluster: Annotated[str | None, typer.Option("--cluster", help="Where to train: local, slurm, kubernetes or hostfile (overrides cluster.kind).")] = None,
+    nodes: Annotated[int | None, typer.Option(help="Override cluster.nodes.")] = None,
+    gpus_per_node: Annotated[int | None, typer.Option(help="Override cluster.gpus_per_node (0: CPU-only nodes).")] = None,
+    partition: Annotated[str | None, typer.Option(help="Override cluster.partition (Slurm).")] = None,
+    time_limit: Annotated[str | None, typer.Option(help="Override cluster.time_limit, e.g. 4:00:00.")] = None,
+    detach: Annotated[bool, typer.Option("--detach", help="Return once submitted; follow with `forgeline jobs`.")] = False,
+) -> None:
+    """Train, track and register one version from a recipe: here, or as a job on a cluster."""
     from . import pipeline
     from .recipe import load_recipe
 
     loaded = load_recipe(recipe)
+    if detach or loaded.cluster.kind != "local" or any(v is not None for v in (cluster, nodes, gpus_per_node, partition, time_limit)):
+        from .cli_jobs import cluster_with_overrides, train_on_cluster
+
+        spec = cluster_with_overrides(loaded, str(recipe), kind=cluster, nodes=nodes, gpus_per_node=gpus_per_node,
+                                      partition=partition, time_limit=time_limit)
+        if detach or spec.kind != "local":
+            train_on_cluster(loaded, recipe, spec, detach=detach)
+            return
     result = pipeline.train(loaded, recipe, registry=_registry())
+    if result.resumed_from_step:
+        console.print(f"resumed from step {result.resumed_from_step} of an interrupted run")
     console.print(f"registered [bold]{result.version.name}[/] version {result.version.version} (run {result.run_id})")
+    console.print(f"model folder: {result.adapter_dir}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -145,12 +170,13 @@ def promote(
 ) -> None:
     """Move an alias to a version if every gate of the policy passes (all-or-nothing)."""
     from registry.errors import PolicyRefused
+    from registry.promotion import check as check_gates
 
     from . import pipeline
 
     registry = _registry()
     pol = _policy(recipe, policy)
-    result = pipeline.check(registry, name, version, pol, alias=to)
+    result = check_gates(registry, name, version, pol, alias=to)  # approvals and per-alias requirements too
     _print_gates(result)
     if not result.passed:
         raise PolicyRefused(f"promotion of {name} v{version} to {to} refused: {result.reason()}")
@@ -183,12 +209,27 @@ def rollback(
 @handles_errors
 def build(
     ref: Annotated[str, typer.Argument(help="NAME, NAME@ALIAS or NAME@VERSION.")],
-    target: Annotated[str, typer.Option(help="Engine target: torch.")] = "torch",
+    target: Annotated[str, typer.Option(help="Engine target: torch or tensorrt-llm.")] = "torch",
+    quantize: Annotated[str, typer.Option(help="tensorrt-llm: none or fp8 (ModelOpt).")] = "none",
+    tp: Annotated[int, typer.Option("--tp", help="tensorrt-llm: tensor-parallel GPUs (1, 2, 4, 8).")] = 1,
+    backend: Annotated[str, typer.Option(help="tensorrt-llm: pytorch, or tensorrt for a serialized engine.")] = "pytorch",
+    multi_lora: Annotated[bool, typer.Option("--multi-lora", help="tensorrt-llm: keep adapters separate (per-request LoRA).")] = False,
+    adapter: Annotated[list[str] | None, typer.Option("--adapter", help="tensorrt-llm, multi-LoRA: add another version's adapter (repeatable).")] = None,
+    runner: Annotated[str, typer.Option(help="tensorrt-llm: local (container runtime), slurm, kubernetes or none (prepare only).")] = "local",
+    finalize: Annotated[bool, typer.Option("--finalize", help="tensorrt-llm: record a build that ran on Slurm or Kubernetes.")] = False,
 ) -> None:
     """Build a version's serving artifact and log it on the version."""
     from . import pipeline
 
-    built = pipeline.build(_registry(), ref, target=target)
+    trtllm = None
+    if target == "tensorrt-llm":
+        from serving.build.trtllm_build import build_options
+
+        trtllm = build_options(quantize=quantize, tp=tp, backend=backend, multi_lora=multi_lora or bool(adapter))
+    built = pipeline.build(_registry(), ref, target=target, trtllm=trtllm, runner=runner, extra_adapters=adapter or [], finalize=finalize)
+    if built.pending:
+        console.print(f"{target} build job for {built.version.name} v{built.version.version} is ready ({runner}): {built.path}/job")
+        return
     console.print(f"built {target} engine for {built.version.name} v{built.version.version}: {built.path}")
 
 
@@ -199,17 +240,21 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     device: Annotated[str, typer.Option(help="Torch device: auto, cpu, cuda.")] = "auto",
+    recipe: Annotated[Path | None, typer.Option(help="Take the other serve options (canary, quotas, adapters) from this recipe's `serve` section.")] = None,
+    auth: Annotated[bool, typer.Option("--auth/--no-auth", help="Require API keys (`forgeline keys create`).")] = True,
 ) -> None:
     """Serve models through the OpenAI-compatible gateway until interrupted."""
     from serving.config import ServeSpec
-    from serving.gateway.app import create_app
     from serving.gateway.server import run_server
-    from serving.registry_models import registry_catalog
+    from serving.service import build_gateway, configure_access_log
 
-    spec = ServeSpec(host=host, port=port, device=device)
-    catalog = registry_catalog(_registry(), model, spec=spec)
-    console.print(f"serving {', '.join(model)} on http://{host}:{port}/v1")
-    run_server(create_app(catalog, max_new_tokens=spec.max_new_tokens), host, port)
+    from .recipe import load_recipe
+
+    base = load_recipe(recipe).serve if recipe else ServeSpec()
+    spec = base.model_copy(update={"host": host, "port": port, "device": device, "auth": auth and base.auth})
+    configure_access_log()
+    console.print(f"serving {', '.join(model)} on http://{host}:{port}/v1 (API keys {'required' if spec.auth else 'OFF'})")
+    run_server(build_gateway(_registry(), model, spec), host, port)
 
 
 @app.command()
@@ -264,6 +309,12 @@ def models_history(
     for e in registry.audit.history(name, alias):
         table.add_row(str(e.created_at), e.alias, str(e.from_version or "-"), str(e.to_version or "-"), e.action, e.actor, e.reason)
     console.print(table)
+
+
+app.command("worker")(handles_errors(_worker_command))
+
+
+from forgeline import cli_govern  # noqa: E402,F401  (registers approve, control serve, models reconcile)
 
 
 def main() -> None:

@@ -9,17 +9,23 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from registry import lineage
 from registry.client import Registry, VersionInfo
 from registry.errors import ErrorCode, ForgelineError
 from registry.policy import PromotionPolicy
-from registry.promotion import PolicyResult, check_policy, promote
+from registry.promotion import PolicyResult, promote
+from registry.promotion import check as check_gates
 from registry.settings import forgeline_home
 from training.config import EvaluateSpec, ModelSpec
-from training.job import TrainJob, TrainResult, run_job
+from training.job import TrainJob, TrainResult
+from training.launch import LocalLauncher
 
 from .recipe import Recipe, recipe_hash
+
+if TYPE_CHECKING:
+    from serving.build.trtllm_build import TrtllmBuildOptions
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +39,20 @@ def job_from_recipe(recipe: Recipe, recipe_file: str | Path | None) -> TrainJob:
         method=recipe.method,
         adapter=recipe.adapter,
         train=recipe.train,
+        distributed=recipe.distributed,
+        evaluate=recipe.evaluate,
         recipe_hash=recipe_hash(recipe),
         recipe_file=str(Path(recipe_file).resolve()) if recipe_file else None,
     )
 
 
 def train(recipe: Recipe, recipe_file: str | Path | None, *, registry: Registry) -> TrainResult:
-    """Train and register one version (stages: train, track, register)."""
-    return run_job(job_from_recipe(recipe, recipe_file), registry=registry)
+    """Train and register one version (stages: train, track, register).
+
+    One process runs here; ``distributed.nproc > 1`` runs under ``torchrun`` on this machine.
+    An interrupted run of the same recipe resumes from its last complete checkpoint.
+    """
+    return LocalLauncher().run(job_from_recipe(recipe, recipe_file), registry=registry)
 
 
 def download_artifacts(uri: str, kind: str, name: str, version: int) -> Path:
@@ -111,9 +123,8 @@ def _log_metrics_on_run(run_id: str | None, metrics: dict[str, float], base: dic
 
 
 def check(registry: Registry, name: str, version: int, policy: PromotionPolicy, alias: str | None = None) -> PolicyResult:
-    """Dry run of the promotion gates (moves nothing)."""
-    info = registry.get_version(name, version)
-    return check_policy(policy, info, holder=registry.alias_holder(name, alias or policy.to))
+    """Dry run of every promotion gate, approvals and per-alias requirements included (moves nothing)."""
+    return check_gates(registry, name, version, policy, alias=alias)
 
 
 def promote_version(
@@ -129,20 +140,35 @@ class BuiltEngine:
     version: VersionInfo
     path: Path
     artifact_uri: str
+    pending: bool = False  # tensorrt-llm job submitted or prepared, not finished yet
 
 
-def build(registry: Registry, ref: str, *, target: str = "torch") -> BuiltEngine:
+def build(
+    registry: Registry,
+    ref: str,
+    *,
+    target: str = "torch",
+    trtllm: TrtllmBuildOptions | None = None,
+    runner: str = "local",
+    extra_adapters: list[str] | None = None,
+    finalize: bool = False,
+) -> BuiltEngine:
     """Build the serving artifact of a version and log it on the version's run.
 
     Target ``torch``: the adapter merged into the base (safetensors + tokenizer +
-    generation config + checksummed manifest).
+    generation config + checksummed manifest). Target ``tensorrt-llm``: see
+    `_build_trtllm` (``trtllm``, ``runner``, ``extra_adapters`` and ``finalize`` apply to it).
     """
     import mlflow
 
     from serving.build.torch_build import build_torch_artifact
 
+    if target == "tensorrt-llm":
+        return _build_trtllm(registry, ref, trtllm, runner=runner, extra_adapters=extra_adapters or [], finalize=finalize)
     if target != "torch":
-        raise ForgelineError(f"unknown build target {target!r}; fix: use `torch`", code=ErrorCode.INVALID_REQUEST, param="target")
+        raise ForgelineError(
+            f"unknown build target {target!r}; fix: use `torch` or `tensorrt-llm`", code=ErrorCode.INVALID_REQUEST, param="target"
+        )
     info = registry.resolve(ref)
     adapter = download_artifacts(info.source, "adapter", info.name, info.version)
     out = forgeline_home() / "engines" / info.name / str(info.version) / target
@@ -153,5 +179,68 @@ def build(registry: Registry, ref: str, *, target: str = "torch") -> BuiltEngine
         client.log_artifacts(info.run_id, str(out), artifact_path=f"engine/{target}")
         artifact_uri = f"{client.get_run(info.run_id).info.artifact_uri}/engine/{target}"
     registry.set_tags(info.name, info.version, {f"{lineage.ENGINE_PREFIX}{target}": artifact_uri})
+    log.info("built %s engine for %s v%s at %s", target, info.name, info.version, out)
+    return BuiltEngine(registry.get_version(info.name, info.version), out, artifact_uri)
+
+
+def _build_trtllm(
+    registry: Registry,
+    ref: str,
+    options: TrtllmBuildOptions | None,
+    *,
+    runner: str,
+    extra_adapters: list[str],
+    finalize: bool,
+) -> BuiltEngine:
+    """Target ``tensorrt-llm``: prepare the artifact, run the build job in TensorRT-LLM's container.
+
+    With ``runner="local"`` the job runs here (docker, podman or enroot) and the artifact is
+    logged on the version (tag ``forgeline.engine.tensorrt-llm``). Slurm and Kubernetes jobs
+    are submitted; once they end, ``finalize=True`` checks their result and logs the artifact.
+    """
+    import mlflow
+
+    from serving.build.trtllm_build import TrtllmBuildOptions, build_trtllm_artifact, finalize_trtllm_job, load_job
+
+    target = "tensorrt-llm"
+    if runner not in ("local", "slurm", "kubernetes", "none"):
+        raise ForgelineError(f"unknown runner {runner!r}; fix: use local, slurm, kubernetes or none", code=ErrorCode.INVALID_REQUEST, param="runner")
+    info = registry.resolve(ref)
+    out = forgeline_home() / "engines" / info.name / str(info.version) / target
+    if finalize:
+        manifest = finalize_trtllm_job(load_job(out))
+    else:
+        base = info.tags[lineage.BASE_MODEL]
+        adapter = download_artifacts(info.source, "adapter", info.name, info.version)
+        extras: dict[str, Path] = {}
+        for extra_ref in extra_adapters:
+            other = registry.resolve(extra_ref)
+            if other.tags.get(lineage.BASE_MODEL) != base:
+                raise ForgelineError(
+                    f"{other.name} v{other.version} was trained from {other.tags.get(lineage.BASE_MODEL)}, not {base}; "
+                    "multi-LoRA adapters must share the base",
+                    code=ErrorCode.INVALID_REQUEST,
+                    param="adapter",
+                )
+            extras[f"{other.name}-v{other.version}"] = download_artifacts(other.source, "adapter", other.name, other.version)
+        _, manifest = build_trtllm_artifact(
+            base,
+            adapter,
+            out,
+            options or TrtllmBuildOptions(),
+            name=f"{info.name}-v{info.version}",
+            runner=runner,  # type: ignore[arg-type]
+            adapter_name=f"{info.name}-v{info.version}",
+            extra_adapters=extras,
+            overwrite=True,
+        )
+    if manifest is None:
+        return BuiltEngine(info, out, "", pending=True)
+    artifact_uri = str(out)
+    if info.run_id:
+        client = mlflow.MlflowClient()
+        client.log_artifacts(info.run_id, str(out), artifact_path=f"engine/{target}")
+        artifact_uri = f"{client.get_run(info.run_id).info.artifact_uri}/engine/{target}"
+    registry.set_tags(info.name, info.version, {lineage.engine_tag(target): artifact_uri})
     log.info("built %s engine for %s v%s at %s", target, info.name, info.version, out)
     return BuiltEngine(registry.get_version(info.name, info.version), out, artifact_uri)

@@ -13,74 +13,25 @@ the same model never interleave (see ``Registry.move_alias``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import (
-    Column,
-    Connection,
-    DateTime,
-    Dialect,
-    Engine,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    TypeDecorator,
-    create_engine,
-    event,
-    func,
-    select,
-)
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Column, Connection, Engine, Index, Integer, String, Table, Text, select
 
 from registry import settings
+from registry.db import READ_ONLY, UTCDateTime, create_control_engine, lock_model, metadata, now
 
 logger = logging.getLogger(__name__)
 
-# Execution option marking a read-only connection (SQLite: plain deferred BEGIN).
-_READ_ONLY = "forgeline_read_only"
+Action = Literal["promote", "rollback", "delete", "reconcile"]
+ACTIONS: tuple[str, ...] = ("promote", "rollback", "delete", "reconcile")
 
-Action = Literal["promote", "rollback", "delete"]
-ACTIONS: tuple[str, ...] = ("promote", "rollback", "delete")
-
-
-class _UTCDateTime(TypeDecorator[datetime]):
-    """Timezone-aware UTC datetimes on every backend.
-
-    SQLite has no timezone type and hands back naive values; we store UTC and re-attach
-    the zone on read so callers always get an aware datetime.
-    """
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("audit timestamps must be timezone-aware")
-        return value.astimezone(UTC)
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
-
-
-metadata = MetaData()
 
 alias_events = Table(
     "alias_events",
@@ -94,7 +45,7 @@ alias_events = Table(
     Column("reason", Text, nullable=False),
     Column("action", String(16), nullable=False),
     Column("policy_result", Text, nullable=True),
-    Column("created_at", _UTCDateTime(), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
     Index("ix_alias_events_model_alias", "model", "alias", "id"),
 )
 
@@ -145,13 +96,6 @@ def _entry(row: Any) -> AuditEntry:
     )
 
 
-def _lock_key(model: str) -> int:
-    # A stable signed 64-bit key per model for pg_advisory_xact_lock; Python's hash() is
-    # salted per process, so it cannot be shared between writers.
-    digest = hashlib.blake2b(f"forgeline.alias:{model}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
-
-
 class AuditTransaction:
     """An open audit-log transaction holding the writer lock; see :meth:`AuditLog.transaction`."""
 
@@ -182,7 +126,7 @@ class AuditTransaction:
             "reason": reason,
             "action": action,
             "policy_result": json.dumps(policy_result, sort_keys=True) if policy_result is not None else None,
-            "created_at": datetime.now(UTC),
+            "created_at": now(),
         }
         result = self._conn.execute(alias_events.insert().values(**values))
         (row_id,) = result.inserted_primary_key or (None,)
@@ -209,39 +153,8 @@ class AuditLog:
         if self._engine is None:
             with self._init_lock:
                 if self._engine is None:
-                    self._engine = self._create_engine()
+                    self._engine = create_control_engine(self.url)
         return self._engine
-
-    def _create_engine(self) -> Engine:
-        url = make_url(self.url)
-        if url.get_backend_name() == "sqlite":
-            # Writers wait for each other instead of failing at once with "database is locked".
-            engine = create_engine(url, connect_args={"timeout": 30})
-
-            # pysqlite defers BEGIN until the first write, so a transaction that reads the
-            # alias holder first would not hold the lock while it reads. Take over BEGIN and
-            # make it IMMEDIATE: the write lock is held from the start (recipe from
-            # SQLAlchemy's SQLite dialect docs, "Serializable isolation / Savepoints").
-            @event.listens_for(engine, "connect")
-            def _no_driver_begin(dbapi_connection: Any, _record: Any) -> None:
-                dbapi_connection.isolation_level = None
-
-            @event.listens_for(engine, "begin")
-            def _begin_immediate(conn: Connection) -> None:
-                # Readers opt out so that history() never waits behind an alias move.
-                deferred = conn.get_execution_options().get(_READ_ONLY, False)
-                conn.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
-
-        else:
-            engine = create_engine(url, pool_pre_ping=True)
-        try:
-            metadata.create_all(engine, checkfirst=True)
-        except DBAPIError:
-            # Another process created the table between our check and CREATE; try once more.
-            logger.debug("create_all raced with another writer; retrying", exc_info=True)
-            metadata.create_all(engine, checkfirst=True)
-        logger.debug("audit log ready at %s", url.render_as_string(hide_password=True))
-        return engine
 
     @contextmanager
     def transaction(self, model: str) -> Iterator[AuditTransaction]:
@@ -251,15 +164,7 @@ class AuditLog:
         when it raises.
         """
         with self.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                # Per-model lock, released automatically at commit/rollback.
-                conn.execute(select(func.pg_advisory_xact_lock(_lock_key(model))))
-            elif conn.dialect.name != "sqlite":
-                logger.warning(
-                    "audit log on %s: no writer lock implemented; concurrent moves of %s are not serialised",
-                    conn.dialect.name,
-                    model,
-                )
+            lock_model(conn, model)  # released automatically at commit/rollback
             yield AuditTransaction(conn, model)
 
     def append(
@@ -293,7 +198,7 @@ class AuditLog:
             query = query.where(alias_events.c.alias == alias)
         # Ids follow commit order per model because moves of one model are serialised.
         query = query.order_by(alias_events.c.id)
-        with self.engine.connect().execution_options(**{_READ_ONLY: True}) as conn:
+        with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
             return [_entry(row) for row in conn.execute(query)]
 
     def dispose(self) -> None:

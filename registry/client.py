@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,10 @@ from mlflow.exceptions import MlflowException
 from sqlalchemy.engine import make_url
 
 from registry import lineage, settings
+from registry.approvals import ApprovalStore
 from registry.audit import Action, AuditEntry, AuditLog
 from registry.errors import ConflictError, ErrorCode, ForgelineError, ModelNotFoundError, NotFoundError
+from registry.events import WebhookDispatcher
 
 logger = logging.getLogger(__name__)
 
@@ -153,10 +156,15 @@ class Registry:
         registry_uri: MLflow registry URI; follows ``tracking_uri`` unless given
             (or, when neither is given, unless ``MLFLOW_REGISTRY_URI`` is set).
         audit: the audit log; defaults to ``AuditLog()`` on ``settings.control_db_url()``.
+        approvals: recorded approve/reject decisions; defaults to the audit log's database.
+        events: where lifecycle events go; defaults to ``WebhookDispatcher.from_settings()``
+            (``FORGELINE_WEBHOOK_URLS``; nothing is sent when unset).
 
     Attributes:
         client: the underlying ``MlflowClient``, for the few callers that need raw MLflow.
         audit: the :class:`~registry.audit.AuditLog` every alias move is written to.
+        approvals: the :class:`~registry.approvals.ApprovalStore`.
+        events: the :class:`~registry.events.WebhookDispatcher`.
     """
 
     def __init__(
@@ -164,12 +172,16 @@ class Registry:
         tracking_uri: str | None = None,
         registry_uri: str | None = None,
         audit: AuditLog | None = None,
+        approvals: ApprovalStore | None = None,
+        events: WebhookDispatcher | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri or settings.tracking_uri()
         if registry_uri is None:
             registry_uri = settings.registry_uri() if tracking_uri is None else tracking_uri
         self.registry_uri = registry_uri
         self.audit = audit or AuditLog()
+        self.approvals = approvals or ApprovalStore(self.audit.url)
+        self.events = events if events is not None else WebhookDispatcher.from_settings()
         registry_db = _sqlite_path(self.registry_uri)
         if registry_db is not None and registry_db == _sqlite_path(self.audit.url):
             # move_alias writes MLflow while holding the audit DB's write lock; on one
@@ -272,6 +284,13 @@ class Registry:
                 )
         info = VersionInfo.from_mlflow(mv, aliases=())
         logger.info("registered %s from %s", info.ref, source)
+        self.events.publish(
+            "registered",
+            model=name,
+            version=info.version,
+            actor=info.tags.get(lineage.TRAINED_BY, "unknown"),
+            data={"source": source, "run_id": run_id, "tags": info.tags},
+        )
         return info
 
     def _ensure_registered_model(self, name: str) -> None:
@@ -361,6 +380,14 @@ class Registry:
             raise ModelNotFoundError(f"no model {ref!r}: {name!r} has no alias {selector!r} ({hint})", param="model")
         return self.get_version(name, aliases[selector])
 
+    def aliases(self, name: str) -> dict[str, int]:
+        """Every alias of ``name`` and the version it points to, per MLflow.
+
+        Raises:
+            ModelNotFoundError: there is no registered model ``name``.
+        """
+        return {alias: int(version) for alias, version in sorted((self._registered_model(name).aliases or {}).items())}
+
     def alias_holder(self, name: str, alias: str) -> VersionInfo | None:
         """The version ``alias`` points to, or ``None`` when the alias is not set.
 
@@ -391,6 +418,7 @@ class Registry:
         metrics: dict[str, float],
         *,
         base_metrics: dict[str, float] | None = None,
+        actor: str = "forgeline",
     ) -> None:
         """Store evaluation results on a version (``forgeline.eval.*`` / ``forgeline.base_eval.*`` tags).
 
@@ -400,6 +428,7 @@ class Registry:
             metrics: the version's scores.
             base_metrics: the base model's scores on the same evaluation, for
                 ``better_than_base`` gates.
+            actor: who evaluated (carried by the ``evaluated`` event).
 
         Raises:
             ForgelineError: a metric is not a finite number (``invalid_request``).
@@ -418,6 +447,13 @@ class Registry:
                 tags[prefix + metric] = repr(number)
         self.set_tags(name, version, tags)
         logger.info("recorded evaluation of %s@%s: %s", name, version, metrics)
+        self.events.publish(
+            "evaluated",
+            model=name,
+            version=version,
+            actor=actor,
+            data={"metrics": dict(metrics), "base_metrics": dict(base_metrics or {})},
+        )
 
     def list_versions(self, name: str) -> list[VersionInfo]:
         """Every version of ``name``, oldest first, with aliases filled in.
@@ -466,6 +502,7 @@ class Registry:
         policy_result: dict[str, Any] | None = None,
         action: Action = "promote",
         expected_from: int | None = None,
+        guard: Callable[[int | None], None] | None = None,
     ) -> AuditEntry:
         """Point ``alias`` at ``version`` and audit it; the only way forgeline moves aliases.
 
@@ -482,13 +519,16 @@ class Registry:
             action: ``promote`` or ``rollback`` (``delete`` is :meth:`delete_alias`).
             expected_from: compare-and-set: the version the caller saw holding the alias
                 (:data:`NO_HOLDER` for "not set"); ``None`` skips the check.
+            guard: called with the current holder while the writer lock is held, before
+                anything is written; raising aborts the move (promotion re-checks
+                approvals here so a rejection recorded meanwhile still blocks it).
 
         Raises:
             NotFoundError: the version does not exist.
             ConflictError: the alias holder is not ``expected_from`` any more.
         """
-        if action == "delete":
-            raise ValueError("use delete_alias() to remove an alias")
+        if action not in ("promote", "rollback"):
+            raise ValueError(f"move_alias records promote or rollback, not {action!r} (see delete_alias, reconcile)")
         return self._move(
             name,
             alias,
@@ -498,6 +538,7 @@ class Registry:
             policy_result=policy_result,
             action=action,
             expected_from=expected_from,
+            guard=guard,
         )
 
     def delete_alias(
@@ -518,6 +559,7 @@ class Registry:
             policy_result=None,
             action="delete",
             expected_from=expected_from,
+            guard=None,
         )
 
     def _move(
@@ -531,6 +573,7 @@ class Registry:
         policy_result: dict[str, Any] | None,
         action: Action,
         expected_from: int | None,
+        guard: Callable[[int | None], None] | None,
     ) -> AuditEntry:
         if not actor or not actor.strip():
             raise ForgelineError(
@@ -542,9 +585,9 @@ class Registry:
         # Order matters. MLflow keeps no alias history and has no transaction we can join,
         # so the audit DB transaction is the serialisation point: take its writer lock,
         # read the holder from MLflow under it, insert the row, move the alias in MLflow,
-        # then commit. If MLflow refuses, the rollback drops the row; if the commit fails
-        # after MLflow moved, we move the alias back. Only a process killed between the
-        # MLflow call and the commit can leave them apart; `audit_drift` finds that.
+        # then commit. If the MLflow call or the commit fails, the rollback drops the row
+        # and we put the alias back. Only a process killed between the MLflow call and the
+        # commit can leave them apart; `audit_drift` finds that and `reconcile` records it.
         moved = False
         previous: int | None = None
         try:
@@ -560,6 +603,8 @@ class Registry:
                     )
                 if version is None and previous is None:
                     raise NotFoundError(f"{name!r} has no alias {alias!r} to delete", param="alias")
+                if guard is not None:
+                    guard(previous)
                 entry = tx.append(
                     alias=alias,
                     from_version=previous,
@@ -569,13 +614,24 @@ class Registry:
                     action=action,
                     policy_result=policy_result,
                 )
-                self._set_alias(name, alias, version)
+                # From here MLflow may have moved even if the call raises (a timeout after
+                # the server applied it), so a failure undoes the move either way.
                 moved = True
+                self._set_alias(name, alias, version)
         except BaseException:
             if moved:
                 self._undo_move(name, alias, previous, version)
             raise
         logger.info("%s: %s@%s %s -> %s by %s (%s)", action, name, alias, previous, version, actor, reason)
+        if action in ("promote", "rollback"):
+            self.events.publish(
+                "promoted" if action == "promote" else "rolled_back",
+                model=name,
+                version=version,
+                alias=alias,
+                actor=actor,
+                data={"from_version": previous, "reason": reason, "audit_id": entry.id, "policy_result": policy_result},
+            )
         return entry
 
     def _set_alias(self, name: str, alias: str, version: int | None) -> None:
@@ -589,8 +645,11 @@ class Registry:
 
     def _undo_move(self, name: str, alias: str, previous: int | None, attempted: int | None) -> None:
         try:
+            if self.aliases(name).get(alias) == previous:
+                logger.error("alias move of %s@%s failed; MLflow still has %s", name, alias, previous)
+                return
             self._set_alias(name, alias, previous)
-            logger.error("audit commit failed; moved %s@%s back to %s", name, alias, previous)
+            logger.error("alias move or audit commit failed; moved %s@%s back to %s", name, alias, previous)
         except Exception:
             logger.critical(
                 "audit commit failed and %s@%s could not be moved back: MLflow says %s, the audit log says %s",
@@ -619,6 +678,38 @@ class Registry:
                 drift[alias] = (in_mlflow.get(alias), audited.get(alias))
         return drift
 
+    def reconcile(self, name: str, *, actor: str, reason: str = "") -> list[AuditEntry]:
+        """Record MLflow's alias state in the audit log wherever the two disagree.
+
+        Drift happens when an alias is moved outside forgeline (MLflow UI, raw client) or
+        a process is killed between the MLflow call and the audit commit. MLflow is what
+        serving follows, so its state is taken as the truth and written down as one
+        ``reconcile`` row per drifted alias; history and rollback work again afterwards.
+
+        Returns:
+            The rows appended (empty when nothing drifted).
+        """
+        if not actor or not actor.strip():
+            raise ForgelineError("reconcile needs an actor", code=ErrorCode.INVALID_REQUEST, param="actor")
+        entries: list[AuditEntry] = []
+        with self.audit.transaction(name) as tx:
+            for alias, (in_mlflow, audited) in self.audit_drift(name).items():
+                entries.append(
+                    tx.append(
+                        alias=alias,
+                        from_version=audited,
+                        to_version=in_mlflow,
+                        actor=actor,
+                        reason=reason or "recorded MLflow's alias after a move outside forgeline or an interrupted one",
+                        action="reconcile",
+                    )
+                )
+        for entry in entries:
+            logger.warning("reconciled %s@%s: audit log now says %s", name, entry.alias, entry.to_version)
+        return entries
+
     def close(self) -> None:
-        """Release database connections held by the audit log."""
+        """Deliver queued events and release database connections."""
+        self.events.close()
         self.audit.dispose()
+        self.approvals.dispose()

@@ -1,20 +1,37 @@
-"""Promotion gates, promotion and rollback.
+"""Promotion gates, approvals, promotion and rollback.
 
-``check_policy`` is pure (a policy and versions in, a verdict out) so it can be shown
-before anything moves; ``promote`` and ``rollback`` move aliases only through
-``Registry.move_alias``, which audits every move and is all-or-nothing.
+``check_policy`` is pure (a policy, versions and decisions in, a verdict out) so it can
+be shown before anything moves; :func:`check` loads what it needs from the registry.
+``promote`` and ``rollback`` move aliases only through ``Registry.move_alias``, which
+audits every move and is all-or-nothing. :func:`decide` records an approval or a
+rejection (no self-approval).
+
+Lifecycle of a version (:func:`lifecycle_state`): ``registered`` → ``evaluated`` →
+``approved`` → ``built`` → pointed at by aliases (``candidate``, ``staging``,
+``production``…), or ``rejected``. It is derived from the version's tags, its standing
+decisions and its aliases rather than stored, so it cannot drift from them.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from registry import lineage
+from registry.approvals import Approval, Decision, standing
 from registry.audit import AuditEntry
 from registry.client import NO_HOLDER, Registry, VersionInfo
-from registry.errors import ConflictError, NotFoundError, PolicyRefused
-from registry.policy import PromotionPolicy, Threshold
+from registry.errors import (
+    ConflictError,
+    ErrorCode,
+    ForgelineError,
+    NotFoundError,
+    PermissionDeniedError,
+    PolicyRefused,
+)
+from registry.policy import APPROVER_ROLES, PromotionPolicy, Threshold
 
 logger = logging.getLogger(__name__)
 
@@ -123,24 +140,87 @@ def _regression_gate(
     return GateResult(name, passed, f"{rule}: {_fmt(value)} vs {_fmt(held)}")
 
 
-def check_policy(policy: PromotionPolicy, version: VersionInfo, *, holder: VersionInfo | None) -> PolicyResult:
-    """Evaluate every gate of ``policy`` for ``version``.
+def _approvals_gate(
+    policy: PromotionPolicy, version: VersionInfo, alias: str, decisions: Sequence[Approval]
+) -> GateResult | None:
+    required = policy.required_approvals(alias)
+    latest = standing(d for d in decisions if d.model == version.name and d.version == version.version)
+    rejections = [d for d in latest.values() if d.decision == "reject"]
+    if rejections:
+        who = "; ".join(f"{d.approver} ({d.role}): {d.comment or 'no comment'}" for d in rejections)
+        return GateResult("approvals", False, f"{version.ref} was rejected by {who}")
+    if required == 0:
+        return None
+    trainer = version.tags.get(lineage.TRAINED_BY)
+    roles = set(policy.approvals.roles) | {"admin"}
+    counted = sorted(
+        d.approver for d in latest.values() if d.decision == "approve" and d.approver != trainer and d.role in roles
+    )
+    detail = f"{len(counted)} of {required} approval(s) from {'/'.join(sorted(roles))}"
+    detail += f" ({', '.join(counted)})" if counted else ""
+    if len(counted) < required:
+        detail += f"; ask {'an' if required - len(counted) == 1 else required - len(counted)} approver(s) other than the trainer"
+        detail += f": `forgeline approve {version.name} {version.version} --comment ...`"
+    return GateResult("approvals", len(counted) >= required, detail)
+
+
+def _engine_gate(engine: str, version: VersionInfo, alias: str) -> GateResult:
+    name = f"requires:{alias}:engine"
+    uri = version.tags.get(lineage.engine_tag(engine))
+    if uri:
+        return GateResult(name, True, f"{engine} engine built: {uri}")
+    return GateResult(
+        name,
+        False,
+        f"{alias} needs a {engine} engine and {version.ref} has none; "
+        f"run `forgeline build {version.ref} --target {engine}`",
+    )
+
+
+def check_policy(
+    policy: PromotionPolicy,
+    version: VersionInfo,
+    *,
+    holder: VersionInfo | None,
+    alias: str | None = None,
+    decisions: Sequence[Approval] = (),
+) -> PolicyResult:
+    """Evaluate every gate of ``policy`` for moving ``alias`` to ``version``.
 
     Args:
         policy: the gates.
-        version: the candidate, with its ``forgeline.eval.*`` / ``forgeline.base_eval.*`` tags.
+        version: the candidate, with its ``forgeline.eval.*`` / ``forgeline.base_eval.*``
+            and ``forgeline.engine.*`` tags.
         holder: the version holding the target alias now (``None`` when unset).
+        alias: the alias to move; default ``policy.to`` (selects ``policy.requires``).
+        decisions: the approve/reject decisions recorded on the version (an
+            ``approvals`` gate appears when approvals are required or one is a rejection).
 
     Returns:
         Every gate's verdict (all are evaluated, so a refusal lists every problem at once).
     """
+    alias = alias or policy.to
     metrics = version.metrics()
     base = version.base_metrics()
     gates: list[GateResult] = []
     gates += [_threshold_gate(metric, bound, metrics, version) for metric, bound in policy.thresholds.items()]
     gates += [_base_gate(metric, metrics, base, version) for metric in policy.better_than_base]
     gates += [_regression_gate(metric, metrics, holder, policy.tolerance, version) for metric in policy.no_regression]
+    requirement = policy.requires.get(alias)
+    if requirement is not None and requirement.engine:
+        gates.append(_engine_gate(requirement.engine, version, alias))
+    approvals = _approvals_gate(policy, version, alias, decisions)
+    if approvals is not None:
+        gates.append(approvals)
     return PolicyResult(gates=tuple(gates), passed=all(gate.passed for gate in gates))
+
+
+def check(registry: Registry, name: str, version: int, policy: PromotionPolicy, *, alias: str | None = None) -> PolicyResult:
+    """Dry run of :func:`promote`: every gate's verdict, loaded from the registry; moves nothing."""
+    alias = alias or policy.to
+    candidate = registry.get_version(name, version)
+    holder = registry.alias_holder(name, alias)
+    return check_policy(policy, candidate, holder=holder, alias=alias, decisions=registry.approvals.for_version(name, version))
 
 
 def promote(
@@ -158,6 +238,8 @@ def promote(
     The gates are checked against the holder read before the move, and the move is a
     compare-and-set on that holder: if another promotion moved the alias meanwhile,
     this one fails with ``ConflictError`` instead of skipping the regression check.
+    Decisions are read again under the writer lock, so a rejection recorded between the
+    check and the move still blocks it.
 
     Returns:
         The gates' verdict and the audit row of the move (which stores the verdict).
@@ -171,12 +253,19 @@ def promote(
     alias = alias or policy.to
     candidate = registry.get_version(name, version)
     holder = registry.alias_holder(name, alias)
-    result = check_policy(policy, candidate, holder=holder)
-    if not result.passed:
-        logger.info("refused %s -> %s@%s: %s", candidate.ref, name, alias, result.reason())
-        error = PolicyRefused(f"{candidate.ref} cannot become {name}@{alias}: {result.reason()}", param="version")
-        error.policy_result = result.to_dict()
-        raise error
+    result = check_policy(
+        policy, candidate, holder=holder, alias=alias, decisions=registry.approvals.for_version(name, version)
+    )
+    _raise_if_refused(result, candidate, alias)
+
+    def recheck(_current: int | None) -> None:
+        # Under the writer lock: the holder is unchanged (compare-and-set), tags rarely
+        # change, but a decision may have been recorded since the first check.
+        again = check_policy(
+            policy, candidate, holder=holder, alias=alias, decisions=registry.approvals.for_version(name, version)
+        )
+        _raise_if_refused(again, candidate, alias)
+
     entry = registry.move_alias(
         name,
         alias,
@@ -186,8 +275,108 @@ def promote(
         policy_result=result.to_dict(),
         action="promote",
         expected_from=holder.version if holder else NO_HOLDER,
+        guard=recheck,
     )
     return result, entry
+
+
+def _raise_if_refused(result: PolicyResult, candidate: VersionInfo, alias: str) -> None:
+    if result.passed:
+        return
+    logger.info("refused %s -> %s@%s: %s", candidate.ref, candidate.name, alias, result.reason())
+    error = PolicyRefused(f"{candidate.ref} cannot become {candidate.name}@{alias}: {result.reason()}", param="version")
+    error.policy_result = result.to_dict()
+    raise error
+
+
+def decide(
+    registry: Registry,
+    name: str,
+    version: int,
+    *,
+    actor: str,
+    roles: Iterable[str],
+    decision: Decision,
+    comment: str,
+) -> Approval:
+    """Record ``actor``'s approval or rejection of a version.
+
+    Args:
+        registry: the registry.
+        name: registered model name.
+        version: version number.
+        actor: who decides (an OS user or an API key's name).
+        roles: the roles ``actor`` holds; ``approver`` or ``admin`` is required.
+        decision: ``approve`` or ``reject``. A person's latest decision is the one that
+            counts; a standing rejection blocks every promotion of the version.
+        comment: why (required: it is what reviewers read later).
+
+    Raises:
+        PermissionDeniedError: ``actor`` has neither role, or trained the version and
+            tries to approve it (no self-approval; rejecting one's own version is allowed).
+        NotFoundError: the version does not exist.
+        ForgelineError: the comment is empty or the decision unknown (``invalid_request``).
+    """
+    if decision not in ("approve", "reject"):
+        raise ForgelineError(
+            f"decision must be `approve` or `reject`, got {decision!r}", code=ErrorCode.INVALID_REQUEST, param="decision"
+        )
+    if not comment or not comment.strip():
+        raise ForgelineError(
+            "a decision needs a comment saying why; fix: pass --comment \"...\"",
+            code=ErrorCode.INVALID_REQUEST,
+            param="comment",
+        )
+    if not actor or not actor.strip():
+        raise ForgelineError("a decision needs an actor", code=ErrorCode.INVALID_REQUEST, param="actor")
+    held = set(roles)
+    role = next((r for r in APPROVER_ROLES if r in held), None)
+    if role is None:
+        raise PermissionDeniedError(
+            f"{actor!r} may not {decision} versions: that needs the approver or admin role "
+            f"(has: {', '.join(sorted(held)) or 'none'})",
+            param="role",
+        )
+    info = registry.get_version(name, version)
+    trainer = info.tags.get(lineage.TRAINED_BY)
+    if decision == "approve" and trainer is not None and trainer == actor:
+        raise PermissionDeniedError(
+            f"{actor!r} trained {info.ref} and cannot approve it (no self-approval); ask another approver",
+            param="approver",
+        )
+    recorded = registry.approvals.append(
+        model=name, version=version, approver=actor, role=role, decision=decision, comment=comment.strip()
+    )
+    logger.info("%s %sd %s: %s", actor, decision, info.ref, comment)
+    registry.events.publish(
+        "approved" if decision == "approve" else "rejected",
+        model=name,
+        version=version,
+        actor=actor,
+        data={"role": role, "comment": recorded.comment, "approval_id": recorded.id},
+    )
+    return recorded
+
+
+def lifecycle_state(version: VersionInfo, decisions: Sequence[Approval] = ()) -> str:
+    """Where a version is in its lifecycle (see the module docstring).
+
+    Returns:
+        ``rejected`` (a standing rejection), else the comma-joined aliases pointing at it,
+        else ``built``, ``approved``, ``evaluated`` or ``registered``.
+    """
+    latest = standing(decisions)
+    if any(d.decision == "reject" for d in latest.values()):
+        return "rejected"
+    if version.aliases:
+        return ",".join(version.aliases)
+    if any(key.startswith(lineage.ENGINE_PREFIX) for key in version.tags):
+        return "built"
+    if any(d.decision == "approve" for d in latest.values()):
+        return "approved"
+    if version.metrics():
+        return "evaluated"
+    return "registered"
 
 
 def previous_holder(history: list[AuditEntry]) -> tuple[int | None, int | None]:

@@ -1,12 +1,11 @@
 """The audit log on PostgreSQL: same behaviour as SQLite, and a per-model writer lock.
 
-Runs when ``FORGELINE_TEST_POSTGRES_URL`` points at a scratch database, e.g.
-``postgresql+psycopg://postgres@127.0.0.1:5432/forgeline_test``; skipped otherwise.
+Uses ``FORGELINE_TEST_POSTGRES_URL`` when set, else starts PostgreSQL itself (see
+``backends.postgres_server``); skipped only when PostgreSQL is not installed.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
@@ -16,17 +15,14 @@ from datetime import timedelta
 import pytest
 
 from registry.audit import AuditLog
+from tests.integration.registry.backends import fresh_database
 
 pytestmark = pytest.mark.integration
 
-URL = os.environ.get("FORGELINE_TEST_POSTGRES_URL")
-
 
 @pytest.fixture
-def audit() -> Iterator[AuditLog]:
-    if not URL:
-        pytest.skip("set FORGELINE_TEST_POSTGRES_URL to run the PostgreSQL audit tests")
-    log = AuditLog(URL)
+def audit(postgres_server: str) -> Iterator[AuditLog]:
+    log = AuditLog(fresh_database(postgres_server, prefix="audit"))
     yield log
     log.dispose()
 

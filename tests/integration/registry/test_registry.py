@@ -28,14 +28,6 @@ POLICY = PromotionPolicy(
 )
 
 
-@pytest.fixture(scope="session")
-def migrated_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An MLflow SQLite DB with its schema migrated once; creating one takes seconds."""
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
 def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_mlflow_db: Path) -> Iterator[Registry]:
     home = tmp_path / "home"
@@ -252,3 +244,10 @@ def test_delete_alias_is_audited_and_outside_moves_show_as_drift(registry: Regis
     assert registry.audit_drift("tiny") == {"production": (2, None)}
     with pytest.raises(ConflictError, match="outside forgeline"):
         rollback(registry, "tiny", actor="oncall")
+
+    # reconcile writes MLflow's truth down; afterwards rollback works from the log again.
+    (fixed,) = registry.reconcile("tiny", actor="oncall")
+    assert (fixed.action, fixed.alias, fixed.from_version, fixed.to_version) == ("reconcile", "production", None, 2)
+    assert registry.audit_drift("tiny") == {} and registry.reconcile("tiny", actor="oncall") == []
+    promote(registry, "tiny", 1, policy=PromotionPolicy(), actor="ana")
+    assert rollback(registry, "tiny", actor="oncall").to_version == 2

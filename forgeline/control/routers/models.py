@@ -1,0 +1,51 @@
+"""Registered models and their versions (read-only; any valid key)."""
+
+from __future__ import annotations
+
+from typing import cast
+
+from fastapi import APIRouter, Depends, Request
+
+from forgeline.control.auth import caller, check_model_scope
+from forgeline.control.protocol import ApprovalOut, ModelList, VersionDetailOut, VersionList, VersionOut
+from registry.client import Registry
+from registry.keys import KeyRecord
+from registry.promotion import lifecycle_state
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+def registry_of(request: Request) -> Registry:
+    """The app's registry."""
+    return cast(Registry, request.app.state.registry)
+
+
+@router.get("")
+def list_models(request: Request, key: KeyRecord = Depends(caller)) -> ModelList:
+    """Names of the registered models this key may see."""
+    return ModelList(models=[name for name in registry_of(request).list_models() if key.allows_model(name)])
+
+
+@router.get("/{name}/versions")
+def list_versions(name: str, request: Request, key: KeyRecord = Depends(caller)) -> VersionList:
+    """Every version of a model, oldest first, with its lifecycle state."""
+    check_model_scope(key, name)
+    registry = registry_of(request)
+    decisions = registry.approvals.for_model(name)
+    versions = [
+        VersionOut.of(info, lifecycle_state(info, [d for d in decisions if d.version == info.version]))
+        for info in registry.list_versions(name)
+    ]
+    return VersionList(versions=versions)
+
+
+@router.get("/{name}/versions/{version}")
+def get_version(name: str, version: int, request: Request, key: KeyRecord = Depends(caller)) -> VersionDetailOut:
+    """One version with its tags, lifecycle state and every decision on it."""
+    check_model_scope(key, name)
+    registry = registry_of(request)
+    info = registry.get_version(name, version)
+    info = next((v for v in registry.list_versions(name) if v.version == version), info)  # with aliases
+    decisions = registry.approvals.for_version(name, version)
+    base = VersionOut.of(info, lifecycle_state(info, decisions))
+    return VersionDetailOut(**base.model_dump(), decisions=[ApprovalOut.of(d) for d in decisions])

@@ -1,0 +1,154 @@
+"""Append-only record of human decisions (approve / reject) on model versions.
+
+MLflow has no approvals, so they live next to the audit log in forgeline's control
+database. Rows are only ever inserted: changing one's mind is a new row, and the
+*standing* decision of each person is their latest one (:func:`standing`). Who may
+decide, and the no-self-approval rule, are enforced by
+:func:`registry.promotion.decide`, which also checks the version exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import Column, Engine, Index, Integer, String, Table, Text, select
+
+from registry import settings
+from registry.db import READ_ONLY, UTCDateTime, create_control_engine, lock_model, metadata, now
+
+logger = logging.getLogger(__name__)
+
+Decision = Literal["approve", "reject"]
+DECISIONS: tuple[str, ...] = ("approve", "reject")
+
+approvals = Table(
+    "approvals",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("model", String(256), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("approver", String(256), nullable=False),
+    Column("role", String(32), nullable=False),
+    Column("decision", String(16), nullable=False),
+    Column("comment", Text, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Index("ix_approvals_model_version", "model", "version", "id"),
+)
+
+
+@dataclass(frozen=True)
+class Approval:
+    """One recorded decision."""
+
+    id: int
+    model: str
+    version: int
+    approver: str
+    role: str
+    decision: str
+    comment: str
+    created_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (``created_at`` as ISO 8601)."""
+        return {
+            "id": self.id,
+            "model": self.model,
+            "version": self.version,
+            "approver": self.approver,
+            "role": self.role,
+            "decision": self.decision,
+            "comment": self.comment,
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+def _approval(row: Any) -> Approval:
+    return Approval(
+        id=row.id,
+        model=row.model,
+        version=row.version,
+        approver=row.approver,
+        role=row.role,
+        decision=row.decision,
+        comment=row.comment,
+        created_at=row.created_at,
+    )
+
+
+def standing(decisions: Iterable[Approval]) -> dict[str, Approval]:
+    """Each person's latest decision (by row id), keyed by approver."""
+    latest: dict[str, Approval] = {}
+    for decision in sorted(decisions, key=lambda d: d.id):
+        latest[decision.approver] = decision
+    return latest
+
+
+class ApprovalStore:
+    """The ``approvals`` table.
+
+    Args:
+        url: SQLAlchemy URL; defaults to ``registry.settings.control_db_url()``.
+    """
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url or settings.control_db_url()
+        self._engine: Engine | None = None
+        self._init_lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine, created (with the table) on first use."""
+        if self._engine is None:
+            with self._init_lock:
+                if self._engine is None:
+                    self._engine = create_control_engine(self.url)
+        return self._engine
+
+    def append(
+        self, *, model: str, version: int, approver: str, role: str, decision: Decision, comment: str
+    ) -> Approval:
+        """Insert one decision and return it (no checks beyond the decision kind; see ``promotion.decide``)."""
+        if decision not in DECISIONS:
+            raise ValueError(f"decision must be one of {DECISIONS}, got {decision!r}")
+        values = {
+            "model": model,
+            "version": version,
+            "approver": approver,
+            "role": role,
+            "decision": decision,
+            "comment": comment,
+            "created_at": now(),
+        }
+        with self.engine.begin() as conn:
+            lock_model(conn, model)  # a decision never lands in the middle of an alias move
+            result = conn.execute(approvals.insert().values(**values))
+            (row_id,) = result.inserted_primary_key or (None,)
+            row = conn.execute(select(approvals).where(approvals.c.id == row_id)).one()
+        return _approval(row)
+
+    def for_version(self, model: str, version: int) -> list[Approval]:
+        """Every decision on one version, oldest first."""
+        query = (
+            select(approvals)
+            .where(approvals.c.model == model, approvals.c.version == version)
+            .order_by(approvals.c.id)
+        )
+        with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
+            return [_approval(row) for row in conn.execute(query)]
+
+    def for_model(self, model: str) -> list[Approval]:
+        """Every decision on any version of ``model``, oldest first."""
+        query = select(approvals).where(approvals.c.model == model).order_by(approvals.c.id)
+        with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
+            return [_approval(row) for row in conn.execute(query)]
+
+    def dispose(self) -> None:
+        """Close pooled connections."""
+        if self._engine is not None:
+            self._engine.dispose()

@@ -1,0 +1,112 @@
+"""``forgeline approve``, ``promote`` (gates printed, nothing moved on refusal) and
+``control serve`` as users run them."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from forgeline.cli import app
+from registry.client import Registry
+from registry.keys import KeyStore
+from tests.integration.registry.backends import Backend, free_port, trained_version, unique_name
+
+pytestmark = pytest.mark.integration
+
+POLICY = """\
+approvals: {count: 1}
+requires:
+  production: {engine: torch}
+"""
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args), terminal_width=200)
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_approve_and_promote_from_the_cli(backend: Backend, tmp_path: Path) -> None:
+    registry = Registry()
+    name = unique_name()
+    me = getpass.getuser()
+    trained_version(registry, name, trained_by=me)  # trained by whoever runs the CLI
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+
+    code, out = run("promote", name, "1", "--policy", str(policy))
+    assert code == 1 and "FAIL approvals: 0 of 1" in out and "FAIL requires:production:engine" in out
+    assert registry.alias_holder(name, "production") is None and registry.audit.history(name) == []
+
+    code, out = run("approve", name, "1", "--comment", "looks good")
+    assert code == 1 and "no self-approval" in out
+
+    secret, _ = KeyStore().create("reviewer-rita", roles=("approver",))
+    code, out = run("approve", name, "1", "-m", "reviewed", "--api-key", secret)
+    assert code == 0 and "approved" in out and "reviewer-rita (approver)" in out
+
+    code, out = run("promote", name, "1", "--policy", str(policy))
+    assert code == 1 and "pass approvals: 1 of 1" in out and "FAIL requires:production:engine" in out
+    registry.set_tags(name, 1, {"forgeline.engine.torch": "file:///engines/torch"})
+    code, out = run("promote", name, "1", "--policy", str(policy), "--reason", "release 1")
+    assert code == 0, out
+    assert registry.resolve(name).version == 1 and registry.audit.history(name)[0].reason == "release 1"
+
+    code, out = run("approve", name, "1", "--reject", "-m", "regression found", "--api-key", secret)
+    assert code == 0 and "rejected" in out
+    code, out = run("promote", name, "1", "--to", "staging", "--policy", str(policy))
+    assert code == 1 and "rejected by reviewer-rita" in out
+    registry.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_control_serve_process_and_approve_over_http(backend: Backend, tmp_path: Path) -> None:
+    registry = Registry()
+    name = unique_name()
+    trained_version(registry, name)
+    keys = KeyStore()
+    secret, _ = keys.create("ana", roles=("approver",))
+    policy = tmp_path / "book.yaml"
+    policy.write_text("default:\n  approvals: {count: 1}\n")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "forgeline", "control", "serve", "--port", str(port), "--policy", str(policy)],
+        env={**os.environ},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "control plane did not start"
+            time.sleep(0.2)
+        code, out = run("approve", name, "1", "-m", "reviewed", "--server", url, "--api-key", secret)
+        assert code == 0 and "ana (approver)" in out
+        code, out = run("approve", name, "1", "-m", "x", "--server", url, "--api-key", "fl-not-a-real-key-000000")
+        assert code == 1 and "invalid API key" in out
+        gates = httpx.get(
+            f"{url}/v1/models/{name}/versions/1/gates", headers={"Authorization": f"Bearer {secret}"}, timeout=30
+        ).json()
+        assert gates["passed"] and gates["gates"][0]["detail"].startswith("1 of 1 approval")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        registry.close()
+        keys.dispose()
