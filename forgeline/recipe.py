@@ -18,7 +18,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from registry.errors import ConfigError, FieldProblem
 from registry.policy import PromotionPolicy
 from serving.config import ServeSpec
-from training.config import AdapterSpec, DataSpec, EvaluateSpec, MethodSpec, ModelSpec, TrainSpec
+from training.config import (
+    AdapterSpec,
+    DataSpec,
+    DistributedSpec,
+    EvaluateSpec,
+    MethodSpec,
+    ModelSpec,
+    SFTMethod,
+    TrainSpec,
+)
+from training.launchers.config import ClusterSpec, check_cluster
+from training.preflight import check_training
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -31,9 +42,11 @@ class Recipe(BaseModel):
     name: str = Field(description="Registered model name (letters, digits, '.', '_', '-').")
     model: ModelSpec
     data: DataSpec
-    method: MethodSpec = Field(default_factory=MethodSpec)
+    method: MethodSpec = Field(default_factory=SFTMethod)
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     promote: PromotionPolicy = Field(default_factory=PromotionPolicy)
     serve: ServeSpec = Field(default_factory=ServeSpec)
@@ -55,7 +68,10 @@ _FIXES: dict[str, str] = {
     "model_type": "write a mapping of keys to values",
     "dict_type": "write a mapping of keys to values",
     "list_type": "write a list",
+    "union_tag_invalid": "use one of the allowed values",
+    "union_tag_not_found": "add `kind`",
 }
+_METHOD_KINDS = ("sft", "dpo", "grpo")
 
 
 def _yaml_path(loc: tuple[int | str, ...]) -> str:
@@ -71,6 +87,8 @@ def problems_from_validation(error: ValidationError) -> list[FieldProblem]:
     for err in error.errors():
         # Discriminated unions append the tag to the location; it is noise for a reader.
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        if len(loc) > 1 and loc[0] == "method" and loc[1] in _METHOD_KINDS:
+            loc = loc[:1] + loc[2:]  # `method.grpo.rewards` is `method.rewards` in the YAML
         value = err.get("input") if err["type"] != "missing" else None
         if isinstance(value, dict):
             value = None
@@ -124,12 +142,16 @@ def parse_recipe(raw: Any, *, base_dir: Path, source: str = "recipe") -> Recipe:
     if not isinstance(raw, dict):
         raise ConfigError(problems=[FieldProblem("<root>", "a recipe must be a mapping", type(raw).__name__, "start from recipes/quickstart.yaml")], source=source)
     raw = dict(raw)
-    for section, key in (("model", "base"), ("data", "train"), ("data", "eval")):
+    for section, key in (("model", "base"), ("data", "train"), ("data", "eval"), ("distributed", "config_file")):
         part = raw.get(section)
         if isinstance(part, dict) and isinstance(part.get(key), str):
             raw[section] = {**part, key: _resolve(base_dir, part[key])}
     recipe = parse_recipe_section(Recipe, raw, source=source)
     problems = _check_paths(recipe)
+    # On a cluster, this machine's hardware is not what trains (local=False skips its GPU checks).
+    problems += check_training(recipe.method, recipe.adapter, recipe.train, recipe.distributed, search_path=base_dir,
+                               local=recipe.cluster.kind == "local")
+    problems += check_cluster(recipe.cluster, recipe.distributed)
     if problems:
         raise ConfigError(problems=problems, source=source)
     return recipe

@@ -25,9 +25,14 @@ class EvalExample:
 
 
 def to_examples(rows: list[dict[str, Any]], tokenizer: Any) -> list[EvalExample]:
-    """Render rows with the tokenizer's chat template; rows without an answer are skipped."""
+    """Render rows with the tokenizer's chat template; rows without an answer are skipped.
+
+    Preference rows count their ``chosen`` answer as the expected one.
+    """
     examples = []
     for row in rows:
+        if "chosen" in row and "completion" not in row:
+            row = {"prompt": row["prompt"], "completion": row["chosen"]}
         if "messages" in row:
             messages = row["messages"]
             if messages[-1]["role"] != "assistant":

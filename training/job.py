@@ -1,7 +1,9 @@
-"""One training job, end to end inside one process: data → trainer → MLflow run → version.
+"""One training job, end to end: data → TRL trainer → MLflow run → adapter → registered version.
 
 ``TrainJob`` is what crosses a process boundary (launchers write it as JSON for the
-training entry point), so it is a pydantic model holding only resolved values.
+training entry point, ``python -m training.entry``), so it is a pydantic model holding
+only resolved values. ``run_job`` runs in every process of a job; rank 0 alone talks to
+MLflow and the registry, so a multi-process job still makes one run and one version.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import getpass
 import logging
 import os
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,14 +21,29 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from registry import lineage
 from registry.client import Registry, VersionInfo
+from registry.errors import ConfigError, ModelNotFoundError, NotFoundError
 from registry.settings import forgeline_home, tracking_uri
 
-from .config import AdapterSpec, DataSpec, MethodSpec, ModelSpec, TrainSpec
+from .adapters import quantization_config
+from .checkpoints import (
+    JobState,
+    ResumePlan,
+    discard_incomplete,
+    mark_complete_callback,
+    plan_resume,
+    write_atomic,
+    write_state,
+)
+from .config import AdapterSpec, DataSpec, DistributedSpec, EvaluateSpec, MethodSpec, ModelSpec, TrainSpec
 from .data import DataSplit, load_data
+from .distributed import barrier, is_main_process, trainer_kwargs, write_deepspeed_config
+from .methods import TrainerInputs, build_config, build_trainer
 from .models import load_base_model, load_tokenizer
-from .sft import build_sft_trainer
+from .preflight import check_training
 
 log = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
 
 
 class TrainJob(BaseModel):
@@ -39,6 +57,8 @@ class TrainJob(BaseModel):
     method: MethodSpec
     adapter: AdapterSpec
     train: TrainSpec
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     recipe_hash: str
     recipe_file: str | None = None
     experiment: str = "forgeline"
@@ -48,6 +68,21 @@ class TrainJob(BaseModel):
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else forgeline_home() / "jobs" / self.name / self.recipe_hash
 
+    def search_path(self) -> Path | None:
+        """The recipe's folder: user reward modules are imported from there."""
+        return Path(self.recipe_file).parent if self.recipe_file else None
+
+
+class JobOutcome(BaseModel):
+    """What rank 0 leaves in ``result.json`` for the launcher that started the job."""
+
+    run_id: str
+    name: str
+    version: int
+    adapter_dir: str
+    train_loss: float | None = None
+    resumed_from_step: int = 0
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -56,10 +91,11 @@ class TrainResult:
     adapter_dir: Path
     data: DataSplit
     train_loss: float | None
+    resumed_from_step: int = 0
 
 
-def _log_inputs(job: TrainJob, data: DataSplit) -> None:
-    """Datasets (with digests) as MLflow run inputs, and the recipe file as an artifact."""
+def _log_inputs(job: TrainJob, data: DataSplit, out: Path) -> None:
+    """Datasets (with digests) as MLflow run inputs, the recipe and DeepSpeed config as artifacts."""
     import mlflow
     import pandas as pd
 
@@ -70,6 +106,8 @@ def _log_inputs(job: TrainJob, data: DataSplit) -> None:
     if job.recipe_file:
         mlflow.log_artifact(job.recipe_file, artifact_path="recipe")
     mlflow.log_dict(job.model_dump(mode="json"), "recipe/resolved.json")
+    if (out / "deepspeed.json").is_file():
+        mlflow.log_artifact(str(out / "deepspeed.json"), artifact_path="recipe")
 
 
 def _lineage_tags(job: TrainJob, run_id: str, data: DataSplit) -> dict[str, str]:
@@ -84,52 +122,137 @@ def _lineage_tags(job: TrainJob, run_id: str, data: DataSplit) -> dict[str, str]
         lineage.DATA_TRAIN: data.sources[0],
         lineage.DATA_EVAL: data.sources[-1],
     }
-    commit = lineage.git_commit(Path(job.recipe_file).parent if job.recipe_file else Path.cwd())
+    # The code that trained the version: forgeline's own checkout, else the recipe's repo.
+    commit = lineage.git_commit(Path(__file__).parent) or (
+        lineage.git_commit(Path(job.recipe_file).parent) if job.recipe_file else None
+    )
     if commit:
         tags[lineage.GIT_COMMIT] = commit
     return tags
 
 
-def run_job(job: TrainJob, *, registry: Registry | None = None, callbacks: list[Any] | None = None) -> TrainResult:
-    """Train, track and register one version.
+def _registered_for_run(registry: Registry, name: str, run_id: str) -> VersionInfo | None:
+    """The version an earlier attempt of this run already registered (a kill after registering)."""
+    try:
+        versions = registry.list_versions(name)
+    except (ModelNotFoundError, NotFoundError):
+        return None
+    return next((v for v in versions if v.run_id == run_id), None)
 
-    The run is started here so the Hugging Face MLflow callback logs params and per-step
-    metrics into it instead of opening its own.
-    """
+
+def _start_run(job: TrainJob, plan: ResumePlan, registry: Registry) -> Any:
+    """The MLflow run of this attempt: the interrupted one when resuming, else a new one."""
     import mlflow
-
-    registry = registry or Registry()
-    data = load_data(job.data, seed=job.train.seed)
-    tokenizer = load_tokenizer(job.model)
-    model = load_base_model(job.model)
-    out = job.resolved_output_dir()
-    out.mkdir(parents=True, exist_ok=True)
 
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()
     os.environ.setdefault("HF_MLFLOW_LOG_ARTIFACTS", "false")  # we log the adapter ourselves, once
+    # The HF callback would open a second run if this were set while ours is active.
+    os.environ.pop("MLFLOW_RUN_ID", None)
     mlflow.set_tracking_uri(tracking_uri())
     experiment_id = registry.ensure_experiment(job.experiment)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{job.name}-{job.method.kind}") as run:
-        run_id = run.info.run_id
-        mlflow.set_tags({"forgeline.name": job.name, "forgeline.recipe_hash": job.recipe_hash})
-        _log_inputs(job, data)
-        trainer = build_sft_trainer(
-            model, tokenizer, job.method, job.adapter, job.train,
-            train_rows=data.train, output_dir=str(out / "checkpoints"), report_to=["mlflow"], callbacks=callbacks,
-        )
-        result = trainer.train()
-        adapter_dir = out / "adapter"
-        tmp = out / "adapter.partial"
+    if plan.stale_run_id:
+        try:
+            registry.client.set_terminated(plan.stale_run_id, status="KILLED")
+        except Exception as err:  # best effort: the stale run may have been deleted by hand
+            log.debug("could not mark run %s killed: %s", plan.stale_run_id, err)
+    if plan.run_id:
+        return mlflow.start_run(run_id=plan.run_id)
+    return mlflow.start_run(experiment_id=experiment_id, run_name=f"{job.name}-{job.method.kind}")
+
+
+def _save_adapter(trainer: Any, tokenizer: Any, out: Path, main: bool) -> Path:
+    """Save the final adapter (or model) atomically: a half-saved one is never picked up."""
+    adapter_dir = out / "adapter"
+    tmp = out / "adapter.partial"
+    if main:
         shutil.rmtree(tmp, ignore_errors=True)
-        trainer.save_model(str(tmp))
+    barrier()
+    trainer.save_model(str(tmp))  # collective under ZeRO-3 (weights are gathered); rank 0 writes
+    if main:
         tokenizer.save_pretrained(str(tmp))
         shutil.rmtree(adapter_dir, ignore_errors=True)
-        tmp.rename(adapter_dir)  # atomic: a half-saved adapter is never picked up
+        tmp.rename(adapter_dir)
+    return adapter_dir
+
+
+def _log_best(trainer: Any) -> None:
+    import mlflow
+
+    state = trainer.state
+    if state.best_model_checkpoint:
+        mlflow.set_tag("forgeline.best_checkpoint", Path(state.best_model_checkpoint).name)
+        mlflow.log_metric(f"best_{trainer.args.metric_for_best_model}".replace("/", "_"), float(state.best_metric))
+
+
+def run_job(job: TrainJob, *, registry: Registry | None = None, callbacks: list[Any] | None = None) -> TrainResult | None:
+    """Train, track and register one version; resumes an interrupted attempt (``train.resume``).
+
+    Returns:
+        The result on rank 0; None on the other ranks of a multi-process job.
+
+    Raises:
+        ConfigError: the job cannot run here (cross-section or machine checks).
+        DataError: rows do not match the method's format (nothing trained).
+    """
+    import mlflow
+
+    main = is_main_process()
+    problems = check_training(job.method, job.adapter, job.train, job.distributed, search_path=job.search_path())
+    if problems:
+        raise ConfigError(problems=problems, source=f"training job {job.name}")
+    data = load_data(job.data, seed=job.train.seed, method=job.method)
+    out = job.resolved_output_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoints = out / "checkpoints"
+    plan = plan_resume(out, mode=job.train.resume, recipe_hash=job.recipe_hash, data_digest=data.digest)
+
+    tokenizer = load_tokenizer(job.model)
+    backend = trainer_kwargs(job.distributed)
+    inputs = TrainerInputs(
+        model=None, tokenizer=tokenizer, adapter=job.adapter, train=job.train, evaluate=job.evaluate,
+        train_rows=data.train, eval_rows=data.eval, output_dir=str(checkpoints), report_to=["mlflow"],
+        backend=backend, callbacks=[mark_complete_callback(), *(callbacks or [])], search_path=job.search_path(),
+    )
+    # Arguments before weights: under ZeRO-3 the HF integration then loads the model already sharded.
+    args = build_config(job.method, inputs)
+    inputs.model = load_base_model(job.model, quantization=quantization_config(job.adapter))
+    trainer = build_trainer(job.method, inputs, args)
+    barrier()  # every rank has read the old state before rank 0 changes it
+    if main:
+        if plan.checkpoint is None:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        else:
+            discard_incomplete(checkpoints)
+        if job.distributed.strategy == "deepspeed":
+            write_deepspeed_config(backend["deepspeed"], out)
+    log.info("%s: %s", job.name, plan.reason)
+
+    registry = registry or (Registry() if main else None)
+    run_context = _start_run(job, plan, registry) if main and registry else nullcontext()
+    with run_context as run:
+        run_id = run.info.run_id if run is not None else ""
+        if main:
+            write_state(out, JobState(run_id=run_id, recipe_hash=job.recipe_hash, data_digest=data.digest))
+            mlflow.set_tags({"forgeline.name": job.name, "forgeline.recipe_hash": job.recipe_hash})
+            if plan.checkpoint:
+                mlflow.set_tag("forgeline.resumed_from_step", str(plan.step))
+            else:
+                _log_inputs(job, data, out)
+        result = trainer.train(resume_from_checkpoint=plan.checkpoint)
+        adapter_dir = _save_adapter(trainer, tokenizer, out, main)
+        if not main or registry is None:
+            return None
+        _log_best(trainer)
         mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
-        source = f"{run.info.artifact_uri}/adapter"
-        version = registry.create_version(
-            job.name, source=source, run_id=run_id, tags=_lineage_tags(job, run_id, data),
+        version = _registered_for_run(registry, job.name, run_id) or registry.create_version(
+            job.name, source=f"{run.info.artifact_uri}/adapter", run_id=run_id, tags=_lineage_tags(job, run_id, data),
             description=f"{job.method.kind} ({job.adapter.kind}) of {job.model.base}",
         )
+    write_state(out, JobState(run_id=run_id, recipe_hash=job.recipe_hash, data_digest=data.digest,
+                              status="finished", version=version.version))
+    outcome = JobOutcome(run_id=run_id, name=job.name, version=version.version, adapter_dir=str(adapter_dir),
+                         train_loss=result.training_loss, resumed_from_step=plan.step)
+    write_atomic(out / RESULT_FILE, outcome.model_dump_json(indent=2) + "\n")
     log.info("registered %s version %s from run %s", job.name, version.version, run_id)
-    return TrainResult(run_id=run_id, version=version, adapter_dir=adapter_dir, data=data, train_loss=result.training_loss)
+    return TrainResult(run_id=run_id, version=version, adapter_dir=adapter_dir, data=data,
+                       train_loss=result.training_loss, resumed_from_step=plan.step)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +52,22 @@ def load_tokenizer(spec: ModelSpec, source: str | None = None) -> Any:
     return tokenizer
 
 
-def load_base_model(spec: ModelSpec) -> Any:
-    """The base causal LM, from a local folder or a hub id."""
+def load_base_model(spec: ModelSpec, *, quantization: Any | None = None) -> Any:
+    """The base causal LM, from a local folder or a hub id.
+
+    Args:
+        spec: the recipe's ``model`` section.
+        quantization: a ``BitsAndBytesConfig`` (QLoRA); the weights then go to this
+            process's GPU (``LOCAL_RANK``), as each data-parallel rank holds a full copy.
+    """
     from transformers import AutoModelForCausalLM
 
+    kwargs: dict[str, Any] = {}
+    if quantization is not None:
+        kwargs = {"quantization_config": quantization, "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            spec.base, dtype=torch_dtype(spec), trust_remote_code=spec.trust_remote_code
+            spec.base, dtype=torch_dtype(spec), trust_remote_code=spec.trust_remote_code, **kwargs
         )
     except OSError as err:
         raise ForgelineError(

@@ -1,0 +1,261 @@
+"""Kubernetes: a Kubeflow ``PyTorchJob`` (training-operator), through the official client.
+
+The manifest (``platform/kubernetes/training/pytorchjob.yaml.j2``) has one Master and
+``nodes - 1`` Worker replicas, each pod running ``torchrun`` for ``gpus_per_node``
+processes with the c10d rendezvous on the Master pod (``<job>-master-0``, the service
+the operator creates). GPUs are requested as ``nvidia.com/gpu`` on nodes labelled
+``nvidia.com/gpu.product`` (H200 by default); checkpoints go to a shared ReadWriteMany
+PVC; ``restartPolicy: OnFailure`` with ``backoffLimit`` restarts failed pods, and
+``train.resume: auto`` continues from the newest complete checkpoint. The job file
+reaches the pods in a ConfigMap owned by the PyTorchJob (deleted with it).
+
+Not run against a live cluster here: the manifests and the API calls are tested against
+the ``kubernetes`` client's own models and request code with a fake HTTP layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import yaml
+
+from registry.errors import MissingDependencyError
+
+from ..job import TrainJob
+from .base import (
+    JobHandle,
+    JobPhase,
+    JobStatus,
+    LaunchError,
+    LaunchSpec,
+    dns_label,
+    forwarded_env,
+    job_json,
+)
+from .config import ClusterSpec, time_limit_seconds
+from .templates import render
+
+log = logging.getLogger(__name__)
+
+GROUP = "kubeflow.org"
+VERSION = "v1"
+PLURAL = "pytorchjobs"
+JOB_MOUNT = "/etc/forgeline-job"
+LABEL_JOB = "forgeline.dev/job-id"
+LABEL_MODEL = "forgeline.dev/model"
+_CONDITIONS: dict[str, JobPhase] = {
+    "Created": JobPhase.PENDING,
+    "Running": JobPhase.RUNNING,
+    "Restarting": JobPhase.REQUEUED,
+    "Suspended": JobPhase.PENDING,
+    "Succeeded": JobPhase.SUCCEEDED,
+    "Failed": JobPhase.FAILED,
+}
+
+
+def _client() -> Any:
+    try:
+        import kubernetes
+    except ImportError as err:
+        raise MissingDependencyError(
+            "the kubernetes client is not installed; fix: pip install 'forgeline[k8s]'", param="cluster.kind"
+        ) from err
+    return kubernetes
+
+
+def default_api_client() -> Any:
+    """An ``ApiClient`` from the in-cluster service account, else ``~/.kube/config`` (``KUBECONFIG``)."""
+    k8s = _client()
+    try:
+        k8s.config.load_incluster_config()
+    except k8s.config.ConfigException:
+        try:
+            k8s.config.load_kube_config()
+        except (k8s.config.ConfigException, OSError) as err:
+            raise LaunchError(f"no Kubernetes credentials: {err}; fix: set KUBECONFIG or run inside the cluster") from err
+    return k8s.client.ApiClient()
+
+
+def job_name(job_id: str, model: str) -> str:
+    """The PyTorchJob's name: DNS-safe, short enough for the pod and service names the operator derives."""
+    return dns_label(f"{model}-{job_id}", limit=45)
+
+
+def pod_job(job: TrainJob, cluster: ClusterSpec) -> TrainJob:
+    """The job as the pods see it: checkpoints on the PVC, no path from this machine."""
+    out = f"{cluster.mount_path}/jobs/{job.name}/{job.recipe_hash}"
+    return job.model_copy(update={"output_dir": out, "recipe_file": None})
+
+
+def _pod_env(cluster: ClusterSpec) -> list[dict[str, str]]:
+    env = {"FORGELINE_HOME": cluster.mount_path, "PYTHONUNBUFFERED": "1"}
+    # A tracking server or database reachable from the pods is forwarded; SQLite files on this
+    # machine are not (the pods keep theirs on the PVC under FORGELINE_HOME).
+    for name, value in forwarded_env().items():
+        if name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "FORGELINE_DB_URL") and "://" in value and not value.startswith(("sqlite", "file")):
+            env[name] = value
+    env.update(cluster.env)
+    return [{"name": k, "value": v} for k, v in env.items()]
+
+
+def torchrun_args(cluster: ClusterSpec, *, name: str, job_id: str, is_host: bool) -> list[str]:
+    """The container command of one replica: torchrun with the rendezvous on the Master pod."""
+    python = cluster.python or "python"
+    return [
+        python, "-m", "torch.distributed.run",
+        f"--nnodes={cluster.nodes}",
+        f"--nproc-per-node={cluster.nproc_per_node}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={name}-master-0:{cluster.rdzv_port}",
+        f"--rdzv-id={job_id}",
+        f"--rdzv-conf=is_host={'true' if is_host else 'false'}",
+        "--max-restarts=0",  # a failed pod restarts (OnFailure) and resumes from the newest checkpoint
+        "-m", "training.entry", f"{JOB_MOUNT}/job.json",
+    ]
+
+
+def render_manifests(job: TrainJob, cluster: ClusterSpec, *, job_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The PyTorchJob and the ConfigMap (job.json) for ``job`` on ``cluster``."""
+    name = job_name(job_id, job.name)
+    labels = {LABEL_JOB: job_id, LABEL_MODEL: dns_label(job.name, limit=63), "app.kubernetes.io/managed-by": "forgeline"}
+    gpus = cluster.gpus_per_node
+    requests: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    if gpus:
+        # Quantities as strings (the API's Quantity type); extended resources need requests == limits.
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(gpus)
+    if cluster.cpus_per_node:
+        requests["cpu"] = str(cluster.cpus_per_node)
+    replicas = [{"type": "Master", "count": 1, "command": torchrun_args(cluster, name=name, job_id=job_id, is_host=True)}]
+    if cluster.nodes > 1:
+        replicas.append(
+            {"type": "Worker", "count": cluster.nodes - 1,
+             "command": torchrun_args(cluster, name=name, job_id=job_id, is_host=False)}
+        )
+    text = render(
+        "kubernetes/training/pytorchjob.yaml.j2",
+        job_id=job_id, name=job.name, job_name=name, namespace=cluster.namespace, labels=labels,
+        max_restarts=cluster.max_restarts,
+        deadline_s=time_limit_seconds(cluster.time_limit) if cluster.time_limit else None,
+        replicas=replicas, service_account=cluster.service_account,
+        node_selector={"nvidia.com/gpu.product": cluster.gpu_product} if gpus and cluster.gpu_product else None,
+        image=cluster.container_image, rdzv_port=cluster.rdzv_port, env=_pod_env(cluster),
+        resources=requests, limits=limits, mount_path=cluster.mount_path, pvc=cluster.pvc, config_map=f"{name}-job",
+    )
+    manifest = yaml.safe_load(text)
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": f"{name}-job", "namespace": cluster.namespace, "labels": labels},
+        "data": {"job.json": job_json(pod_job(job, cluster))},
+    }
+    return manifest, config_map
+
+
+class KubernetesLauncher:
+    """Submits, follows and cancels PyTorchJobs with ``CustomObjectsApi`` (``[k8s]`` extra)."""
+
+    kind = "kubernetes"
+
+    def __init__(self, api_client: Any | None = None) -> None:
+        self._api_client = api_client
+
+    @property
+    def api_client(self) -> Any:
+        if self._api_client is None:
+            self._api_client = default_api_client()
+        return self._api_client
+
+    def _custom(self) -> Any:
+        return _client().client.CustomObjectsApi(self.api_client)
+
+    def _core(self) -> Any:
+        return _client().client.CoreV1Api(self.api_client)
+
+    def submit(self, spec: LaunchSpec) -> JobHandle:
+        from registry.settings import forgeline_home
+
+        k8s = _client()
+        cluster = spec.cluster
+        manifest, config_map = render_manifests(spec.job, cluster, job_id=spec.job_id)
+        job_dir = forgeline_home() / "launches" / spec.job_id
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / "pytorchjob.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+        name = manifest["metadata"]["name"]
+        try:
+            created = self._custom().create_namespaced_custom_object(
+                group=GROUP, version=VERSION, namespace=cluster.namespace, plural=PLURAL, body=manifest
+            )
+            owner = k8s.client.V1OwnerReference(
+                api_version=f"{GROUP}/{VERSION}", kind="PyTorchJob", name=name, uid=created["metadata"]["uid"],
+                block_owner_deletion=False,
+            )
+            meta = config_map["metadata"]
+            body = k8s.client.V1ConfigMap(
+                metadata=k8s.client.V1ObjectMeta(name=meta["name"], namespace=meta["namespace"], labels=meta["labels"],
+                                                 owner_references=[owner]),
+                data=config_map["data"],
+            )
+            self._core().create_namespaced_config_map(namespace=cluster.namespace, body=body)
+        except k8s.client.ApiException as err:
+            raise LaunchError(f"Kubernetes refused PyTorchJob {name} in {cluster.namespace}: {err.status} {err.reason}: "
+                              f"{(err.body or '').strip()[:300]}") from err
+        log.info("submitted %s as PyTorchJob %s/%s", spec.job_id, cluster.namespace, name)
+        return JobHandle(
+            id=spec.job_id, kind=self.kind, backend_id=name, name=spec.job.name, job_dir=str(job_dir),
+            output_dir=pod_job(spec.job, cluster).output_dir or "", cluster=cluster,
+        )
+
+    def status(self, handle: JobHandle) -> JobStatus:
+        k8s = _client()
+        namespace = handle.cluster.namespace
+        try:
+            obj = self._custom().get_namespaced_custom_object(
+                group=GROUP, version=VERSION, namespace=namespace, plural=PLURAL, name=handle.backend_id
+            )
+        except k8s.client.ApiException as err:
+            if err.status == 404:
+                return JobStatus(phase=JobPhase.UNKNOWN, detail=f"PyTorchJob {namespace}/{handle.backend_id} not found (deleted?)")
+            raise LaunchError(f"cannot read PyTorchJob {handle.backend_id}: {err.status} {err.reason}") from err
+        conditions = [c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("status") == "True"]
+        # The operator appends conditions as the job moves on; the last true one is where it is.
+        latest = conditions[-1] if conditions else None
+        phase = _CONDITIONS.get(latest["type"], JobPhase.UNKNOWN) if latest else JobPhase.PENDING
+        detail = latest["type"] + (f": {latest['message']}" if latest and latest.get("message") else "") if latest else "submitted"
+        pods = self._pods(handle)
+        restarts = sum(cs.restart_count or 0 for p in pods for cs in (p.status.container_statuses or []))
+        nodes = sorted({p.spec.node_name for p in pods if p.spec and p.spec.node_name})
+        return JobStatus(phase=phase, detail=detail, restarts=restarts, nodes=nodes)
+
+    def _pods(self, handle: JobHandle) -> list[Any]:
+        pods = self._core().list_namespaced_pod(namespace=handle.cluster.namespace, label_selector=f"{LABEL_JOB}={handle.id}")
+        # Master first, then workers by index (the operator names pods <job>-<type>-<index>).
+        return sorted(pods.items, key=lambda p: ("master" not in p.metadata.name, p.metadata.name))
+
+    def logs(self, handle: JobHandle, *, tail: int | None = None) -> str:
+        k8s = _client()
+        parts = []
+        for pod in self._pods(handle):
+            try:
+                text = self._core().read_namespaced_pod_log(
+                    name=pod.metadata.name, namespace=handle.cluster.namespace, container="pytorch", tail_lines=tail
+                )
+            except k8s.client.ApiException as err:
+                text = f"(no log: {err.status} {err.reason})\n"
+            if text and not text.endswith("\n"):
+                text += "\n"
+            parts.append(f"==> {pod.metadata.name} <==\n{text}")
+        return "".join(parts)
+
+    def cancel(self, handle: JobHandle) -> None:
+        k8s = _client()
+        try:
+            self._custom().delete_namespaced_custom_object(
+                group=GROUP, version=VERSION, namespace=handle.cluster.namespace, plural=PLURAL, name=handle.backend_id,
+                propagation_policy="Foreground",  # pods and the job's ConfigMap go with it
+            )
+        except k8s.client.ApiException as err:
+            if err.status != 404:
+                raise LaunchError(f"cannot delete PyTorchJob {handle.backend_id}: {err.status} {err.reason}") from err
+        log.info("deleted PyTorchJob %s/%s (%s)", handle.cluster.namespace, handle.backend_id, handle.id)
