@@ -105,7 +105,16 @@ ISSUE_SENTENCES: dict[str, list[str]] = {
 }
 
 # Shared, label-neutral text: appears with every category so it carries no signal.
-GREETINGS: list[str] = ["Hi,", "Hello,", "Hey there,", "Good morning,", "Good evening,", "Dear support,", "Hi team,", ""]
+GREETINGS: list[str] = [
+    "Hi,",
+    "Hello,",
+    "Hey there,",
+    "Good morning,",
+    "Good evening,",
+    "Dear support,",
+    "Hi team,",
+    "",
+]
 FILLERS: list[str] = [
     "I have been a customer for {n} years.",
     "Thanks in advance for your help.",

@@ -33,10 +33,10 @@ log = logging.getLogger("make_tiny_base")
 SEED = 1234
 OUT_DIR = Path(__file__).resolve().parent / "tiny-base"
 N_DOCS = 24_000
-VOCAB_SIZE = 1024
+VOCAB_SIZE = 1280
 BLOCK_SIZE = 128
 BATCH_SIZE = 16
-STEPS = 1_000
+STEPS = 800
 PEAK_LR = 3e-3
 WARMUP_STEPS = 60
 THREADS = 2
@@ -107,8 +107,43 @@ AGENT_REPLIES: dict[str, list[str]] = {
     ],
 }
 AGENT_OPENINGS = ["Thanks for reaching out, {name}.", "Hi {name}, sorry for the trouble.", "Hello {name}.", ""]
-AGENT_CLOSINGS = ["Is there anything else I can help with?", "Have a great day.", "Let us know if it happens again.", ""]
+AGENT_CLOSINGS = [
+    "Is there anything else I can help with?",
+    "Have a great day.",
+    "Let us know if it happens again.",
+    "",
+]
 USER_PREFIXES = ["", "", "Please help: ", "Reply to this message: ", "Customer wrote: "]
+
+# Help-centre articles, listed under lowercase topic headers (a header starts a line, so the
+# tokenizer learns the bare topic words as whole tokens). Plain text only, never a chat answer.
+HELP_ARTICLES: dict[str, list[str]] = {
+    "billing": [
+        "How to read your invoice",
+        "Changing your payment method",
+        "Why was my card declined",
+        "Understanding fees and tax",
+    ],
+    "shipping": [
+        "Tracking your package",
+        "Changing the delivery address",
+        "What to do about a late delivery",
+        "Courier contacts",
+    ],
+    "account": [
+        "Resetting your password",
+        "Setting up two factor codes",
+        "Changing your username",
+        "Deleting your profile",
+    ],
+    "technical": [
+        "Fixing app crashes",
+        "Clearing the browser cache",
+        "Syncing your devices",
+        "Installing the latest update",
+    ],
+    "refund": ["How refunds work", "Returning an item", "When will I get my money back", "Partial refunds"],
+}
 
 # Generic small talk so the model learns the chat format beyond support tickets.
 GENERIC_CHAT: list[tuple[str, str]] = [
@@ -136,6 +171,15 @@ def agent_reply(category: str, rng: random.Random) -> str:
     return tickets.fill(" ".join(p for p in parts if p), rng)
 
 
+def help_index(rng: random.Random) -> str:
+    """A help-centre index: 2-3 topic headers in random order, each with a few article titles."""
+    lines = ["help centre"]
+    for topic in rng.sample(tickets.CATEGORIES, k=rng.choice((2, 3))):
+        lines.append(topic)
+        lines += [f"- {title}" for title in rng.sample(HELP_ARTICLES[topic], k=2)]
+    return "\n".join(lines)
+
+
 def build_corpus(n_docs: int, seed: int) -> tuple[list[str], list[list[dict[str, str]]]]:
     """Plain-text documents and chat conversations, excluding every eval-split message."""
     rng = random.Random(seed)
@@ -150,15 +194,19 @@ def build_corpus(n_docs: int, seed: int) -> tuple[list[str], list[list[dict[str,
         kind = rng.random()
         if kind < 0.40:  # support chat: customer message -> agent reply
             user = rng.choice(USER_PREFIXES) + message
-            chats.append([{"role": "user", "content": user}, {"role": "assistant", "content": agent_reply(category, rng)}])
+            chats.append(
+                [{"role": "user", "content": user}, {"role": "assistant", "content": agent_reply(category, rng)}]
+            )
         elif kind < 0.55:  # generic small talk, sometimes two turns long
             turns: list[dict[str, str]] = []
             for _ in range(rng.choice((1, 1, 2))):
                 question, answer = (tickets.fill(t, rng) for t in rng.choice(GENERIC_CHAT))
                 turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
             chats.append(turns)
-        elif kind < 0.80:  # a bare customer message
+        elif kind < 0.78:  # a bare customer message
             texts.append(message)
+        elif kind < 0.82:  # a help-centre index page
+            texts.append(help_index(rng))
         else:  # a plain-text transcript
             texts.append(f"Customer: {message}\nAgent: {agent_reply(category, rng)}")
     return texts, chats
@@ -191,7 +239,9 @@ def train_tokenizer(texts: list[str], chats: list[list[dict[str, str]]]) -> PreT
     return hf
 
 
-def pack(tokenizer: PreTrainedTokenizerFast, texts: list[str], chats: list[list[dict[str, str]]], seed: int) -> torch.Tensor:
+def pack(
+    tokenizer: PreTrainedTokenizerFast, texts: list[str], chats: list[list[dict[str, str]]], seed: int
+) -> torch.Tensor:
     """Shuffle documents, concatenate their ids and cut into BLOCK_SIZE rows."""
     docs = [f"{BOS}{t}{EOS}" for t in texts]
     docs += [tokenizer.apply_chat_template(c, tokenize=False) for c in chats]
@@ -255,14 +305,23 @@ def pretrain(model: LlamaForCausalLM, blocks: torch.Tensor, seed: int) -> None:
         opt.zero_grad(set_to_none=True)
         running += loss.item()
         if (step + 1) % 100 == 0:
-            log.info("step %d/%d loss %.3f lr %.2e (%.0fs)", step + 1, STEPS, running / 100, lr_at(step), time.monotonic() - start)
+            log.info(
+                "step %d/%d loss %.3f lr %.2e (%.0fs)",
+                step + 1,
+                STEPS,
+                running / 100,
+                lr_at(step),
+                time.monotonic() - start,
+            )
             running = 0.0
     model.eval()
 
 
 def sample_reply(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, user: str) -> str:
     """Greedy chat reply, logged as a smoke test of the saved artefacts."""
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+    )
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=40, do_sample=False)
@@ -309,23 +368,27 @@ def main() -> None:
     log.info("model: %d parameters; pretraining %d steps", n_params, STEPS)
     pretrain(model, blocks, SEED)
 
-    if OUT_DIR.exists():  # idempotent: rebuild the folder from scratch
-        shutil.rmtree(OUT_DIR)
-    OUT_DIR.mkdir(parents=True)
+    # Idempotent: build the folder aside, then swap it in, so stale files never survive and a
+    # concurrent reader of the old folder sees it disappear only for an instant.
+    staging = OUT_DIR.with_name(OUT_DIR.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         max_new_tokens=64,
     )
-    model.save_pretrained(OUT_DIR, safe_serialization=True)
-    tokenizer.save_pretrained(OUT_DIR)
-    (OUT_DIR / "README.md").write_text(
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    (staging / "README.md").write_text(
         MODEL_CARD.format(
             n_params=n_params, vocab=len(tokenizer), n_docs=N_DOCS, steps=STEPS, batch=BATCH_SIZE, block=BLOCK_SIZE
         ),
         encoding="utf-8",
     )
+    shutil.rmtree(OUT_DIR, ignore_errors=True)
+    staging.rename(OUT_DIR)
     log.info("sample reply: %r", sample_reply(model, tokenizer, "Hi, my package has not arrived yet. Thanks, Anna"))
     log.info("saved to %s in %.0fs", OUT_DIR, time.monotonic() - t0)
 
