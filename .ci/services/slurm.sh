@@ -30,25 +30,29 @@ die() { echo "slurm.sh: $*" >&2; exit 1; }
 [[ "$cmd" == start || "$cmd" == stop ]] && [[ -n "$dir" ]] || die "usage: $0 start DIR [--nodes 1|2] | stop DIR"
 [[ "$nodes" == 1 || "$nodes" == 2 ]] || die "--nodes must be 1 or 2 (got $nodes)"
 
-stop_pid() {  # stop_pid FILE: TERM the daemon whose PID is in FILE, KILL it after 10 s
-    local file="$1" pid
-    [[ -s "$file" ]] || return 0
-    pid="$(cat "$file")"
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
-    fi
-    rm -f "$file"
+stop_pids() {  # stop_pids FILE...: TERM the daemons whose PIDs are in the files, KILL them after 10 s
+    local file pid pids=()
+    for file in "$@"; do
+        [[ -s "$file" ]] || continue
+        pid="$(cat "$file")"
+        kill -0 "$pid" 2>/dev/null && kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
+        rm -f "$file"
+    done
+    for _ in $(seq 100); do
+        local alive=0
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [[ "$alive" == 0 ]] && return 0
+        sleep 0.1
+    done
+    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
 }
 
 if [[ "$cmd" == stop ]]; then
-    [[ -f "$dir/etc/slurm.conf" ]] || die "no cluster in $dir"
+    [[ -d "$dir/run" ]] || die "no cluster in $dir"  # also cleans up after a start that failed half-way
     # Jobs first (their processes are children of slurmstepd), then the daemons that run them.
     if [[ -x "$dir/bin/scancel" ]]; then timeout 10 "$dir/bin/scancel" --full --quiet --user="$(id -un)" 2>/dev/null || true; fi
-    for f in "$dir"/run/slurmd-*.pid; do [[ -e "$f" ]] && stop_pid "$f"; done
-    stop_pid "$dir/run/slurmctld.pid"
-    stop_pid "$dir/run/munged.pid"
+    stop_pids "$dir"/run/slurmd-*.pid "$dir/run/slurmctld.pid"
+    stop_pids "$dir/run/munged.pid"  # last: the others authenticate through it while they stop
     if [[ -f "$dir/netns" ]]; then
         while read -r ns; do ip netns del "$ns" 2>/dev/null || true; done <"$dir/netns"
         rm -f "$dir/netns"
@@ -96,21 +100,26 @@ cp "$dir/munge/munged.pid" "$dir/run/munged.pid"
 
 prefix=()  # how to run a client or daemon in the controller's network namespace
 if [[ "$nodes" == 2 ]]; then
-    id="$(( (RANDOM % 200) + 20 ))"
+    # An id no other run on this machine uses (its namespaces and veth names are free).
+    for _ in $(seq 20); do
+        id="$(( (RANDOM % 200) + 20 ))"
+        [[ -e "/run/netns/fl${id}a" || -e "/run/netns/fl${id}b" ]] || ip link show "v${id}a" >/dev/null 2>&1 || break
+    done
     ns_a="fl${id}a"; ns_b="fl${id}b"
     addr_a="10.251.$id.1"; addr_b="10.251.$id.2"
     ip netns add "$ns_a" || die "cannot create network namespaces here (ip netns add failed)"
     echo "$ns_a" >"$dir/netns"
     ip netns add "$ns_b" || die "cannot create a second network namespace"
     echo "$ns_b" >>"$dir/netns"
-    ip link add "v${id}a" type veth peer name "v${id}b"
-    ip link set "v${id}a" netns "$ns_a"
-    ip link set "v${id}b" netns "$ns_b"
-    ip -n "$ns_a" link set "v${id}a" name fl0
-    ip -n "$ns_b" link set "v${id}b" name fl0
-    ip -n "$ns_a" addr add "$addr_a/24" dev fl0
-    ip -n "$ns_b" addr add "$addr_b/24" dev fl0
-    for ns in "$ns_a" "$ns_b"; do ip -n "$ns" link set lo up; ip -n "$ns" link set fl0 up; done
+    join_namespaces() {
+        ip link add "v${id}a" type veth peer name "v${id}b" || return 1
+        ip link set "v${id}a" netns "$ns_a" && ip link set "v${id}b" netns "$ns_b" || return 1
+        ip -n "$ns_a" link set "v${id}a" name fl0 && ip -n "$ns_b" link set "v${id}b" name fl0 || return 1
+        ip -n "$ns_a" addr add "$addr_a/24" dev fl0 && ip -n "$ns_b" addr add "$addr_b/24" dev fl0 || return 1
+        ip -n "$ns_a" link set lo up && ip -n "$ns_a" link set fl0 up || return 1
+        ip -n "$ns_b" link set lo up && ip -n "$ns_b" link set fl0 up
+    }
+    join_namespaces || die "cannot join the network namespaces with a veth pair (ip link failed)"
     ctl_addr="$addr_a"
     node_lines="NodeName=fl1 NodeAddr=$addr_a CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 NodeName=fl2 NodeAddr=$addr_b CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN"
