@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from registry.errors import ConfigError, ForgelineError
@@ -53,7 +54,7 @@ def handles_errors(fn: F) -> F:
         except ForgelineError as err:
             if _state["debug"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(_exit_code(err)) from None
 
     return wrapper  # type: ignore[return-value]
