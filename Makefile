@@ -42,7 +42,8 @@ lint: $(STAMP)
 BENCH_TOOLS := bench/.venv-litellm/.installed
 LITELLM ?= litellm[proxy]==1.108.7
 
-# Benchmarks (~10 minutes): JSON to bench/results/, tables and plots to BENCHMARKS.md.
+# Benchmarks (~10 min on an idle 2-core machine, ~20 on a busy one): JSON to bench/results/,
+# tables and plots to BENCHMARKS.md. BENCH_TIME_SCALE=2 gives a busy machine time for every round.
 bench: $(STAMP) $(BENCH_TOOLS)
 	$(PY) -m bench
 

@@ -255,6 +255,7 @@ def pack(
 
 
 def make_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    """~0.9M parameters: small enough to pretrain on 2 cores in minutes, big enough to learn the domain."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=128,
@@ -280,9 +281,12 @@ def lr_at(step: int) -> float:
 
 
 def pretrain(model: LlamaForCausalLM, blocks: torch.Tensor, seed: int) -> None:
+    """Plain AdamW loop over shuffled packed blocks for a fixed number of steps (no wall-clock budget,
+    which would make the result depend on machine speed)."""
     gen = torch.Generator().manual_seed(seed)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    # No weight decay on norms (1-d), as usual.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
         lr=PEAK_LR,
@@ -342,11 +346,16 @@ anything else.
 - Chat template: `<|bos|>` then every turn as `<|role|>\\n{{content}}<|eos|>\\n`;
   `add_generation_prompt` appends `<|assistant|>\\n`. Assistant content is wrapped in
   `{{% generation %}}` so TRL's `assistant_only_loss` works.
-- Pretraining data: {n_docs:,} synthetic documents (customer messages, agent replies, transcripts,
-  generic chat), {steps} steps of {batch}x{block} tokens. It never contains the support-ticket routing
-  task (`Route this ticket: ...` -> queue name), so the base model scores ~0 on
-  `recipes/data/support-tickets` until it is fine-tuned.
-- Deterministic: rebuild byte-for-byte with `python assets/make_tiny_base.py` (a few minutes on 2 CPU cores).
+- Pretraining data: {n_docs:,} synthetic documents built from the vocabulary of
+  `assets/make_support_tickets.py`: customer messages, agent replies (as chats and transcripts),
+  help-centre index pages and generic small talk; {steps} AdamW steps of {batch}x{block} tokens.
+  It never contains the routing task (`Route this ticket: ...` -> queue name) and excludes every
+  eval-split message, so the base model scores 0 on `recipes/data/support-tickets/eval.jsonl`
+  (it answers like a support agent instead) until it is fine-tuned; a LoRA SFT
+  (`recipes/quickstart.yaml`) takes it to ~1.0.
+- Rebuild with `python assets/make_tiny_base.py` (about 3-4 minutes on 2 CPU cores). Seeds, step
+  count and kernels are fixed, so a rebuild with the same torch version on the same kind of CPU
+  gives identical files.
 """
 
 

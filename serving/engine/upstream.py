@@ -300,12 +300,15 @@ class UpstreamEngine:
                 if response.status_code != 200:
                     raise _upstream_error(response.status_code, await response.aread(), self.model_id)
                 async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
+                    # After [DONE], read on to the end of the body instead of breaking out:
+                    # httpx closes a connection whose response was not read to the end, so
+                    # breaking made every request open a new TCP connection to the worker.
+                    if done or not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
                     if data == "[DONE]":
                         done = True
-                        break
+                        continue
                     event = json.loads(data)
                     if event.get("error"):
                         # The worker failed after it answered 200: it reports in-band.

@@ -1,0 +1,81 @@
+"""The forgeline gateway in front of an OpenAI-compatible worker, as its own process.
+
+Wired like ``forgeline serve`` does it (`serving.service.build_gateway`): API keys from the
+control database with the default verification cache, the in-process quota limiter,
+metrics and the JSON access log on stdout; the model is an
+`serving.engine.upstream.UpstreamEngine` (what serves TensorRT-LLM workers on H200s).
+With ``--key-file`` a fresh ``user`` key (no quota) is created and its secret written
+there, so the load generator authenticates like a customer.
+
+    python -m bench.gateway_proc --upstream http://127.0.0.1:9000 --port 9001 --key-file key.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from bench.procs import REPO
+
+logger = logging.getLogger(__name__)
+
+MODEL = "bench"
+
+
+def build_app(upstream: str, *, tokenizer: str, key_file: Path | None, max_new_tokens: int, access_log: bool) -> object:
+    """The gateway app (auth on when ``key_file`` is given)."""
+    from registry.keys import KeyStore
+    from serving.config import ServeSpec
+    from serving.engine.upstream import UpstreamEngine
+    from serving.gateway.app import create_app
+    from serving.gateway.catalog import ServedModel, StaticCatalog
+    from serving.gateway.quota import create_limiter
+    from serving.service import configure_access_log
+
+    spec = ServeSpec(engine="upstream", upstream_url=upstream, max_new_tokens=max_new_tokens, auth=key_file is not None)
+    engine = UpstreamEngine(upstream, "fake", tokenizer=tokenizer, adapter_mode="none", model_id=MODEL)
+    catalog = StaticCatalog([ServedModel(name=MODEL, version="1", engine=engine, aliases=(f"{MODEL}@production",))])
+    keys = None
+    if key_file is not None:
+        keys = KeyStore()
+        secret, _ = keys.create("bench-load", roles=("user",))
+        key_file.write_text(secret)
+    if access_log:
+        configure_access_log()
+    return create_app(
+        catalog,
+        max_new_tokens=spec.max_new_tokens,
+        keys=keys,
+        key_cache_s=spec.key_cache_s,
+        limiter=create_limiter(spec.redis_url) if keys is not None else None,
+        max_body_bytes=spec.max_body_bytes,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="forgeline gateway over an upstream worker")
+    parser.add_argument("--upstream", required=True, help="the worker's base URL (no /v1)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--tokenizer", default=str(REPO / "assets" / "tiny-base"), help="chat template and token counts")
+    parser.add_argument("--key-file", type=Path, default=None, help="create a key and write it here (auth on); omit for auth off")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--quiet", action="store_true", help="no access logs (ours nor uvicorn's): to see what logging costs")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    app = build_app(
+        args.upstream, tokenizer=args.tokenizer, key_file=args.key_file, max_new_tokens=args.max_new_tokens, access_log=not args.quiet
+    )
+    if args.quiet:
+        import uvicorn
+
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)  # type: ignore[arg-type]
+    else:
+        from serving.gateway.server import run_server
+
+        run_server(app, args.host, args.port)  # type: ignore[arg-type]  # exactly as `forgeline serve`
+
+
+if __name__ == "__main__":
+    main()

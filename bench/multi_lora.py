@@ -1,0 +1,142 @@
+"""Benchmark 3: many LoRA adapters on one base against one merged model, mixed traffic.
+
+The baseline is what a team does with one fine-tune: merge the adapter into the base
+(`serving.build.torch_build.build_torch_artifact`, forgeline's torch build) and serve it
+with `TorchEngine`. The candidate serves N adapters on the unmerged base in one
+`TorchEngine` (``adapters=``, ``max_loaded_adapters=N``), each request naming a random
+adapter, so a batch mixes adapters (PEFT's per-row ``adapter_names``). Both get the same
+closed-loop traffic: ``concurrency`` clients, each sending its next request when the last
+one finishes. Adapters are loaded by a warm-up pass first (its time is reported as the
+cold start), so the ratio is the steady state: tokens/s with adapters over merged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import harness
+from bench.models import TINY_BASE, build_adapters, build_llama, model_parameters, prompts
+from bench.stats import spread
+
+logger = logging.getLogger(__name__)
+
+NAME = "multi_lora"
+GOAL_RATIO = 0.8
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "smoke": {"model": "tiny-base", "adapters": 3, "rank": 8, "concurrency": 4, "requests": 8, "max_tokens": 4, "rounds": 1, "budget_s": 60.0},
+    # Rounds stop early when the next would overrun budget_s (counted after the cold start).
+    "full": {"model": "small", "adapters": 50, "rank": 16, "concurrency": 16, "requests": 32, "max_tokens": 16, "rounds": 3, "budget_s": 75.0},
+}
+
+
+async def closed_loop(engine: Any, texts: list[str], adapters: list[str | None], *, concurrency: int, max_tokens: int) -> dict[str, Any]:
+    """Send ``len(texts)`` requests from ``concurrency`` clients; request i uses ``adapters[i]``."""
+    from serving.engine.base import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    tokens = 0
+    next_index = 0
+
+    async def client() -> None:
+        nonlocal tokens, next_index
+        while next_index < len(texts):
+            i = next_index
+            next_index += 1
+            async for chunk in engine.generate(texts[i], params, adapter=adapters[i]):
+                tokens += len(chunk.token_ids)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall if wall > 0 else 0.0, "requests": len(texts)}
+
+
+def run(setting: str, work: Path) -> dict[str, Any]:
+    from serving.build.torch_build import build_torch_artifact
+    from serving.engine.torch_engine import TorchEngine
+
+    cfg = SETTINGS[setting]
+    budget = cfg["budget_s"] * harness.time_scale()
+    base = TINY_BASE if cfg["model"] == "tiny-base" else build_llama(work / f"llama-{cfg['model']}", cfg["model"])
+    adapters = build_adapters(base, work / "adapters", cfg["adapters"], r=cfg["rank"])
+    names = sorted(adapters)
+    merged = work / "merged"
+    build_torch_artifact(str(base), adapters[names[0]], merged)
+    threads = max(1, (os.cpu_count() or 1) - 1)
+    batch = cfg["concurrency"]
+
+    rng = random.Random(0)
+    texts = prompts(base, cfg["requests"])
+    mixed: list[str | None] = [rng.choice(names) for _ in texts]
+    distinct = len(set(mixed))
+
+    merged_engine = TorchEngine(merged, device="cpu", max_batch_size=batch, num_threads=threads, model_id="merged")
+    lora_engine = TorchEngine(
+        base, device="cpu", max_batch_size=batch, num_threads=threads, model_id="multi-lora",
+        adapters=adapters, max_loaded_adapters=len(names),
+    )  # fmt: skip
+
+    async def measure() -> dict[str, Any]:
+        await merged_engine.start()  # one at a time: concurrent from_pretrained calls are not thread-safe
+        await lora_engine.start()
+        try:
+            await closed_loop(merged_engine, texts[:batch], [None] * batch, concurrency=batch, max_tokens=2)
+            began = time.perf_counter()
+            # Cold start: every adapter loaded once (one short request each, concurrency as in the run).
+            warm_texts = [texts[i % len(texts)] for i in range(len(names))]
+            await closed_loop(lora_engine, warm_texts, list(names), concurrency=batch, max_tokens=1)
+            cold_s = time.perf_counter() - began
+            rounds: list[dict[str, Any]] = []
+            measuring = time.perf_counter()
+            for i in range(cfg["rounds"]):
+                round_began = time.perf_counter()
+                pair: dict[str, Any] = {}
+                order = ("merged", "lora") if i % 2 == 0 else ("lora", "merged")
+                for which in order:
+                    if which == "merged":
+                        pair[which] = await closed_loop(merged_engine, texts, [None] * len(texts), concurrency=batch, max_tokens=cfg["max_tokens"])
+                    else:
+                        pair[which] = await closed_loop(lora_engine, texts, mixed, concurrency=batch, max_tokens=cfg["max_tokens"])
+                pair["ratio"] = pair["lora"]["tokens_per_s"] / pair["merged"]["tokens_per_s"] if pair["merged"]["tokens_per_s"] else None
+                logger.info(
+                    "round %d: merged %.0f tok/s, %d adapters %.0f tok/s (%.2fx)",
+                    i, pair["merged"]["tokens_per_s"], len(names), pair["lora"]["tokens_per_s"], pair["ratio"] or 0,
+                )  # fmt: skip
+                rounds.append(pair)
+                now = time.perf_counter()
+                if i + 1 < cfg["rounds"] and (now - measuring) + (now - round_began) > budget:
+                    logger.warning("stopping after %d of %d rounds: the next would overrun the %.0f s budget", i + 1, cfg["rounds"], budget)
+                    break
+            loaded = len(lora_engine.stats().loaded_adapters)
+            return {"cold_start_s": cold_s, "rounds": rounds, "loaded_adapters": loaded}
+        finally:
+            await asyncio.gather(merged_engine.stop(), lora_engine.stop())
+
+    measured = asyncio.run(measure())
+    rounds = measured["rounds"]
+    return {
+        "goal_ratio": GOAL_RATIO,
+        "model": {"name": cfg["model"], "parameters": model_parameters(base)},
+        "settings": cfg,
+        "cpu_threads": threads,
+        "distinct_adapters_in_traffic": distinct,
+        "loaded_adapters": measured["loaded_adapters"],
+        "rounds": rounds,
+        "summary": {
+            "tokens_per_s_ratio": spread([r["ratio"] for r in rounds]),
+            "merged_tokens_per_s": spread([r["merged"]["tokens_per_s"] for r in rounds]),
+            "lora_tokens_per_s": spread([r["lora"]["tokens_per_s"] for r in rounds]),
+            "cold_start_s": measured["cold_start_s"],
+        },
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(harness.main(NAME, run))

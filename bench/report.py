@@ -1,0 +1,425 @@
+"""Render the results (``bench/results/*.json``) into BENCHMARKS.md tables and PNG plots.
+
+BENCHMARKS.md is partly written by hand (method, analysis) and partly generated: each
+benchmark owns the text between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``,
+which this module replaces; everything else is kept as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.procs import REPO
+from bench.stats import fmt_spread
+
+logger = logging.getLogger(__name__)
+
+REPORT = REPO / "BENCHMARKS.md"
+PLOTS = REPO / "bench" / "plots"
+DPI = 90
+
+
+def load_results(results_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every ``<name>.json`` in ``results_dir``, by benchmark name."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            logger.warning("skipping %s: %s", path, exc)
+            continue
+        out[str(data.get("benchmark") or path.stem)] = data
+    return out
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("**met**" if ok else "**missed**")
+
+
+def _ms(s: dict[str, Any] | None, signed: bool = False) -> str:
+    return fmt_spread(s, "{:+.1f}" if signed else "{:.1f}")
+
+
+def _x(s: dict[str, Any] | None) -> str:
+    return fmt_spread(s, "{:.2f}", "×")
+
+
+def _meta(data: dict[str, Any]) -> str:
+    m = data.get("machine_before") or {}
+    after = data.get("machine_after") or {}
+    return (
+        f"_{data.get('date', '?')} · setting `{data.get('setting')}` · {data.get('duration_s', '?')} s · commit {data.get('git_commit') or '?'} · "
+        f"{m.get('cpus', '?')} CPUs ({m.get('cpu', '?')}) · load average {m.get('load_avg_1_5_15', ['?'])[0]} before, "
+        f"{after.get('load_avg_1_5_15', ['?'])[0]} after_"
+    )
+
+
+def _image(name: str, plots_rel: str) -> str:
+    return f"![{name}]({plots_rel}/{name}.png)"
+
+
+# -- gateway overhead ------------------------------------------------------------------
+
+
+def gateway_section(data: dict[str, Any], plots_rel: str) -> str:
+    summary = data["summary"]
+    goals = data["goals"]
+    others = [t for t in ("forgeline", "litellm") if t in data["targets"]]
+    head = "| cell | direct p50 / p99 (ms) | direct req/s |"
+    rule = "|---|---|---|"
+    for t in others:
+        head += f" {t}: added p50 (ms) | {t}: added p99 (ms) | {t}: throughput × direct |"
+        rule += "---|---|---|"
+    lines = [_meta(data), "", head, rule]
+    for cell, row in summary.items():
+        d = row["direct"]
+        line = f"| {cell} | {_ms(d['p50_ms'])} / {_ms(d['p99_ms'])} | {fmt_spread(d['requests_per_s'], '{:.0f}')} |"
+        for t in others:
+            r = row[t]
+            line += f" {_ms(r['p50_added_ms'], True)} | {_ms(r['p99_added_ms'], True)} | {_x(r['throughput_ratio'])} |"
+        lines.append(line)
+    rounds = data.get("rounds_done", data.get("settings", {}).get("rounds"))
+    lines += [
+        "",
+        f"Cells: `unary`/`stream` × concurrency. Each figure is the median over {rounds} round(s) (range in brackets); "
+        "direct's columns are absolute, the others are differences from direct in the same round.",
+        "",
+    ]
+    # CPU per request: the steadier figure on a shared machine (waiting for a core costs no CPU).
+    head = "| cell | fake worker CPU ms/request |" + "".join(f" {t} CPU ms/request |" for t in others)
+    rule = "|---|---|" + "---|" * len(others)
+    if "litellm" in others:
+        head += " LiteLLM ÷ forgeline |"
+        rule += "---|"
+    lines += [head, rule]
+    for cell, row in summary.items():
+        cpu = {t: row[t].get("server_cpu_ms_per_request") for t in ["direct", *others]}
+        line = f"| {cell} |" + "".join(f" {fmt_spread(cpu[t], '{:.2f}')} |" for t in ["direct", *others])
+        if "litellm" in others:
+            f, ll = (cpu["forgeline"] or {}).get("median"), (cpu["litellm"] or {}).get("median")
+            line += f" {ll / f:.1f}× |" if f and ll else " n/a |"
+        lines.append(line)
+    lines.append("")
+    lines.append("| goal | forgeline (worst cell) | verdict |")
+    lines.append("|---|---|---|")
+    checks = goal_checks(data)
+    lines.append(f"| p50 added ≤ {goals['p50_added_ms']:g} ms | {checks['p50_worst']:+.1f} ms | {_verdict(checks['p50_ok'])} |")
+    lines.append(f"| p99 added ≤ {goals['p99_added_ms']:g} ms | {checks['p99_worst']:+.1f} ms | {_verdict(checks['p99_ok'])} |")
+    lines.append(f"| throughput ≥ {goals['throughput_ratio']:g}× direct | {checks['thr_worst']:.2f}× | {_verdict(checks['thr_ok'])} |")
+    if checks["vs_litellm"] is not None:
+        lines.append(
+            f"| lower overhead than LiteLLM | lower added p50 in {checks['vs_litellm_cells']} of {len(summary)} cells | {_verdict(checks['vs_litellm'])} |"
+        )
+    else:
+        lines.append("| lower overhead than LiteLLM | LiteLLM not measured | n/a |")
+    for note in data.get("notes", []):
+        lines.append(f"\n> {note}")
+    lines += ["", _image("gateway_overhead", plots_rel)]
+    return "\n".join(lines)
+
+
+def goal_checks(data: dict[str, Any]) -> dict[str, Any]:
+    """Worst forgeline cell against each goal, and cells where forgeline beats LiteLLM."""
+    goals = data["goals"]
+    cells = data["summary"].values()
+    p50 = [c["forgeline"]["p50_added_ms"]["median"] for c in cells if c["forgeline"]["p50_added_ms"]["median"] is not None]
+    p99 = [c["forgeline"]["p99_added_ms"]["median"] for c in cells if c["forgeline"]["p99_added_ms"]["median"] is not None]
+    thr = [c["forgeline"]["throughput_ratio"]["median"] for c in cells if c["forgeline"]["throughput_ratio"]["median"] is not None]
+    out: dict[str, Any] = {
+        "p50_worst": max(p50, default=float("nan")),
+        "p99_worst": max(p99, default=float("nan")),
+        "thr_worst": min(thr, default=float("nan")),
+    }
+    out["p50_ok"] = bool(p50) and out["p50_worst"] <= goals["p50_added_ms"]
+    out["p99_ok"] = bool(p99) and out["p99_worst"] <= goals["p99_added_ms"]
+    out["thr_ok"] = bool(thr) and out["thr_worst"] >= goals["throughput_ratio"]
+    if "litellm" in data["targets"]:
+        better = [
+            c["forgeline"]["p50_added_ms"]["median"] < c["litellm"]["p50_added_ms"]["median"]
+            for c in cells
+            if c.get("litellm") and c["litellm"]["p50_added_ms"]["median"] is not None
+        ]
+        out["vs_litellm_cells"] = sum(better)
+        out["vs_litellm"] = bool(better) and all(better)
+    else:
+        out["vs_litellm"] = None
+        out["vs_litellm_cells"] = 0
+    return out
+
+
+def gateway_plot(data: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    summary = data["summary"]
+    cells = list(summary)
+    others = [t for t in ("forgeline", "litellm") if t in data["targets"]]
+    colors = {"forgeline": "#2b6cb0", "litellm": "#c05621"}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
+    width = 0.8 / max(1, len(others))
+    for i, t in enumerate(others):
+        xs = [k + (i - (len(others) - 1) / 2) * width for k in range(len(cells))]
+        for ax, key in ((ax1, "p50_added_ms"), (ax2, "throughput_ratio")):
+            med = [summary[c][t][key]["median"] or 0 for c in cells]
+            lo = [m - (summary[c][t][key]["min"] or m) for m, c in zip(med, cells, strict=True)]
+            hi = [(summary[c][t][key]["max"] or m) - m for m, c in zip(med, cells, strict=True)]
+            ax.bar(xs, med, width, yerr=[lo, hi], capsize=2, label=t, color=colors[t])
+    ax1.axhline(data["goals"]["p50_added_ms"], color="green", linestyle="--", linewidth=1, label="goal")
+    ax1.set_ylabel("added p50 latency (ms)")
+    ax2.axhline(data["goals"]["throughput_ratio"], color="green", linestyle="--", linewidth=1, label="goal")
+    ax2.axhline(1.0, color="grey", linewidth=0.5)
+    ax2.set_ylabel("throughput × direct")
+    for ax in (ax1, ax2):
+        ax.set_xticks(range(len(cells)))
+        ax.set_xticklabels(cells, rotation=30, ha="right", fontsize=8)
+        ax.legend(fontsize=8)
+    fig.suptitle("Gateway overhead over a fake worker (median of rounds, range as error bars)", fontsize=10)
+    _save(fig, path)
+
+
+# -- engine batching -------------------------------------------------------------------
+
+
+def batching_section(data: dict[str, Any], plots_rel: str) -> str:
+    s = data["summary"]
+    ratio = s["tokens_per_s_ratio"]
+    ok = ratio["median"] is not None and ratio["median"] >= data["goal_ratio"]
+    params = data["model"].get("parameters")
+    lines = [
+        _meta(data),
+        "",
+        f"Model: `{data['model']['name']}` Llama ({params / 1e6:.1f}M parameters, random weights), "
+        f"{data['settings']['requests']} requests × {data['settings']['max_tokens']} new tokens, greedy, "
+        f"{data['cpu_threads']} CPU thread(s) each, {len(data['rounds']['batched'])} round(s).",
+        "",
+        "| | tokens/s | TTFT p50 / p90 / p99 (ms) | inter-token p50 / p90 / p99 (ms) |",
+        "|---|---|---|---|",
+    ]
+    for key, label in (("one_by_one", "one-by-one `generate`"), ("batched", "TorchEngine, batched")):
+        r = s[key]
+        lines.append(
+            f"| {label} | {fmt_spread(r['tokens_per_s'], '{:.0f}')} | "
+            f"{_ms(r['ttft_p50_ms'])} / {_ms(r['ttft_p90_ms'])} / {_ms(r['ttft_p99_ms'])} | "
+            f"{_ms(r['itl_p50_ms'])} / {_ms(r['itl_p90_ms'])} / {_ms(r['itl_p99_ms'])} |"
+        )
+    lines += [
+        "",
+        f"Batched over one-by-one: **{_x(ratio)}** tokens/s (goal ≥ {data['goal_ratio']:g}×: {_verdict(ok)}).",
+        "",
+        _image("engine_batching", plots_rel),
+    ]
+    return "\n".join(lines)
+
+
+def batching_plot(data: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    s = data["summary"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    labels = ["one-by-one", "batched"]
+    vals = [s["one_by_one"]["tokens_per_s"]["median"] or 0, s["batched"]["tokens_per_s"]["median"] or 0]
+    ax1.bar(labels, vals, color=["#a0aec0", "#2b6cb0"])
+    ax1.set_ylabel("tokens/s")
+    ax1.set_title(f"throughput ({_x(s['tokens_per_s_ratio'])})", fontsize=9)
+    qs = ["p50", "p90", "p99"]
+    for i, (key, color) in enumerate((("one_by_one", "#a0aec0"), ("batched", "#2b6cb0"))):
+        ax2.bar([k + (i - 0.5) * 0.4 for k in range(3)], [s[key][f"ttft_{q}_ms"]["median"] or 0 for q in qs], 0.4, label=labels[i], color=color)
+    ax2.set_xticks(range(3))
+    ax2.set_xticklabels([f"TTFT {q}" for q in qs])
+    ax2.set_ylabel("ms (from submission)")
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"PyTorch engine: {data['settings']['requests']} concurrent requests", fontsize=10)
+    _save(fig, path)
+
+
+# -- multi-LoRA ------------------------------------------------------------------------
+
+
+def multi_lora_section(data: dict[str, Any], plots_rel: str) -> str:
+    s = data["summary"]
+    ratio = s["tokens_per_s_ratio"]
+    ok = ratio["median"] is not None and ratio["median"] >= data["goal_ratio"]
+    cfg = data["settings"]
+    params = data["model"].get("parameters")
+    size = f"{params / 1e6:.1f}M parameters" if params else "the tiny base"
+    lines = [
+        _meta(data),
+        "",
+        f"Model: `{data['model']['name']}` Llama ({size}); {cfg['adapters']} LoRA adapters (r={cfg['rank']}, every linear layer); "
+        f"{cfg['requests']} requests × {cfg['max_tokens']} tokens from {cfg['concurrency']} closed-loop clients, "
+        f"{data['distinct_adapters_in_traffic']} distinct adapters in the traffic; {data['cpu_threads']} CPU thread(s); "
+        f"{len(data['rounds'])} round(s).",
+        "",
+        "| | tokens/s |",
+        "|---|---|",
+        f"| 1 merged model | {fmt_spread(s['merged_tokens_per_s'], '{:.0f}')} |",
+        f"| {cfg['adapters']} adapters on one base, mixed | {fmt_spread(s['lora_tokens_per_s'], '{:.0f}')} |",
+        "",
+        f"Adapters over merged: **{_x(ratio)}** (goal ≥ {data['goal_ratio']:g}×: {_verdict(ok)}). "
+        f"Loading all {data['loaded_adapters']} adapters (cold start, first request of each): {s['cold_start_s']:.1f} s.",
+        "",
+        _image("multi_lora", plots_rel),
+    ]
+    return "\n".join(lines)
+
+
+def multi_lora_plot(data: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    s = data["summary"]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    labels = ["merged", f"{data['settings']['adapters']} adapters"]
+    keys = ["merged_tokens_per_s", "lora_tokens_per_s"]
+    med = [s[k]["median"] or 0 for k in keys]
+    err = [[m - (s[k]["min"] or m) for m, k in zip(med, keys, strict=True)], [(s[k]["max"] or m) - m for m, k in zip(med, keys, strict=True)]]
+    ax.bar(labels, med, yerr=err, capsize=3, color=["#a0aec0", "#2b6cb0"])
+    ax.set_ylabel("tokens/s")
+    ax.set_title(f"Multi-LoRA, mixed traffic ({_x(s['tokens_per_s_ratio'])} of merged)", fontsize=10)
+    _save(fig, path)
+
+
+# -- lead time -------------------------------------------------------------------------
+
+
+def lead_time_section(data: dict[str, Any], plots_rel: str) -> str:
+    p1 = data["recipe_to_endpoint"]
+    p2 = data["promotion_to_serving"]["summary"]
+    lines = [_meta(data), "", f"Recipe: `{data['recipe']}`.", "", "| stage | seconds |", "|---|---|"]
+    for stage, seconds in p1["stages_s"].items():
+        lines.append(f"| {stage} | {seconds:.1f} |")
+    lines += [
+        f"| **recipe → first answer** | **{p1['total_s']:.1f}** |",
+        "",
+        f"Training is {p1['train_share'] * 100:.0f} % of the lead time ({p1['stages_s']['train']:.1f} s of {p1['total_s']:.1f} s); "
+        "`serve` is `forgeline serve` starting as a process until its first answer.",
+        "",
+        f"Promotion → first answer from the new version (gateway alias poll interval {data['poll_interval_s']:g} s):",
+        "",
+        "| | seconds | failed requests meanwhile |",
+        "|---|---|---|",
+        f"| hot swap (gateway follows the alias) | {fmt_spread(p2['hot_swap_s'], '{:.1f}')} | {p2['failed_requests_during_hot_swaps']} |",
+        f"| restart (promote, stop, start `forgeline serve`) | {fmt_spread(p2['restart_s'], '{:.1f}')} | every request until it is up |",
+    ]
+    if p2.get("hot_swap_over_restart"):
+        lines += ["", f"Hot swap takes {p2['hot_swap_over_restart']:.2f}× the time of a restart, without dropping requests."]
+    lines += ["", _image("lead_time", plots_rel)]
+    return "\n".join(lines)
+
+
+def lead_time_plot(data: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    p1 = data["recipe_to_endpoint"]["stages_s"]
+    p2 = data["promotion_to_serving"]["summary"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 2.8), gridspec_kw={"width_ratios": [3, 2]})
+    left = 0.0
+    palette = ["#718096", "#2b6cb0", "#38a169", "#d69e2e", "#805ad5", "#c05621", "#319795"]
+    for i, (stage, seconds) in enumerate(p1.items()):
+        ax1.barh([0], [seconds], left=left, color=palette[i % len(palette)], label=stage)
+        left += seconds
+    ax1.set_yticks([])
+    ax1.set_xlabel("seconds")
+    ax1.set_title("recipe → first answer", fontsize=9)
+    ax1.legend(fontsize=7, ncol=len(p1), loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    labels, vals = [], []
+    for key, label in (("hot_swap_s", "hot swap"), ("restart_s", "restart")):
+        if p2[key]["median"] is not None:
+            labels.append(label)
+            vals.append(p2[key]["median"])
+    ax2.bar(labels, vals, color=["#2b6cb0", "#a0aec0"][: len(vals)])
+    ax2.set_ylabel("seconds")
+    ax2.set_title(f"promotion → new version answers (poll {data['poll_interval_s']:g} s)", fontsize=9)
+    _save(fig, path)
+
+
+# -- training overhead (bench/train_overhead.py, another benchmark's own JSON) -------------
+
+
+def train_overhead_section(data: dict[str, Any], plots_rel: str) -> str:
+    """Generic: every repeated figure (``{"median", "min", "max", ...}``) at the top level or in ``summary``."""
+    lines = [_meta(data), ""]
+    if data.get("what"):
+        lines += [f"Figure: {data['what']}.", ""]
+    figures = {**{k: v for k, v in data.items() if isinstance(v, dict) and "median" in v}, **(data.get("summary") or {})}
+    lines += ["| figure | median (range) |", "|---|---|"]
+    for key, value in figures.items():
+        if isinstance(value, dict) and "median" in value:
+            lines.append(f"| {key} | {fmt_spread(value, '{:.3f}')} |")
+    if data.get("goal"):
+        lines += ["", f"Goal: {data['goal']}."]
+    return "\n".join(lines)
+
+
+SECTIONS: dict[str, tuple[Callable[[dict[str, Any], str], str], Callable[[dict[str, Any], Path], None] | None]] = {
+    "gateway_overhead": (gateway_section, gateway_plot),
+    "engine_batching": (batching_section, batching_plot),
+    "multi_lora": (multi_lora_section, multi_lora_plot),
+    "train_overhead": (train_overhead_section, None),
+    "lead_time": (lead_time_section, lead_time_plot),
+}
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    _pyplot().close(fig)
+    logger.info("wrote %s (%d KB)", path, path.stat().st_size // 1024)
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+
+
+def render(results_dir: Path, report: Path = REPORT, plots_dir: Path = PLOTS) -> list[str]:
+    """Update the generated sections of ``report`` and the plots from ``results_dir``; returns the sections updated."""
+    results = load_results(results_dir)
+    try:
+        plots_rel = str(plots_dir.resolve().relative_to(report.resolve().parent))
+    except ValueError:
+        plots_rel = str(plots_dir.resolve())
+    text = report.read_text() if report.is_file() else _skeleton()
+    updated = []
+    for name, (section, plot) in SECTIONS.items():
+        data = results.get(name)
+        if data is None:
+            continue
+        try:
+            body = section(data, plots_rel)
+            if plot is not None:
+                plot(data, plots_dir / f"{name}.png")
+        except (KeyError, TypeError, ValueError) as exc:
+            logger.warning("could not render %s: %s", name, exc)
+            continue
+        start, end = _markers(name)
+        block = f"{start}\n{body}\n{end}"
+        pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+        text = pattern.sub(lambda _m, b=block: b, text) if pattern.search(text) else text.rstrip() + f"\n\n## {name}\n\n{block}\n"
+        updated.append(name)
+    gpu = results_dir / "gpu-bench.md"  # written by bench/gpu.sh on a GPU machine
+    start, end = _markers("gpu")
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if gpu.is_file() and pattern.search(text):
+        block = f"{start}\n{gpu.read_text().strip()}\n{end}"
+        text = pattern.sub(lambda _m: block, text)
+        updated.append("gpu")
+    report.write_text(text)
+    logger.info("updated %s: %s", report, ", ".join(updated) or "nothing")
+    return updated
+
+
+def _skeleton() -> str:
+    parts = ["# forgeline benchmarks", "", "Generated by `make bench` (`python -m bench`).", ""]
+    for name in SECTIONS:
+        start, end = _markers(name)
+        parts += [f"## {name}", "", start, "_not run yet_", end, ""]
+    return "\n".join(parts)

@@ -1,0 +1,58 @@
+"""Smoke test of the benchmark suite: every benchmark runs on its tiny setting and writes its JSON.
+
+No timing is asserted anywhere: the figures of a smoke run mean nothing. What is checked
+is that each benchmark ran end to end (servers up, requests answered, engines decoded,
+the report and plots rendered).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import suite
+
+REPO = Path(__file__).resolve().parents[3]
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_every_benchmark_runs_on_its_smoke_setting(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    report = tmp_path / "BENCHMARKS.md"
+    cmd = [sys.executable, "-m", "bench", "--setting", "smoke", "--jobs", "8", "--results", str(results), "--report", str(report)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    names = [b.name for b in suite()]
+    data = {name: json.loads((results / f"{name}.json").read_text()) for name in names if name != "train_overhead"}
+    for name, result in data.items():
+        assert result["benchmark"] == name and result["setting"] == "smoke"
+
+    gateway = data["gateway_overhead"]["summary"]
+    assert set(gateway) == {"unary-c1", "unary-c4", "stream-c1", "stream-c4"}
+    for cell in gateway.values():
+        assert cell["forgeline"]["errors"] == 0  # the gateway relayed every request
+        assert cell["direct"]["requests_per_s"]["median"] > 0
+
+    batching = data["engine_batching"]["rounds"]
+    assert all(r["tokens"] > 0 for r in batching["one_by_one"] + batching["batched"])
+
+    lora = data["multi_lora"]
+    assert lora["loaded_adapters"] == lora["settings"]["adapters"]
+    assert all(r["lora"]["tokens"] > 0 and r["merged"]["tokens"] > 0 for r in lora["rounds"])
+
+    lead = data["lead_time"]
+    assert set(lead["recipe_to_endpoint"]["stages_s"]) >= {"train", "evaluate", "promote", "build", "serve"}
+    assert len(lead["promotion_to_serving"]["hot_swap"]) == 1  # the new version answered
+
+    text = report.read_text()
+    for name in data:
+        assert f"<!-- bench:{name} -->" in text
+        if name != "train_overhead":
+            assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 0
+    assert "_not run yet_" not in text.split("<!-- bench:gateway_overhead -->")[1].split("<!-- /bench:gateway_overhead -->")[0]
