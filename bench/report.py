@@ -162,13 +162,15 @@ def gateway_plot(data: dict[str, Any], path: Path) -> None:
     width = 0.8 / max(1, len(others))
     for i, t in enumerate(others):
         xs = [k + (i - (len(others) - 1) / 2) * width for k in range(len(cells))]
-        for ax, key in ((ax1, "p50_added_ms"), (ax2, "throughput_ratio")):
-            med = [summary[c][t][key]["median"] or 0 for c in cells]
-            lo = [m - (summary[c][t][key]["min"] or m) for m, c in zip(med, cells, strict=True)]
-            hi = [(summary[c][t][key]["max"] or m) - m for m, c in zip(med, cells, strict=True)]
-            ax.bar(xs, med, width, yerr=[lo, hi], capsize=2, label=t, color=colors[t])
+        for ax, key, floor in ((ax1, "p50_added_ms", 0.1), (ax2, "throughput_ratio", 0.0)):
+            # Latency on a log axis (1 ms and 4 s in one plot): clip at a floor above zero.
+            med = [max(summary[c][t][key]["median"] or 0, floor) for c in cells]
+            lo = [m - max(summary[c][t][key]["min"] or m, floor) for m, c in zip(med, cells, strict=True)]
+            hi = [max((summary[c][t][key]["max"] or m) - m, 0) for m, c in zip(med, cells, strict=True)]
+            ax.bar(xs, med, width, yerr=[[max(x, 0) for x in lo], hi], capsize=2, label=t, color=colors[t])
     ax1.axhline(data["goals"]["p50_added_ms"], color="green", linestyle="--", linewidth=1, label="goal")
-    ax1.set_ylabel("added p50 latency (ms)")
+    ax1.set_yscale("log")
+    ax1.set_ylabel("added p50 latency (ms, log)")
     ax2.axhline(data["goals"]["throughput_ratio"], color="green", linestyle="--", linewidth=1, label="goal")
     ax2.axhline(1.0, color="grey", linewidth=0.5)
     ax2.set_ylabel("throughput × direct")
