@@ -9,17 +9,16 @@ command can follow or cancel a job. Self-contained (no import of ``forgeline.cli
 
 from __future__ import annotations
 
-import functools
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from forgeline.cli_errors import one_line_errors
 from registry.errors import ErrorCode, FieldProblem, ForgelineError
 
 if TYPE_CHECKING:
@@ -33,20 +32,7 @@ jobs_app = typer.Typer(no_args_is_help=True, help="Training jobs on this machine
 console = Console()
 err_console = Console(stderr=True)
 
-F = TypeVar("F", bound=Callable[..., Any])
 JobIdArg = Annotated[str, typer.Argument(help="Job id (fl-...), or a unique prefix of it.")]
-
-
-def _one_line_errors(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ForgelineError as err:
-            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2 if err.code in (ErrorCode.INVALID_REQUEST, ErrorCode.INVALID_CONFIG) else 1) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 def cluster_with_overrides(recipe: Recipe, source: str, **overrides: Any) -> ClusterSpec:
@@ -139,7 +125,7 @@ def _phase_style(phase: str) -> str:
 
 
 @jobs_app.command("list")
-@_one_line_errors
+@one_line_errors
 def jobs_list(
     kind: Annotated[str | None, typer.Option(help="Only this kind: local, slurm, kubernetes, hostfile.")] = None,
     model: Annotated[str | None, typer.Option(help="Only jobs training this model.")] = None,
@@ -180,7 +166,7 @@ def jobs_list(
 
 
 @jobs_app.command("status")
-@_one_line_errors
+@one_line_errors
 def jobs_status(job_id: JobIdArg) -> None:
     """One job's status, asked of its scheduler now."""
     from training.launchers import jobs
@@ -196,7 +182,7 @@ def jobs_status(job_id: JobIdArg) -> None:
 
 
 @jobs_app.command("logs")
-@_one_line_errors
+@one_line_errors
 def jobs_logs(
     job_id: JobIdArg,
     tail: Annotated[int | None, typer.Option(help="Only the last N lines.")] = None,
@@ -222,7 +208,7 @@ def jobs_logs(
 
 
 @jobs_app.command("wait")
-@_one_line_errors
+@one_line_errors
 def jobs_wait(
     job_id: JobIdArg,
     timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds (the job keeps running).")] = None,
@@ -240,7 +226,7 @@ def jobs_wait(
 
 
 @jobs_app.command("cancel")
-@_one_line_errors
+@one_line_errors
 def jobs_cancel(job_id: JobIdArg) -> None:
     """Stop a job. Its checkpoints stay: submitting the same recipe again resumes from them."""
     from training.launchers import jobs

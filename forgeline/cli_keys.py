@@ -7,39 +7,24 @@ it with one ``add_typer`` line.
 
 from __future__ import annotations
 
-import functools
 import json
 import re
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from forgeline.cli_errors import one_line_errors
 from registry.errors import ErrorCode, ForgelineError
 
 keys_app = typer.Typer(no_args_is_help=True, help="Gateway API keys: create (shown once), list, revoke.")
 console = Console()
-err_console = Console(stderr=True)
 
-F = TypeVar("F", bound=Callable[..., Any])
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-def _one_line_errors(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ForgelineError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2 if err.code in (ErrorCode.INVALID_REQUEST, ErrorCode.INVALID_CONFIG) else 1) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 def parse_expiry(value: str, *, now: datetime | None = None) -> datetime:
@@ -73,7 +58,7 @@ def _store() -> Any:
 
 
 @keys_app.command("create")
-@_one_line_errors
+@one_line_errors
 def create(
     name_arg: Annotated[str | None, typer.Argument(metavar="NAME", help="Who or what the key is for (or --name).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Who or what the key is for, e.g. support-bot.")] = None,
@@ -105,7 +90,7 @@ def create(
 
 
 @keys_app.command("list")
-@_one_line_errors
+@one_line_errors
 def list_keys(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Every key (never the secrets), with its status."""
     records = _store().list()
@@ -123,7 +108,7 @@ def list_keys(as_json: Annotated[bool, typer.Option("--json", help="Print JSON."
 
 
 @keys_app.command("revoke")
-@_one_line_errors
+@one_line_errors
 def revoke(key_id: Annotated[str, typer.Argument(help="The key's id (from `forgeline keys list`).")]) -> None:
     """Revoke a key; gateways refuse it within their key cache time (default 2 s)."""
     record = _store().revoke(key_id)
