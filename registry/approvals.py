@@ -10,16 +10,14 @@ decide, and the no-self-approval rule, are enforced by
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Column, Engine, Index, Integer, String, Table, Text, select
+from sqlalchemy import Column, Index, Integer, String, Table, Text, select
 
-from registry import settings
-from registry.db import READ_ONLY, UTCDateTime, create_control_engine, lock_model, metadata, now
+from registry.db import READ_ONLY, ControlStore, UTCDateTime, lock_model, metadata, now
 
 logger = logging.getLogger(__name__)
 
@@ -89,26 +87,12 @@ def standing(decisions: Iterable[Approval]) -> dict[str, Approval]:
     return latest
 
 
-class ApprovalStore:
+class ApprovalStore(ControlStore):
     """The ``approvals`` table.
 
     Args:
         url: SQLAlchemy URL; defaults to ``registry.settings.control_db_url()``.
     """
-
-    def __init__(self, url: str | None = None) -> None:
-        self.url = url or settings.control_db_url()
-        self._engine: Engine | None = None
-        self._init_lock = threading.Lock()
-
-    @property
-    def engine(self) -> Engine:
-        """The SQLAlchemy engine, created (with the table) on first use."""
-        if self._engine is None:
-            with self._init_lock:
-                if self._engine is None:
-                    self._engine = create_control_engine(self.url)
-        return self._engine
 
     def append(
         self, *, model: str, version: int, approver: str, role: str, decision: Decision, comment: str
@@ -148,7 +132,3 @@ class ApprovalStore:
         with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
             return [_approval(row) for row in conn.execute(query)]
 
-    def dispose(self) -> None:
-        """Close pooled connections."""
-        if self._engine is not None:
-            self._engine.dispose()

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Column, Connection, Engine, Index, Integer, String, Table, Text, select
+from sqlalchemy import Column, Connection, Index, Integer, String, Table, Text, select
 
-from registry import settings
-from registry.db import READ_ONLY, UTCDateTime, create_control_engine, lock_model, metadata, now
+from registry.db import READ_ONLY, ControlStore, UTCDateTime, lock_model, metadata, now
 
 logger = logging.getLogger(__name__)
 
@@ -134,27 +132,13 @@ class AuditTransaction:
         return _entry(row)
 
 
-class AuditLog:
+class AuditLog(ControlStore):
     """forgeline's append-only log of alias moves.
 
     Args:
         url: SQLAlchemy URL; defaults to ``registry.settings.control_db_url()``.
             The table is created on first use.
     """
-
-    def __init__(self, url: str | None = None) -> None:
-        self.url = url or settings.control_db_url()
-        self._engine: Engine | None = None
-        self._init_lock = threading.Lock()
-
-    @property
-    def engine(self) -> Engine:
-        """The SQLAlchemy engine, created (with the table) on first use."""
-        if self._engine is None:
-            with self._init_lock:
-                if self._engine is None:
-                    self._engine = create_control_engine(self.url)
-        return self._engine
 
     @contextmanager
     def transaction(self, model: str) -> Iterator[AuditTransaction]:
@@ -201,7 +185,3 @@ class AuditLog:
         with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
             return [_entry(row) for row in conn.execute(query)]
 
-    def dispose(self) -> None:
-        """Close pooled connections (tests and short-lived CLIs)."""
-        if self._engine is not None:
-            self._engine.dispose()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +31,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
+
+from registry import settings
 
 logger = logging.getLogger(__name__)
 
@@ -138,3 +141,31 @@ def lock_model(conn: Connection, model: str) -> None:
             conn.dialect.name,
             model,
         )
+
+
+class ControlStore:
+    """Base of the control-plane stores (audit log, approvals, keys): one lazily created engine.
+
+    Args:
+        url: SQLAlchemy URL; defaults to ``registry.settings.control_db_url()``. Tables are
+            created on first use.
+    """
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url or settings.control_db_url()
+        self._engine: Engine | None = None
+        self._init_lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine, created (with the tables) on first use."""
+        if self._engine is None:
+            with self._init_lock:
+                if self._engine is None:
+                    self._engine = create_control_engine(self.url)
+        return self._engine
+
+    def dispose(self) -> None:
+        """Close pooled connections (tests and short-lived CLIs)."""
+        if self._engine is not None:
+            self._engine.dispose()

@@ -18,7 +18,6 @@ import hashlib
 import hmac
 import logging
 import secrets
-import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,10 +25,9 @@ from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import JSON, Column, Engine, Index, Integer, String, Table, select, update
+from sqlalchemy import JSON, Column, Index, Integer, String, Table, select, update
 
-from registry import settings
-from registry.db import READ_ONLY, UTCDateTime, create_control_engine, metadata, now
+from registry.db import READ_ONLY, ControlStore, UTCDateTime, metadata, now
 from registry.errors import AuthenticationError, ErrorCode, ForgelineError, NotFoundError
 
 logger = logging.getLogger(__name__)
@@ -146,27 +144,13 @@ def _check_quota(field: str, value: int | None) -> int | None:
     return value
 
 
-class KeyStore:
+class KeyStore(ControlStore):
     """Create, verify, list and revoke API keys in the control database.
 
     Args:
         url: SQLAlchemy URL; defaults to ``registry.settings.control_db_url()``. The
             ``api_keys`` table is created on first use.
     """
-
-    def __init__(self, url: str | None = None) -> None:
-        self.url = url or settings.control_db_url()
-        self._engine: Engine | None = None
-        self._init_lock = threading.Lock()
-
-    @property
-    def engine(self) -> Engine:
-        """The SQLAlchemy engine, created (with the table) on first use."""
-        if self._engine is None:
-            with self._init_lock:
-                if self._engine is None:
-                    self._engine = create_control_engine(self.url)
-        return self._engine
 
     def create(
         self,
@@ -297,8 +281,4 @@ class KeyStore:
             rows = conn.execute(select(api_keys).order_by(api_keys.c.created_at, api_keys.c.id)).all()
         return [_record(row) for row in rows]
 
-    def dispose(self) -> None:
-        """Close pooled connections (tests and short-lived CLIs)."""
-        if self._engine is not None:
-            self._engine.dispose()
 
