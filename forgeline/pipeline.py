@@ -17,7 +17,7 @@ from registry.errors import ErrorCode, ForgelineError
 from registry.policy import PromotionPolicy
 from registry.promotion import PolicyResult, promote
 from registry.promotion import check as check_gates
-from registry.settings import forgeline_home
+from registry.settings import forgeline_home, tracking_uri
 from training.config import EvaluateSpec, ModelSpec
 from training.job import TrainJob, TrainResult
 from training.launch import LocalLauncher
@@ -63,7 +63,8 @@ def download_artifacts(uri: str, kind: str, name: str, version: int) -> Path:
     if (dst / ".complete").exists():
         return dst / Path(uri.rstrip("/")).name
     dst.mkdir(parents=True, exist_ok=True)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    # Explicit tracking URI: `mlflow-artifacts:` URIs resolve through it, and long-running callers never set it globally.
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri()))
     (dst / ".complete").touch()
     return local
 
@@ -105,21 +106,20 @@ def evaluate(
         with model.disable_adapter():
             base_metrics = evaluate_model(model, tokenizer, rows, spec)
     registry.record_evaluation(name, version, metrics, base_metrics=base_metrics or None)
-    _log_metrics_on_run(info.run_id, metrics, base_metrics)
+    _log_metrics_on_run(registry, info.run_id, metrics, base_metrics)
     return EvalReport(registry.get_version(name, version), metrics, base_metrics)
 
 
-def _log_metrics_on_run(run_id: str | None, metrics: dict[str, float], base: dict[str, float]) -> None:
+def _log_metrics_on_run(registry: Registry, run_id: str | None, metrics: dict[str, float], base: dict[str, float]) -> None:
     """Evaluation results also go on the training run, so MLflow's UI compares runs."""
     if not run_id:
         return
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
+    # The registry's client, not a default MlflowClient(): a long-running process (the control
+    # plane) never set MLflow's global tracking URI.
     for key, value in metrics.items():
-        client.log_metric(run_id, f"final_{key}", value)
+        registry.client.log_metric(run_id, f"final_{key}", value)
     for key, value in base.items():
-        client.log_metric(run_id, f"base_{key}", value)
+        registry.client.log_metric(run_id, f"base_{key}", value)
 
 
 def check(registry: Registry, name: str, version: int, policy: PromotionPolicy, alias: str | None = None) -> PolicyResult:
@@ -159,7 +159,6 @@ def build(
     generation config + checksummed manifest). Target ``tensorrt-llm``: see
     `_build_trtllm` (``trtllm``, ``runner``, ``extra_adapters`` and ``finalize`` apply to it).
     """
-    import mlflow
 
     from serving.build.torch_build import build_torch_artifact
 
@@ -175,7 +174,7 @@ def build(
     build_torch_artifact(info.tags[lineage.BASE_MODEL], adapter, out)
     artifact_uri = str(out)
     if info.run_id:
-        client = mlflow.MlflowClient()
+        client = registry.client
         client.log_artifacts(info.run_id, str(out), artifact_path=f"engine/{target}")
         artifact_uri = f"{client.get_run(info.run_id).info.artifact_uri}/engine/{target}"
     registry.set_tags(info.name, info.version, {f"{lineage.ENGINE_PREFIX}{target}": artifact_uri})
@@ -198,7 +197,6 @@ def _build_trtllm(
     logged on the version (tag ``forgeline.engine.tensorrt-llm``). Slurm and Kubernetes jobs
     are submitted; once they end, ``finalize=True`` checks their result and logs the artifact.
     """
-    import mlflow
 
     from serving.build.trtllm_build import TrtllmBuildOptions, build_trtllm_artifact, finalize_trtllm_job, load_job
 
@@ -238,7 +236,7 @@ def _build_trtllm(
         return BuiltEngine(info, out, "", pending=True)
     artifact_uri = str(out)
     if info.run_id:
-        client = mlflow.MlflowClient()
+        client = registry.client
         client.log_artifacts(info.run_id, str(out), artifact_path=f"engine/{target}")
         artifact_uri = f"{client.get_run(info.run_id).info.artifact_uri}/engine/{target}"
     registry.set_tags(info.name, info.version, {lineage.engine_tag(target): artifact_uri})

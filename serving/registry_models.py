@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlparse
 from registry import lineage
 from registry.client import Registry, VersionInfo
 from registry.errors import ErrorCode, ForgelineError, ModelNotFoundError
-from registry.settings import forgeline_home
+from registry.settings import forgeline_home, tracking_uri
 
 from .build.torch_build import load_manifest
 from .config import ServeSpec
@@ -38,7 +38,7 @@ def local_artifact_dir(uri: str, info: VersionInfo, target: str, *, kind: str = 
     done = dst / ".complete"
     if not done.exists():
         dst.mkdir(parents=True, exist_ok=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
+        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri())
         done.touch()
     return dst / Path(parsed.path.rstrip("/")).name
 
@@ -152,7 +152,8 @@ def served_model(
         names = names or public_names(ref, info)
         assert spec.upstream_url is not None
         engine = upstream_for_trtllm_artifact(path, spec.upstream_url, worker_artifact_dir=spec.upstream_artifact_dir, model_id=names[0])
-        return ServedModel(name=names[0], version=str(info.version), engine=engine, aliases=tuple(names[1:]), artifact=uri, model=info.name)
+        return ServedModel(name=names[0], version=str(info.version), engine=engine, aliases=tuple(names[1:]), artifact=uri,
+                           model=info.name, org=info.tags.get(lineage.ORG))
     manifest = load_manifest(path)  # verifies checksums before we load weights
     names = names or public_names(ref, info)
     # Registry adapters need the bare base underneath; a merged artifact has another adapter in it.
@@ -161,7 +162,8 @@ def served_model(
     engine = engine_factory(path, info, names[0], spec, adapters)
     log.info("serving %s v%s from %s as %s", info.name, info.version, path, names)
     return ServedModel(
-        name=names[0], version=str(info.version), engine=engine, aliases=tuple(names[1:]), artifact=uri, model=info.name
+        name=names[0], version=str(info.version), engine=engine, aliases=tuple(names[1:]), artifact=uri, model=info.name,
+        org=info.tags.get(lineage.ORG),
     )
 
 

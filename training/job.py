@@ -64,6 +64,9 @@ class TrainJob(BaseModel):
     experiment: str = "forgeline"
     actor: str = Field(default_factory=getpass.getuser, description="Who started the job (lineage; no self-approval).")
     output_dir: str | None = Field(default=None, description="Checkpoints and the final adapter; default under $FORGELINE_HOME/jobs.")
+    run_tags: dict[str, str] = Field(
+        default_factory=dict, description="Extra tags on the MLflow run (e.g. the fine-tuning job that asked for it)."
+    )
 
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else forgeline_home() / "jobs" / self.name / self.recipe_hash
@@ -175,6 +178,20 @@ def _save_adapter(trainer: Any, tokenizer: Any, out: Path, main: bool) -> Path:
     return adapter_dir
 
 
+def total_steps_callback() -> Any:
+    """Tags the run with the optimiser steps planned (``forgeline.total_steps``), so followers
+    of the run (the fine-tuning API's events) can say "step 10/75" without redoing the arithmetic."""
+    import mlflow
+    from transformers import TrainerCallback
+
+    class TotalSteps(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.is_world_process_zero and mlflow.active_run() is not None:
+                mlflow.set_tag("forgeline.total_steps", str(state.max_steps))
+
+    return TotalSteps()
+
+
 def _log_best(trainer: Any) -> None:
     import mlflow
 
@@ -211,7 +228,8 @@ def run_job(job: TrainJob, *, registry: Registry | None = None, callbacks: list[
     inputs = TrainerInputs(
         model=None, tokenizer=tokenizer, adapter=job.adapter, train=job.train, evaluate=job.evaluate,
         train_rows=data.train, eval_rows=data.eval, output_dir=str(checkpoints), report_to=["mlflow"],
-        backend=backend, callbacks=[mark_complete_callback(), *(callbacks or [])], search_path=job.search_path(),
+        backend=backend, callbacks=[mark_complete_callback(), total_steps_callback(), *(callbacks or [])],
+        search_path=job.search_path(),
     )
     # Arguments before weights: under ZeRO-3 the HF integration then loads the model already sharded.
     args = build_config(job.method, inputs)
@@ -233,7 +251,7 @@ def run_job(job: TrainJob, *, registry: Registry | None = None, callbacks: list[
         run_id = run.info.run_id if run is not None else ""
         if main:
             write_state(out, JobState(run_id=run_id, recipe_hash=job.recipe_hash, data_digest=data.digest))
-            mlflow.set_tags({"forgeline.name": job.name, "forgeline.recipe_hash": job.recipe_hash})
+            mlflow.set_tags({"forgeline.name": job.name, "forgeline.recipe_hash": job.recipe_hash, **job.run_tags})
             if plan.checkpoint:
                 mlflow.set_tag("forgeline.resumed_from_step", str(plan.step))
             else:
