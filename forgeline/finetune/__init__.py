@@ -1,0 +1,1 @@
+"""OpenAI-compatible fine-tuning over forgeline: files, base models, jobs."""
