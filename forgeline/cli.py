@@ -315,7 +315,8 @@ def models_history(
 app.command("worker")(handles_errors(_worker_command))
 
 
-from forgeline import cli_govern  # noqa: E402,F401  (registers approve, control serve, models reconcile)
+# Registers approve, control serve, models reconcile (cli_govern); models add-base, bases, remove-base (cli_bases).
+from forgeline import cli_bases, cli_govern  # noqa: E402,F401
 
 
 def main() -> None:
