@@ -17,6 +17,7 @@ from fastapi import Request
 
 from registry.errors import AuthenticationError, PermissionDeniedError
 from registry.keys import KeyRecord
+from serving.gateway.catalog import ServedModel
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,12 @@ def check_model_allowed(principal: KeyRecord | None, model: str) -> None:
         "ask an admin for a key whose --models pattern covers it",
         param="model",
     )
+
+
+def same_org(principal: KeyRecord | None, served: ServedModel) -> bool:
+    """Whether ``principal`` may see ``served``: versions owned by an organisation (fine-tuned
+    ones) are served to that organisation's keys only; to the others they do not exist."""
+    return principal is None or served.org is None or principal.org == served.org
 
 
 def may_use(principal: KeyRecord | None, model: str) -> bool:

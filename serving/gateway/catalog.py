@@ -28,6 +28,8 @@ class ServedModel:
         created: Unix time shown in ``/v1/models``.
         model: the registered model it is a version of (defaults to ``name``); the
             ``model`` label of its metrics.
+        org: the organisation owning the version (lineage tag ``forgeline.org``, set on
+            fine-tuned versions); only that organisation's keys see it. None: every key.
         inflight: requests holding a `Lease` on it; a replaced version is unloaded only
             once this drops to zero.
     """
@@ -39,6 +41,7 @@ class ServedModel:
     artifact: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     model: str = ""
+    org: str | None = None
     inflight: int = field(default=0, compare=False)
 
     def __post_init__(self) -> None:

@@ -18,8 +18,8 @@ from fastapi import Request
 from registry.errors import ForgelineError
 from registry.keys import KeyRecord
 from serving.engine.base import Chunk, Engine, SamplingParams
-from serving.gateway.auth import check_model_allowed
-from serving.gateway.catalog import Lease, ModelCatalog, ServedModel
+from serving.gateway.auth import check_model_allowed, same_org
+from serving.gateway.catalog import Lease, ModelCatalog, ServedModel, model_not_found
 from serving.gateway.generation import Completion, lineage_headers, open_stream
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.protocol import FinishReason
@@ -84,7 +84,11 @@ class RequestLifecycle:
         """
         check_model_allowed(principal, model)
         catalog: ModelCatalog = request.app.state.catalog
-        return cls(request, model, principal, catalog.acquire(model))
+        lease = catalog.acquire(model)
+        if not same_org(principal, lease.served):
+            lease.release()
+            raise model_not_found(model)
+        return cls(request, model, principal, lease)
 
     @property
     def served(self) -> ServedModel:

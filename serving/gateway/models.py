@@ -7,8 +7,8 @@ import logging
 from fastapi import APIRouter, Depends
 
 from registry.keys import KeyRecord
-from serving.gateway.auth import check_model_allowed, get_principal, may_use
-from serving.gateway.catalog import ModelCatalog
+from serving.gateway.auth import check_model_allowed, get_principal, may_use, same_org
+from serving.gateway.catalog import ModelCatalog, model_not_found
 from serving.gateway.generation import get_catalog, resolve_model
 from serving.gateway.protocol import ModelCard, ModelList
 
@@ -26,7 +26,7 @@ async def list_models(
         ModelCard(id=name, created=served.created)
         for served in catalog.list()
         for name in served.names
-        if may_use(principal, name)
+        if may_use(principal, name) and same_org(principal, served)
     ]
     return ModelList(data=cards)
 
@@ -38,4 +38,6 @@ async def retrieve_model(
     """One model (OpenAI ``models.retrieve``); 404 ``model_not_found`` when unknown, 403 when not allowed."""
     check_model_allowed(principal, model)
     served, _ = resolve_model(catalog, model)
+    if not same_org(principal, served):
+        raise model_not_found(model)
     return ModelCard(id=model, created=served.created)

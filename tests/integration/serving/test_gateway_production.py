@@ -45,7 +45,8 @@ def prod(tiny_base_dir: Path, tiny_adapters: dict[str, Path], tmp_path_factory: 
         tiny_base_dir, device="cpu", model_id="tiny", batch_window_ms=150, adapters=tiny_adapters, max_loaded_adapters=4
     )
     served = ServedModel(name="tiny", version="1", engine=engine, aliases=("tiny@production",), artifact=str(tiny_base_dir))
-    app = create_app(StaticCatalog([served]), max_new_tokens=64, keys=keys, key_cache_s=0.2, max_body_bytes=MAX_BODY)
+    owned = ServedModel(name="ft-acme-tiny", version="1", engine=engine, org="acme")  # a fine-tuned version of org acme
+    app = create_app(StaticCatalog([served, owned]), max_new_tokens=64, keys=keys, key_cache_s=0.2, max_body_bytes=MAX_BODY)
     base_url, stop = serve_in_background(app)
     secret, _ = keys.create("tests")
     try:
@@ -109,6 +110,20 @@ def test_key_sees_and_uses_only_its_models(prod: Prod) -> None:
         client.models.retrieve("tiny")
     everything = [m.id for m in prod.client().models.list()]
     assert everything == ["tiny", "tiny@production"]
+
+
+def test_an_organisations_versions_exist_only_for_its_keys(prod: Prod) -> None:
+    acme = prod.client(prod.keys.create("acme-app", org="acme")[0])
+    assert "ft-acme-tiny" in [m.id for m in acme.models.list()]
+    assert acme.chat.completions.create(model="ft-acme-tiny", messages=MESSAGES, max_tokens=2).choices
+    globex = prod.client(prod.keys.create("globex-app", org="globex")[0])
+    assert "ft-acme-tiny" not in [m.id for m in globex.models.list()]
+    with pytest.raises(openai.NotFoundError) as info:  # 404, not 403: another org's model is not even named
+        globex.chat.completions.create(model="ft-acme-tiny", messages=MESSAGES, max_tokens=2)
+    assert info.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        globex.models.retrieve("ft-acme-tiny")
+    assert globex.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2).choices  # shared bases stay open
 
 
 def test_rpm_quota_gives_429_with_retry_after(prod: Prod) -> None:
