@@ -103,16 +103,29 @@ def control_serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8100,
     policy: Annotated[
         Path | None,
-        typer.Option(help="Policy book YAML (`default:` and `models: {name: policy}`); default: one approval per promotion."),
+        typer.Option(help="Policy book YAML (`default:` and `models: {name: policy}`); default: one approval per promotion, none for `candidate`."),
     ] = None,
+    fine_tuning: Annotated[
+        Path | None,
+        typer.Option(
+            "--fine-tuning",
+            help="YAML of the fine-tuning jobs' settings (cluster, distributed, poll_interval_s, evaluate, build, "
+            "candidate_alias); default: jobs run on this machine.",
+        ),
+    ] = None,
+    supervise: Annotated[
+        bool, typer.Option(help="Submit and follow fine-tuning jobs from this process (one per control database).")
+    ] = True,
 ) -> None:
     """Serve the control-plane API (state from MLFLOW_TRACKING_URI and FORGELINE_DB_URL)."""
     from forgeline.control import create_control_app
+    from forgeline.finetune.service import load_settings
     from registry.policy import PolicyBook
     from serving.gateway.server import run_server
 
     book = PolicyBook.load(policy) if policy else None
-    control = create_control_app(policies=book)
+    settings = load_settings(fine_tuning) if fine_tuning else None
+    control = create_control_app(policies=book, fine_tuning=settings, supervise=supervise)
     console.print(f"control plane on http://{host}:{port} (docs at /docs)")
     run_server(control, host, port)
 

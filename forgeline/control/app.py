@@ -13,6 +13,14 @@ endpoint                                              what                      
 ``POST /v1/models/{name}/versions/{v}/promote``       gated alias move            trainer, approver
 ``POST /v1/models/{name}/aliases/{alias}/rollback``   ungated move back           approver
 ``GET /v1/models/{name}/history[?alias=]``            audit log of alias moves    any key
+``POST /v1/files``                                    upload fine-tuning JSONL    trainer
+``GET /v1/files[?after=&limit=&order=&purpose=]``     the org's files             any key
+``GET /v1/files/{file_id}[/content]``                 metadata / raw bytes        any key
+``DELETE /v1/files/{file_id}``                        delete a file               trainer
+``POST /v1/fine_tuning/jobs``                         queue a fine-tuning job     trainer
+``GET /v1/fine_tuning/jobs[/{id}]``                   the org's jobs / one job    any key
+``POST /v1/fine_tuning/jobs/{id}/cancel|pause|resume`` stop / hold / continue     trainer
+``GET /v1/fine_tuning/jobs/{id}/events|checkpoints``  progress, checkpoints       any key
 ====================================================  ==========================  =========================
 
 ``admin`` passes every role check. Errors are ``{"error": {"message", "type", "param",
@@ -29,12 +37,21 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from forgeline.control.limits import UploadLimitMiddleware
 from forgeline.control.routers import approvals, history, models, promotions, rollback
+from forgeline.control.routers import files as files_api
+from forgeline.control.routers import fine_tuning as fine_tuning_api
+from forgeline.finetune.base_models import BaseModelStore
+from forgeline.finetune.files import FileStore
+from forgeline.finetune.jobs import FineTuningStore
+from forgeline.finetune.service import FineTuning, FineTuningSettings
+from forgeline.finetune.supervisor import Supervisor
 from registry.client import Registry
 from registry.errors import PolicyRefused
 from registry.keys import KeyStore
 from registry.policy import PolicyBook
 from serving.gateway.errors import forgeline_error_body, install_error_handlers
+from training.launchers.store import JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +68,9 @@ def create_control_app(
     registry: Registry | None = None,
     keys: KeyStore | None = None,
     policies: PolicyBook | None = None,
+    files: FileStore | None = None,
+    fine_tuning: FineTuningSettings | None = None,
+    supervise: bool = True,
 ) -> FastAPI:
     """Build the control-plane app.
 
@@ -59,7 +79,14 @@ def create_control_app(
             (``MLFLOW_TRACKING_URI``, ``FORGELINE_DB_URL``, ``FORGELINE_WEBHOOK_URLS``).
         keys: the API-key store; default ``KeyStore()`` on the control database.
         policies: promotion policy per model. The server enforces these; callers cannot
-            send their own. Default: one approval from an approver for every model.
+            send their own. Default: one approval from an approver for every model and alias
+            but `candidate` (no approval: where fine-tuning jobs put their new versions).
+        files: the fine-tuning file store; default ``FileStore()`` on the control database
+            with blobs under ``$FORGELINE_HOME/files``.
+        fine_tuning: where and how customers' fine-tuning jobs run; default: on this
+            machine, one process each (`FineTuningSettings`).
+        supervise: run the background supervisor that submits and follows fine-tuning
+            jobs (one per control database; replicas behind a load balancer set False).
 
     Returns:
         The FastAPI app; on shutdown it flushes queued webhook deliveries and closes the
@@ -68,16 +95,40 @@ def create_control_app(
     owned = registry is None
     registry = registry or Registry()
     keys = keys or KeyStore(registry.audit.url)
+    owns_files = files is None
+    files = files or FileStore(registry.audit.url)
     if policies is None:
-        policies = PolicyBook.model_validate({"default": {"approvals": {"count": 1}}})
-        logger.info("no policy file given: every promotion needs one approval from an approver")
+        # `candidate` needs no approval: a fine-tuning job's owner can try the new version at once.
+        policies = PolicyBook.model_validate(
+            {"default": {"approvals": {"count": 1}, "requires": {"candidate": {"approvals": 0}}}}
+        )
+        logger.info("no policy file given: every promotion but to `candidate` needs one approval from an approver")
+    url = registry.audit.url
+    ft = FineTuning(
+        store=FineTuningStore(url),
+        files=files,
+        bases=BaseModelStore(url),
+        launches=JobStore(url),
+        registry=registry,
+        policies=policies,
+        settings=(fine_tuning or FineTuningSettings()).checked(),
+    )
+    supervisor = Supervisor(ft) if supervise else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if supervisor is not None:
+            supervisor.start()
         yield
+        if supervisor is not None:
+            supervisor.stop()
+        ft.store.dispose()
+        ft.bases.dispose()
         if owned:
             registry.close()
             keys.dispose()
+        if owns_files:
+            files.dispose()
 
     app = FastAPI(
         title="forgeline control plane",
@@ -86,15 +137,18 @@ def create_control_app(
     )
     app.state.registry = registry
     app.state.keys = keys
+    app.state.files = files
+    app.state.fine_tuning = ft
     app.state.policies = policies
     install_error_handlers(app)
     app.add_exception_handler(PolicyRefused, _on_policy_refused)
+    app.add_middleware(UploadLimitMiddleware, path="/v1/files", max_bytes=files.max_bytes)
 
     @app.get("/health", tags=["health"])
     def health() -> dict[str, str]:
         """Liveness: the process answers (no key needed)."""
         return {"status": "ok"}
 
-    for module in (models, approvals, promotions, rollback, history):
+    for module in (models, approvals, promotions, rollback, history, files_api, fine_tuning_api):
         app.include_router(module.router)
     return app

@@ -1,0 +1,248 @@
+"""The fine-tuning jobs API's logic: create, read, cancel, pause, resume, events, checkpoints.
+
+The router (``forgeline.control.routers.fine_tuning``) is a thin layer over this;
+:mod:`forgeline.finetune.supervisor` drives jobs forward in the background. Every call is
+scoped to the caller's organisation: another organisation's job is reported as missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from registry.client import Registry
+from registry.errors import ConfigError, ConflictError, ErrorCode, FieldProblem, ForgelineError, NotFoundError
+from registry.keys import KeyRecord
+from registry.policy import PolicyBook
+from training.checkpoints import checkpoint_step, is_complete
+from training.config import DistributedSpec
+from training.launchers import jobs as launcher_jobs
+from training.launchers.base import job_root
+from training.launchers.config import ClusterSpec, check_cluster
+from training.launchers.store import JobStore
+
+from .base_models import BaseModelStore
+from .files import FileStore
+from .formats import inspect_jsonl
+from .jobs import ACTIVE, CANCELLED, PAUSED, QUEUED, FineTuningStore, JobRow, NewJob, new_id
+from .protocol import CreateJobRequest
+from .translate import Inputs, build_train_job
+
+log = logging.getLogger(__name__)
+
+
+class FineTuningSettings(BaseModel):
+    """How the operator runs customers' jobs (``forgeline control serve --fine-tuning FILE``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="Where jobs train (local, slurm, kubernetes, hostfile).")
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec, description="Processes and sharding per job.")
+    experiment: str = Field(default="fine-tuning", description="MLflow experiment of the jobs' runs (an mlflow integration may pick another).")
+    poll_interval_s: float = Field(default=5.0, gt=0, description="How often the supervisor follows running jobs.")
+    evaluate: bool = Field(default=True, description="Score supervised versions on their validation_file after training.")
+    build: bool = Field(default=True, description="Build the PyTorch serving artifact of each new version.")
+    candidate_alias: str | None = Field(
+        default="candidate", description="Alias a new version is moved to when the promotion policy allows it (None: never)."
+    )
+
+    def checked(self) -> FineTuningSettings:
+        problems = check_cluster(self.cluster, self.distributed)
+        if problems:
+            raise ConfigError(problems=problems, source="fine-tuning settings")
+        return self
+
+
+def load_settings(path: Path) -> FineTuningSettings:
+    """Read the settings YAML; every problem is reported at once with its path.
+
+    Raises:
+        ConfigError: unreadable YAML, unknown fields or bad values.
+    """
+    import yaml
+
+    from forgeline.recipe import problems_from_validation
+
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        return FineTuningSettings.model_validate(raw).checked()
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(problems=[FieldProblem("<file>", str(err).replace("\n", " "), None, "fix the file")],
+                          source=str(path)) from None
+    except ValidationError as err:
+        raise ConfigError(problems=problems_from_validation(err), source=str(path)) from None
+
+
+@dataclass
+class FineTuning:
+    """Everything the jobs API and its supervisor share."""
+
+    store: FineTuningStore
+    files: FileStore
+    bases: BaseModelStore
+    launches: JobStore
+    registry: Registry
+    policies: PolicyBook
+    settings: FineTuningSettings
+
+    # -- create ---------------------------------------------------------------------------------
+
+    def create(self, request: CreateJobRequest, key: KeyRecord) -> JobRow:
+        """Validate the request against the files and the base model, then queue the job.
+
+        Raises:
+            ForgelineError: unknown base model or file, a file that does not fit the
+                method, hyper-parameters that do not fit (``invalid_request`` / 404, naming the field).
+        """
+        try:
+            base = self.bases.get(request.model)
+        except NotFoundError as err:
+            raise NotFoundError(str(err), param="model") from None
+        train = self._file(key.org, request.training_file, "training_file")
+        validation = self._file(key.org, request.validation_file, "validation_file") if request.validation_file else None
+        job_id = new_id("ftjob")
+        seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+        experiment = request.integrations[0].mlflow.experiment if request.integrations else self.settings.experiment
+        root = job_root(self.settings.cluster) / "fine_tuning" / job_id
+        inputs = Inputs(
+            train_path=train[0], train_summary=train[1],
+            validation_path=validation[0] if validation else None, validation_summary=validation[1] if validation else None,
+        )
+        train_job, hyperparameters = build_train_job(
+            request, job_id=job_id, org=key.org, actor=key.name, seed=seed, base=base, inputs=inputs, job_root=root,
+            distributed=self.settings.distributed, experiment=experiment,
+            local=self.settings.cluster.kind == "local",
+        )
+        method = request.resolved_method()
+        stored_method = {"type": method.type, method.type: {"hyperparameters": hyperparameters}}
+        if method.type == "reinforcement":
+            assert method.reinforcement is not None
+            stored_method["reinforcement"]["grader"] = method.reinforcement.grader
+        job = self.store.create(
+            NewJob(
+                id=job_id, org=key.org, created_by=key.name, model=base.name, training_file=request.training_file,
+                validation_file=request.validation_file, method=stored_method,
+                hyperparameters={k: hyperparameters[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")},
+                suffix=request.suffix, seed=seed, registered_name=train_job.name,
+                train_job=train_job.model_dump(mode="json"), cluster=self.settings.cluster.model_dump(mode="json"),
+                integrations=[i.model_dump(mode="json") for i in request.integrations or []], metadata=request.metadata,
+            ),
+            first_events=[
+                ("created", f"Created fine-tuning job: {job_id}"),
+                ("validated", f"Validated training file {request.training_file} ({train[1].rows} {train[1].format} rows)"
+                 + (f" and validation file {request.validation_file}" if validation else "")),
+                ("queued", f"Job queued: {method.type} of {base.name} into {train_job.name}"),
+            ],
+        )
+        log.info("fine-tuning job %s queued for %s (%s, org %s)", job_id, train_job.name, method.type, key.org)
+        return job
+
+    def _file(self, org: str, file_id: str | None, param: str) -> tuple[Path, Any]:
+        assert file_id is not None
+        try:
+            record = self.files.get(org, file_id)
+        except NotFoundError:
+            raise NotFoundError(f"{param}: no file {file_id!r}; fix: upload it with `client.files.create(..., "
+                                "purpose='fine-tune')` and pass its id", param=param) from None
+        if record.purpose != "fine-tune":
+            raise ForgelineError(f"{param}: file {file_id} has purpose {record.purpose!r}; fix: upload it with "
+                                 "purpose='fine-tune'", code=ErrorCode.INVALID_REQUEST, param=param)
+        path = self.files.path(org, file_id)
+        return path, inspect_jsonl(path, filename=record.filename)
+
+    # -- read -----------------------------------------------------------------------------------
+
+    def get(self, job_id: str, key: KeyRecord) -> JobRow:
+        return self.store.get(job_id, org=key.org)
+
+    def list(self, key: KeyRecord, *, after: str | None, limit: int,
+             metadata: dict[str, str] | None = None) -> tuple[list[JobRow], bool]:
+        return self.store.list_jobs(key.org, after=after, limit=limit, metadata_filter=metadata)
+
+    def events(self, job_id: str, key: KeyRecord, *, after: str | None, limit: int) -> tuple[list[Any], bool]:
+        self.get(job_id, key)
+        return self.store.events(job_id, after=after, limit=limit)
+
+    def checkpoints(self, job_id: str, key: KeyRecord, *, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
+        """Complete checkpoints still on disk, newest first, with the metrics logged at their step."""
+        job = self.get(job_id, key)
+        folder = Path(job.train_job["output_dir"]) / "checkpoints"
+        found = sorted((p for p in folder.glob("checkpoint-*") if is_complete(p)), key=checkpoint_step, reverse=True)
+        items = [_checkpoint_object(job, path) for path in found]
+        if after:
+            ids = [item["id"] for item in items]
+            items = items[ids.index(after) + 1:] if after in ids else []
+        return items[:limit], len(items) > limit
+
+    # -- control --------------------------------------------------------------------------------
+
+    def cancel(self, job_id: str, key: KeyRecord) -> JobRow:
+        """Stop the job for good: its training processes are stopped (TERM, then KILL)."""
+        job = self.get(job_id, key)
+        if job.finished:
+            raise ConflictError(f"job {job_id} already {job.status}; nothing to cancel", param="fine_tuning_job_id")
+        if not self.store.transition(job_id, from_status=(*ACTIVE, PAUSED), status=CANCELLED):
+            return self.cancel(job_id, key)  # moved meanwhile: decide again on the new status
+        self._stop_training(job)
+        self.store.add_event(job_id, "cancelled", f"Job cancelled by {key.name}")
+        return self.get(job_id, key)
+
+    def pause(self, job_id: str, key: KeyRecord) -> JobRow:
+        """Stop training and keep its checkpoints; ``resume`` continues from the newest one."""
+        job = self.get(job_id, key)
+        if job.status not in ACTIVE:
+            raise ConflictError(f"job {job_id} is {job.status}; only queued or running jobs can be paused",
+                                param="fine_tuning_job_id")
+        if not self.store.transition(job_id, from_status=ACTIVE, status=PAUSED):
+            return self.pause(job_id, key)
+        self._stop_training(job)
+        self.store.add_event(job_id, f"paused-{job.attempt}", f"Job paused by {key.name}; checkpoints kept")
+        return self.get(job_id, key)
+
+    def resume(self, job_id: str, key: KeyRecord) -> JobRow:
+        """Queue a paused job again as a new attempt (it resumes from its newest complete checkpoint)."""
+        job = self.get(job_id, key)
+        if job.status != PAUSED:
+            raise ConflictError(f"job {job_id} is {job.status}; only paused jobs can be resumed", param="fine_tuning_job_id")
+        attempt = job.attempt + 1
+        if self.store.transition(job_id, from_status=(PAUSED,), status=QUEUED, attempt=attempt, launcher_job_id=None):
+            self.store.add_event(job_id, f"resumed-{attempt}", f"Job resumed by {key.name} (attempt {attempt})")
+        return self.get(job_id, key)
+
+    def _stop_training(self, job: JobRow) -> None:
+        if not job.launcher_job_id:
+            return
+        try:
+            launcher_jobs.cancel(job.launcher_job_id, store=self.launches)
+        except NotFoundError:  # the supervisor reserved the id but has not submitted: it will see the new status
+            log.info("job %s: launcher job %s not submitted yet", job.id, job.launcher_job_id)
+
+
+def _checkpoint_object(job: JobRow, path: Path) -> dict[str, Any]:
+    step = checkpoint_step(path)
+    metrics: dict[str, float] = {"step": float(step)}
+    try:
+        history = json.loads((path / "trainer_state.json").read_text()).get("log_history", [])
+    except (OSError, ValueError):
+        history = []
+    names = {"loss": "train_loss", "eval_loss": "valid_loss", "mean_token_accuracy": "train_mean_token_accuracy",
+             "eval_mean_token_accuracy": "valid_mean_token_accuracy"}
+    for entry in history:
+        if entry.get("step") == step:
+            metrics.update({ours: float(entry[theirs]) for theirs, ours in names.items() if theirs in entry})
+    return {
+        "id": f"ftckpt-{job.id.removeprefix('ftjob-')}-{step}",
+        "object": "fine_tuning.job.checkpoint",
+        "created_at": int(path.stat().st_mtime),
+        "fine_tuned_model_checkpoint": f"{job.registered_name}:ckpt-step-{step}",
+        "fine_tuning_job_id": job.id,
+        "metrics": metrics,
+        "step_number": step,
+    }
+

@@ -1,0 +1,254 @@
+"""Drives fine-tuning jobs forward in the background of the control plane.
+
+Each pass, for every queued or running job: submit it through the launcher (once: the
+launcher job id ``<job>-<attempt>`` is reserved in the database before submitting, and a
+reserved id that the launcher store already knows is adopted, not submitted again),
+follow the launcher's status, turn the run's MLflow metrics and the checkpoints on disk
+into events, and when training registered a version: evaluate it, build its serving
+artifact, move it to the candidate alias if the promotion policy allows, and mark the job
+succeeded. Every step is keyed by an event, so a control plane killed anywhere in
+between picks up where it stopped: nothing is lost, nothing runs twice.
+
+All state is in the database and the launchers, so the supervisor holds nothing a
+restart could lose; two control planes on one database would both follow the jobs
+(event keys keep the log single), but run one supervisor per database.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from registry import lineage
+from registry.errors import ForgelineError, NotFoundError, PolicyRefused
+from training.checkpoints import checkpoint_step, is_complete
+from training.job import TrainJob
+from training.launchers import jobs as launcher_jobs
+from training.launchers.base import JobPhase
+from training.launchers.config import ClusterSpec
+from training.launchers.store import JobRecord
+
+from .jobs import ACTIVE, CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRow
+from .service import FineTuning
+from .tokens import trained_tokens
+from .translate import JOB_TAG
+
+log = logging.getLogger(__name__)
+
+_SUCCESS_GRACE_POLLS = 5
+"""Polls a succeeded launcher job may take to report its version (result.json on a shared file system)."""
+
+
+class Supervisor:
+    """A daemon thread calling :meth:`tick` every ``settings.poll_interval_s``."""
+
+    def __init__(self, ft: FineTuning) -> None:
+        self.ft = ft
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._waiting_for_version: dict[str, int] = {}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="fine-tuning-supervisor", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.tick()
+            self._stop.wait(self.ft.settings.poll_interval_s)
+
+    def tick(self) -> None:
+        """One pass over the active jobs; a failure on one job is logged and does not stop the others."""
+        try:
+            jobs = self.ft.store.active()
+        except Exception:  # the database may be briefly unreachable; try again next pass
+            log.exception("cannot list fine-tuning jobs")
+            return
+        for job in jobs:
+            if self._stop.is_set():
+                return
+            try:
+                self._advance(job)
+            except Exception:
+                log.exception("fine-tuning job %s: supervisor pass failed; retrying next pass", job.id)
+
+    # -- one job ----------------------------------------------------------------------------
+
+    def _advance(self, job: JobRow) -> None:
+        if job.launcher_job_id is None:
+            self._submit(job)
+            return
+        try:
+            record = launcher_jobs.refresh(job.launcher_job_id, store=self.ft.launches)
+        except NotFoundError:  # reserved, then the control plane stopped before submitting
+            self._submit(job)
+            return
+        except ForgelineError as err:  # the scheduler cannot answer now
+            log.warning("fine-tuning job %s: cannot refresh %s: %s", job.id, job.launcher_job_id, err)
+            return
+        phase = record.status.phase
+        if phase in (JobPhase.RUNNING, JobPhase.REQUEUED, JobPhase.SUCCEEDED) and job.status == QUEUED:
+            if self.ft.store.transition(job.id, from_status=(QUEUED,), status=RUNNING):
+                self.ft.store.add_event(job.id, f"started-{job.attempt}", "Fine-tuning job started")
+        if phase is JobPhase.REQUEUED or record.status.restarts:
+            self.ft.store.add_event(job.id, f"restart-{job.attempt}-{record.status.restarts}",
+                                    f"Training restarted by the scheduler ({record.status.detail}); resuming from "
+                                    "the newest complete checkpoint", level="warn")
+        self._report_progress(job)
+        if phase is JobPhase.SUCCEEDED:
+            if record.status.version is None:
+                self._await_version(job, record)
+            else:
+                self._finish(job, record)
+        elif phase is JobPhase.FAILED:
+            self._fail(job, record)
+        elif phase is JobPhase.CANCELLED and self.ft.store.transition(job.id, from_status=ACTIVE, status=CANCELLED):
+            self.ft.store.add_event(job.id, "cancelled", f"Training was cancelled on the cluster ({record.status.detail})",
+                                    level="warn")
+
+    def _submit(self, job: JobRow) -> None:
+        launcher_id = job.launcher_job_id or f"{job.id}-{job.attempt}"
+        if job.launcher_job_id is None and not self.ft.store.transition(
+            job.id, from_status=(QUEUED,), launcher_job_id=launcher_id
+        ):
+            return  # cancelled or paused meanwhile
+        try:
+            self.ft.launches.get(launcher_id)
+            return  # submitted before a restart: follow it from the next pass
+        except NotFoundError:
+            pass
+        train_job = TrainJob.model_validate(job.train_job)
+        cluster = ClusterSpec.model_validate(job.cluster)
+        try:
+            launcher_jobs.submit(train_job, cluster, store=self.ft.launches, job_id=launcher_id)
+        except ForgelineError as err:
+            self._set_failed(job, "submission_failed", f"the cluster refused the training job: {err}")
+            return
+        self.ft.store.add_event(job.id, f"submitted-{job.attempt}",
+                                f"Training submitted to {cluster.kind} as {launcher_id}",
+                                data={"launcher_job_id": launcher_id, "cluster": cluster.kind})
+        if self.ft.store.get(job.id).status not in ACTIVE:  # cancelled or paused while we submitted
+            launcher_jobs.cancel(launcher_id, store=self.ft.launches)
+
+    def _await_version(self, job: JobRow, record: JobRecord) -> None:
+        polls = self._waiting_for_version.get(job.id, 0) + 1
+        self._waiting_for_version[job.id] = polls
+        if polls > _SUCCESS_GRACE_POLLS:
+            self._set_failed(job, "no_version", "training exited 0 but did not report a registered version "
+                             f"(no result.json in {record.handle.output_dir})")
+
+    def _fail(self, job: JobRow, record: JobRecord) -> None:
+        try:
+            tail = launcher_jobs.job_logs(record.id, tail=15, store=self.ft.launches)
+        except ForgelineError:
+            tail = ""
+        last = [line for line in tail.splitlines() if line.strip()][-3:]
+        message = f"training failed ({record.status.detail})" + (": " + " | ".join(last) if last else "")
+        self._set_failed(job, "training_failed", message[:2000])
+
+    def _set_failed(self, job: JobRow, code: str, message: str) -> None:
+        error = {"code": code, "message": message, "param": None}
+        if self.ft.store.transition(job.id, from_status=ACTIVE, status=FAILED, error=error):
+            self.ft.store.add_event(job.id, "failed", f"Job failed: {message}", level="error")
+
+    # -- progress -----------------------------------------------------------------------------
+
+    def _run(self, job: JobRow) -> Any | None:
+        """The job's MLflow run (found by its tag; remembered once found)."""
+        client = self.ft.registry.client
+        if job.run_id:
+            return client.get_run(job.run_id)
+        experiment = client.get_experiment_by_name(job.train_job.get("experiment", "forgeline"))
+        if experiment is None:
+            return None
+        runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{job.id}'",
+                                  max_results=1)
+        if not runs:
+            return None
+        self.ft.store.transition(job.id, from_status=ACTIVE, run_id=runs[0].info.run_id)
+        return runs[0]
+
+    def _report_progress(self, job: JobRow) -> None:
+        """Metrics logged on the run and checkpoints written so far, as events (each once)."""
+        store = self.ft.store
+        known = store.event_keys(job.id)
+        run = self._run(job)
+        if run is not None:
+            client = self.ft.registry.client
+            total = run.data.tags.get("forgeline.total_steps", "?")
+            for metric, label, kind in (("loss", "training loss", "train_loss"), ("eval_loss", "validation loss", "valid_loss")):
+                for point in client.get_metric_history(run.info.run_id, metric):
+                    key = f"{kind}-{point.step}"
+                    if key not in known:
+                        store.add_event(job.id, key, f"Step {point.step}/{total}: {label}={point.value:.4f}",
+                                        type="metrics", data={"step": point.step, kind: point.value, "total_steps": total})
+        folder = Path(job.train_job["output_dir"]) / "checkpoints"
+        for path in folder.glob("checkpoint-*"):
+            key = f"checkpoint-{checkpoint_step(path)}"
+            if key not in known and is_complete(path):
+                store.add_event(job.id, key, f"Checkpoint created at step {checkpoint_step(path)}",
+                                data={"step": checkpoint_step(path)})
+
+    # -- the end ------------------------------------------------------------------------------
+
+    def _finish(self, job: JobRow, record: JobRecord) -> None:
+        """Evaluate, build and (policy permitting) alias the new version, then mark the job succeeded."""
+        ft, store = self.ft, self.ft.store
+        name, version = job.registered_name, record.status.version
+        assert version is not None
+        store.transition(job.id, from_status=ACTIVE, version=version, run_id=record.status.run_id)
+        # Before anything can serve it: the gateway serves a version tagged with an org to that org's keys only.
+        ft.registry.set_tags(name, version, {lineage.ORG: job.org, lineage.FINE_TUNING_JOB: job.id})
+        store.add_event(job.id, "model-created", f"New fine-tuned model created: {name} version {version}",
+                        data={"registered_model": name, "version": version})
+        known = store.event_keys(job.id)
+        from forgeline import pipeline  # heavy (transformers): imported only when a job finishes
+
+        if ft.settings.evaluate and "evaluated" not in known:
+            self._evaluate(job, name, version, pipeline)
+        if ft.settings.build and "built" not in known:
+            try:
+                built = pipeline.build(ft.registry, f"{name}@{version}")
+            except Exception as err:  # the version stands; the build can be run again by hand
+                log.exception("fine-tuning job %s: build failed", job.id)
+                store.add_event(job.id, "built", f"Serving artifact not built ({err}); fix: run "
+                                f"`forgeline build {name}@{version}`", level="warn")
+            else:
+                store.add_event(job.id, "built", f"Serving artifact built (torch engine) for {name} version {version}",
+                                data={"artifact": built.artifact_uri})
+        alias = ft.settings.candidate_alias
+        if alias and not known & {"candidate", "candidate-refused"}:
+            try:
+                pipeline.promote_version(ft.registry, name, version, ft.policies.for_model(name), alias=alias,
+                                         actor=job.created_by, reason=f"fine-tuning job {job.id} succeeded")
+                store.add_event(job.id, "candidate", f"{name} version {version} is now {name}@{alias}")
+            except PolicyRefused as err:
+                store.add_event(job.id, "candidate-refused", f"Not moved to @{alias}: {err}", level="warn")
+        tokens = trained_tokens(TrainJob.model_validate(job.train_job))
+        if store.transition(job.id, from_status=ACTIVE, status=SUCCEEDED, fine_tuned_model=name, trained_tokens=tokens):
+            store.add_event(job.id, "succeeded", "The job has successfully completed")
+
+    def _evaluate(self, job: JobRow, name: str, version: int, pipeline: Any) -> None:
+        store = self.ft.store
+        if job.method.get("type") != "supervised" or not job.validation_file:
+            store.add_event(job.id, "evaluated", "Not evaluated: exact-match scoring needs a supervised job with a "
+                            "validation_file")
+            return
+        try:
+            report = pipeline.evaluate(self.ft.registry, name, version)
+        except Exception as err:  # the version stands; evaluation can be run again by hand
+            log.exception("fine-tuning job %s: evaluation failed", job.id)
+            store.add_event(job.id, "evaluated", f"Evaluation failed ({err}); fix: run `forgeline evaluate {name} "
+                            f"{version}`", level="warn")
+            return
+        shown = ", ".join(f"{k}={v:.3f}" for k, v in sorted(report.metrics.items()))
+        base = ", ".join(f"{k}={v:.3f}" for k, v in sorted(report.base_metrics.items()))
+        store.add_event(job.id, "evaluated", f"Evaluated on the validation file: {shown} (base model: {base})",
+                        type="metrics", data={"metrics": report.metrics, "base_metrics": report.base_metrics})
