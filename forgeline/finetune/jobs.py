@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -101,8 +101,8 @@ def new_id(prefix: str) -> str:
 
 
 @dataclass(frozen=True)
-class JobRow:
-    """One fine-tuning job as stored."""
+class NewJob:
+    """What the customer asked for, resolved: the columns ``FineTuningStore.create`` writes."""
 
     id: str
     org: str
@@ -116,15 +116,21 @@ class JobRow:
     seed: int
     integrations: list[dict[str, Any]]
     metadata: dict[str, str] | None
-    status: str
     registered_name: str
+    train_job: dict[str, Any]
+    cluster: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class JobRow(NewJob):
+    """One fine-tuning job as stored: the request plus where the job is."""
+
+    status: str
     fine_tuned_model: str | None
     version: int | None
     run_id: str | None
     attempt: int
     launcher_job_id: str | None
-    train_job: dict[str, Any]
-    cluster: dict[str, Any]
     error: dict[str, Any] | None
     trained_tokens: int | None
     created_at: datetime
@@ -157,27 +163,6 @@ class EventRow:
         return cls(**{name: row._mapping[name] for name in cls.__dataclass_fields__})
 
 
-@dataclass
-class NewJob:
-    """What ``FineTuningStore.create`` stores (everything but the bookkeeping columns)."""
-
-    id: str
-    org: str
-    created_by: str
-    model: str
-    training_file: str
-    validation_file: str | None
-    method: dict[str, Any]
-    hyperparameters: dict[str, Any]
-    suffix: str | None
-    seed: int
-    registered_name: str
-    train_job: dict[str, Any]
-    cluster: dict[str, Any]
-    integrations: list[dict[str, Any]] = field(default_factory=list)
-    metadata: dict[str, str] | None = None
-
-
 class FineTuningStore(ControlStore):
     """The ``fine_tuning_jobs`` and ``fine_tuning_events`` tables (SQLite or PostgreSQL)."""
 
@@ -187,7 +172,7 @@ class FineTuningStore(ControlStore):
         with self.engine.begin() as conn:
             conn.execute(
                 insert(fine_tuning_jobs).values(
-                    **job.__dict__, status=QUEUED, attempt=1, created_at=at, updated_at=at
+                    **asdict(job), status=QUEUED, attempt=1, created_at=at, updated_at=at
                 )
             )
             for key, message in first_events:

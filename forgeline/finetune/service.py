@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from registry.client import Registry
 from registry.errors import ConfigError, ConflictError, ErrorCode, FieldProblem, ForgelineError, NotFoundError
 from registry.keys import KeyRecord
 from registry.policy import PolicyBook
+from registry.settings import forgeline_home, tracking_uri
 from training.checkpoints import checkpoint_step, is_complete
 from training.config import DistributedSpec
 from training.launchers import jobs as launcher_jobs
@@ -53,7 +55,29 @@ class FineTuningSettings(BaseModel):
     )
 
     def checked(self) -> FineTuningSettings:
+        """These settings, or every problem with them (including ones only this machine can tell)."""
         problems = check_cluster(self.cluster, self.distributed)
+        shared = self.cluster.shared_dir
+        if shared and not os.environ.get("MLFLOW_TRACKING_URI") and \
+                Path(shared).expanduser().resolve() != forgeline_home().resolve():
+            # The nodes run with FORGELINE_HOME=shared_dir and, with no MLFLOW_TRACKING_URI to forward,
+            # track into an embedded store there, not ours.
+            problems.append(FieldProblem(
+                "cluster.shared_dir", f"jobs would register their versions in {shared}/mlflow.db, which this "
+                f"control plane ({tracking_uri()}) does not read", shared,
+                "set MLFLOW_TRACKING_URI to a tracking server both reach, or run the control plane with "
+                f"FORGELINE_HOME={shared}",
+            ))
+        embedded = tracking_uri().startswith(("sqlite:", "file:")) or "://" not in tracking_uri()
+        if self.cluster.kind == "kubernetes" and embedded and \
+                Path(self.cluster.mount_path).resolve() != forgeline_home().resolve():
+            # Pods get no SQLite URI (a file on this machine); they track into <mount_path>/mlflow.db.
+            problems.append(FieldProblem(
+                "cluster.mount_path", f"pods would register their versions in {self.cluster.mount_path}/mlflow.db, "
+                f"which this control plane ({tracking_uri()}) does not read", self.cluster.mount_path,
+                "set MLFLOW_TRACKING_URI to a tracking server the pods reach, or run the control plane with "
+                f"the jobs' volume mounted as FORGELINE_HOME={self.cluster.mount_path}",
+            ))
         if problems:
             raise ConfigError(problems=problems, source="fine-tuning settings")
         return self
@@ -77,6 +101,14 @@ def load_settings(path: Path) -> FineTuningSettings:
                           source=str(path)) from None
     except ValidationError as err:
         raise ConfigError(problems=problems_from_validation(err), source=str(path)) from None
+
+
+def jobs_folder(cluster: ClusterSpec) -> Path:
+    """Where job folders (converted data, checkpoints) go: a folder the training processes see
+    at the same path. Slurm and hostfile: the cluster's shared_dir (else $FORGELINE_HOME);
+    Kubernetes: the PVC's mount path, so the control plane must mount the jobs' PVC there too."""
+    root = Path(cluster.mount_path) if cluster.kind == "kubernetes" else job_root(cluster)
+    return root / "fine_tuning"
 
 
 @dataclass
@@ -109,7 +141,7 @@ class FineTuning:
         job_id = new_id("ftjob")
         seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
         experiment = request.integrations[0].mlflow.experiment if request.integrations else self.settings.experiment
-        root = job_root(self.settings.cluster) / "fine_tuning" / job_id
+        root = jobs_folder(self.settings.cluster) / job_id
         inputs = Inputs(
             train_path=train[0], train_summary=train[1],
             validation_path=validation[0] if validation else None, validation_summary=validation[1] if validation else None,
@@ -172,13 +204,22 @@ class FineTuning:
     def checkpoints(self, job_id: str, key: KeyRecord, *, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
         """Complete checkpoints still on disk, newest first, with the metrics logged at their step."""
         job = self.get(job_id, key)
-        folder = Path(job.train_job["output_dir"]) / "checkpoints"
+        folder = self.output_dir(job) / "checkpoints"
         found = sorted((p for p in folder.glob("checkpoint-*") if is_complete(p)), key=checkpoint_step, reverse=True)
         items = [_checkpoint_object(job, path) for path in found]
         if after:
             ids = [item["id"] for item in items]
             items = items[ids.index(after) + 1:] if after in ids else []
         return items[:limit], len(items) > limit
+
+    def output_dir(self, job: JobRow) -> Path:
+        """Where the job's checkpoints are, as the launcher placed them (Kubernetes: on the PVC)."""
+        if job.launcher_job_id:
+            try:
+                return Path(self.launches.get(job.launcher_job_id).handle.output_dir)
+            except NotFoundError:
+                pass
+        return Path(job.train_job["output_dir"])
 
     # -- control --------------------------------------------------------------------------------
 

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from pathlib import Path
 from typing import Any
 
+from mlflow.exceptions import MlflowException
+
 from registry import lineage
-from registry.errors import ForgelineError, NotFoundError, PolicyRefused
+from registry.errors import ForgelineError, ModelNotFoundError, NotFoundError, PolicyRefused
 from training.checkpoints import checkpoint_step, is_complete
 from training.job import TrainJob
 from training.launchers import jobs as launcher_jobs
@@ -164,7 +165,10 @@ class Supervisor:
         """The job's MLflow run (found by its tag; remembered once found)."""
         client = self.ft.registry.client
         if job.run_id:
-            return client.get_run(job.run_id)
+            try:
+                return client.get_run(job.run_id)
+            except MlflowException:  # tracked somewhere this control plane does not read
+                return None
         experiment = client.get_experiment_by_name(job.train_job.get("experiment", "forgeline"))
         if experiment is None:
             return None
@@ -182,14 +186,15 @@ class Supervisor:
         run = self._run(job)
         if run is not None:
             client = self.ft.registry.client
-            total = run.data.tags.get("forgeline.total_steps", "?")
+            planned = run.data.tags.get("forgeline.total_steps", "")
+            total = int(planned) if planned.isdigit() else None
             for metric, label, kind in (("loss", "training loss", "train_loss"), ("eval_loss", "validation loss", "valid_loss")):
                 for point in client.get_metric_history(run.info.run_id, metric):
                     key = f"{kind}-{point.step}"
                     if key not in known:
-                        store.add_event(job.id, key, f"Step {point.step}/{total}: {label}={point.value:.4f}",
+                        store.add_event(job.id, key, f"Step {point.step}/{total or '?'}: {label}={point.value:.4f}",
                                         type="metrics", data={"step": point.step, kind: point.value, "total_steps": total})
-        folder = Path(job.train_job["output_dir"]) / "checkpoints"
+        folder = self.ft.output_dir(job) / "checkpoints"
         for path in folder.glob("checkpoint-*"):
             key = f"checkpoint-{checkpoint_step(path)}"
             if key not in known and is_complete(path):
@@ -205,7 +210,13 @@ class Supervisor:
         assert version is not None
         store.transition(job.id, from_status=ACTIVE, version=version, run_id=record.status.run_id)
         # Before anything can serve it: the gateway serves a version tagged with an org to that org's keys only.
-        ft.registry.set_tags(name, version, {lineage.ORG: job.org, lineage.FINE_TUNING_JOB: job.id})
+        try:
+            ft.registry.set_tags(name, version, {lineage.ORG: job.org, lineage.FINE_TUNING_JOB: job.id})
+        except (NotFoundError, ModelNotFoundError):
+            self._set_failed(job, "no_version", f"training reported {name} version {version}, but the registry this "
+                             f"control plane reads ({ft.registry.tracking_uri}) has no such version; fix: point the "
+                             "cluster and the control plane at one MLflow tracking server (MLFLOW_TRACKING_URI)")
+            return
         store.add_event(job.id, "model-created", f"New fine-tuned model created: {name} version {version}",
                         data={"registered_model": name, "version": version})
         known = store.event_keys(job.id)

@@ -32,6 +32,7 @@ from .base import (
     dns_label,
     forwarded_env,
     job_json,
+    with_outcome,
 )
 from .config import ClusterSpec, time_limit_seconds
 from .templates import render
@@ -226,7 +227,8 @@ class KubernetesLauncher:
         pods = self._pods(handle)
         restarts = sum(cs.restart_count or 0 for p in pods for cs in (p.status.container_statuses or []))
         nodes = sorted({p.spec.node_name for p in pods if p.spec and p.spec.node_name})
-        return JobStatus(phase=phase, detail=detail, restarts=restarts, nodes=nodes)
+        # result.json on the PVC, when this machine mounts it at mount_path too (the fine-tuning control plane).
+        return with_outcome(JobStatus(phase=phase, detail=detail, restarts=restarts, nodes=nodes), handle)
 
     def _pods(self, handle: JobHandle) -> list[Any]:
         pods = self._core().list_namespaced_pod(namespace=handle.cluster.namespace, label_selector=f"{LABEL_JOB}={handle.id}")

@@ -12,76 +12,27 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import yaml
+from openai.types.fine_tuning import FineTuningJob
 
 from forgeline.control import create_control_app
-from forgeline.finetune.base_models import BaseModelStore
 from forgeline.finetune.service import FineTuningSettings
 from registry.client import Registry
-from registry.keys import KeyStore
 from serving.gateway.server import serve_in_background
-from tests.conftest import REPO, SUPPORT_DATA, TINY_BASE
+from tests.conftest import REPO, SUPPORT_DATA
+from tests.integration.control.finetune_client import Org, all_events, chat_file, wait_for
 from training.launchers.local import PROCESS_FILE, ProcessRecord, process_alive
 from training.launchers.store import JobStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 QUESTION = [{"role": "user", "content": "Route this ticket: Hello, my parcel never arrived and tracking shows nothing."}]
-
-
-def chat_file(path: Path, source: Path, rows: int) -> Path:
-    """OpenAI chat rows (``{"messages": [...]}``) from the shipped support-ticket data."""
-    rows_in = [json.loads(line) for line in source.read_text().splitlines()[:rows]]
-    path.write_text("".join(json.dumps({"messages": r["prompt"] + r["completion"]}) + "\n" for r in rows_in))
-    return path
-
-
-@dataclass
-class Org:
-    """Keys of the people in one test: a trainer and an approver of org acme, a trainer of org globex."""
-
-    secrets: dict[str, str]
-
-    def client(self, url: str, who: str) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{url}/v1", api_key=self.secrets[who], max_retries=0, timeout=60)
-
-
-@pytest.fixture
-def org(tmp_path: Path) -> Org:
-    BaseModelStore().add(
-        "tiny", str(TINY_BASE), actor="ops", adapter={"kind": "lora", "r": 16, "alpha": 32},
-        train={"learning_rate": 0.002, "max_length": 128, "logging_steps": 5, "save_steps": 10},
-    )
-    keys = KeyStore()
-    secrets = {
-        "tess": keys.create("tess", roles=("trainer", "user"), org="acme")[0],
-        "ana": keys.create("ana", roles=("approver",), org="acme")[0],
-        "otto": keys.create("otto", roles=("trainer", "user"), org="globex")[0],
-    }
-    keys.dispose()
-    return Org(secrets)
-
-
-def wait_for(what: str, check: Callable[[], object], timeout_s: float = 600, every_s: float = 0.5) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
-def all_events(client: openai.OpenAI, job_id: str) -> list[openai.types.fine_tuning.FineTuningJobEvent]:
-    """Every event, oldest first, walking the SDK's pages."""
-    return list(reversed(list(client.fine_tuning.jobs.list_events(job_id, limit=7))))  # auto-paginates
 
 
 @pytest.fixture
@@ -130,7 +81,7 @@ def test_upload_train_approve_promote_and_serve_through_the_openai_sdk(plane: st
     assert messages[-1] == "The job has successfully completed"
     steps = [e for e in all_events(tess, job.id) if e.type == "metrics" and e.data and "train_loss" in e.data]
     assert [e.data["step"] for e in steps] == sorted({e.data["step"] for e in steps})  # each step once, in order
-    assert steps[-1].data["total_steps"] == "60" and steps[0].data["train_loss"] > steps[-1].data["train_loss"]
+    assert steps[-1].data["total_steps"] == 60 and steps[0].data["train_loss"] > steps[-1].data["train_loss"]
     assert any(m.startswith(f"New fine-tuned model created: {name} version 1") for m in messages)
     assert any(m.startswith("Evaluated on the validation file: accuracy=") for m in messages)
     assert f"{name} version 1 is now {name}@candidate" in messages  # the default policy lets candidate through
@@ -263,6 +214,17 @@ def control(org: Org, isolated_home: Path, tmp_path: Path) -> Iterator[ControlPr
             process.proc.wait(30)
 
 
+def start_job(client: openai.OpenAI, tmp_path: Path, rows: int, **create: object) -> FineTuningJob:
+    """Upload ``rows`` support-ticket chats and start a supervised job on the tiny base."""
+    train = client.files.create(file=chat_file(tmp_path / "t.jsonl", SUPPORT_DATA / "train.jsonl", rows).open("rb"),
+                                purpose="fine-tune")
+    return client.fine_tuning.jobs.create(model="tiny", training_file=train.id, **create)  # type: ignore[arg-type]
+
+
+def wait_for_steps(client: openai.OpenAI, job_id: str) -> None:
+    wait_for("a training step", lambda: any(e.type == "metrics" for e in all_events(client, job_id)))
+
+
 def _training_process(job_id: str) -> ProcessRecord:
     record = JobStore().get(f"{job_id}-1")
     return ProcessRecord.model_validate_json((Path(record.handle.job_dir) / PROCESS_FILE).read_text())
@@ -270,10 +232,8 @@ def _training_process(job_id: str) -> ProcessRecord:
 
 def test_cancel_stops_the_training_process(control: ControlProcess, org: Org, tmp_path: Path) -> None:
     tess = org.client(control.url, "tess")
-    train = tess.files.create(file=chat_file(tmp_path / "t.jsonl", SUPPORT_DATA / "train.jsonl", 400).open("rb"),
-                              purpose="fine-tune")
-    job = tess.fine_tuning.jobs.create(model="tiny", training_file=train.id, hyperparameters={"n_epochs": 50})
-    wait_for("a training step", lambda: any(e.type == "metrics" for e in all_events(tess, job.id)))
+    job = start_job(tess, tmp_path, 400, hyperparameters={"n_epochs": 50})
+    wait_for_steps(tess, job.id)
     process = _training_process(job.id)
     assert process_alive(process)
 
@@ -289,11 +249,8 @@ def test_cancel_stops_the_training_process(control: ControlProcess, org: Org, tm
 
 def test_a_restarted_control_plane_loses_nothing(control: ControlProcess, org: Org, tmp_path: Path) -> None:
     tess = org.client(control.url, "tess")
-    train = tess.files.create(file=chat_file(tmp_path / "t.jsonl", SUPPORT_DATA / "train.jsonl", 320).open("rb"),
-                              purpose="fine-tune")
-    job = tess.fine_tuning.jobs.create(model="tiny", training_file=train.id, suffix="restart",
-                                       hyperparameters={"n_epochs": 2, "batch_size": 16})
-    wait_for("a training step", lambda: any(e.type == "metrics" for e in all_events(tess, job.id)))
+    job = start_job(tess, tmp_path, 320, suffix="restart", hyperparameters={"n_epochs": 2, "batch_size": 16})
+    wait_for_steps(tess, job.id)
     process = _training_process(job.id)
 
     control.kill()  # SIGKILL: no shutdown hook runs
@@ -316,10 +273,7 @@ def test_a_restarted_control_plane_loses_nothing(control: ControlProcess, org: O
 
 def test_pause_keeps_checkpoints_and_resume_continues_from_them(control: ControlProcess, org: Org, tmp_path: Path) -> None:
     tess = org.client(control.url, "tess")
-    train = tess.files.create(file=chat_file(tmp_path / "t.jsonl", SUPPORT_DATA / "train.jsonl", 320).open("rb"),
-                              purpose="fine-tune")
-    job = tess.fine_tuning.jobs.create(model="tiny", training_file=train.id, suffix="paused",
-                                       hyperparameters={"n_epochs": 2, "batch_size": 16})
+    job = start_job(tess, tmp_path, 320, suffix="paused", hyperparameters={"n_epochs": 2, "batch_size": 16})
     wait_for("a checkpoint", lambda: any(e.message.startswith("Checkpoint created") for e in all_events(tess, job.id)))
     first = _training_process(job.id)
 

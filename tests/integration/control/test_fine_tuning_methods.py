@@ -18,7 +18,7 @@ from registry import lineage
 from registry.client import Registry
 from serving.gateway.server import serve_in_background
 from tests.conftest import REPO
-from tests.integration.control.test_fine_tuning_api import Org, all_events, org, wait_for  # noqa: F401
+from tests.integration.control.finetune_client import Org, all_events, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -53,7 +53,7 @@ def prompt_file(path: Path, rows: int) -> Path:
 
 
 @pytest.fixture
-def plane(org: Org) -> Iterator[str]:  # noqa: F811
+def plane(org: Org) -> Iterator[str]:
     app = create_control_app(fine_tuning=FineTuningSettings(poll_interval_s=0.5, evaluate=False, build=False))
     url, stop = serve_in_background(app)
     try:
@@ -79,7 +79,7 @@ def _method_tag(name: str, version: int) -> str:
         registry.close()
 
 
-def test_a_dpo_job_trains_and_registers_a_dpo_version(plane: str, org: Org, tmp_path: Path) -> None:  # noqa: F811
+def test_a_dpo_job_trains_and_registers_a_dpo_version(plane: str, org: Org, tmp_path: Path) -> None:
     started = time.monotonic()
     tess = org.client(plane, "tess")
     train = tess.files.create(file=preference_file(tmp_path / "prefs.jsonl", 64).open("rb"), purpose="fine-tune")
@@ -107,7 +107,7 @@ def test_a_dpo_job_trains_and_registers_a_dpo_version(plane: str, org: Org, tmp_
     print(f"\ndpo job wall time: {time.monotonic() - started:.1f} s")
 
 
-def test_a_reinforcement_job_trains_with_a_string_check_grader(plane: str, org: Org, tmp_path: Path) -> None:  # noqa: F811
+def test_a_reinforcement_job_trains_with_a_string_check_grader(plane: str, org: Org, tmp_path: Path) -> None:
     started = time.monotonic()
     tess = org.client(plane, "tess")
     train = tess.files.create(file=prompt_file(tmp_path / "prompts.jsonl", 32).open("rb"), purpose="fine-tune")

@@ -47,6 +47,7 @@ def new_job(org: str = "acme", metadata: dict[str, str] | None = None) -> NewJob
         registered_name=f"ft-{org}-tiny-{job_id[6:14]}",
         train_job={"name": "x", "output_dir": "/tmp/x"},
         cluster={"kind": "local"},
+        integrations=[],
         metadata=metadata,
     )
 

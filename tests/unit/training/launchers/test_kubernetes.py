@@ -7,13 +7,12 @@ URLs, error handling) down to a fake urllib3 pool manager that plays the API ser
 
 from __future__ import annotations
 
-import json
 from typing import Any
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs
 
 import pytest
-import urllib3
 
+from tests.unit.training.launchers.fake_kube import FakeApiServer, api_client
 from training.job import TrainJob
 from training.launchers.base import JobHandle, JobPhase, LaunchError, LaunchSpec
 from training.launchers.config import ClusterSpec
@@ -124,28 +123,6 @@ def test_pod_templates_are_valid_kubernetes_objects(train_job: TrainJob) -> None
 # --- the API calls, through the real client down to a fake HTTP layer --------------------------
 
 
-class FakeApiServer:
-    """Plays the Kubernetes API server at urllib3's ``PoolManager.request`` level."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[str, str, Any]] = []
-        self.routes: dict[tuple[str, str], tuple[int, Any]] = {}
-
-    def route(self, method: str, path: str, status: int, body: Any) -> None:
-        self.routes[(method, path)] = (status, body)
-
-    def request(self, method: str, url: str, **kwargs: Any) -> urllib3.HTTPResponse:
-        parsed = urlparse(url)
-        body = kwargs.get("body")
-        self.requests.append((method, parsed.path + (f"?{parsed.query}" if parsed.query else ""),
-                              json.loads(body) if body else None))
-        status, payload = self.routes.get((method, parsed.path), (404, {"kind": "Status", "reason": "NotFound"}))
-        data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
-        content_type = "text/plain" if isinstance(payload, str) else "application/json"
-        return urllib3.HTTPResponse(body=data, status=status, reason="OK" if status < 400 else "Error",
-                                    headers={"Content-Type": content_type}, preload_content=False)
-
-
 @pytest.fixture
 def server() -> FakeApiServer:
     return FakeApiServer()
@@ -153,10 +130,7 @@ def server() -> FakeApiServer:
 
 @pytest.fixture
 def launcher(server: FakeApiServer) -> KubernetesLauncher:
-    config = k8s.client.Configuration(host="https://k8s.test")
-    api_client = k8s.client.ApiClient(config)
-    api_client.rest_client.pool_manager = server
-    return KubernetesLauncher(api_client=api_client)
+    return KubernetesLauncher(api_client=api_client(server))
 
 
 def _handle(cluster: ClusterSpec) -> JobHandle:
