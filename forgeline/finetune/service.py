@@ -18,7 +18,15 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from registry.client import Registry
-from registry.errors import ConfigError, ConflictError, ErrorCode, FieldProblem, ForgelineError, NotFoundError
+from registry.errors import (
+    ConfigError,
+    ConflictError,
+    ErrorCode,
+    FieldProblem,
+    ForgelineError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 from registry.keys import KeyRecord
 from registry.policy import PolicyBook
 from registry.settings import forgeline_home, tracking_uri
@@ -31,7 +39,7 @@ from training.launchers.store import JobStore
 
 from .base_models import BaseModelStore
 from .files import FileStore
-from .formats import inspect_jsonl
+from .formats import FileSummary, inspect_jsonl
 from .jobs import ACTIVE, CANCELLED, PAUSED, QUEUED, FineTuningStore, JobRow, NewJob, new_id
 from .protocol import CreateJobRequest
 from .translate import Inputs, build_train_job
@@ -151,6 +159,12 @@ class FineTuning:
             distributed=self.settings.distributed, experiment=experiment,
             local=self.settings.cluster.kind == "local",
         )
+        if not key.allows_model(train_job.name):
+            raise PermissionDeniedError(
+                f"API key {key.prefix}… ({key.name}) may only act on models matching {key.models!r}; this job would "
+                f"register {train_job.name!r}; fix: use a suffix your key covers, or a key for that model",
+                param="suffix",
+            )
         method = request.resolved_method()
         stored_method = {"type": method.type, method.type: {"hyperparameters": hyperparameters}}
         if method.type == "reinforcement":
@@ -175,7 +189,7 @@ class FineTuning:
         log.info("fine-tuning job %s queued for %s (%s, org %s)", job_id, train_job.name, method.type, key.org)
         return job
 
-    def _file(self, org: str, file_id: str | None, param: str) -> tuple[Path, Any]:
+    def _file(self, org: str, file_id: str | None, param: str) -> tuple[Path, FileSummary]:
         assert file_id is not None
         try:
             record = self.files.get(org, file_id)

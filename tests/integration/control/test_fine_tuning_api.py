@@ -24,6 +24,7 @@ from openai.types.fine_tuning import FineTuningJob
 from forgeline.control import create_control_app
 from forgeline.finetune.service import FineTuningSettings
 from registry.client import Registry
+from registry.keys import KeyStore
 from serving.gateway.server import serve_in_background
 from tests.conftest import REPO, SUPPORT_DATA
 from tests.integration.control.finetune_client import Org, all_events, chat_file, wait_for
@@ -158,6 +159,15 @@ def test_bad_requests_name_the_field(plane: str, org: Org, tmp_path: Path) -> No
                 "reference": "{{item.reference_answer}}", "operation": "eq"}}})
     with pytest.raises(openai.PermissionDeniedError):
         org.client(plane, "ana").fine_tuning.jobs.create(model="tiny", training_file=train.id)
+    keys = KeyStore()
+    scoped = keys.create("lena", roles=("trainer",), org="acme", models="ft-acme-tiny-legal*")[0]
+    keys.dispose()
+    scoped_client = openai.OpenAI(base_url=f"{plane}/v1", api_key=scoped, max_retries=0)
+    lena_file = scoped_client.files.create(file=chat_file(tmp_path / "l.jsonl", SUPPORT_DATA / "train.jsonl", 20).open("rb"),
+                                           purpose="fine-tune")
+    with pytest.raises(openai.PermissionDeniedError, match="ft-acme-tiny-support") as denied:
+        scoped_client.fine_tuning.jobs.create(model="tiny", training_file=lena_file.id, suffix="support")
+    assert denied.value.param == "suffix"
     assert tess.fine_tuning.jobs.list().data == []  # nothing was queued by a refused request
 
 
