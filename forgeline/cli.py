@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from registry.errors import ConfigError, ForgelineError
+from registry.errors import ConfigError, ErrorCode, ForgelineError
 
 from .cli_jobs import jobs_app
 from .cli_keys import keys_app
@@ -237,7 +237,8 @@ def build(
 @app.command()
 @handles_errors
 def serve(
-    model: Annotated[list[str], typer.Option("--model", help="Model ref to serve, e.g. quickstart@production (repeatable).")],
+    model: Annotated[list[str] | None, typer.Option("--model", help="Model ref to serve, e.g. quickstart@production (repeatable).")] = None,
+    base: Annotated[list[str] | None, typer.Option("--base", help="Operator base model to serve bare (`forgeline models add-base`); fine-tuned LoRA versions on it answer by their own name (repeatable).")] = None,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     device: Annotated[str, typer.Option(help="Torch device: auto, cpu, cuda.")] = "auto",
@@ -247,15 +248,27 @@ def serve(
     """Serve models through the OpenAI-compatible gateway until interrupted."""
     from serving.config import ServeSpec
     from serving.gateway.server import run_server
+    from serving.registry_models import BaseSource
     from serving.service import build_gateway, configure_access_log
 
+    from .finetune.base_models import BaseModelStore
     from .recipe import load_recipe
 
-    base = load_recipe(recipe).serve if recipe else ServeSpec()
-    spec = base.model_copy(update={"host": host, "port": port, "device": device, "auth": auth and base.auth})
+    refs, base_names = list(model or []), list(dict.fromkeys(base or []))
+    if not refs and not base_names:
+        raise ForgelineError(
+            "nothing to serve: pass --model REF (a registry ref) and/or --base NAME (see `forgeline models bases`)",
+            code=ErrorCode.INVALID_REQUEST,
+            param="model",
+        )
+    store = BaseModelStore() if base_names else None
+    records = [store.get(name) for name in base_names] if store else []
+    bases = [BaseSource(name=r.name, source=r.source, chat_template=r.chat_template) for r in records]
+    serve_spec = load_recipe(recipe).serve if recipe else ServeSpec()
+    spec = serve_spec.model_copy(update={"host": host, "port": port, "device": device, "auth": auth and serve_spec.auth})
     configure_access_log()
-    console.print(f"serving {', '.join(model)} on http://{host}:{port}/v1 (API keys {'required' if spec.auth else 'OFF'})")
-    run_server(build_gateway(_registry(), model, spec), host, port)
+    console.print(f"serving {', '.join(refs + base_names)} on http://{host}:{port}/v1 (API keys {'required' if spec.auth else 'OFF'})")
+    run_server(build_gateway(_registry(), refs, spec, bases=bases), host, port)
 
 
 @app.command()

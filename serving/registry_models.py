@@ -6,8 +6,12 @@ the names clients send follow aliases (``quickstart`` is the ``production`` hold
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -16,7 +20,7 @@ from registry.client import Registry, VersionInfo
 from registry.errors import ErrorCode, ForgelineError, ModelNotFoundError
 from registry.settings import forgeline_home, tracking_uri
 
-from .build.torch_build import load_manifest
+from .build.torch_build import MANIFEST_NAME, build_torch_artifact, load_manifest
 from .config import ServeSpec
 from .engine.base import Engine
 from .engine.torch_engine import TorchEngine
@@ -59,7 +63,9 @@ EngineFactory = Callable[[Path, VersionInfo, str, ServeSpec, Callable[[str], Pat
 LORA_KINDS = ("lora", "qlora")
 
 
-def torch_engine(path: Path, info: VersionInfo, model_id: str, spec: ServeSpec, adapters: Callable[[str], Path]) -> Engine:
+def torch_engine(
+    path: Path, info: VersionInfo, model_id: str, spec: ServeSpec, adapters: Callable[[str], Path]
+) -> Engine:
     """The default `EngineFactory`: the batched PyTorch engine with multi-LoRA."""
     return TorchEngine(
         path,
@@ -72,7 +78,8 @@ def torch_engine(path: Path, info: VersionInfo, model_id: str, spec: ServeSpec, 
     )
 
 
-def _same_model(a: str, b: str) -> bool:
+def same_base(a: str, b: str) -> bool:
+    """Whether two base-model references (local folders or hub ids) name the same weights."""
     # Local folders may be spelled differently (relative, symlinked); hub ids compare as text.
     if a == b:
         return True
@@ -113,7 +120,7 @@ def adapter_source(
                 f"`{served}:{adapter}`: {info.ref} is not a LoRA adapter (adapter kind {kind!r})", param="model"
             )
         trained_on = info.tags.get(lineage.BASE_MODEL, "")
-        if not _same_model(trained_on, base_model):
+        if not same_base(trained_on, base_model):
             raise ModelNotFoundError(
                 f"`{served}:{adapter}`: {info.ref} was trained on {trained_on!r}, but `{served}` serves "
                 f"{base_model!r}; ask for it on a model with that base",
@@ -151,9 +158,18 @@ def served_model(
 
         names = names or public_names(ref, info)
         assert spec.upstream_url is not None
-        engine = upstream_for_trtllm_artifact(path, spec.upstream_url, worker_artifact_dir=spec.upstream_artifact_dir, model_id=names[0])
-        return ServedModel(name=names[0], version=str(info.version), engine=engine, aliases=tuple(names[1:]), artifact=uri,
-                           model=info.name, org=info.tags.get(lineage.ORG))
+        engine = upstream_for_trtllm_artifact(
+            path, spec.upstream_url, worker_artifact_dir=spec.upstream_artifact_dir, model_id=names[0]
+        )
+        return ServedModel(
+            name=names[0],
+            version=str(info.version),
+            engine=engine,
+            aliases=tuple(names[1:]),
+            artifact=uri,
+            model=info.name,
+            org=info.tags.get(lineage.ORG),
+        )
     manifest = load_manifest(path)  # verifies checksums before we load weights
     names = names or public_names(ref, info)
     # Registry adapters need the bare base underneath; a merged artifact has another adapter in it.
@@ -162,9 +178,77 @@ def served_model(
     engine = engine_factory(path, info, names[0], spec, adapters)
     log.info("serving %s v%s from %s as %s", info.name, info.version, path, names)
     return ServedModel(
-        name=names[0], version=str(info.version), engine=engine, aliases=tuple(names[1:]), artifact=uri, model=info.name,
+        name=names[0],
+        version=str(info.version),
+        engine=engine,
+        aliases=tuple(names[1:]),
+        artifact=uri,
+        model=info.name,
         org=info.tags.get(lineage.ORG),
+        base_model=base,
     )
+
+
+@dataclass(frozen=True)
+class BaseSource:
+    """An operator's base model to serve bare, with registry LoRA versions stacked on it.
+
+    Attributes:
+        name: the public model name clients send.
+        source: the base weights: a local folder or a hub id (what fine-tuned versions
+            carry in their ``forgeline.base_model`` tag).
+        chat_template: a Jinja chat template replacing the tokenizer's, or None.
+    """
+
+    name: str
+    source: str
+    chat_template: str | None = None
+
+
+BASE_VERSION = "base"
+"""The version a served base shows in ``x-forgeline-model-version`` (it is no registry version)."""
+
+
+def base_artifact_dir(name: str) -> Path:
+    """Where the torch artifact of base model ``name`` is cached."""
+    return forgeline_home() / "engines" / "bases" / name / "torch"
+
+
+def served_base(
+    registry: Registry | None,
+    base: BaseSource,
+    *,
+    spec: ServeSpec,
+    engine_factory: EngineFactory = torch_engine,
+) -> ServedModel:
+    """The engine for a bare base model, not yet started, serving registry LoRA versions trained on it.
+
+    The torch artifact is built once under `base_artifact_dir` and reused while the base's
+    source and chat template stay the same (changed ones rebuild it).
+    """
+    out = base_artifact_dir(base.name)
+    stamp = out.parent / "source.json"
+    wanted = {"source": base.source, "chat_template_sha256": _sha(base.chat_template)}
+    current = json.loads(stamp.read_text()) if stamp.is_file() else None
+    if current != wanted or not (out / MANIFEST_NAME).is_file():
+        log.info("building the torch artifact of base %s from %s into %s", base.name, base.source, out)
+        build_torch_artifact(base.source, None, out, chat_template=base.chat_template, overwrite=True)
+        stamp.write_text(json.dumps(wanted) + "\n")
+    load_manifest(out)  # verifies checksums before we load weights
+    adapters = adapter_source(registry, served=base.name, base_model=base.source, static=spec.adapters)
+    # The factory's version slot: a base is no registry version, so it gets a placeholder.
+    info = VersionInfo(
+        name=base.name, version=0, run_id=None, source=str(out), tags={}, aliases=(), created_ms=int(time.time() * 1000)
+    )
+    engine = engine_factory(out, info, base.name, spec, adapters)
+    log.info("serving base %s (%s) from %s", base.name, base.source, out)
+    return ServedModel(
+        name=base.name, version=BASE_VERSION, engine=engine, artifact=str(out), model=base.name, base_model=base.source
+    )
+
+
+def _sha(text: str | None) -> str | None:
+    return hashlib.sha256(text.encode()).hexdigest() if text is not None else None
 
 
 def registry_catalog(registry: Registry, refs: list[str], *, spec: ServeSpec) -> StaticCatalog:

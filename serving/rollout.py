@@ -12,6 +12,10 @@ its canary alias (``staging``) points to. The canary's outcomes over the last
 ``production`` at once, the canary alias is removed through `Registry.delete_alias` (so
 the decision is in the audit log, and a restarted gateway does not try the same
 candidate again) and the candidate is unloaded.
+
+Operator base models (``bases``) are served bare beside the refs, never swapped. A name
+that no served model has is looked up in the registry (`AdapterRoutes`): a LoRA version
+trained on a served base answers by its own name, with no restart.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from typing import Any
 
 from registry.client import Registry, VersionInfo
 from registry.errors import ConflictError, ForgelineError, NotFoundError
+from serving.adapter_routes import AdapterRoutes
 from serving.config import CanarySpec, ServeSpec
-from serving.gateway.catalog import Lease, ServedModel, model_not_found, split_adapter, stop_engines
+from serving.gateway.catalog import Lease, Route, ServedModel, model_not_found, stop_engines
 from serving.registry_models import EngineFactory, public_names, served_model, torch_engine
 
 logger = logging.getLogger(__name__)
@@ -115,6 +120,9 @@ class RegistryCatalog:
         spec: ``poll_interval_s``, ``drain_timeout_s``, ``canary`` and engine options.
         engine_factory: builds each version's engine (the PyTorch engine by default).
         clock: monotonic clock (tests).
+        bases: bare base models (`serving.registry_models.served_base`), served as they are
+            and listed before the refs; registry LoRA versions trained on one are routed to it
+            by their own name.
     """
 
     def __init__(
@@ -125,9 +133,11 @@ class RegistryCatalog:
         spec: ServeSpec,
         engine_factory: EngineFactory = torch_engine,
         clock: Any = time.monotonic,
+        bases: list[ServedModel] | None = None,
     ) -> None:
-        if not refs:
-            raise ValueError("serve at least one model ref")
+        self.bases = list(bases or [])
+        if not refs and not self.bases:
+            raise ValueError("serve at least one model ref or base model")
         self.registry = registry
         self.refs = list(dict.fromkeys(refs))
         self.spec = spec
@@ -142,6 +152,10 @@ class RegistryCatalog:
         self._poller: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._metrics: Any = None
+        # Names learned from the registry are trusted one poll interval (10 s by default).
+        ttl = spec.poll_interval_s if spec.poll_interval_s > 0 else 10.0
+        self.adapters = AdapterRoutes(registry, ttl_s=ttl, static=spec.adapters, clock=clock)
+        self._routes = self._with_bases({})
 
     # -- ModelCatalog ----------------------------------------------------------------
 
@@ -152,25 +166,49 @@ class RegistryCatalog:
         except KeyError:
             raise model_not_found(model) from None
 
+    async def prepare(self, model: str) -> None:
+        """Resolve a name no served model has in the registry, off the event loop (cached)."""
+        await self.adapters.prepare(model, self._routes)
+
+    def route(self, model: str) -> Route:
+        """Route ``model``: a served name, ``name:adapter``, or a registry LoRA version's own name."""
+        return self.adapters.route(model, self._routes)
+
     def list(self) -> list[ServedModel]:
         """Every routed model version, once each (canary candidates are not listed)."""
         return list({id(s): s for s in self._routes.values()}.values())
 
     def loaded(self) -> list[ServedModel]:
-        """Every loaded version, canary candidates included (metrics)."""
-        return list(self._loaded.values())
+        """Every loaded version, canary candidates and bases included (metrics)."""
+        return [*self.bases, *self._loaded.values()]
 
     def acquire(self, model: str) -> Lease:
         """Route ``model``, sending the canary's share to the candidate, and hold the choice."""
-        served, adapter = split_adapter(self, model)
-        canary = self._canaries.get((served.model, int(served.version)))
+        route = self.route(model)
+        served, adapter, org = route.served, route.adapter, route.adapter_org
+        canary = self._canaries.get((served.model, int(served.version))) if served.version.isdigit() else None
         if canary is not None and not canary.tripped and canary.take():
-            return Lease(canary.candidate, adapter, lambda failed, s: self._judge(canary, failed, s), canary=True)
-        return Lease(served, adapter)
+            return Lease(
+                canary.candidate,
+                adapter,
+                lambda failed, s: self._judge(canary, failed, s),
+                canary=True,
+                adapter_org=org,
+            )
+        return Lease(served, adapter, adapter_org=org)
 
     async def start(self) -> None:
-        """Load every ref (and canary candidate), then start following aliases."""
-        await self.refresh(initial=True)
+        """Load every base, ref (and canary candidate), then start following aliases."""
+        if self.bases:
+            await asyncio.gather(*(b.engine.start() for b in self.bases))
+            if self._metrics is not None:
+                for base in self.bases:
+                    self._metrics.attach_engine(base)
+        try:
+            await self.refresh(initial=True)
+        except BaseException:
+            await stop_engines([b.engine for b in self.bases])
+            raise
         if self.spec.poll_interval_s > 0:
             self._poller = asyncio.get_running_loop().create_task(self._poll(), name="forgeline-alias-poller")
 
@@ -184,7 +222,7 @@ class RegistryCatalog:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         loaded, self._loaded, self._routes, self._canaries = list(self._loaded.values()), {}, {}, {}
-        await stop_engines([s.engine for s in loaded])
+        await stop_engines([s.engine for s in [*self.bases, *loaded]])
 
     def bind_metrics(self, metrics: Any) -> None:
         """Report swaps, canaries and batch sizes to the gateway's metrics."""
@@ -249,7 +287,13 @@ class RegistryCatalog:
             raise ForgelineError(f"{info.ref} failed to load less than a minute ago; retrying later")
         public = list(dict.fromkeys(public))
         served = await asyncio.to_thread(
-            served_model, self.registry, public[0], spec=self.spec, info=info, names=public, engine_factory=self._factory
+            served_model,
+            self.registry,
+            public[0],
+            spec=self.spec,
+            info=info,
+            names=public,
+            engine_factory=self._factory,
         )
         await served.engine.start()
         if self._metrics is not None:
@@ -262,7 +306,7 @@ class RegistryCatalog:
         self, current: dict[str, VersionInfo], candidates: dict[str, VersionInfo], names: dict[_Key, list[str]]
     ) -> None:
         """Swap the routing table in one synchronous step, then retire what nothing routes to."""
-        routes: dict[str, ServedModel] = {}
+        routes = self._with_bases({})
         for ref, info in current.items():
             served = self._loaded.get((info.name, info.version))
             if served is None:
@@ -280,7 +324,7 @@ class RegistryCatalog:
         if self.spec.canary is not None:
             for served in {id(s): s for s in routes.values()}.values():
                 info = candidates.get(served.model)
-                if info is None:
+                if info is None or not served.version.isdigit():  # a base has no canary
                     continue
                 key = (info.name, info.version)
                 candidate = self._loaded.get(key)
@@ -294,12 +338,13 @@ class RegistryCatalog:
                     canaries[base_key] = Canary(served.model, candidate, served, self.spec.canary, self._clock)
                     logger.info(
                         "canary: %s%% of %s v%s traffic goes to v%s",
-                        self.spec.canary.percent, served.model, served.version, info.version,
+                        self.spec.canary.percent,
+                        served.model,
+                        served.version,
+                        info.version,
                     )
 
-        swapped = {
-            s.model for name, s in routes.items() if name in self._routes and self._routes[name] is not s
-        }
+        swapped = {s.model for name, s in routes.items() if name in self._routes and self._routes[name] is not s}
         self._routes, self._canaries = routes, canaries
         if self._metrics is not None:
             for model in swapped:
@@ -316,12 +361,21 @@ class RegistryCatalog:
                 del self._loaded[key]
                 self._spawn(self._retire(served))
 
+    def _with_bases(self, routes: dict[str, ServedModel]) -> dict[str, ServedModel]:
+        for base in self.bases:
+            for name in base.names:
+                routes.setdefault(name, base)
+        return routes
+
     async def _retire(self, served: ServedModel) -> None:
         drained = await served.drain(self.spec.drain_timeout_s)
         if not drained:
             logger.warning(
                 "%s v%s still had %d request(s) after %.0f s; unloading anyway",
-                served.model, served.version, served.inflight, self.spec.drain_timeout_s,
+                served.model,
+                served.version,
+                served.inflight,
+                self.spec.drain_timeout_s,
             )
         await served.engine.stop()
         logger.info("unloaded %s v%s", served.model, served.version)
@@ -345,7 +399,10 @@ class RegistryCatalog:
         self._rejected.add(cand_key)
         logger.warning(
             "canary %s v%s breached its SLO (%s); all traffic back to v%s",
-            canary.model, canary.candidate.version, verdict.reason, canary.baseline.version,
+            canary.model,
+            canary.candidate.version,
+            verdict.reason,
+            canary.baseline.version,
         )
         if self._metrics is not None:
             self._metrics.canary_rollbacks.labels(canary.model).inc()

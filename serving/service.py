@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 
 from fastapi import FastAPI
 
@@ -16,7 +17,7 @@ from registry.keys import KeyStore
 from serving.config import ServeSpec
 from serving.gateway.app import create_app
 from serving.gateway.quota import create_limiter
-from serving.registry_models import EngineFactory, torch_engine
+from serving.registry_models import BaseSource, EngineFactory, served_base, torch_engine
 from serving.rollout import RegistryCatalog
 
 logger = logging.getLogger(__name__)
@@ -29,8 +30,9 @@ def build_gateway(
     *,
     keys: KeyStore | None = None,
     engine_factory: EngineFactory = torch_engine,
+    bases: Sequence[BaseSource] = (),
 ) -> FastAPI:
-    """The gateway app serving ``refs`` as ``spec`` says.
+    """The gateway app serving ``refs`` and ``bases`` as ``spec`` says.
 
     Args:
         registry: where refs, aliases and adapters are resolved and canary decisions audited.
@@ -38,8 +40,11 @@ def build_gateway(
         spec: the recipe's ``serve`` section (or ``forgeline serve``'s options).
         keys: the key store; defaults to the control database's when ``spec.auth``.
         engine_factory: builds each version's engine.
+        bases: base models to serve bare (their torch artifact is built once and cached);
+            registry LoRA versions trained on one answer by their own name.
     """
-    catalog = RegistryCatalog(registry, refs, spec=spec, engine_factory=engine_factory)
+    served_bases = [served_base(registry, b, spec=spec, engine_factory=engine_factory) for b in bases]
+    catalog = RegistryCatalog(registry, refs, spec=spec, engine_factory=engine_factory, bases=served_bases)
     store = (keys or KeyStore()) if spec.auth else None
     limiter = create_limiter(spec.redis_url) if spec.auth else None
     if not spec.auth:

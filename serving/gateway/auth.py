@@ -17,7 +17,7 @@ from fastapi import Request
 
 from registry.errors import AuthenticationError, PermissionDeniedError
 from registry.keys import KeyRecord
-from serving.gateway.catalog import ServedModel
+from serving.gateway.catalog import Route, ServedModel
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,17 @@ def check_model_allowed(principal: KeyRecord | None, model: str) -> None:
 def same_org(principal: KeyRecord | None, served: ServedModel) -> bool:
     """Whether ``principal`` may see ``served``: versions owned by an organisation (fine-tuned
     ones) are served to that organisation's keys only; to the others they do not exist."""
-    return principal is None or served.org is None or principal.org == served.org
+    return org_allows(principal, served.org)
+
+
+def org_allows(principal: KeyRecord | None, org: str | None) -> bool:
+    """Whether ``principal`` may see something owned by ``org`` (None: owned by nobody)."""
+    return principal is None or org is None or principal.org == org
+
+
+def may_route(principal: KeyRecord | None, route: Route) -> bool:
+    """Whether ``principal`` may see both the served model and the adapter ``route`` names."""
+    return same_org(principal, route.served) and org_allows(principal, route.adapter_org)
 
 
 def may_use(principal: KeyRecord | None, model: str) -> bool:

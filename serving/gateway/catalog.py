@@ -30,6 +30,9 @@ class ServedModel:
             ``model`` label of its metrics.
         org: the organisation owning the version (lineage tag ``forgeline.org``, set on
             fine-tuned versions); only that organisation's keys see it. None: every key.
+        base_model: the bare base weights the engine holds (local folder or hub id), on
+            which registry LoRA versions may be stacked; None when they cannot be (a merged
+            adapter, or an engine we cannot see into).
         inflight: requests holding a `Lease` on it; a replaced version is unloaded only
             once this drops to zero.
     """
@@ -42,6 +45,7 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
     model: str = ""
     org: str | None = None
+    base_model: str | None = None
     inflight: int = field(default=0, compare=False)
 
     def __post_init__(self) -> None:
@@ -78,9 +82,11 @@ class Lease:
         on_release: Callable[[bool, float], None] | None = None,
         *,
         canary: bool = False,
+        adapter_org: str | None = None,
     ) -> None:
         self.served = served
         self.adapter = adapter
+        self.adapter_org = adapter_org
         self.canary = canary
         self._on_release = on_release
         self._released = False
@@ -99,11 +105,29 @@ class Lease:
                 logger.exception("canary bookkeeping failed")
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where a request's ``model`` goes: a served model, an optional adapter on it, and the
+    organisation owning that adapter (None: any key may use it)."""
+
+    served: ServedModel
+    adapter: str | None = None
+    adapter_org: str | None = None
+
+
 class ModelCatalog(Protocol):
     """Resolves the ``model`` a client sends to a `ServedModel`."""
 
     def resolve(self, model: str) -> ServedModel:
         """The served model for ``model``; raises `ModelNotFoundError` when there is none."""
+        ...
+
+    async def prepare(self, model: str) -> None:
+        """Look up, off the event loop, whatever routing ``model`` needs (a no-op for fixed catalogs)."""
+        ...
+
+    def route(self, model: str) -> Route:
+        """Route ``model`` (``name`` or ``name:adapter``) without holding it; `ModelNotFoundError` when unknown."""
         ...
 
     def list(self) -> list[ServedModel]:
@@ -165,10 +189,17 @@ class StaticCatalog:
         """Every served model, once each, in the order added."""
         return list(self._models)
 
+    async def prepare(self, model: str) -> None:
+        """Nothing to look up: every name is known from the start."""
+
+    def route(self, model: str) -> Route:
+        """Route ``model`` (``name`` or ``name:adapter``)."""
+        return Route(*split_adapter(self, model))
+
     def acquire(self, model: str) -> Lease:
         """Route ``model`` (``name`` or ``name:adapter``) and hold the served model."""
-        served, adapter = split_adapter(self, model)
-        return Lease(served, adapter)
+        route = self.route(model)
+        return Lease(route.served, route.adapter, adapter_org=route.adapter_org)
 
     async def start(self) -> None:
         """Start every engine; if one fails, stop the others and raise."""

@@ -39,7 +39,7 @@ async def create_chat_completion(
     settings: GatewaySettings = Depends(get_settings),
 ) -> Response:
     """Create a chat completion (OpenAI ``chat.completions.create``)."""
-    run = RequestLifecycle.begin(request, body.model, principal)
+    run = await RequestLifecycle.begin(request, body.model, principal)
     try:
         engine = run.engine
         prompt = engine.render_chat([{"role": m.role, "content": m.text()} for m in body.messages])

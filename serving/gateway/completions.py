@@ -30,7 +30,7 @@ async def create_completion(
     settings: GatewaySettings = Depends(get_settings),
 ) -> Response:
     """Create a text completion (OpenAI ``completions.create``)."""
-    run = RequestLifecycle.begin(request, body.model, principal)
+    run = await RequestLifecycle.begin(request, body.model, principal)
     try:
         prompt = body.prompt_text()
         params = sampling_params(

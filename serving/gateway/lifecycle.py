@@ -18,7 +18,7 @@ from fastapi import Request
 from registry.errors import ForgelineError
 from registry.keys import KeyRecord
 from serving.engine.base import Chunk, Engine, SamplingParams
-from serving.gateway.auth import check_model_allowed, same_org
+from serving.gateway.auth import check_model_allowed, org_allows, same_org
 from serving.gateway.catalog import Lease, ModelCatalog, ServedModel, model_not_found
 from serving.gateway.generation import Completion, lineage_headers, open_stream
 from serving.gateway.metrics import GatewayMetrics
@@ -75,7 +75,7 @@ class RequestLifecycle:
         )
 
     @classmethod
-    def begin(cls, request: Request, model: str, principal: KeyRecord | None) -> RequestLifecycle:
+    async def begin(cls, request: Request, model: str, principal: KeyRecord | None) -> RequestLifecycle:
         """Check the key may use ``model``, route it and hold the served model.
 
         Raises:
@@ -84,8 +84,10 @@ class RequestLifecycle:
         """
         check_model_allowed(principal, model)
         catalog: ModelCatalog = request.app.state.catalog
+        await catalog.prepare(model)
         lease = catalog.acquire(model)
-        if not same_org(principal, lease.served):
+        # Another organisation's model, or adapter (``name`` or ``base:name``), does not exist for this key.
+        if not same_org(principal, lease.served) or not org_allows(principal, lease.adapter_org):
             lease.release()
             raise model_not_found(model)
         return cls(request, model, principal, lease)

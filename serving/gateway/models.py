@@ -7,9 +7,9 @@ import logging
 from fastapi import APIRouter, Depends
 
 from registry.keys import KeyRecord
-from serving.gateway.auth import check_model_allowed, get_principal, may_use, same_org
+from serving.gateway.auth import check_model_allowed, get_principal, may_route, may_use, same_org
 from serving.gateway.catalog import ModelCatalog, model_not_found
-from serving.gateway.generation import get_catalog, resolve_model
+from serving.gateway.generation import get_catalog
 from serving.gateway.protocol import ModelCard, ModelList
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,8 @@ async def retrieve_model(
 ) -> ModelCard:
     """One model (OpenAI ``models.retrieve``); 404 ``model_not_found`` when unknown, 403 when not allowed."""
     check_model_allowed(principal, model)
-    served, _ = resolve_model(catalog, model)
-    if not same_org(principal, served):
+    await catalog.prepare(model)
+    route = catalog.route(model)
+    if not may_route(principal, route):
         raise model_not_found(model)
-    return ModelCard(id=model, created=served.created)
+    return ModelCard(id=model, created=route.served.created)

@@ -1,0 +1,137 @@
+"""Route registry LoRA versions by their own name onto a served base (no restart).
+
+A fine-tuned model (``ft-acme-tiny-support``) is a LoRA version in the registry. When a
+client sends its name and no served model has that name, `AdapterRoutes` resolves it in
+the registry and, if it is a LoRA version trained on the base a served model holds,
+routes the request there with the adapter pinned to the exact version (``name@N``), as
+if the client had sent ``base:name@N``. Pinning matters: the engine caches adapters by
+name, so an alias move must change the name it is asked for.
+
+Resolutions (negative ones too) are cached for ``ttl_s`` so the hot path does not hit
+MLflow on every request, and a promotion (alias move) is followed within that time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+from registry import lineage
+from registry.client import Registry, VersionInfo
+from registry.errors import ModelNotFoundError
+from serving.gateway.catalog import Route, ServedModel, model_not_found
+from serving.registry_models import LORA_KINDS, same_base
+
+logger = logging.getLogger(__name__)
+
+MAX_CACHED = 10_000  # bounded: a client sending random names cannot grow it without limit
+
+
+class AdapterRoutes:
+    """Cached registry lookups that turn a LoRA version's name into a `Route`.
+
+    Args:
+        registry: where names, aliases and lineage tags are read.
+        ttl_s: seconds a lookup (found or not) is trusted.
+        static: adapter names configured on the engines (``serve.adapters``); they are
+            never looked up in the registry.
+        clock: monotonic clock (tests).
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        ttl_s: float,
+        static: Iterable[str] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = registry
+        self.ttl_s = ttl_s
+        self.static = frozenset(static)
+        self._clock = clock
+        self._cache: dict[str, tuple[float, VersionInfo | None]] = {}
+
+    def lookup_needed(self, model: str, routes: Mapping[str, ServedModel]) -> str | None:
+        """The registry ref routing ``model`` needs, when it is not cached fresh; else None."""
+        if model in routes:
+            return None
+        base, sep, adapter = model.partition(":")
+        ref = adapter if sep else model
+        if sep and (base not in routes or routes[base].base_model is None or adapter in self.static or not adapter):
+            return None
+        return None if self._fresh(ref) else ref
+
+    async def prepare(self, model: str, routes: Mapping[str, ServedModel]) -> None:
+        """Look ``model`` up in a worker thread when routing it will need the registry."""
+        ref = self.lookup_needed(model, routes)
+        if ref is not None:
+            await asyncio.to_thread(self.lookup, ref)
+
+    def lookup(self, ref: str) -> VersionInfo | None:
+        """The version ``ref`` names (None: no such version); cached for ``ttl_s`` (blocking on a miss)."""
+        now = self._clock()
+        cached = self._cache.get(ref)
+        if cached is not None and now - cached[0] < self.ttl_s:
+            return cached[1]
+        try:
+            info: VersionInfo | None = self.registry.resolve(ref)
+        except ModelNotFoundError:
+            info = None
+        except Exception:
+            if cached is None:
+                raise
+            # The registry is unreachable: keep answering with what we knew rather than fail.
+            logger.warning("re-resolving %s failed; using the cached answer", ref, exc_info=True)
+            return cached[1]
+        if len(self._cache) >= MAX_CACHED:
+            self._cache.clear()
+        self._cache[ref] = (now, info)
+        return info
+
+    def route(self, model: str, routes: Mapping[str, ServedModel]) -> Route:
+        """Route ``model``: a served name, ``base:adapter``, or a LoRA version's own name.
+
+        Args:
+            model: what the client sent.
+            routes: every served name and alias -> served model; for a bare LoRA name the
+                first served model (in this order) holding its base answers.
+
+        Raises:
+            ModelNotFoundError: nothing serves ``model``.
+        """
+        served = routes.get(model)
+        if served is not None:
+            return Route(served)
+        base, sep, adapter = model.partition(":")
+        if sep:
+            served = routes.get(base)
+            if served is None or not adapter:
+                raise model_not_found(model)
+            if adapter in self.static or served.base_model is None:
+                return Route(served, adapter)  # the engine knows it, or says why it cannot stack it
+            info = self.lookup(adapter)
+            if info is None:
+                raise model_not_found(model)
+            org = info.tags.get(lineage.ORG)
+            if not _lora_on(info, served.base_model):
+                # The engine explains (not a LoRA, other base) once the org check let the key see it.
+                return Route(served, adapter, org)
+            return Route(served, info.ref, org)
+        info = self.lookup(model)
+        if info is None or info.tags.get(lineage.ADAPTER) not in LORA_KINDS:
+            raise model_not_found(model)
+        for candidate in {id(s): s for s in routes.values()}.values():
+            if candidate.base_model is not None and _lora_on(info, candidate.base_model):
+                return Route(candidate, info.ref, info.tags.get(lineage.ORG))
+        raise model_not_found(model)
+
+    def _fresh(self, ref: str) -> bool:
+        cached = self._cache.get(ref)
+        return cached is not None and self._clock() - cached[0] < self.ttl_s
+
+
+def _lora_on(info: VersionInfo, base_model: str) -> bool:
+    return info.tags.get(lineage.ADAPTER) in LORA_KINDS and same_base(info.tags.get(lineage.BASE_MODEL, ""), base_model)
