@@ -22,6 +22,7 @@ import yaml
 from openai.types.fine_tuning import FineTuningJob
 
 from forgeline.control import create_control_app
+from forgeline.finetune.base_models import BaseModelStore
 from forgeline.finetune.service import FineTuningSettings
 from registry.client import Registry
 from registry.keys import KeyStore
@@ -99,6 +100,7 @@ def test_upload_train_approve_promote_and_serve_through_the_openai_sdk(plane: st
     assert info.metrics()["accuracy"] >= 0.8 > info.base_metrics()["accuracy"]
 
     from serving.config import ServeSpec
+    from serving.registry_models import BaseSource
     from serving.service import build_gateway
 
     # The owner tries the candidate at once; production waits for an approval.
@@ -127,6 +129,19 @@ def test_upload_train_approve_promote_and_serve_through_the_openai_sdk(plane: st
             model=done.fine_tuned_model, messages=QUESTION, max_tokens=8, temperature=0
         )
         assert reply.choices[0].message.content.strip() == "shipping"
+    finally:
+        stop()
+
+    # The many-models path: a gateway holding only the shared base answers the adapter by its name.
+    tiny = BaseModelStore().get("tiny")
+    bases = [BaseSource(name="tiny", source=tiny.source, chat_template=tiny.chat_template)]
+    gateway, stop = serve_in_background(build_gateway(registry, [], ServeSpec(port=0), bases=bases))
+    try:
+        reply = org.client(gateway, "tess").chat.completions.with_raw_response.create(
+            model=done.fine_tuned_model, messages=QUESTION, max_tokens=8, temperature=0
+        )
+        assert reply.headers["x-forgeline-adapter"] == f"{name}@1"
+        assert reply.parse().choices[0].message.content.strip() == "shipping"
     finally:
         stop()
         registry.close()
