@@ -152,31 +152,24 @@ def served_model(
             param="model",
         )
     path = local_artifact_dir(uri, info, target)
+    names = names or public_names(ref, info)
+    base: str | None = None
+    engine: Engine
     if spec.engine == "upstream":
         # A worker (trtllm-serve) serves the artifact; the gateway relays to it over HTTP.
         from .engine.upstream import upstream_for_trtllm_artifact
 
-        names = names or public_names(ref, info)
         assert spec.upstream_url is not None
         engine = upstream_for_trtllm_artifact(
             path, spec.upstream_url, worker_artifact_dir=spec.upstream_artifact_dir, model_id=names[0]
         )
-        return ServedModel(
-            name=names[0],
-            version=str(info.version),
-            engine=engine,
-            aliases=tuple(names[1:]),
-            artifact=uri,
-            model=info.name,
-            org=info.tags.get(lineage.ORG),
-        )
-    manifest = load_manifest(path)  # verifies checksums before we load weights
-    names = names or public_names(ref, info)
-    # Registry adapters need the bare base underneath; a merged artifact has another adapter in it.
-    base = manifest.base_model if manifest.adapter is None else None
-    adapters = adapter_source(registry, served=names[0], base_model=base, static=spec.adapters)
-    engine = engine_factory(path, info, names[0], spec, adapters)
-    log.info("serving %s v%s from %s as %s", info.name, info.version, path, names)
+    else:
+        manifest = load_manifest(path)  # verifies checksums before we load weights
+        # Registry adapters need the bare base underneath; a merged artifact has another adapter in it.
+        base = manifest.base_model if manifest.adapter is None else None
+        adapters = adapter_source(registry, served=names[0], base_model=base, static=spec.adapters)
+        engine = engine_factory(path, info, names[0], spec, adapters)
+        log.info("serving %s v%s from %s as %s", info.name, info.version, path, names)
     return ServedModel(
         name=names[0],
         version=str(info.version),
