@@ -1,11 +1,13 @@
 """Uploaded fine-tuning files: content-addressed blobs plus a ``files`` table.
 
-Blobs live at ``$FORGELINE_HOME/files/sha256/<first 2 hex>/<sha256>``: identical uploads
-share one blob, and a blob is deleted only when no live row references it. Metadata
+Blobs live in a :class:`~forgeline.finetune.blobs.BlobStore`: by default
+``$FORGELINE_HOME/files/sha256/<first 2 hex>/<sha256>``, or an S3-compatible bucket named by
+``FORGELINE_FILES_URL`` so control-plane replicas share them. Identical uploads share one blob,
+and a blob is deleted only when no live row references it. Metadata
 (owner org, name, purpose, size, format, row count) lives in the control database beside
 keys and the audit log; deleting a file hides its row (``deleted_at``) but keeps it for audit.
 
-An upload is streamed into a temporary file next to the blobs while it is hashed and
+An upload is streamed into a temporary file in the store's staging folder while it is hashed and
 counted, stopped as soon as it passes the size limit, checked with
 :func:`forgeline.finetune.formats.inspect_jsonl`, and only then moved into place, so a
 bad or oversized upload never leaves a blob behind.
@@ -27,8 +29,8 @@ from typing import Any, BinaryIO
 
 from sqlalchemy import BigInteger, Column, Index, Integer, String, Table, and_, func, or_, select, update
 
+from forgeline.finetune.blobs import BlobStore, LocalBlobs, blob_store_from_env
 from forgeline.finetune.formats import inspect_jsonl
-from registry import settings
 from registry.db import READ_ONLY, ControlStore, UTCDateTime, lock_model, metadata, now
 from registry.errors import ErrorCode, ForgelineError, NotFoundError
 
@@ -157,13 +159,29 @@ class FileStore(ControlStore):
 
     Args:
         url: SQLAlchemy URL of the control database; default ``registry.settings.control_db_url()``.
-        root: folder of the blobs; default ``$FORGELINE_HOME/files``.
+        root: folder of local blobs (a shortcut for ``blobs=LocalBlobs(root)``).
         max_bytes: largest accepted upload; default ``FORGELINE_MAX_FILE_BYTES`` or 512 MiB.
+        blobs: where the content lives; default :func:`~forgeline.finetune.blobs.blob_store_from_env`
+            (``FORGELINE_FILES_URL``, else ``$FORGELINE_HOME/files``).
     """
 
-    def __init__(self, url: str | None = None, *, root: Path | None = None, max_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        root: Path | None = None,
+        max_bytes: int | None = None,
+        blobs: BlobStore | None = None,
+    ) -> None:
         super().__init__(url)
-        self.root = Path(root) if root is not None else settings.forgeline_home() / "files"
+        if root is not None and blobs is not None:
+            raise ForgelineError(
+                "FileStore: give root or blobs, not both; fix: pass blobs=LocalBlobs(root)",
+                code=ErrorCode.INVALID_CONFIG,
+                param="root",
+            )
+        self.blobs: BlobStore = LocalBlobs(Path(root)) if root is not None else blobs or blob_store_from_env()
+        self.root = self.blobs.root
         self.max_bytes = max_bytes if max_bytes is not None else _env_max_bytes()
         if self.max_bytes < 1:
             raise ForgelineError(
@@ -171,9 +189,6 @@ class FileStore(ControlStore):
                 code=ErrorCode.INVALID_CONFIG,
                 param="max_bytes",
             )
-
-    def _blob(self, sha256: str) -> Path:
-        return self.root / "sha256" / sha256[:2] / sha256
 
     def create(self, *, org: str, actor: str, filename: str, purpose: str, stream: BinaryIO) -> FileRecord:
         """Store an upload after checking it.
@@ -197,7 +212,7 @@ class FileStore(ControlStore):
                 param="purpose",
             )
         name = safe_filename(filename)
-        staging = self.root / "sha256"
+        staging = self.blobs.staging_dir
         staging.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=staging, prefix=".upload-", suffix=".part")
         tmp = Path(tmp_name)
@@ -232,14 +247,11 @@ class FileStore(ControlStore):
                 created_by=actor,
                 created_at=now(),
             )
-            blob = self._blob(sha256)
             with self.engine.begin() as conn:
                 _lock_blob(conn, sha256)
-                if blob.exists():
-                    tmp.unlink()  # identical content: reuse the blob already there
-                else:
-                    blob.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(tmp, blob)
+                # Under the lock, so a concurrent delete of the last row cannot remove the blob
+                # between this put and the insert (put keeps a blob already there).
+                self.blobs.put(sha256, tmp)
                 conn.execute(files.insert().values(**record.__dict__, deleted_at=None))
         finally:
             tmp.unlink(missing_ok=True)
@@ -347,23 +359,21 @@ class FileStore(ControlStore):
                 .where(files.c.sha256 == record.sha256, files.c.deleted_at.is_(None))
             ).scalar_one()
             if live == 0:
-                self._blob(record.sha256).unlink(missing_ok=True)
+                self.blobs.delete(record.sha256)
         logger.info("file %s (%s) deleted in org %s", record.id, record.filename, org)
         return record
 
     def path(self, org: str, file_id: str) -> Path:
-        """The blob of a live file of ``org``.
+        """A local, readable path with the content of a live file of ``org``.
+
+        The blob itself for local storage; for S3 a verified copy in the local cache.
 
         Raises:
             NotFoundError: no such live file in ``org``.
-            ForgelineError: the row exists but its blob is gone from disk (500).
+            ForgelineError: the row exists but its content is gone, or does not match its sha256 (500).
         """
         record = self.get(org, file_id)
-        blob = self._blob(record.sha256)
-        if not blob.is_file():
-            raise ForgelineError(
-                f"file {file_id!r}: its content {blob} is missing on the server; fix: upload the file again",
-                code=ErrorCode.INTERNAL,
-                param="file_id",
-            )
-        return blob
+        try:
+            return self.blobs.fetch(record.sha256)
+        except ForgelineError as exc:
+            raise ForgelineError(f"file {file_id!r}: {exc.message}", code=ErrorCode.INTERNAL, param="file_id") from exc
