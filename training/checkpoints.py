@@ -60,9 +60,14 @@ def is_complete(path: Path) -> bool:
     return (path / MARKER).is_file() and (path / "trainer_state.json").is_file()
 
 
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """The complete checkpoints in ``folder``, oldest step first."""
+    return [p for p in _checkpoints(folder) if is_complete(p)]
+
+
 def newest_complete(folder: Path) -> Path | None:
     """The complete checkpoint with the highest step in ``folder``, if any."""
-    complete = [p for p in _checkpoints(folder) if is_complete(p)]
+    complete = complete_checkpoints(folder)
     return complete[-1] if complete else None
 
 

@@ -30,7 +30,7 @@ from registry.errors import (
 from registry.keys import KeyRecord
 from registry.policy import PolicyBook
 from registry.settings import forgeline_home, tracking_uri
-from training.checkpoints import checkpoint_step, is_complete
+from training.checkpoints import checkpoint_step, complete_checkpoints
 from training.config import DistributedSpec
 from training.launchers import jobs as launcher_jobs
 from training.launchers.base import job_root
@@ -219,8 +219,7 @@ class FineTuning:
         """Complete checkpoints still on disk, newest first, with the metrics logged at their step."""
         job = self.get(job_id, key)
         folder = self.output_dir(job) / "checkpoints"
-        found = sorted((p for p in folder.glob("checkpoint-*") if is_complete(p)), key=checkpoint_step, reverse=True)
-        items = [_checkpoint_object(job, path) for path in found]
+        items = [_checkpoint_object(job, path) for path in reversed(complete_checkpoints(folder))]
         if after:
             ids = [item["id"] for item in items]
             items = items[ids.index(after) + 1:] if after in ids else []

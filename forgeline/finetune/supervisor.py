@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 from mlflow.exceptions import MlflowException
 
 from registry import lineage
 from registry.errors import ForgelineError, ModelNotFoundError, NotFoundError, PolicyRefused
-from training.checkpoints import checkpoint_step, is_complete
+from training.checkpoints import checkpoint_step, complete_checkpoints
 from training.job import TrainJob
 from training.launchers import jobs as launcher_jobs
 from training.launchers.base import JobPhase
@@ -102,7 +103,7 @@ class Supervisor:
             self.ft.store.add_event(job.id, f"restart-{job.attempt}-{record.status.restarts}",
                                     f"Training restarted by the scheduler ({record.status.detail}); resuming from "
                                     "the newest complete checkpoint", level="warn")
-        self._report_progress(job)
+        self._report_progress(job, Path(record.handle.output_dir))
         if phase is JobPhase.SUCCEEDED:
             if record.status.version is None:
                 self._await_version(job, record)
@@ -179,7 +180,7 @@ class Supervisor:
         self.ft.store.transition(job.id, from_status=ACTIVE, run_id=runs[0].info.run_id)
         return runs[0]
 
-    def _report_progress(self, job: JobRow) -> None:
+    def _report_progress(self, job: JobRow, output_dir: Path) -> None:
         """Metrics logged on the run and checkpoints written so far, as events (each once)."""
         store = self.ft.store
         known = store.event_keys(job.id)
@@ -194,12 +195,10 @@ class Supervisor:
                     if key not in known:
                         store.add_event(job.id, key, f"Step {point.step}/{total or '?'}: {label}={point.value:.4f}",
                                         type="metrics", data={"step": point.step, kind: point.value, "total_steps": total})
-        folder = self.ft.output_dir(job) / "checkpoints"
-        for path in folder.glob("checkpoint-*"):
-            key = f"checkpoint-{checkpoint_step(path)}"
-            if key not in known and is_complete(path):
-                store.add_event(job.id, key, f"Checkpoint created at step {checkpoint_step(path)}",
-                                data={"step": checkpoint_step(path)})
+        for path in complete_checkpoints(output_dir / "checkpoints"):
+            step = checkpoint_step(path)
+            if f"checkpoint-{step}" not in known:
+                store.add_event(job.id, f"checkpoint-{step}", f"Checkpoint created at step {step}", data={"step": step})
 
     # -- the end ------------------------------------------------------------------------------
 
