@@ -21,15 +21,13 @@ from pathlib import Path
 from ..job import RESULT_FILE
 from .base import (
     JobHandle,
-    JobStatus,
     LaunchSpec,
     forwarded_env,
     job_root,
     output_dir_for,
-    read_log,
 )
 from .config import ClusterSpec
-from .local import LOG_FILE, cancel_process, process_status, spawn_detached, write_job_file
+from .local import DetachedProcessLauncher, spawn_detached, write_job_file
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +63,7 @@ def deepspeed_command(cluster: ClusterSpec, job_dir: Path, job_file: Path) -> li
     return command
 
 
-class DeepSpeedHostfileLauncher:
+class DeepSpeedHostfileLauncher(DetachedProcessLauncher):
     """Multi-node through ``deepspeed --hostfile`` (pdsh + ssh to every host)."""
 
     kind = "hostfile"
@@ -101,12 +99,3 @@ class DeepSpeedHostfileLauncher:
             id=spec.job_id, kind=self.kind, backend_id=str(record.pid), name=spec.job.name,
             job_dir=str(job_dir), output_dir=str(out), cluster=spec.cluster,
         )
-
-    def status(self, handle: JobHandle) -> JobStatus:
-        return process_status(handle)
-
-    def logs(self, handle: JobHandle, *, tail: int | None = None) -> str:
-        return read_log(Path(handle.job_dir) / LOG_FILE, tail)
-
-    def cancel(self, handle: JobHandle) -> None:
-        cancel_process(handle)

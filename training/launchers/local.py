@@ -150,7 +150,20 @@ def write_job_file(spec: LaunchSpec, job_dir: Path) -> Path:
     return path
 
 
-class LocalProcessLauncher:
+class DetachedProcessLauncher:
+    """Status, logs and cancel of a job started with `spawn_detached` (its process and files)."""
+
+    def status(self, handle: JobHandle) -> JobStatus:
+        return process_status(handle)
+
+    def logs(self, handle: JobHandle, *, tail: int | None = None) -> str:
+        return read_log(Path(handle.job_dir) / LOG_FILE, tail)
+
+    def cancel(self, handle: JobHandle) -> None:
+        cancel_process(handle)
+
+
+class LocalProcessLauncher(DetachedProcessLauncher):
     """Runs the job on this machine in the background (``forgeline train --detach``)."""
 
     kind = "local"
@@ -176,12 +189,3 @@ class LocalProcessLauncher:
             id=spec.job_id, kind=self.kind, backend_id=str(record.pid), name=spec.job.name,
             job_dir=str(job_dir), output_dir=str(out), cluster=spec.cluster,
         )
-
-    def status(self, handle: JobHandle) -> JobStatus:
-        return process_status(handle)
-
-    def logs(self, handle: JobHandle, *, tail: int | None = None) -> str:
-        return read_log(Path(handle.job_dir) / LOG_FILE, tail)
-
-    def cancel(self, handle: JobHandle) -> None:
-        cancel_process(handle)
