@@ -60,11 +60,7 @@ async def create_chat_completion(
             response = ChatCompletionResponse(
                 model=body.model,
                 choices=[ChatChoice(message=ChatResponseMessage(content=done.text), finish_reason=done.finish_reason)],
-                usage=UsageInfo(
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=done.completion_tokens,
-                    total_tokens=prompt_tokens + done.completion_tokens,
-                ),
+                usage=UsageInfo.of(prompt_tokens, done.completion_tokens),
             )
             return JSONResponse(response.model_dump(mode="json"), headers=run.headers)
 
@@ -102,11 +98,7 @@ async def _chat_events(
             if chunk.finish_reason is not None:
                 yield event(DeltaMessage(), chunk.finish_reason)
         if include_usage:
-            usage = UsageInfo(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            )
+            usage = UsageInfo.of(prompt_tokens, completion_tokens)
             final = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[], usage=usage)
             yield sse(final.model_dump(mode="json"))
     except Exception as exc:  # noqa: BLE001 - headers are sent; the error must travel in the stream

@@ -50,11 +50,7 @@ async def create_completion(
             response = CompletionResponse(
                 model=body.model,
                 choices=[CompletionChoice(text=done.text, finish_reason=done.finish_reason)],
-                usage=UsageInfo(
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=done.completion_tokens,
-                    total_tokens=prompt_tokens + done.completion_tokens,
-                ),
+                usage=UsageInfo.of(prompt_tokens, done.completion_tokens),
             )
             return JSONResponse(response.model_dump(mode="json"), headers=run.headers)
 
@@ -84,11 +80,7 @@ async def _completion_events(
                 )
                 yield sse(event.model_dump(mode="json"))
         if include_usage:
-            usage = UsageInfo(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            )
+            usage = UsageInfo.of(prompt_tokens, completion_tokens)
             final = CompletionResponse(id=completion_id, created=created, model=model, choices=[], usage=usage)
             yield sse(final.model_dump(mode="json"))
     except Exception as exc:  # noqa: BLE001 - headers are sent; the error must travel in the stream

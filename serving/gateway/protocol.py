@@ -206,6 +206,12 @@ class UsageInfo(BaseModel):
     completion_tokens: int
     total_tokens: int
 
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+        """Usage with the total derived from its parts."""
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
