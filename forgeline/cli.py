@@ -7,7 +7,6 @@ Every command prints one clear line per error (no traceback unless ``--debug``) 
 from __future__ import annotations
 
 import functools
-import getpass
 import json
 import logging
 import sys
@@ -22,6 +21,7 @@ from rich.table import Table
 
 from registry.errors import ConfigError, ErrorCode, ForgelineError
 
+from .cli_identity import LocalAdminOpt, local_actor
 from .cli_jobs import jobs_app
 from .cli_keys import keys_app
 from .cli_worker import worker as _worker_command
@@ -168,20 +168,26 @@ def promote(
     recipe: Annotated[Path | None, typer.Option(help="Take the policy from this recipe's `promote` section.")] = None,
     policy: Annotated[Path | None, typer.Option(help="Take the policy from a YAML policy file.")] = None,
     reason: Annotated[str, typer.Option(help="Why (kept in the audit log).")] = "",
+    local_admin: LocalAdminOpt = None,
 ) -> None:
-    """Move an alias to a version if every gate of the policy passes (all-or-nothing)."""
+    """Move an alias to a version if every gate of the policy passes (all-or-nothing).
+
+    Acts on the local databases as the explicit local admin --local-admin NAME (audited as
+    `local-admin:NAME`); teams promote through the control plane with a key.
+    """
     from registry.errors import PolicyRefused
     from registry.promotion import check as check_gates
 
     from . import pipeline
 
+    actor = local_actor(local_admin, "promote")
     registry = _registry()
     pol = _policy(recipe, policy)
     result = check_gates(registry, name, version, pol, alias=to)  # approvals and per-alias requirements too
     _print_gates(result)
     if not result.passed:
         raise PolicyRefused(f"promotion of {name} v{version} to {to} refused: {result.reason()}")
-    pipeline.promote_version(registry, name, version, pol, alias=to, actor=getpass.getuser(), reason=reason or "forgeline promote")
+    pipeline.promote_version(registry, name, version, pol, alias=to, actor=actor, reason=reason or "forgeline promote")
     console.print(f"[green]{name}@{to}[/] → version {version}")
 
 
@@ -198,11 +204,17 @@ def rollback(
     alias: Annotated[str, typer.Option("--alias", help="Alias to roll back.")] = "production",
     to: Annotated[int | None, typer.Option("--to", help="Version to return to; default: the previous holder.")] = None,
     reason: Annotated[str, typer.Option(help="Why (kept in the audit log).")] = "",
+    local_admin: LocalAdminOpt = None,
 ) -> None:
-    """Point an alias back at an earlier version (recorded in the audit log)."""
+    """Point an alias back at an earlier version (recorded in the audit log).
+
+    Acts on the local databases as the explicit local admin --local-admin NAME (audited as
+    `local-admin:NAME`).
+    """
     from registry.promotion import rollback as do_rollback
 
-    entry = do_rollback(_registry(), name, alias=alias, to_version=to, actor=getpass.getuser(), reason=reason or "forgeline rollback")
+    actor = local_actor(local_admin, "rollback")
+    entry = do_rollback(_registry(), name, alias=alias, to_version=to, actor=actor, reason=reason or "forgeline rollback")
     console.print(f"{name}@{alias}: {entry.from_version} → {entry.to_version}")
 
 

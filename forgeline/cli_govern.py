@@ -3,25 +3,25 @@
 Control-plane keys are made with ``forgeline keys create NAME --role approver``
 (:mod:`forgeline.cli_keys`, shared with the gateway); a key's name is the actor.
 
-``forgeline approve`` acts as one of:
+``forgeline approve`` acts as one of (:mod:`forgeline.cli_identity`):
 
-- ``--server URL`` (or ``FORGELINE_CONTROL_URL``) with ``--api-key`` (or
-  ``FORGELINE_API_KEY``): through the control plane, as the key's owner — how teams work;
-- ``--api-key`` alone: against the local control database, as the key's owner and roles;
-- neither: as the OS user with the ``approver`` role. Whoever can write the local
-  database is trusted with it anyway; the no-self-approval rule still applies, since
-  versions record the OS user who trained them.
+- ``--server URL`` (or ``FORGELINE_CONTROL_URL``) with a key (``FORGELINE_API_KEY`` or
+  ``--api-key-file``): through the control plane, as the key's owner — how teams work;
+- a key alone: against the local control database, as the key's owner and roles;
+- neither: only as the explicit local admin ``--local-admin NAME`` (``local-admin:NAME``
+  in the approvals; never the OS user). The no-self-approval rule compares NAME with the
+  version's trainer.
 """
 
 from __future__ import annotations
 
-import getpass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
 
 from forgeline.cli import _registry, app, console, handles_errors, models_app
+from forgeline.cli_identity import KeyFileOpt, KeyOpt, LocalAdminOpt, api_key, local_actor
 from registry.errors import ErrorCode, ForgelineError
 
 control_app = typer.Typer(no_args_is_help=True, help="The control-plane HTTP API (approvals, promotions, history).")
@@ -30,10 +30,6 @@ app.add_typer(control_app, name="control")
 ServerOpt = Annotated[
     str | None,
     typer.Option("--server", envvar="FORGELINE_CONTROL_URL", help="Control-plane URL, e.g. http://cp:8100."),
-]
-KeyOpt = Annotated[
-    str | None,
-    typer.Option("--api-key", envvar="FORGELINE_API_KEY", help="Your API key (fl-...).", show_default=False),
 ]
 
 
@@ -55,22 +51,32 @@ def approve(
     comment: Annotated[str, typer.Option("--comment", "-m", help="Why (required; kept with the decision).")],
     reject: Annotated[bool, typer.Option("--reject", help="Reject instead: blocks every promotion of the version.")] = False,
     server: ServerOpt = None,
-    api_key: KeyOpt = None,
+    key_flag: KeyOpt = None,
+    key_file: KeyFileOpt = None,
+    local_admin: LocalAdminOpt = None,
 ) -> None:
-    """Approve (or --reject) a version; the trainer of a version cannot approve it."""
+    """Approve (or --reject) a version; the trainer of a version cannot approve it.
+
+    Acts as your key's owner (FORGELINE_API_KEY or --api-key-file; with --server, through
+    the control plane), or without a key only as the explicit local admin --local-admin NAME,
+    recorded as `local-admin:NAME`. The OS user is never taken as an identity.
+    """
     decision: Literal["approve", "reject"] = "reject" if reject else "approve"
+    secret = api_key(key_flag, key_file)
     if server:
         import httpx
 
-        if not api_key:
+        if not secret:
             raise ForgelineError(
-                "--server needs --api-key (or FORGELINE_API_KEY)", code=ErrorCode.UNAUTHENTICATED, param="api_key"
+                "--server needs your key: set FORGELINE_API_KEY or pass --api-key-file PATH",
+                code=ErrorCode.UNAUTHENTICATED,
+                param="api_key",
             )
         try:
             response = httpx.post(
                 f"{server.rstrip('/')}/v1/models/{name}/versions/{version}/approvals",
                 json={"decision": decision, "comment": comment},
-                headers={"Authorization": f"Bearer {api_key}"},
+                headers={"Authorization": f"Bearer {secret}"},
                 timeout=60,
             )
         except httpx.HTTPError as exc:
@@ -83,13 +89,15 @@ def approve(
         from registry.keys import KeyStore
         from registry.promotion import decide
 
-        if api_key:
+        if secret:
             store = KeyStore()
-            key = store.verify(api_key)
-            store.dispose()
+            try:
+                key = store.verify(secret)
+            finally:
+                store.dispose()
             actor, roles = key.name, key.roles
         else:
-            actor, roles = getpass.getuser(), ("approver",)
+            actor, roles = local_actor(local_admin, "approve"), ("admin",)
         entry = decide(_registry(), name, version, actor=actor, roles=roles, decision=decision, comment=comment)
         approver, role = entry.approver, entry.role
     verb = "[red]rejected[/]" if reject else "[green]approved[/]"
@@ -135,9 +143,13 @@ def control_serve(
 def models_reconcile(
     name: str,
     reason: Annotated[str, typer.Option(help="Why (kept in the audit log).")] = "",
+    local_admin: LocalAdminOpt = None,
 ) -> None:
-    """Write MLflow's aliases into the audit log where they drifted (moved outside forgeline)."""
-    entries = _registry().reconcile(name, actor=getpass.getuser(), reason=reason)
+    """Write MLflow's aliases into the audit log where they drifted (moved outside forgeline).
+
+    Acts on the local databases as the explicit local admin --local-admin NAME.
+    """
+    entries = _registry().reconcile(name, actor=local_actor(local_admin, "models reconcile"), reason=reason)
     for entry in entries:
         console.print(f"{name}@{entry.alias}: audit log now says {entry.to_version} (was {entry.from_version})")
     if not entries:

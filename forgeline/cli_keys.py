@@ -84,7 +84,10 @@ def create(
     if as_json:
         typer.echo(json.dumps({"key": secret, **record.to_dict()}))
         return
-    console.print(f"created key [bold]{record.id}[/] ({record.name}) for models '{record.models}'", highlight=False)
+    console.print(
+        f"created key [bold]{record.id}[/] ({record.name}) of org '{record.org}' for models '{record.models}'",
+        highlight=False,
+    )
     console.print("the secret is shown only now; store it safely:")
     typer.echo(secret)
 
@@ -92,16 +95,16 @@ def create(
 @keys_app.command("list")
 @one_line_errors
 def list_keys(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """Every key (never the secrets), with its status."""
+    """Every key (never the secrets), with its org, roles, pattern and status."""
     records = _store().list()
     if as_json:
         typer.echo(json.dumps([r.to_dict() for r in records]))
         return
-    table = Table("id", "name", "prefix", "roles", "models", "rpm", "tpm", "expires", "status")
+    table = Table("id", "name", "prefix", "org", "roles", "models", "rpm", "tpm", "expires", "status")
     for r in records:
         status = "revoked" if r.revoked_at else ("expired" if not r.active() else "active")
         table.add_row(
-            r.id, r.name, r.prefix + "…", ",".join(r.roles), r.models,
+            r.id, r.name, r.prefix + "…", r.org, ",".join(r.roles), r.models,
             str(r.rpm or "-"), str(r.tpm or "-"), r.expires_at.isoformat() if r.expires_at else "never", status,
         )
     console.print(table)

@@ -124,6 +124,15 @@ def _short_list(items: list[str]) -> str:
     return shown + (f", … ({len(items) - _LIST_LIMIT} more)" if len(items) > _LIST_LIMIT else "")
 
 
+def missing_model_message(name: str) -> str:
+    """What a caller asking for an unknown model ``name`` is told: only the name asked for.
+
+    The control plane answers another organisation's model with exactly this message, so
+    the two cannot be told apart; never list other models here.
+    """
+    return f"no registered model named {name!r}; list the models you can see with `GET /v1/models` or `forgeline models list`"
+
+
 def _filter_value(value: str) -> str:
     # MLflow's search grammar takes single- or double-quoted strings; pick the one the
     # value does not contain (model names rarely contain either).
@@ -313,10 +322,7 @@ class Registry:
             return self.client.get_registered_model(name)
         except MlflowException as exc:
             if _is_missing(exc):
-                raise ModelNotFoundError(
-                    f"no registered model named {name!r} (models: {_short_list(self.list_models())})",
-                    param="model",
-                ) from exc
+                raise ModelNotFoundError(missing_model_message(name), param="model") from exc
             raise _translate(exc, f"could not look up model {name!r}", param="model") from exc
 
     def get_version(self, name: str, version: int) -> VersionInfo:
@@ -476,6 +482,31 @@ class Registry:
         # Search results may lack aliases (MLflow docs), so take them from the model.
         infos = [VersionInfo.from_mlflow(mv, aliases=aliases_of.get(int(mv.version), [])) for mv in found]
         return sorted(infos, key=lambda info: info.version)
+
+    def version_orgs(self, name: str) -> dict[int, str | None]:
+        """Each version of ``name`` -> its owning org tag (``lineage.ORG``; None when untagged).
+
+        Raises:
+            ModelNotFoundError: there is no registered model ``name``.
+        """
+        return {info.version: info.tags.get(lineage.ORG) or None for info in self.list_versions(name)}
+
+    def model_orgs(self) -> dict[str, str | None]:
+        """Every registered model -> the org tag of its oldest tagged version (None: untagged)."""
+        orgs: dict[str, str | None] = dict.fromkeys(self.list_models())
+        found: list[ModelVersion] = []
+        token: str | None = None
+        while True:
+            page = self.client.search_model_versions(page_token=token)
+            found.extend(page)
+            token = page.token
+            if not token:
+                break
+        for mv in sorted(found, key=lambda mv: int(mv.version)):
+            org = (mv.tags or {}).get(lineage.ORG)
+            if org and orgs.get(mv.name) is None:
+                orgs[mv.name] = org
+        return orgs
 
     def list_models(self) -> list[str]:
         """Names of every registered model, sorted."""

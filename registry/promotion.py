@@ -22,6 +22,7 @@ from typing import Any
 from registry import lineage
 from registry.approvals import Approval, Decision, standing
 from registry.audit import AuditEntry
+from registry.authz import person
 from registry.client import NO_HOLDER, Registry, VersionInfo
 from registry.errors import (
     ConflictError,
@@ -154,7 +155,7 @@ def _approvals_gate(
     trainer = version.tags.get(lineage.TRAINED_BY)
     roles = set(policy.approvals.roles) | {"admin"}
     counted = sorted(
-        d.approver for d in latest.values() if d.decision == "approve" and d.approver != trainer and d.role in roles
+        d.approver for d in latest.values() if d.decision == "approve" and person(d.approver) != trainer and d.role in roles
     )
     detail = f"{len(counted)} of {required} approval(s) from {'/'.join(sorted(roles))}"
     detail += f" ({', '.join(counted)})" if counted else ""
@@ -339,7 +340,8 @@ def decide(
         )
     info = registry.get_version(name, version)
     trainer = info.tags.get(lineage.TRAINED_BY)
-    if decision == "approve" and trainer is not None and trainer == actor:
+    # A local admin (`local-admin:ana`) is still ana: she may not approve what she trained.
+    if decision == "approve" and trainer is not None and trainer == person(actor):
         raise PermissionDeniedError(
             f"{actor!r} trained {info.ref} and cannot approve it (no self-approval); ask another approver",
             param="approver",

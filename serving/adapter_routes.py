@@ -118,14 +118,14 @@ class AdapterRoutes:
             org = info.tags.get(lineage.ORG)
             if not _lora_on(info, served.base_model):
                 # The engine explains (not a LoRA, other base) once the org check let the key see it.
-                return Route(served, adapter, org)
-            return Route(served, info.ref, org)
+                return Route(served, adapter, org, info.name)
+            return Route(served, info.ref, org, info.name)
         info = self.lookup(model)
         if info is None or info.tags.get(lineage.ADAPTER) not in LORA_KINDS:
             raise model_not_found(model)
         for candidate in {id(s): s for s in routes.values()}.values():
             if candidate.base_model is not None and _lora_on(info, candidate.base_model):
-                return Route(candidate, info.ref, info.tags.get(lineage.ORG))
+                return Route(candidate, info.ref, info.tags.get(lineage.ORG), info.name)
         raise model_not_found(model)
 
     def _fresh(self, ref: str) -> bool:

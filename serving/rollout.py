@@ -185,7 +185,7 @@ class RegistryCatalog:
     def acquire(self, model: str) -> Lease:
         """Route ``model``, sending the canary's share to the candidate, and hold the choice."""
         route = self.route(model)
-        served, adapter, org = route.served, route.adapter, route.adapter_org
+        served, adapter, org, owner_model = route.served, route.adapter, route.adapter_org, route.adapter_model
         canary = self._canaries.get((served.model, int(served.version))) if served.version.isdigit() else None
         if canary is not None and not canary.tripped and canary.take():
             return Lease(
@@ -194,8 +194,9 @@ class RegistryCatalog:
                 lambda failed, s: self._judge(canary, failed, s),
                 canary=True,
                 adapter_org=org,
+                adapter_model=owner_model,
             )
-        return Lease(served, adapter, adapter_org=org)
+        return Lease(served, adapter, adapter_org=org, adapter_model=owner_model)
 
     async def start(self) -> None:
         """Load every base, ref (and canary candidate), then start following aliases."""

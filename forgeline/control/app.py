@@ -1,6 +1,6 @@
 """The control-plane application: ``create_control_app()``.
 
-Endpoints (all under ``/v1`` need an API key; see :mod:`forgeline.control.auth`):
+Endpoints (all under ``/v1`` need an API key of the owning org; see :mod:`forgeline.control.auth`):
 
 ====================================================  ==========================  =========================
 endpoint                                              what                        role
@@ -23,7 +23,11 @@ endpoint                                              what                      
 ``GET /v1/fine_tuning/jobs/{id}/events|checkpoints``  progress, checkpoints       any key
 ====================================================  ==========================  =========================
 
-``admin`` passes every role check. Errors are ``{"error": {"message", "type", "param",
+``admin`` passes every role check. Every ``{name}`` route is org-walled: a model owned by
+another organisation (its versions' ``forgeline.org`` tag; untagged models are the
+operator's ``default`` org's) answers 404 exactly as a missing one; files and jobs are the
+caller's org's only. The table in :data:`forgeline.control.auth.ROUTES` is what is
+enforced; this one is its summary. Errors are ``{"error": {"message", "type", "param",
 "code"}}`` with the status from ``registry.errors.HTTP_STATUS``; a refused promotion also
 carries every gate's verdict in ``error.policy_result``.
 """
@@ -34,9 +38,10 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from forgeline.control.auth import authorize, check_declared
 from forgeline.control.limits import UploadLimitMiddleware
 from forgeline.control.routers import approvals, history, models, promotions, rollback
 from forgeline.control.routers import files as files_api
@@ -134,6 +139,7 @@ def create_control_app(
         title="forgeline control plane",
         summary="Models, approvals, promotions, rollback and alias history over MLflow.",
         lifespan=lifespan,
+        dependencies=[Depends(authorize)],
     )
     app.state.registry = registry
     app.state.keys = keys
@@ -151,4 +157,5 @@ def create_control_app(
 
     for module in (models, approvals, promotions, rollback, history, files_api, fine_tuning_api):
         app.include_router(module.router)
+    check_declared(app.routes)
     return app

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from serving.gateway import chat, completions, health, metrics, models
-from serving.gateway.auth import KeyAuth, KeyVerifier
+from serving.gateway.auth import KeyAuth, KeyVerifier, check_declared
 from serving.gateway.catalog import ModelCatalog, ServedModel, StaticCatalog
 from serving.gateway.errors import install_error_handlers
 from serving.gateway.generation import GatewaySettings
@@ -83,6 +83,7 @@ def create_app(
     install_error_handlers(app)
     for module in (health, metrics, models, chat, completions):
         app.include_router(module.router)
+    check_declared(app.routes)  # a route without a declared authorization rule is a bug: refuse to start
     # Outermost of ours: it sees every request, limits bodies (413) and logs when the body ends.
     app.add_middleware(AccessLogMiddleware, metrics=gateway_metrics, max_body_bytes=max_body_bytes)
     return app

@@ -1,4 +1,9 @@
-"""API-key authentication for the gateway: ``Authorization: Bearer <key>``.
+"""API-key authentication and the route table of the gateway: ``Authorization: Bearer <key>``.
+
+Every route is declared in :data:`ROUTES`; the decision itself is :func:`registry.authz.decide`,
+shared with the control plane. Untagged (operator) models are served to every organisation's
+keys; an org-tagged version, or an adapter, only to its organisation's, and to the others it
+does not exist (404, as an unknown model).
 
 Keys live in the control database (`registry.keys.KeyStore`, stored hashed). A verified
 key is trusted for ``cache_s`` seconds so the database is not hit on every request; a
@@ -11,17 +16,36 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Iterable
 from typing import Protocol
 
 from fastapi import Request
+from fastapi.routing import APIRoute
 
+from registry.authz import Kind, Operation, Rule, Scope, decide, enforce, owner_org, route_keys, undeclared
 from registry.errors import AuthenticationError, PermissionDeniedError
 from registry.keys import KeyRecord
 from serving.gateway.catalog import Route, ServedModel
 
 logger = logging.getLogger(__name__)
 
-USER_ROLE = "user"
+INFER = Rule(Operation.INFER, Kind.SERVED)
+"""What every model route does: call (or list) served models."""
+
+ROUTES: dict[tuple[str, str], Rule] = {
+    ("GET", "/health"): Rule(Operation.PUBLIC, Kind.NONE),
+    ("GET", "/ready"): Rule(Operation.PUBLIC, Kind.NONE),
+    ("GET", "/metrics"): Rule(Operation.PUBLIC, Kind.NONE),
+    ("GET", "/openapi.json"): Rule(Operation.PUBLIC, Kind.NONE),
+    ("GET", "/docs"): Rule(Operation.PUBLIC, Kind.NONE),
+    ("GET", "/docs/oauth2-redirect"): Rule(Operation.PUBLIC, Kind.NONE),
+    ("GET", "/redoc"): Rule(Operation.PUBLIC, Kind.NONE),
+    ("GET", "/v1/models"): INFER,
+    ("GET", "/v1/models/{model:path}"): INFER,
+    ("POST", "/v1/chat/completions"): INFER,
+    ("POST", "/v1/completions"): INFER,
+}
+"""Every gateway route -> its declared decision (see :mod:`registry.authz`)."""
 
 
 class KeyVerifier(Protocol):
@@ -49,8 +73,8 @@ class KeyAuth:
         """The key record for an ``Authorization`` header value.
 
         Raises:
-            AuthenticationError: no bearer key, or the store refuses it (HTTP 401).
-            PermissionDeniedError: the key lacks the ``user`` role (HTTP 403).
+            AuthenticationError: no bearer key, or the store refuses it (HTTP 401). Roles are
+                the route rule's business (:func:`get_principal`).
         """
         secret = _bearer(authorization)
         digest = hashlib.sha256(secret.encode()).hexdigest()
@@ -59,12 +83,6 @@ class KeyAuth:
         if cached is not None and now - cached[0] < self.cache_s and cached[1].active():
             return cached[1]
         record = await asyncio.to_thread(self.store.verify, secret)
-        if not record.has_role(USER_ROLE) and not record.has_role("admin"):
-            raise PermissionDeniedError(
-                f"API key {record.prefix}… has roles {', '.join(record.roles)}; calling models needs the "
-                f"`{USER_ROLE}` role: create a key with `forgeline keys create --role user`",
-                param="api_key",
-            )
         if self.cache_s > 0:
             if len(self._cache) > 10_000:
                 self._cache.clear()  # bounded; a refill costs one lookup per key
@@ -88,43 +106,56 @@ def _bearer(authorization: str | None) -> str:
     return secret.strip()
 
 
+def check_declared(routes: Iterable[object]) -> None:
+    """Raise `RuntimeError` when a route of the app has no rule in :data:`ROUTES`."""
+    missing = undeclared(route_keys(routes), ROUTES)
+    if missing:
+        raise RuntimeError(f"gateway routes without an authorization rule in serving.gateway.auth.ROUTES: {missing}")
+
+
 async def get_principal(request: Request) -> KeyRecord | None:
-    """FastAPI dependency: the caller's key (None when auth is off); 401 without a valid key."""
+    """FastAPI dependency of every non-public route: the caller's key (None when auth is off).
+
+    Applies the route's declared rule: 401 without a valid key, 403 without the ``user``
+    role (or ``admin``); an undeclared route is refused (403).
+    """
+    route = request.scope.get("route")
+    rule = ROUTES.get((request.method, route.path if isinstance(route, APIRoute) else request.url.path))
+    if rule is None:
+        raise PermissionDeniedError(f"{request.method} {request.url.path} has no authorization rule; refused")
     auth: KeyAuth | None = request.app.state.auth
-    if auth is None:
+    if auth is None or rule.operation is Operation.PUBLIC:
         return None
     record = await auth.authenticate(request.headers.get("authorization"))
+    enforce(decide(record, rule), missing=lambda: PermissionDeniedError("refused", param="api_key"))
     request.state.key_id = record.id
     return record
 
 
 def check_model_allowed(principal: KeyRecord | None, model: str) -> None:
-    """Raise `PermissionDeniedError` (403) when the key may not use ``model``."""
-    if principal is None or principal.allows_model(model):
-        return
-    raise PermissionDeniedError(
-        f"API key {principal.prefix}… may not use model `{model}` (it allows `{principal.models}`); "
-        "ask an admin for a key whose --models pattern covers it",
-        param="model",
-    )
+    """Raise `PermissionDeniedError` (403) when the key's pattern does not cover ``model``,
+    the name the client sent (decided from the name alone: it says nothing about existence)."""
+    verdict = decide(principal, INFER, model=model)
+    if not verdict.allowed:
+        raise PermissionDeniedError(
+            f"API key {principal.prefix if principal else '?'}… may not use model `{model}` (it allows "
+            f"`{principal.models if principal else ''}`); ask an admin for a key whose --models pattern covers it",
+            param="model",
+        )
 
 
-def same_org(principal: KeyRecord | None, served: ServedModel) -> bool:
-    """Whether ``principal`` may see ``served``: versions owned by an organisation (fine-tuned
-    ones) are served to that organisation's keys only; to the others they do not exist."""
-    return org_allows(principal, served.org)
-
-
-def org_allows(principal: KeyRecord | None, org: str | None) -> bool:
-    """Whether ``principal`` may see something owned by ``org`` (None: owned by nobody)."""
-    return principal is None or org is None or principal.org == org
+def may_see(principal: KeyRecord | None, served: ServedModel, name: str | None = None) -> bool:
+    """Whether ``principal`` may see ``served`` (under ``name``, when given: its pattern must
+    cover it). Versions owned by an organisation (fine-tuned ones) are served to that
+    organisation's keys only; untagged operator models to every key."""
+    return decide(principal, INFER, model=name, owner=owner_org(served.org, Scope.SERVING)).allowed
 
 
 def may_route(principal: KeyRecord | None, route: Route) -> bool:
-    """Whether ``principal`` may see both the served model and the adapter ``route`` names."""
-    return same_org(principal, route.served) and org_allows(principal, route.adapter_org)
-
-
-def may_use(principal: KeyRecord | None, model: str) -> bool:
-    """Whether ``principal`` may use ``model`` (always, when auth is off)."""
-    return principal is None or principal.allows_model(model)
+    """Whether ``principal`` may run what ``route`` runs: the served model, and the adapter
+    (its org, and the registered model it is a version of, which the key's pattern must
+    cover: ``tiny:quickstart`` runs ``quickstart``'s weights)."""
+    adapter_models = (route.adapter_model,) if route.adapter_model else ()
+    return may_see(principal, route.served) and decide(
+        principal, INFER, owner=owner_org(route.adapter_org, Scope.SERVING), looked_up=adapter_models
+    ).allowed

@@ -83,10 +83,12 @@ class Lease:
         *,
         canary: bool = False,
         adapter_org: str | None = None,
+        adapter_model: str | None = None,
     ) -> None:
         self.served = served
         self.adapter = adapter
         self.adapter_org = adapter_org
+        self.adapter_model = adapter_model
         self.canary = canary
         self._on_release = on_release
         self._released = False
@@ -107,12 +109,15 @@ class Lease:
 
 @dataclass(frozen=True)
 class Route:
-    """Where a request's ``model`` goes: a served model, an optional adapter on it, and the
-    organisation owning that adapter (None: any key may use it)."""
+    """Where a request's ``model`` goes: a served model, an optional adapter on it, the
+    organisation owning that adapter (None: any key may use it) and, for an adapter found
+    in the registry, the registered model it is a version of (the key's pattern must cover
+    it: naming an adapter must not reach weights the key could not call by name)."""
 
     served: ServedModel
     adapter: str | None = None
     adapter_org: str | None = None
+    adapter_model: str | None = None
 
 
 class ModelCatalog(Protocol):
@@ -199,7 +204,7 @@ class StaticCatalog:
     def acquire(self, model: str) -> Lease:
         """Route ``model`` (``name`` or ``name:adapter``) and hold the served model."""
         route = self.route(model)
-        return Lease(route.served, route.adapter, adapter_org=route.adapter_org)
+        return Lease(route.served, route.adapter, adapter_org=route.adapter_org, adapter_model=route.adapter_model)
 
     async def start(self) -> None:
         """Start every engine; if one fails, stop the others and raise."""

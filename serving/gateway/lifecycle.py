@@ -18,8 +18,8 @@ from fastapi import Request
 from registry.errors import ForgelineError
 from registry.keys import KeyRecord
 from serving.engine.base import Chunk, Engine, SamplingParams
-from serving.gateway.auth import check_model_allowed, org_allows, same_org
-from serving.gateway.catalog import Lease, ModelCatalog, ServedModel, model_not_found
+from serving.gateway.auth import check_model_allowed, may_route
+from serving.gateway.catalog import Lease, ModelCatalog, Route, ServedModel, model_not_found
 from serving.gateway.generation import Completion, lineage_headers, open_stream
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.protocol import FinishReason
@@ -86,8 +86,10 @@ class RequestLifecycle:
         catalog: ModelCatalog = request.app.state.catalog
         await catalog.prepare(model)
         lease = catalog.acquire(model)
-        # Another organisation's model, or adapter (``name`` or ``base:name``), does not exist for this key.
-        if not same_org(principal, lease.served) or not org_allows(principal, lease.adapter_org):
+        # Another organisation's model or adapter (``name`` or ``base:name``), or an adapter of a
+        # model outside the key's pattern, does not exist for this key.
+        route = Route(lease.served, lease.adapter, lease.adapter_org, lease.adapter_model)
+        if not may_route(principal, route):
             lease.release()
             raise model_not_found(model)
         return cls(request, model, principal, lease)

@@ -7,7 +7,7 @@ import logging
 from fastapi import APIRouter, Depends
 
 from registry.keys import KeyRecord
-from serving.gateway.auth import check_model_allowed, get_principal, may_route, may_use, same_org
+from serving.gateway.auth import check_model_allowed, get_principal, may_route, may_see
 from serving.gateway.catalog import ModelCatalog, model_not_found
 from serving.gateway.generation import get_catalog
 from serving.gateway.protocol import ModelCard, ModelList
@@ -26,7 +26,7 @@ async def list_models(
         ModelCard(id=name, created=served.created)
         for served in catalog.list()
         for name in served.names
-        if may_use(principal, name) and same_org(principal, served)
+        if may_see(principal, served, name)
     ]
     return ModelList(data=cards)
 

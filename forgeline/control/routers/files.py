@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
-from forgeline.control.auth import caller, require_role
+from forgeline.control.auth import caller
 from forgeline.finetune.files import FileStore
 from registry.keys import KeyRecord
 
@@ -65,7 +65,7 @@ def create_file(
     request: Request,
     file: Annotated[UploadFile, File(description="JSONL of one OpenAI fine-tuning format.")],
     purpose: Annotated[str, Form(description="`fine-tune`.")],
-    key: KeyRecord = Depends(require_role("trainer")),
+    key: KeyRecord = Depends(caller),
 ) -> FileOut:
     """Upload a fine-tuning file; it is checked line by line before it is kept."""
     record = file_store(request).create(
@@ -100,7 +100,7 @@ def retrieve_file(file_id: str, request: Request, key: KeyRecord = Depends(calle
 
 
 @router.delete("/{file_id}")
-def delete_file(file_id: str, request: Request, key: KeyRecord = Depends(require_role("trainer"))) -> FileDeletedOut:
+def delete_file(file_id: str, request: Request, key: KeyRecord = Depends(caller)) -> FileDeletedOut:
     """Delete a file (its metadata stays in the audit trail)."""
     record = file_store(request).delete(key.org, file_id)
     return FileDeletedOut(id=record.id, deleted=True)

@@ -12,7 +12,7 @@ from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from forgeline.control.auth import caller, require_role
+from forgeline.control.auth import caller
 from forgeline.finetune.protocol import CreateJobRequest, event_object, job_object, page
 from forgeline.finetune.service import FineTuning
 from registry.errors import ErrorCode, ForgelineError
@@ -30,7 +30,7 @@ def fine_tuning(request: Request) -> FineTuning:
 
 
 @router.post("")
-def create_job(body: CreateJobRequest, request: Request, key: KeyRecord = Depends(require_role("trainer"))) -> dict[str, Any]:
+def create_job(body: CreateJobRequest, request: Request, key: KeyRecord = Depends(caller)) -> dict[str, Any]:
     """Queue a fine-tuning job of an operator-configured base model on uploaded files."""
     return job_object(fine_tuning(request).create(body, key))
 
@@ -70,19 +70,19 @@ def retrieve_job(job_id: str, request: Request, key: KeyRecord = Depends(caller)
 
 
 @router.post("/{job_id}/cancel")
-def cancel_job(job_id: str, request: Request, key: KeyRecord = Depends(require_role("trainer"))) -> dict[str, Any]:
+def cancel_job(job_id: str, request: Request, key: KeyRecord = Depends(caller)) -> dict[str, Any]:
     """Stop the job for good; its training processes are stopped."""
     return job_object(fine_tuning(request).cancel(job_id, key))
 
 
 @router.post("/{job_id}/pause")
-def pause_job(job_id: str, request: Request, key: KeyRecord = Depends(require_role("trainer"))) -> dict[str, Any]:
+def pause_job(job_id: str, request: Request, key: KeyRecord = Depends(caller)) -> dict[str, Any]:
     """Stop training, keep the checkpoints."""
     return job_object(fine_tuning(request).pause(job_id, key))
 
 
 @router.post("/{job_id}/resume")
-def resume_job(job_id: str, request: Request, key: KeyRecord = Depends(require_role("trainer"))) -> dict[str, Any]:
+def resume_job(job_id: str, request: Request, key: KeyRecord = Depends(caller)) -> dict[str, Any]:
     """Continue a paused job from its newest complete checkpoint."""
     return job_object(fine_tuning(request).resume(job_id, key))
 

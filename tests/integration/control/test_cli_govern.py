@@ -28,8 +28,10 @@ requires:
 """
 
 
-def run(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(app, list(args), terminal_width=200)
+def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    # Local governance needs an explicit identity: a key, or --local-admin (never $USER).
+    env = {"FORGELINE_API_KEY": "", "FORGELINE_LOCAL_ADMIN": "", **(env or {})}
+    result = CliRunner().invoke(app, list(args), terminal_width=200, env=env)
     return result.exit_code, result.output
 
 
@@ -42,28 +44,48 @@ def test_approve_and_promote_from_the_cli(backend: Backend, tmp_path: Path) -> N
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
 
-    code, out = run("promote", name, "1", "--policy", str(policy))
+    # No key and no --local-admin: nothing is done, whoever $USER is.
+    for command in (("promote", name, "1", "--policy", str(policy)), ("approve", name, "1", "-m", "looks good"),
+                    ("rollback", name), ("models", "reconcile", name)):
+        code, out = run(*command)
+        assert code == 1 and "--local-admin NAME" in out, (command, out)
+    assert registry.approvals.for_version(name, 1) == [] and registry.audit.history(name) == []
+
+    code, out = run("promote", name, "1", "--policy", str(policy), "--local-admin", "ops")
     assert code == 1 and "FAIL approvals: 0 of 1" in out and "FAIL requires:production:engine" in out
     assert registry.alias_holder(name, "production") is None and registry.audit.history(name) == []
 
-    code, out = run("approve", name, "1", "--comment", "looks good")
+    # The local admin is still the person named: the trainer cannot approve as one.
+    code, out = run("approve", name, "1", "--comment", "looks good", "--local-admin", me)
     assert code == 1 and "no self-approval" in out
 
     secret, _ = KeyStore().create("reviewer-rita", roles=("approver",))
-    code, out = run("approve", name, "1", "-m", "reviewed", "--api-key", secret)
+    code, out = run("approve", name, "1", "-m", "reviewed", env={"FORGELINE_API_KEY": secret})
     assert code == 0 and "approved" in out and "reviewer-rita (approver)" in out
 
-    code, out = run("promote", name, "1", "--policy", str(policy))
+    code, out = run("promote", name, "1", "--policy", str(policy), env={"FORGELINE_LOCAL_ADMIN": "ops"})
     assert code == 1 and "pass approvals: 1 of 1" in out and "FAIL requires:production:engine" in out
     registry.set_tags(name, 1, {"forgeline.engine.torch": "file:///engines/torch"})
-    code, out = run("promote", name, "1", "--policy", str(policy), "--reason", "release 1")
+    code, out = run("promote", name, "1", "--policy", str(policy), "--reason", "release 1", "--local-admin", "ops")
     assert code == 0, out
-    assert registry.resolve(name).version == 1 and registry.audit.history(name)[0].reason == "release 1"
+    entry = registry.audit.history(name)[0]
+    assert registry.resolve(name).version == 1 and entry.reason == "release 1" and entry.actor == "local-admin:ops"
 
-    code, out = run("approve", name, "1", "--reject", "-m", "regression found", "--api-key", secret)
+    key_file = tmp_path / "key"
+    key_file.write_text(secret + "\n")
+    code, out = run("approve", name, "1", "--reject", "-m", "regression found", "--api-key-file", str(key_file))
     assert code == 0 and "rejected" in out
-    code, out = run("promote", name, "1", "--to", "staging", "--policy", str(policy))
+    code, out = run("promote", name, "1", "--to", "staging", "--policy", str(policy), "--local-admin", "ops")
     assert code == 1 and "rejected by reviewer-rita" in out
+
+    # A key on the command line still works, with a warning (ps shows it to everyone).
+    code, out = run("approve", name, "1", "-m", "fixed", "--api-key", secret)
+    assert code == 0 and "--api-key puts your key on the command line" in out
+
+    # An explicit local admin approves as `local-admin:NAME`, never as the OS user.
+    code, out = run("approve", name, "1", "-m", "signed off", "--local-admin", "lee")
+    assert code == 0 and "local-admin:lee (admin)" in out
+    assert [d.approver for d in registry.approvals.for_version(name, 1)][-1] == "local-admin:lee"
     registry.close()
 
 
@@ -97,9 +119,9 @@ def test_control_serve_process_and_approve_over_http(backend: Backend, tmp_path:
                 pass
             assert time.monotonic() < deadline, "control plane did not start"
             time.sleep(0.2)
-        code, out = run("approve", name, "1", "-m", "reviewed", "--server", url, "--api-key", secret)
+        code, out = run("approve", name, "1", "-m", "reviewed", "--server", url, env={"FORGELINE_API_KEY": secret})
         assert code == 0 and "ana (approver)" in out
-        code, out = run("approve", name, "1", "-m", "x", "--server", url, "--api-key", "fl-not-a-real-key-000000")
+        code, out = run("approve", name, "1", "-m", "x", "--server", url, env={"FORGELINE_API_KEY": "fl-not-a-real-key-000000"})
         assert code == 1 and "invalid API key" in out
         gates = httpx.get(
             f"{url}/v1/models/{name}/versions/1/gates", headers={"Authorization": f"Bearer {secret}"}, timeout=30

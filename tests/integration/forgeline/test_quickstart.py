@@ -138,7 +138,7 @@ def test_policy_refusal_exits_nonzero_and_moves_nothing(home: Path, tmp_path: Pa
 
     strict = tmp_path / "policy.yaml"
     strict.write_text(yaml.safe_dump({"to": "staging", "thresholds": {"accuracy": {"min": 1.01}}}))
-    result = forgeline(home, "promote", "quickstart", "1", "--to", "staging", "--policy", str(strict))
+    result = forgeline(home, "promote", "quickstart", "1", "--to", "staging", "--policy", str(strict), "--local-admin", "ops")
     assert result.returncode == 1
     assert "refused" in result.stderr and "accuracy" in result.stderr
     assert "Traceback" not in result.stderr

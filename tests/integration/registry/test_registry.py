@@ -102,8 +102,10 @@ def test_unknown_refs_say_what_exists(registry: Registry) -> None:
         registry.resolve("tiny@canary")
     with pytest.raises(ModelNotFoundError, match=r"'tiny@7'.*no version 7 \(versions: 1\)"):
         registry.resolve("tiny@7")
-    with pytest.raises(ModelNotFoundError, match=r"'nope@production'.*models: tiny"):
+    # An unknown model's message names only what was asked: never the other models (tenancy).
+    with pytest.raises(ModelNotFoundError, match=r"'nope@production'.*no registered model named 'nope'") as unknown:
         registry.resolve("nope@production")
+    assert "tiny" not in str(unknown.value)
     with pytest.raises(NotFoundError, match="no version 9"):
         registry.get_version("tiny", 9)
 

@@ -8,13 +8,15 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from typer.testing import CliRunner
 
+from forgeline import cli_keys
 from forgeline.cli import app
 from forgeline.cli_keys import parse_expiry
 from registry.errors import AuthenticationError, ForgelineError
 from registry.keys import KeyStore
 
 
-def test_create_list_revoke_round_trip() -> None:
+def test_create_list_revoke_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli_keys.console, "width", 250)  # no column truncated
     runner = CliRunner()
     created = runner.invoke(app, ["keys", "create", "--name", "bot", "--models", "support-*", "--rpm", "60", "--tpm", "9000", "--expires", "30d", "--json"])
     assert created.exit_code == 0, created.output
@@ -28,6 +30,14 @@ def test_create_list_revoke_round_trip() -> None:
     assert positional.exit_code == 0, positional.output
     listed = json.loads(runner.invoke(app, ["keys", "list", "--json"]).output)
     assert [k["name"] for k in listed] == ["bot", "ana"] and "key" not in listed[0]
+
+    # The table names each key's org: a key of another org sees other models.
+    runner.invoke(app, ["keys", "create", "acme-bot", "--org", "acme"])
+    table = runner.invoke(app, ["keys", "list"]).output
+    header = next(line for line in table.splitlines() if "┃ id" in line)
+    column = [cell.strip() for cell in header.split("┃")].index("org")
+    orgs = [line.split("│")[column].strip() for line in table.splitlines() if line.startswith("│")]
+    assert orgs == ["default", "default", "acme"], table
 
     revoked = runner.invoke(app, ["keys", "revoke", out["id"]])
     assert revoked.exit_code == 0, revoked.output
