@@ -157,5 +157,5 @@ def create_control_app(
 
     for module in (models, approvals, promotions, rollback, history, files_api, fine_tuning_api):
         app.include_router(module.router)
-    check_declared(app.routes)
+    check_declared(app)
     return app

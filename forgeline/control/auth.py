@@ -15,10 +15,9 @@ A route missing from the table is refused (403) and fails ``create_control_app``
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import cast
 
-from fastapi import Depends, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -38,6 +37,7 @@ from registry.authz import (
 from registry.client import Registry, missing_model_message
 from registry.errors import AuthenticationError, ModelNotFoundError, NotFoundError, PermissionDeniedError
 from registry.keys import KeyRecord, KeyStore
+from serving.gateway.auth import http_routes
 
 _bearer = HTTPBearer(auto_error=False, description="A forgeline API key: `forgeline keys create NAME --role ...`.")
 
@@ -77,9 +77,9 @@ ROUTES: dict[tuple[str, str], Rule] = {
 caller's org through their stores, which select by ``org`` (another org's id is 404)."""
 
 
-def check_declared(routes: Iterable[object]) -> None:
+def check_declared(app: FastAPI) -> None:
     """Raise `RuntimeError` when a route of the app has no rule in :data:`ROUTES`."""
-    missing = undeclared(route_keys(routes), ROUTES)
+    missing = undeclared(route_keys(http_routes(app)), ROUTES)
     if missing:
         raise RuntimeError(f"control-plane routes without an authorization rule in forgeline.control.auth.ROUTES: {missing}")
 

@@ -83,7 +83,7 @@ def create_app(
     install_error_handlers(app)
     for module in (health, metrics, models, chat, completions):
         app.include_router(module.router)
-    check_declared(app.routes)  # a route without a declared authorization rule is a bug: refuse to start
+    check_declared(app)  # a route without a declared authorization rule is a bug: refuse to start
     # Outermost of ours: it sees every request, limits bodies (413) and logs when the body ends.
     app.add_middleware(AccessLogMiddleware, metrics=gateway_metrics, max_body_bytes=max_body_bytes)
     return app

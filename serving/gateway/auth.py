@@ -16,10 +16,10 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Iterable
 from typing import Protocol
 
-from fastapi import Request
+import fastapi.routing
+from fastapi import FastAPI, Request
 from fastapi.routing import APIRoute
 
 from registry.authz import Kind, Operation, Rule, Scope, decide, enforce, owner_org, route_keys, undeclared
@@ -106,9 +106,16 @@ def _bearer(authorization: str | None) -> str:
     return secret.strip()
 
 
-def check_declared(routes: Iterable[object]) -> None:
+def http_routes(app: FastAPI) -> list[object]:
+    """Every route an app serves, those of included routers too (FastAPI >= 0.160 keeps
+    included routers unflattened in ``app.routes``; ``iter_route_contexts`` walks them)."""
+    walk = getattr(fastapi.routing, "iter_route_contexts", None)
+    return list(walk(app.routes)) if walk is not None else list(app.routes)
+
+
+def check_declared(app: FastAPI) -> None:
     """Raise `RuntimeError` when a route of the app has no rule in :data:`ROUTES`."""
-    missing = undeclared(route_keys(routes), ROUTES)
+    missing = undeclared(route_keys(http_routes(app)), ROUTES)
     if missing:
         raise RuntimeError(f"gateway routes without an authorization rule in serving.gateway.auth.ROUTES: {missing}")
 
