@@ -89,16 +89,22 @@ def approve(
         from registry.keys import KeyStore
         from registry.promotion import decide
 
+        registry = _registry()
         if secret:
+            from forgeline.control.auth import check_access
+            from registry.authz import Kind, Operation, Rule
+
             store = KeyStore()
             try:
                 key = store.verify(secret)
             finally:
                 store.dispose()
+            # The same org wall as the control plane: another org's model does not exist for this key.
+            check_access(registry, key, Rule(Operation.DECIDE, Kind.VERSION), name, str(version))
             actor, roles = key.name, key.roles
         else:
             actor, roles = local_actor(local_admin, "approve"), ("admin",)
-        entry = decide(_registry(), name, version, actor=actor, roles=roles, decision=decision, comment=comment)
+        entry = decide(registry, name, version, actor=actor, roles=roles, decision=decision, comment=comment)
         approver, role = entry.approver, entry.role
     verb = "[red]rejected[/]" if reject else "[green]approved[/]"
     console.print(f"{verb} {name} v{version} as {approver} ({role}): {comment}")

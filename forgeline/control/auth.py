@@ -129,15 +129,25 @@ def authorize(request: Request, credentials: HTTPAuthorizationCredentials | None
     key = verified_key(request, credentials)
     params = request.path_params
     name = params.get("name") if rule.kind in (Kind.MODEL, Kind.VERSION) else None
-    verdict = decide(key, rule, model=name)
-    if verdict.allowed and name is not None:
-        verdict = _owned(key, rule, name, params.get("version"), request)
-    enforce(verdict, missing=lambda: ModelNotFoundError(missing_model_message(str(name)), param="model"))
+    check_access(cast(Registry, request.app.state.registry), key, rule, name, params.get("version"))
     request.state.key = key
 
 
-def _owned(key: KeyRecord, rule: Rule, name: str, version: str | None, request: Request) -> Verdict:
-    registry = cast(Registry, request.app.state.registry)
+def check_access(registry: Registry, key: KeyRecord, rule: Rule, name: str | None, version: str | None = None) -> None:
+    """Apply ``rule`` to model ``name`` (and ``version``) for ``key``; the CLI uses it too.
+
+    Raises:
+        PermissionDeniedError: the key lacks the role, or its pattern misses ``name`` (403).
+        ModelNotFoundError: the model is missing or another org's (404, the same message).
+        NotFoundError: the version is another org's (404).
+    """
+    verdict = decide(key, rule, model=name)
+    if verdict.allowed and name is not None:
+        verdict = _owned(registry, key, rule, name, version)
+    enforce(verdict, missing=lambda: ModelNotFoundError(missing_model_message(str(name)), param="model"))
+
+
+def _owned(registry: Registry, key: KeyRecord, rule: Rule, name: str, version: str | None) -> Verdict:
     try:
         orgs = registry.version_orgs(name)
     except ModelNotFoundError:

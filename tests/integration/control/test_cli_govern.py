@@ -59,6 +59,12 @@ def test_approve_and_promote_from_the_cli(backend: Backend, tmp_path: Path) -> N
     code, out = run("approve", name, "1", "--comment", "looks good", "--local-admin", me)
     assert code == 1 and "no self-approval" in out
 
+    # A key of another org: the operator's model does not exist for it, locally as over HTTP.
+    other, _ = KeyStore().create("bob", roles=("approver",), org="beta")
+    code, out = run("approve", name, "1", "-m", "from beta", env={"FORGELINE_API_KEY": other})
+    assert code == 1 and f"no registered model named '{name}'" in out
+    assert registry.approvals.for_version(name, 1) == []
+
     secret, _ = KeyStore().create("reviewer-rita", roles=("approver",))
     code, out = run("approve", name, "1", "-m", "reviewed", env={"FORGELINE_API_KEY": secret})
     assert code == 0 and "approved" in out and "reviewer-rita (approver)" in out
