@@ -156,7 +156,8 @@ def _owned(registry: Registry, key: KeyRecord, rule: Rule, name: str, version: s
     verdict = decide(key, rule, owner=owner_org(model_owner, Scope.GOVERNANCE))
     if verdict.allowed and version is not None and version.isdecimal() and version.isascii():
         tagged = orgs.get(int(version))
-        if tagged and tagged != key.org:  # a version of another org's in a shared name: absent too
+        # A version of another org's under a shared name: absent too.
+        if tagged and not decide(key, rule, owner=tagged).allowed:
             raise NotFoundError(f"model {name!r} has no version {int(version)}", param="version")
     return verdict
 
