@@ -155,11 +155,15 @@ def _owned(registry: Registry, key: KeyRecord, rule: Rule, name: str, version: s
     model_owner = next((org for org in orgs.values() if org), None)
     verdict = decide(key, rule, owner=owner_org(model_owner, Scope.GOVERNANCE))
     if verdict.allowed and version is not None and version.isdecimal() and version.isascii():
-        tagged = orgs.get(int(version))
         # A version of another org's under a shared name: absent too.
-        if tagged and not decide(key, rule, owner=tagged).allowed:
+        if not owns_version(key, orgs.get(int(version))):
             raise NotFoundError(f"model {name!r} has no version {int(version)}", param="version")
     return verdict
+
+
+def owns_version(key: KeyRecord, tagged: str | None) -> bool:
+    """Whether ``key`` may see a version of a model it may see, given the version's org tag."""
+    return not tagged or decide(key, Rule(Operation.READ, Kind.VERSION), owner=tagged).allowed
 
 
 def visible_models(key: KeyRecord, model_orgs: dict[str, str | None]) -> list[str]:

@@ -366,3 +366,14 @@ def test_adapters_are_checked_like_the_models_they_are(
     assert (len(engine.adapters) > before) == (status == 200)  # refused requests never reach the engine
     retrieved = client.get(f"/v1/models/{model}", headers=world.headers[credential])
     assert retrieved.status_code == status, retrieved.text
+
+
+def test_a_version_of_another_org_under_a_shared_name_is_absent(control: TestClient, world: World) -> None:
+    # `ft-<org>-…` names of two orgs can collide (org slugs drop case and punctuation).
+    for org in (ORG, "beta"):
+        world.registry.create_version("ft-shared", source=str(world.root / "weights"), run_id=None, tags={lineage.ORG: org})
+    listed = control.get("/v1/models/ft-shared/versions", headers=world.headers["user"])
+    assert [v["version"] for v in listed.json()["versions"]] == [1]
+    theirs = control.get("/v1/models/ft-shared/versions/2", headers=world.headers["user"])
+    assert theirs.status_code == 404 and theirs.json()["error"]["param"] == "version"
+    assert control.get("/v1/models/ft-shared/versions", headers=world.headers["other_org"]).status_code == 404

@@ -6,8 +6,9 @@ from typing import cast
 
 from fastapi import APIRouter, Depends, Request
 
-from forgeline.control.auth import caller, visible_models
+from forgeline.control.auth import caller, owns_version, visible_models
 from forgeline.control.protocol import ApprovalOut, ModelList, VersionDetailOut, VersionList, VersionOut
+from registry import lineage
 from registry.client import Registry
 from registry.keys import KeyRecord
 from registry.promotion import lifecycle_state
@@ -35,6 +36,7 @@ def list_versions(name: str, request: Request, key: KeyRecord = Depends(caller))
     versions = [
         VersionOut.of(info, lifecycle_state(info, [d for d in decisions if d.version == info.version]))
         for info in registry.list_versions(name)
+        if owns_version(key, info.tags.get(lineage.ORG))  # a version another org trained under a shared name
     ]
     return VersionList(versions=versions)
 
