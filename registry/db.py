@@ -16,6 +16,7 @@ import hashlib
 import logging
 import threading
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -77,6 +78,8 @@ def create_control_engine(url: str) -> Engine:
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:" and Path(parsed.database).parent.is_dir():
+            settings.private_file(Path(parsed.database))  # keys, audit and job data: 0600 before SQLite makes it
         # Writers wait for each other instead of failing at once with "database is locked".
         engine = create_engine(parsed, connect_args={"timeout": 30})
 
@@ -103,7 +106,7 @@ def create_control_engine(url: str) -> Engine:
                 f"{exc.name!r} driver; fix: pip install 'forgeline[postgres]'",
                 param="FORGELINE_DB_URL",
             ) from exc
-    from registry import migrations  # imports registry.db; here to keep the import order acyclic
+    from registry import migrations  # Alembic loads only when a store first opens the database
 
     migrations.upgrade(engine)
     logger.debug("control database ready at %s", parsed.render_as_string(hide_password=True))
