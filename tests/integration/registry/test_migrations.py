@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -16,17 +15,8 @@ from registry.approvals import ApprovalStore
 from registry.audit import AuditLog, alias_events
 from registry.db import metadata, now
 from registry.errors import ForgelineError
-from tests.integration.registry.backends import fresh_database
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_db(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'control.db'}"
-    else:
-        yield fresh_database(request.getfixturevalue("postgres_server"), prefix="migrate")
 
 
 def _legacy_install(url: str, tables: list[str] | None = None) -> None:
