@@ -13,7 +13,8 @@ Policy: **upgrade on open**. :func:`upgrade` runs from
 ``BEGIN IMMEDIATE``; PostgreSQL an advisory transaction lock), so concurrent processes
 migrate once and the others wait and find the schema at head. A database written by a
 *newer* forgeline (a revision this code does not know) is refused with a clear error
-instead of being used half-understood.
+instead of being used half-understood. ``forgeline db status`` shows the revision and
+``forgeline db upgrade`` migrates ahead of a rollout.
 
 Installs made before migrations existed (tables from ``MetaData.create_all``, no
 ``alembic_version``) upgrade in place: the baseline revision creates only the tables that
