@@ -22,6 +22,7 @@ from rich.table import Table
 from registry.errors import ConfigError, ErrorCode, ForgelineError
 
 from .cli_identity import LocalAdminOpt, local_actor
+from .cli_db import db_app
 from .cli_jobs import jobs_app
 from .cli_keys import keys_app
 from .cli_worker import worker as _worker_command
@@ -31,6 +32,7 @@ models_app = typer.Typer(no_args_is_help=True, help="Registered models, versions
 app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(db_app, name="db")
 console = Console(stderr=False)
 err_console = Console(stderr=True)
 _state = {"debug": False}

@@ -167,7 +167,8 @@ class Registry:
         audit: the audit log; defaults to ``AuditLog()`` on ``settings.control_db_url()``.
         approvals: recorded approve/reject decisions; defaults to the audit log's database.
         events: where lifecycle events go; defaults to ``WebhookDispatcher.from_settings()``
-            (``FORGELINE_WEBHOOK_URLS``; nothing is sent when unset).
+            (``FORGELINE_WEBHOOK_URLS``; nothing is sent when unset) with its outbox in
+            the audit log's database.
 
     Attributes:
         client: the underlying ``MlflowClient``, for the few callers that need raw MLflow.
@@ -190,7 +191,7 @@ class Registry:
         self.registry_uri = registry_uri
         self.audit = audit or AuditLog()
         self.approvals = approvals or ApprovalStore(self.audit.url)
-        self.events = events if events is not None else WebhookDispatcher.from_settings()
+        self.events = events if events is not None else WebhookDispatcher.from_settings(self.audit.url)
         registry_db = _sqlite_path(self.registry_uri)
         if registry_db is not None and registry_db == _sqlite_path(self.audit.url):
             # move_alias writes MLflow while holding the audit DB's write lock; on one

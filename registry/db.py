@@ -2,7 +2,8 @@
 
 The audit log, approvals and API keys all live in ``registry.settings.control_db_url()``
 (SQLite by default, PostgreSQL for teams). Each module declares its table on
-:data:`metadata`; :func:`create_control_engine` creates whichever tables are declared.
+:data:`metadata`; :func:`create_control_engine` brings the schema to the newest
+migration (:mod:`registry.migrations`), so tables are never made by ``create_all``.
 
 SQLite writers take the database write lock at ``BEGIN`` (``BEGIN IMMEDIATE``) so a
 transaction that reads and then writes cannot be overtaken between the two; connections
@@ -15,6 +16,7 @@ import hashlib
 import logging
 import threading
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -30,7 +32,6 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
 
 from registry import settings
 
@@ -69,7 +70,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 def create_control_engine(url: str) -> Engine:
-    """An engine on ``url`` with every declared control-plane table created.
+    """An engine on ``url`` with the control-plane schema migrated to the newest revision.
 
     Raises:
         MissingDependencyError: the URL names a driver that is not installed
@@ -77,6 +78,8 @@ def create_control_engine(url: str) -> Engine:
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:" and Path(parsed.database).parent.is_dir():
+            settings.private_file(Path(parsed.database))  # keys, audit and job data: 0600 before SQLite makes it
         # Writers wait for each other instead of failing at once with "database is locked".
         engine = create_engine(parsed, connect_args={"timeout": 30})
 
@@ -103,12 +106,9 @@ def create_control_engine(url: str) -> Engine:
                 f"{exc.name!r} driver; fix: pip install 'forgeline[postgres]'",
                 param="FORGELINE_DB_URL",
             ) from exc
-    try:
-        metadata.create_all(engine, checkfirst=True)
-    except DBAPIError:
-        # Another process created a table between our check and CREATE; try once more.
-        logger.debug("create_all raced with another writer; retrying", exc_info=True)
-        metadata.create_all(engine, checkfirst=True)
+    from registry import migrations  # Alembic loads only when a store first opens the database
+
+    migrations.upgrade(engine)
     logger.debug("control database ready at %s", parsed.render_as_string(hide_password=True))
     return engine
 
@@ -147,8 +147,8 @@ class ControlStore:
     """Base of the control-plane stores (audit log, approvals, keys): one lazily created engine.
 
     Args:
-        url: SQLAlchemy URL; defaults to ``registry.settings.control_db_url()``. Tables are
-            created on first use.
+    url: SQLAlchemy URL; defaults to ``registry.settings.control_db_url()``. The schema
+            is migrated on first use.
     """
 
     def __init__(self, url: str | None = None) -> None:

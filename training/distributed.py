@@ -38,6 +38,25 @@ def barrier() -> None:
         dist.barrier()
 
 
+def teardown() -> None:
+    """End a job's collective work cleanly: wait for every rank, then close the process group.
+
+    A process group left for interpreter shutdown is destroyed after Python has stopped
+    its threads, and gloo's worker threads then abort the process ("terminate called
+    without an active exception"): a rank exiting non-zero after the job had succeeded.
+    The barrier also keeps the other ranks alive until rank 0 has registered the version.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if dist.get_world_size() > 1:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def deepspeed_config(spec: DistributedSpec, *, on_gpu: bool) -> dict[str, Any]:
     """The DeepSpeed config for the recipe; ``auto`` values are filled in by the HF integration
     from the training arguments, so batch size, accumulation, clipping and precision are stated once."""

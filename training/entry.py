@@ -3,7 +3,9 @@
 The job file is a ``TrainJob`` written as JSON. ``torchrun`` starts one of these per
 process (locally, or on each node under Slurm or Kubernetes); each runs ``run_job``, and
 rank 0 writes ``result.json`` into the job's output folder for the launcher to read.
-Exit status: 0 done, 2 invalid job or data, 1 any other forgeline error.
+Exit status: 0 done, 2 invalid job or data, 1 any other forgeline error. Launchers decide
+a job's outcome by that result file: once it names a registered version, a late non-zero
+exit of some process does not make the job fail.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from registry.errors import ConfigError, ForgelineError
 
-from .distributed import is_main_process, rank
+from .distributed import is_main_process, rank, teardown
 from .job import TrainJob, run_job
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job = TrainJob.model_validate_json(args.job.read_text())
         run_job(job)
+        teardown()  # only after success: after a failure the other ranks may never reach the barrier
     except (ConfigError, ForgelineError) as err:
         log.error("%s", err)
         return 2 if err.code == "invalid_config" else 1

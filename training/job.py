@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from registry import lineage
 from registry.client import Registry, VersionInfo
 from registry.errors import ConfigError, ModelNotFoundError, NotFoundError
-from registry.settings import forgeline_home, tracking_uri
+from registry.settings import forgeline_home, private_dir, tracking_uri
 
 from .adapters import quantization_config
 from .checkpoints import (
@@ -219,7 +219,7 @@ def run_job(job: TrainJob, *, registry: Registry | None = None, callbacks: list[
         raise ConfigError(problems=problems, source=f"training job {job.name}")
     data = load_data(job.data, seed=job.train.seed, method=job.method)
     out = job.resolved_output_dir()
-    out.mkdir(parents=True, exist_ok=True)
+    private_dir(out)  # checkpoints and data of the job: its owner's only
     checkpoints = out / "checkpoints"
     plan = plan_resume(out, mode=job.train.resume, recipe_hash=job.recipe_hash, data_digest=data.digest)
 

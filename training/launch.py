@@ -17,6 +17,7 @@ from typing import Protocol
 
 from registry.client import Registry
 from registry.errors import ErrorCode, ForgelineError
+from registry.settings import private_dir
 
 from .checkpoints import write_atomic
 from .data import load_data
@@ -57,7 +58,7 @@ def torchrun_command(job_file: Path, nproc: int) -> list[str]:
 def write_job(job: TrainJob) -> Path:
     """Write the job where its processes (and a later rerun) can read it."""
     out = job.resolved_output_dir()
-    out.mkdir(parents=True, exist_ok=True)
+    private_dir(out)
     path = out / JOB_FILE
     write_atomic(path, job.model_dump_json(indent=2) + "\n")
     return path
@@ -90,7 +91,13 @@ class LocalLauncher:
         # The processes inherit the environment: FORGELINE_HOME / MLFLOW_TRACKING_URI, and
         # TORCH_EXTENSIONS_DIR, where DeepSpeed caches the C++ ops it compiles on first use.
         proc = subprocess.run(command, env=dict(os.environ), check=False)
-        if proc.returncode != 0:
+        registered = (job_file.parent / RESULT_FILE).is_file()  # removed above: this attempt wrote it
+        if proc.returncode != 0 and registered:
+            # The version exists: a process that failed after rank 0 registered it (at exit,
+            # in teardown) does not undo that; reporting failure would invite a duplicate rerun.
+            log.warning("training job %s registered its version, but torchrun exited with status %d afterwards; "
+                        "the job succeeded (the per-rank errors are in the log above)", job.name, proc.returncode)
+        elif proc.returncode != 0:
             raise TrainingFailed(
                 f"training job {job.name} failed: torchrun exited with status {proc.returncode}; "
                 "the per-rank errors are in the log above; rerun to resume from the last complete checkpoint"

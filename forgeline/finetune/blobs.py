@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 from registry import settings
 from registry.errors import ErrorCode, ForgelineError, MissingDependencyError
+from registry.settings import private_dir
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class LocalBlobs:
         blob = self.blob(sha256)
         if blob.exists():
             return  # identical content: reuse the blob already there
-        blob.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(blob.parent)
         os.replace(local, blob)
 
     def fetch(self, sha256: str) -> Path:
@@ -201,7 +202,7 @@ class S3Blobs:
         cached = self.root / _check_sha(sha256)
         if cached.is_file():
             return cached  # only verified downloads are ever renamed into the cache
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
         fd, tmp_name = tempfile.mkstemp(dir=self.root, prefix=".download-", suffix=".part")
         tmp = Path(tmp_name)
         try:

@@ -33,6 +33,7 @@ from forgeline.finetune.blobs import BlobStore, LocalBlobs, blob_store_from_env
 from forgeline.finetune.formats import inspect_jsonl
 from registry.db import READ_ONLY, ControlStore, UTCDateTime, lock_model, metadata, now
 from registry.errors import ErrorCode, ForgelineError, NotFoundError
+from registry.settings import private_dir
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ class FileStore(ControlStore):
             )
         name = safe_filename(filename)
         staging = self.blobs.staging_dir
-        staging.mkdir(parents=True, exist_ok=True)
+        private_dir(staging)
         fd, tmp_name = tempfile.mkstemp(dir=staging, prefix=".upload-", suffix=".part")
         tmp = Path(tmp_name)
         try:
@@ -362,6 +363,13 @@ class FileStore(ControlStore):
                 self.blobs.delete(record.sha256)
         logger.info("file %s (%s) deleted in org %s", record.id, record.filename, org)
         return record
+
+    def is_deleted(self, org: str, file_id: str) -> bool:
+        """Whether ``file_id`` of ``org`` was deleted (a file that never existed is not)."""
+        query = select(files.c.deleted_at).where(files.c.id == file_id, files.c.org == org)
+        with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
+            row = conn.execute(query).first()
+        return row is not None and row.deleted_at is not None
 
     def path(self, org: str, file_id: str) -> Path:
         """A local, readable path with the content of a live file of ``org``.

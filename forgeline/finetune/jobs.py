@@ -224,6 +224,14 @@ class FineTuningStore(ControlStore):
         with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
             return [JobRow.from_row(r) for r in conn.execute(query)]
 
+    def using_file(self, org: str, file_id: str) -> list[JobRow]:
+        """The organisation's jobs that train or validate on ``file_id``, oldest first."""
+        c = fine_tuning_jobs.c
+        query = (select(fine_tuning_jobs).where(c.org == org, (c.training_file == file_id) | (c.validation_file == file_id))
+                 .order_by(c.created_at))
+        with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
+            return [JobRow.from_row(r) for r in conn.execute(query)]
+
     def transition(self, job_id: str, *, from_status: tuple[str, ...], **values: Any) -> bool:
         """Set ``values`` only while the job is in one of ``from_status`` (compare-and-set).
 

@@ -38,7 +38,7 @@ from training.launchers.config import ClusterSpec, check_cluster
 from training.launchers.store import JobStore
 
 from .base_models import BaseModelStore
-from .files import FileStore
+from .files import FileRecord, FileStore
 from .formats import FileSummary, inspect_jsonl
 from .jobs import ACTIVE, CANCELLED, PAUSED, QUEUED, FineTuningStore, JobRow, NewJob, new_id
 from .protocol import CreateJobRequest
@@ -202,6 +202,51 @@ class FineTuning:
         path = self.files.path(org, file_id)
         return path, inspect_jsonl(path, filename=record.filename)
 
+    # -- deleting files ---------------------------------------------------------------------------
+
+    def delete_file(self, org: str, file_id: str) -> tuple[FileRecord, list[str]]:
+        """Delete a file and every copy of it in job folders, except where a job still needs it.
+
+        Jobs copy their rows into their own folder (``data/train.jsonl``, ``data/eval.jsonl``)
+        when created. Finished jobs' copies go at once; a queued, running or paused job keeps
+        its copy until it finishes (the supervisor removes it then).
+
+        Returns:
+            The deleted file, and the ids of the jobs whose copy is kept for now.
+
+        Raises:
+            NotFoundError: no such live file in ``org``.
+        """
+        record = self.files.delete(org, file_id)
+        retained = []
+        for job in self.store.using_file(org, file_id):
+            if job.finished:
+                self._remove_copies(job, {file_id})
+            else:
+                retained.append(job.id)
+                self.store.add_event(job.id, f"input-retained-{file_id}",
+                                     f"File {file_id} was deleted; this job keeps its copy until it finishes")
+        return record, retained
+
+    def release_inputs(self, job: JobRow) -> None:
+        """Remove a finished job's copies of the files deleted while it needed them."""
+        if not job.finished:
+            return
+        deleted = {f for f in (job.training_file, job.validation_file) if f and self.files.is_deleted(job.org, f)}
+        self._remove_copies(job, deleted)
+
+    def _remove_copies(self, job: JobRow, file_ids: set[str]) -> None:
+        data = job.train_job.get("data") or {}
+        copies = [data.get("train")] if job.training_file in file_ids else []
+        copies += [data.get("eval")] if job.validation_file and job.validation_file in file_ids else []
+        for copy in filter(None, copies):
+            path = Path(copy)
+            if path.exists():
+                path.unlink()
+                self.store.add_event(job.id, f"input-removed-{path.name}",
+                                     f"Removed {path.name}, the copy of a deleted file, from the job folder")
+                log.info("job %s: removed %s (its file was deleted)", job.id, path)
+
     # -- read -----------------------------------------------------------------------------------
 
     def get(self, job_id: str, key: KeyRecord) -> JobRow:
@@ -245,7 +290,9 @@ class FineTuning:
             return self.cancel(job_id, key)  # moved meanwhile: decide again on the new status
         self._stop_training(job)
         self.store.add_event(job_id, "cancelled", f"Job cancelled by {key.name}")
-        return self.get(job_id, key)
+        cancelled = self.get(job_id, key)
+        self.release_inputs(cancelled)  # a paused job is not watched by the supervisor
+        return cancelled
 
     def pause(self, job_id: str, key: KeyRecord) -> JobRow:
         """Stop training and keep its checkpoints; ``resume`` continues from the newest one."""

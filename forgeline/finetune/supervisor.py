@@ -51,6 +51,7 @@ class Supervisor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._waiting_for_version: dict[str, int] = {}
+        self._active: set[str] | None = None  # job ids active at the last pass; None before the first
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="fine-tuning-supervisor", daemon=True)
@@ -73,6 +74,7 @@ class Supervisor:
         except Exception:  # the database may be briefly unreachable; try again next pass
             log.exception("cannot list fine-tuning jobs")
             return
+        self._release_left(jobs)
         for job in jobs:
             if self._stop.is_set():
                 return
@@ -80,6 +82,17 @@ class Supervisor:
                 self._advance(job)
             except Exception:
                 log.exception("fine-tuning job %s: supervisor pass failed; retrying next pass", job.id)
+
+    def _release_left(self, jobs: list[JobRow]) -> None:
+        # Jobs that stopped being active since the last pass (finished here, or cancelled through
+        # the API) give up the copies of files deleted while they ran.
+        active = {job.id for job in jobs}
+        left, self._active = (self._active or set()) - active, active
+        for job_id in sorted(left):
+            try:
+                self.ft.release_inputs(self.ft.store.get(job_id))
+            except Exception:
+                log.exception("fine-tuning job %s: cannot remove copies of deleted files", job_id)
 
     # -- one job ----------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from registry import lineage
 from registry.errors import ErrorCode, ForgelineError
+from registry.settings import private_dir
 from training.checkpoints import write_atomic
 from training.config import (
     AdapterSpec,
@@ -165,7 +166,7 @@ def build_train_job(
     train_rows = training_rows(inputs.train_path, method.type)
     hp = _resolve_hyperparameters(method, base, len(train_rows))
     data_dir = job_root / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(data_dir)
     _write_rows(data_dir / "train.jsonl", train_rows)
     data = DataSpec(train=str(data_dir / "train.jsonl"))
     if inputs.validation_path is not None:

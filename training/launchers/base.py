@@ -179,13 +179,22 @@ def read_outcome(output_dir: Path) -> JobOutcome | None:
 
 
 def with_outcome(status: JobStatus, handle: JobHandle) -> JobStatus:
-    """Add the registered version (from ``result.json``) to a status, when the job wrote one."""
+    """Add the registered version (from ``result.json``) to a status, when the job wrote one.
+
+    The result file decides the outcome: a job whose version is registered has succeeded,
+    even when a process exited non-zero afterwards (a rank aborting at exit, a node lost
+    during teardown). Reporting it failed would invite a rerun that trains it again.
+    """
     outcome = read_outcome(Path(handle.output_dir))
     if outcome is None or outcome_predates(handle, Path(handle.output_dir)):
         return status
-    return status.model_copy(
-        update={"version": outcome.version, "run_id": outcome.run_id, "resumed_from_step": outcome.resumed_from_step}
-    )
+    update: dict[str, object] = {
+        "version": outcome.version, "run_id": outcome.run_id, "resumed_from_step": outcome.resumed_from_step,
+    }
+    if status.phase is JobPhase.FAILED:
+        update["phase"] = JobPhase.SUCCEEDED
+        update["detail"] = f"version {outcome.version} registered; a process then {status.detail} (ignored)"
+    return status.model_copy(update=update)
 
 
 def outcome_predates(handle: JobHandle, output_dir: Path) -> bool:

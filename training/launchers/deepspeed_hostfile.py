@@ -18,6 +18,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from registry.settings import private_dir
+
 from ..job import RESULT_FILE
 from .base import (
     JobHandle,
@@ -73,7 +75,7 @@ class DeepSpeedHostfileLauncher(DetachedProcessLauncher):
         cluster = spec.cluster
         root = job_root(cluster)
         job_dir = root / "launches" / spec.job_id
-        job_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(job_dir)
         out = Path(spec.job.output_dir) if spec.job.output_dir else output_dir_for(spec.job, root)
         spec = spec.model_copy(update={"job": spec.job.model_copy(update={"output_dir": str(out)})})
         job_file = write_job_file(spec, job_dir)
@@ -90,7 +92,7 @@ class DeepSpeedHostfileLauncher(DetachedProcessLauncher):
     def submit(self, spec: LaunchSpec) -> JobHandle:
         job_dir, command, env = self.prepare(spec)
         out = Path(spec.job.output_dir) if spec.job.output_dir else output_dir_for(spec.job, job_root(spec.cluster))
-        out.mkdir(parents=True, exist_ok=True)
+        private_dir(out)
         (out / RESULT_FILE).unlink(missing_ok=True)
         log.info("launching %s: %s", spec.job_id, shlex.join(command))
         # Run from the shared root: pdsh `cd`s every host into the runner's working folder.

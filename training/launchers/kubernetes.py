@@ -175,13 +175,13 @@ class KubernetesLauncher:
         return _client().client.CoreV1Api(self.api_client)
 
     def submit(self, spec: LaunchSpec) -> JobHandle:
-        from registry.settings import forgeline_home
+        from registry.settings import forgeline_home, private_dir
 
         k8s = _client()
         cluster = spec.cluster
         manifest, config_map = render_manifests(spec.job, cluster, job_id=spec.job_id)
         job_dir = forgeline_home() / "launches" / spec.job_id
-        job_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(job_dir)
         (job_dir / "pytorchjob.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
         name = manifest["metadata"]["name"]
         try:

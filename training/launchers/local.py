@@ -175,12 +175,12 @@ class LocalProcessLauncher(DetachedProcessLauncher):
         return torchrun_command(job_file, nproc)
 
     def submit(self, spec: LaunchSpec) -> JobHandle:
-        from registry.settings import forgeline_home
+        from registry.settings import forgeline_home, private_dir
 
         job_dir = forgeline_home() / "launches" / spec.job_id
-        job_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(job_dir)
         out = spec.job.resolved_output_dir()
-        out.mkdir(parents=True, exist_ok=True)
+        private_dir(out)
         (out / RESULT_FILE).unlink(missing_ok=True)
         job_file = write_job_file(spec, job_dir)
         record = spawn_detached(self.command(spec, job_file), job_dir, forwarded_env())

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from registry.errors import MissingDependencyError
+from registry.settings import private_dir
 
 from ..checkpoints import write_atomic
 from ..job import RESULT_FILE, TrainJob
@@ -109,7 +110,7 @@ class SlurmLauncher:
         cluster = spec.cluster
         root = job_root(cluster)
         job_dir = root / "launches" / spec.job_id
-        job_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(job_dir)
         out = Path(spec.job.output_dir) if spec.job.output_dir else output_dir_for(spec.job, root)
         job = spec.job.model_copy(update={"output_dir": str(out)})
         write_atomic(job_dir / JOB_FILE, job_json(job))

@@ -10,10 +10,11 @@ from typing import Annotated, Any, Literal, cast
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from forgeline.control.auth import caller
 from forgeline.finetune.files import FileStore
+from forgeline.finetune.service import FineTuning
 from registry.keys import KeyRecord
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -49,6 +50,11 @@ class FileDeletedOut(BaseModel):
     id: str
     object: Literal["file"] = "file"
     deleted: bool
+    retained_by: list[str] = Field(
+        default_factory=list,
+        description="Fine-tuning jobs that still need the file: each keeps its copy in its job folder until it "
+        "finishes, then the copy is removed. Every other copy is gone.",
+    )
 
 
 def file_store(request: Request) -> FileStore:
@@ -101,9 +107,10 @@ def retrieve_file(file_id: str, request: Request, key: KeyRecord = Depends(calle
 
 @router.delete("/{file_id}")
 def delete_file(file_id: str, request: Request, key: KeyRecord = Depends(caller)) -> FileDeletedOut:
-    """Delete a file (its metadata stays in the audit trail)."""
-    record = file_store(request).delete(key.org, file_id)
-    return FileDeletedOut(id=record.id, deleted=True)
+    """Delete a file and its copies in job folders (its metadata stays in the audit trail)."""
+    service = cast(FineTuning, request.app.state.fine_tuning)
+    record, retained = service.delete_file(key.org, file_id)
+    return FileDeletedOut(id=record.id, deleted=True, retained_by=retained)
 
 
 @router.get("/{file_id}/content", response_class=FileResponse)

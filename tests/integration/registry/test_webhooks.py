@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from registry.client import Registry
-from registry.events import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
+from registry.events import EVENT_HEADER, ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
 from registry.policy import PromotionPolicy
 from registry.promotion import decide, promote, rollback
 from tests.integration.registry.backends import Backend, trained_version, unique_name
@@ -41,7 +41,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         headers = {key: value for key, value in self.headers.items()}
         with self.server.lock:
-            delivery = headers[DELIVERY_HEADER]
+            delivery = headers[ID_HEADER]
             status = 200
             if headers[EVENT_HEADER] == "promoted" and delivery not in self.server.failed_once:
                 self.server.failed_once.add(delivery)
@@ -85,16 +85,15 @@ def test_events_are_signed_delivered_and_retried(
         registry.close()
 
     for headers, body, _ in receiver.requests:
-        assert verify_signature(
-            SECRET, body, timestamp=headers[TIMESTAMP_HEADER], signature=headers[SIGNATURE_HEADER]
-        ), headers
-        assert not verify_signature("not-the-secret-at-all", body, timestamp=headers[TIMESTAMP_HEADER], signature=headers[SIGNATURE_HEADER])
+        signed = {"msg_id": headers[ID_HEADER], "timestamp": headers[TIMESTAMP_HEADER], "signature": headers[SIGNATURE_HEADER]}
+        assert verify_signature(SECRET, body, **signed), headers
+        assert not verify_signature("not-the-secret-at-all", body, **signed)
     accepted = sorted(headers[EVENT_HEADER] for headers, _, status in receiver.requests if status == 200)
     assert accepted == sorted(
         ["registered", "registered", "evaluated", "evaluated", "approved", "promoted", "promoted", "rolled_back"]
     )
     # Each promoted event failed once and was delivered again under the same delivery id.
-    promoted = [(h[DELIVERY_HEADER], status) for h, _, status in receiver.requests if h[EVENT_HEADER] == "promoted"]
+    promoted = [(h[ID_HEADER], status) for h, _, status in receiver.requests if h[EVENT_HEADER] == "promoted"]
     assert sorted(status for _, status in promoted) == [200, 200, 500, 500]
     assert {d for d, s in promoted if s == 500} == {d for d, s in promoted if s == 200}
     assert sorted((d.event_type, d.ok, d.attempts) for d in deliveries if d.event_type == "promoted") == [

@@ -73,3 +73,21 @@ def test_logs_are_empty_before_the_job_writes_them_and_can_be_tailed(tmp_path: P
     assert read_log(tmp_path / "train.log") == ""
     (tmp_path / "train.log").write_text("a\nb\nc\n")
     assert read_log(tmp_path / "train.log", tail=2) == "b\nc\n"
+
+
+def test_a_registered_version_makes_a_failed_exit_a_success(tmp_path: Path) -> None:
+    # A rank aborting at exit after rank 0 registered the version must not fail the job.
+    _write_result(tmp_path, 3)
+    failed = JobStatus(phase=JobPhase.FAILED, detail="exited 134", exit_code=134)
+    status = with_outcome(failed, _handle(tmp_path, datetime.now(UTC) - timedelta(minutes=1)))
+    assert (status.phase, status.version, status.exit_code) == (JobPhase.SUCCEEDED, 3, 134)
+    assert "version 3 registered" in status.detail and "exited 134" in status.detail
+
+
+def test_a_failed_job_without_its_own_result_stays_failed(tmp_path: Path) -> None:
+    failed = JobStatus(phase=JobPhase.FAILED, detail="exited 1", exit_code=1)
+    assert with_outcome(failed, _handle(tmp_path, datetime.now(UTC))).phase is JobPhase.FAILED
+    _write_result(tmp_path, 2)
+    old = time.time() - 3600
+    os.utime(tmp_path / RESULT_FILE, (old, old))  # an earlier job's version
+    assert with_outcome(failed, _handle(tmp_path, datetime.now(UTC) - timedelta(minutes=1))).phase is JobPhase.FAILED

@@ -1,0 +1,67 @@
+"""``forgeline db``: the control database's schema revision (status) and migration (upgrade).
+
+Every forgeline process migrates the control database when it opens it
+(:mod:`registry.migrations`), so ``upgrade`` is only needed to migrate ahead of a rollout
+(e.g. once, before restarting many replicas on PostgreSQL). Self-contained so ``cli``
+registers it with one ``add_typer`` line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
+
+from forgeline.cli_errors import one_line_errors
+from registry import migrations, settings
+from registry.db import create_control_engine
+
+db_app = typer.Typer(no_args_is_help=True, help="Control database: schema revision and migrations.")
+console = Console()
+
+DbUrl = Annotated[str | None, typer.Option("--db-url", help="SQLAlchemy URL; default FORGELINE_DB_URL or "
+                                           "$FORGELINE_HOME/control.db.", show_default=False)]
+
+
+@db_app.command("status")
+@one_line_errors
+def status(db_url: DbUrl = None) -> None:
+    """Print the database's schema revision and the newest this forgeline knows (changes nothing)."""
+    url = make_url(db_url or settings.control_db_url())
+    where = url.render_as_string(hide_password=True)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        if not Path(url.database).is_file():
+            console.print(f"{where}: no database yet (made at revision {migrations.head()} on first use)")
+            return
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            current = migrations.current(conn)
+    finally:
+        engine.dispose()
+    head = migrations.head()
+    if current == head:
+        state = "up to date"
+    elif current is None:
+        state = "made before migrations; the next forgeline command upgrades it in place"
+    else:
+        state = f"at {current}; the next forgeline command upgrades it (or run `forgeline db upgrade`)"
+    console.print(f"{where}: revision {current or '-'} (newest {head}): {state}")
+
+
+@db_app.command("upgrade")
+@one_line_errors
+def upgrade(db_url: DbUrl = None) -> None:
+    """Migrate the database to the newest revision now (what any forgeline command does on open)."""
+    url = db_url or settings.control_db_url()
+    engine = create_control_engine(url)
+    try:
+        with engine.connect() as conn:
+            current = migrations.current(conn)
+    finally:
+        engine.dispose()
+    console.print(f"{make_url(url).render_as_string(hide_password=True)}: at revision {current}")
