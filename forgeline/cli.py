@@ -21,8 +21,8 @@ from rich.table import Table
 
 from registry.errors import ConfigError, ErrorCode, ForgelineError
 
-from .cli_identity import LocalAdminOpt, local_actor
 from .cli_db import db_app
+from .cli_identity import LocalAdminOpt, local_actor
 from .cli_jobs import jobs_app
 from .cli_keys import keys_app
 from .cli_worker import worker as _worker_command
