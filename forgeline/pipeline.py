@@ -95,6 +95,8 @@ def recorded_grpo_method(registry: Registry, info: VersionInfo) -> tuple[GRPOMet
     import json
     import tempfile
 
+    from mlflow.exceptions import MlflowException
+
     fix = "fix: pass the recipe (`forgeline evaluate NAME VERSION --recipe RECIPE.yaml`)"
     if not info.run_id:
         raise ForgelineError(f"{info.ref} is a GRPO version without a training run to read its rewards from; {fix}",
@@ -104,7 +106,7 @@ def recorded_grpo_method(registry: Registry, info: VersionInfo) -> tuple[GRPOMet
             path = registry.client.download_artifacts(info.run_id, "recipe/resolved.json", tmp)
             resolved = json.loads(Path(path).read_text())
             method = GRPOMethod.model_validate(resolved["method"])
-        except Exception as err:  # a missing artifact, or a run from another tool
+        except (MlflowException, OSError, KeyError, ValueError) as err:  # no such artifact, or a run from another tool
             raise ForgelineError(f"{info.ref}: cannot read the GRPO rewards from run {info.run_id} ({err}); {fix}",
                                  code=ErrorCode.INVALID_REQUEST, param="recipe") from err
     recipe_file = resolved.get("recipe_file")
