@@ -1,9 +1,13 @@
-"""A fine-tuning job on a base whose operator defaults are a full fine-tune (``adapter: {kind: none}``):
-the supervisor evaluates the new version against the base, builds it from its own weights,
-moves it to ``@candidate``, and the gateway serves it by name."""
+"""What the supervisor does with the versions fine-tuning jobs register, beyond LoRA SFT.
+
+A job on a base whose operator defaults are a full fine-tune (``adapter: {kind: none}``) is
+evaluated against the base, built from its own weights, moved to ``@candidate`` and served by
+name. A reinforcement job is evaluated with its grader as the reward: pass@k on the validation file.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,12 +23,13 @@ from serving.config import ServeSpec
 from serving.gateway.server import serve_in_background
 from serving.registry_models import local_artifact_dir
 from serving.service import build_gateway
-from tests.conftest import SUPPORT_DATA, TINY_BASE
+from tests.conftest import REPO, SUPPORT_DATA, TINY_BASE
 from tests.integration.control.finetune_client import TINY_TRAIN_DEFAULTS, Org, all_events, chat_file, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 QUESTION = [{"role": "user", "content": "Route this ticket: my card was charged twice."}]
+ARITHMETIC = REPO / "recipes" / "data" / "toy-arithmetic"
 
 
 @pytest.fixture
@@ -73,3 +78,34 @@ def test_a_full_fine_tuning_job_is_evaluated_built_and_served_by_name(plane: str
     finally:
         stop()
         registry.close()
+
+
+def _prompt_file(path: Path, source: Path, rows: int) -> Path:
+    """OpenAI reinforcement rows (``messages`` ending with the user, plus the reference ``answer``)."""
+    rows_in = [json.loads(line) for line in source.read_text().splitlines()[:rows]]
+    path.write_text("".join(json.dumps({"messages": r["prompt"], "answer": r["answer"]}) + "\n" for r in rows_in))
+    return path
+
+
+def test_a_reinforcement_job_is_evaluated_with_its_grader_as_the_reward(plane: str, org: Org, tmp_path: Path) -> None:
+    tess = org.client(plane, "tess")
+    train = tess.files.create(file=_prompt_file(tmp_path / "train.jsonl", ARITHMETIC / "train.jsonl", 16).open("rb"),
+                              purpose="fine-tune")
+    valid = tess.files.create(file=_prompt_file(tmp_path / "valid.jsonl", ARITHMETIC / "eval.jsonl", 8).open("rb"),
+                              purpose="fine-tune")
+    grader = {"type": "string_check", "name": "answer", "input": "{{sample.output_text}}",
+              "reference": "{{item.answer}}", "operation": "eq"}
+    job = tess.fine_tuning.jobs.create(
+        model="tiny", training_file=train.id, validation_file=valid.id, suffix="sums",
+        method={"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": {
+            "n_epochs": 1, "batch_size": 8, "compute_multiplier": 0.25, "reasoning_effort": "low"}}},
+    )
+    done = wait_for("the job to finish", lambda: (j := tess.fine_tuning.jobs.retrieve(job.id)).finished_at and j)
+    assert done.status == "succeeded", done.error
+    evaluated = [e for e in all_events(tess, job.id) if e.message.startswith("Evaluated on the validation file")]
+    assert len(evaluated) == 1, [e.message for e in all_events(tess, job.id)]
+    metrics = evaluated[0].data["metrics"]  # type: ignore[index]
+    assert set(metrics) == {"reward", "reward_exact_match", "pass_at_1", "pass_at_4"}
+    assert set(evaluated[0].data["base_metrics"]) == set(metrics)  # type: ignore[index]
+    info = Registry().get_version(done.fine_tuned_model, 1)
+    assert info.metrics() == pytest.approx(metrics)  # recorded on the version, for the policy gates
