@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from registry import lineage
 from registry.client import Registry, VersionInfo
-from registry.errors import ErrorCode, ForgelineError
+from registry.errors import ConfigError, ErrorCode, ForgelineError
 from registry.policy import PromotionPolicy
 from registry.promotion import PolicyResult, promote
 from registry.promotion import check as check_gates
@@ -144,6 +144,13 @@ def evaluate(
         raise ForgelineError(f"{name} v{version} records no eval data; fix: pass --data FILE", code=ErrorCode.INVALID_REQUEST)
     if method is None and info.tags.get(lineage.METHOD) == "grpo":
         method, search_path = recorded_grpo_method(registry, info)
+    if method is not None:
+        from training.rewards import check_rewards
+
+        # Before any weights load: a reward module that moved since training is one clear error.
+        problems = check_rewards(method.rewards, search_path)
+        if problems:
+            raise ConfigError(problems=problems, source=f"the rewards of {info.ref}")
     rows = load_rows(source)
     weights = local_weights(info)
     tokenizer = load_tokenizer(ModelSpec(base=weights.base_model), source=str(weights.path))
