@@ -130,13 +130,34 @@ def evaluate(
     version: int,
     data: Annotated[str | None, typer.Option(help="Eval data file; default: the one recorded on the version.")] = None,
     max_samples: Annotated[int, typer.Option(help="Evaluate at most this many rows.")] = 200,
+    samples: Annotated[int, typer.Option(help="GRPO versions: completions sampled per prompt.")] = 8,
+    pass_k: Annotated[int, typer.Option(help="GRPO versions: report pass@k for this k (and pass@1).")] = 4,
+    recipe: Annotated[
+        Path | None, typer.Option(help="GRPO versions: take the rewards from this recipe, not the training run's.")
+    ] = None,
 ) -> None:
-    """Score a version and its base on held-out data; record the metrics on the version."""
-    from training.config import EvaluateSpec
+    """Score a version and its base on held-out data; record the metrics on the version.
+
+    SFT/DPO versions: exact-match accuracy and eval loss. GRPO versions: the recipe's rewards
+    (mean per function) and pass@1 / pass@k of verifiable answers. Full fine-tunes are
+    compared with the base checkpoint they were trained from.
+    """
+    from training.config import EvaluateSpec, GRPOMethod
 
     from . import pipeline
+    from .recipe import load_recipe
 
-    report = pipeline.evaluate(_registry(), name, version, spec=EvaluateSpec(max_samples=max_samples), data=data)
+    method, search_path = None, None
+    if recipe is not None:
+        loaded = load_recipe(recipe)
+        if not isinstance(loaded.method, GRPOMethod):
+            raise typer.BadParameter(f"{recipe} is a {loaded.method.kind} recipe; --recipe is for GRPO versions", param_hint="--recipe")
+        method, search_path = loaded.method, recipe.resolve().parent
+    if not 0 < pass_k <= samples:
+        raise typer.BadParameter(f"{pass_k} is not in 1..--samples ({samples}); fix: raise --samples or lower --pass-k",
+                                 param_hint="--pass-k")
+    spec = EvaluateSpec(max_samples=max_samples, samples=samples, pass_k=pass_k)
+    report = pipeline.evaluate(_registry(), name, version, spec=spec, data=data, method=method, search_path=search_path)
     _print_metrics(report.metrics, report.base_metrics)
 
 

@@ -9,20 +9,21 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from registry import lineage
 from registry.client import Registry, VersionInfo
-from registry.errors import ErrorCode, ForgelineError
+from registry.errors import ConfigError, ErrorCode, ForgelineError
 from registry.policy import PromotionPolicy
 from registry.promotion import PolicyResult, promote
 from registry.promotion import check as check_gates
 from registry.settings import forgeline_home, tracking_uri
-from training.config import EvaluateSpec, ModelSpec
+from training.config import EvaluateSpec, GRPOMethod, ModelSpec
 from training.job import TrainJob, TrainResult
 from training.launch import LocalLauncher
 
 from .recipe import Recipe, recipe_hash
+from .versions import VersionWeights, version_weights
 
 if TYPE_CHECKING:
     from serving.build.trtllm_build import TrtllmBuildOptions
@@ -76,6 +77,42 @@ class EvalReport:
     base_metrics: dict[str, float]
 
 
+def local_weights(info: VersionInfo) -> VersionWeights:
+    """The version's weights copied here, and whether they are an adapter or a whole model."""
+    folder = download_artifacts(info.source, "adapter", info.name, info.version)
+    return version_weights(info, folder)
+
+
+def recorded_grpo_method(registry: Registry, info: VersionInfo) -> tuple[GRPOMethod, Path | None]:
+    """The GRPO ``method`` section (rewards and all) the version was trained with, from its run.
+
+    Training logs the resolved recipe as ``recipe/resolved.json`` on the run; its
+    ``recipe_file`` folder is where user reward modules are imported from.
+
+    Raises:
+        ForgelineError: the version has no run, or the run has no readable recipe.
+    """
+    import json
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    fix = "fix: pass the recipe (`forgeline evaluate NAME VERSION --recipe RECIPE.yaml`)"
+    if not info.run_id:
+        raise ForgelineError(f"{info.ref} is a GRPO version without a training run to read its rewards from; {fix}",
+                             code=ErrorCode.INVALID_REQUEST, param="recipe")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = registry.client.download_artifacts(info.run_id, "recipe/resolved.json", tmp)
+            resolved = json.loads(Path(path).read_text())
+            method = GRPOMethod.model_validate(resolved["method"])
+        except (MlflowException, OSError, KeyError, ValueError) as err:  # no such artifact, or a run from another tool
+            raise ForgelineError(f"{info.ref}: cannot read the GRPO rewards from run {info.run_id} ({err}); {fix}",
+                                 code=ErrorCode.INVALID_REQUEST, param="recipe") from err
+    recipe_file = resolved.get("recipe_file")
+    return method, Path(recipe_file).parent if recipe_file else None
+
+
 def evaluate(
     registry: Registry,
     name: str,
@@ -84,27 +121,61 @@ def evaluate(
     spec: EvaluateSpec | None = None,
     data: str | None = None,
     with_base: bool = True,
+    method: GRPOMethod | None = None,
+    search_path: Path | None = None,
 ) -> EvalReport:
-    """Score a version (and its base, for ``better_than_base``) and record both on the version."""
+    """Score a version (and its base, for ``better_than_base``) and record both on the version.
+
+    SFT and DPO versions are scored by exact match of greedy answers and completion loss;
+    GRPO versions by the rewards they were trained with (mean reward per function, pass@1
+    and pass@k of verifiable answers; see `training.reward_evaluation`). ``method``
+    overrides the GRPO section recorded on the training run. Adapters are scored with the
+    adapter on and off; a full fine-tune against its base checkpoint, loaded in turn.
+    """
     from training.data import load_rows
     from training.evaluation import evaluate_model
-    from training.models import load_adapted_model, load_tokenizer
+    from training.models import load_adapted_model, load_base_model, load_tokenizer
+    from training.reward_evaluation import evaluate_rewards
 
     spec = spec or EvaluateSpec()
     info = registry.get_version(name, version)
     source = data or info.tags.get(lineage.DATA_EVAL)
     if not source:
         raise ForgelineError(f"{name} v{version} records no eval data; fix: pass --data FILE", code=ErrorCode.INVALID_REQUEST)
+    if method is None and info.tags.get(lineage.METHOD) == "grpo":
+        method, search_path = recorded_grpo_method(registry, info)
+    if method is not None:
+        from training.rewards import check_rewards
+
+        # Before any weights load: a reward module that moved since training is one clear error.
+        problems = check_rewards(method.rewards, search_path)
+        if problems:
+            raise ConfigError(problems=problems, source=f"the rewards of {info.ref}")
     rows = load_rows(source)
-    adapter = download_artifacts(info.source, "adapter", name, version)
-    model_spec = ModelSpec(base=info.tags[lineage.BASE_MODEL])
-    tokenizer = load_tokenizer(model_spec, source=str(adapter))
-    model = load_adapted_model(model_spec, adapter)
-    metrics = evaluate_model(model, tokenizer, rows, spec)
+    weights = local_weights(info)
+    tokenizer = load_tokenizer(ModelSpec(base=weights.base_model), source=str(weights.path))
+
+    def score(model: Any) -> dict[str, float]:
+        if method is not None:
+            return evaluate_rewards(model, tokenizer, rows, spec, method, search_path=search_path)
+        return evaluate_model(model, tokenizer, rows, spec)
+
     base_metrics: dict[str, float] = {}
-    if with_base:
-        with model.disable_adapter():
-            base_metrics = evaluate_model(model, tokenizer, rows, spec)
+    if weights.is_adapter:
+        model = load_adapted_model(ModelSpec(base=weights.base_model), weights.path)
+        metrics = score(model)
+        if with_base:
+            with model.disable_adapter():
+                base_metrics = score(model)
+    else:
+        # One model in memory at a time: the fine-tune, then the base it started from.
+        metrics = score(load_base_model(ModelSpec(base=str(weights.path))))
+        if with_base:
+            base_metrics = score(load_base_model(ModelSpec(base=weights.base_model)))
+    if not metrics:
+        kind = "prompt rows with the fields its rewards read" if method else "rows with an expected answer"
+        raise ForgelineError(f"{source} has no {kind} to evaluate {name} v{version} on; fix: pass --data FILE with such rows",
+                             code=ErrorCode.INVALID_REQUEST, param="data")
     registry.record_evaluation(name, version, metrics, base_metrics=base_metrics or None)
     _log_metrics_on_run(registry, info.run_id, metrics, base_metrics)
     return EvalReport(registry.get_version(name, version), metrics, base_metrics)
@@ -155,8 +226,8 @@ def build(
 ) -> BuiltEngine:
     """Build the serving artifact of a version and log it on the version's run.
 
-    Target ``torch``: the adapter merged into the base (safetensors + tokenizer +
-    generation config + checksummed manifest). Target ``tensorrt-llm``: see
+    Target ``torch``: the adapter merged into the base, or a full fine-tune's own weights
+    (safetensors + tokenizer + generation config + checksummed manifest). Target ``tensorrt-llm``: see
     `_build_trtllm` (``trtllm``, ``runner``, ``extra_adapters`` and ``finalize`` apply to it).
     """
 
@@ -169,9 +240,12 @@ def build(
             f"unknown build target {target!r}; fix: use `torch` or `tensorrt-llm`", code=ErrorCode.INVALID_REQUEST, param="target"
         )
     info = registry.resolve(ref)
-    adapter = download_artifacts(info.source, "adapter", info.name, info.version)
+    weights = local_weights(info)
     out = forgeline_home() / "engines" / info.name / str(info.version) / target
-    build_torch_artifact(info.tags[lineage.BASE_MODEL], adapter, out)
+    if weights.is_adapter:
+        build_torch_artifact(weights.base_model, weights.path, out)
+    else:
+        build_torch_artifact(weights.base_model, None, out, full_weights=weights.path)
     artifact_uri = str(out)
     if info.run_id:
         client = registry.client
@@ -208,8 +282,9 @@ def _build_trtllm(
     if finalize:
         manifest = finalize_trtllm_job(load_job(out))
     else:
-        base = info.tags[lineage.BASE_MODEL]
-        adapter = download_artifacts(info.source, "adapter", info.name, info.version)
+        weights = local_weights(info)
+        base = weights.base_model
+        adapter = weights.path if weights.is_adapter else None
         extras: dict[str, Path] = {}
         for extra_ref in extra_adapters:
             other = registry.resolve(extra_ref)
@@ -220,7 +295,14 @@ def _build_trtllm(
                     code=ErrorCode.INVALID_REQUEST,
                     param="adapter",
                 )
-            extras[f"{other.name}-v{other.version}"] = download_artifacts(other.source, "adapter", other.name, other.version)
+            other_weights = local_weights(other)
+            if not other_weights.is_adapter:
+                raise ForgelineError(
+                    f"{other.ref} is a full fine-tune, not an adapter; fix: build it as its own engine",
+                    code=ErrorCode.INVALID_REQUEST,
+                    param="adapter",
+                )
+            extras[f"{other.name}-v{other.version}"] = other_weights.path
         _, manifest = build_trtllm_artifact(
             base,
             adapter,
@@ -231,6 +313,7 @@ def _build_trtllm(
             adapter_name=f"{info.name}-v{info.version}",
             extra_adapters=extras,
             overwrite=True,
+            full_weights=None if weights.is_adapter else weights.path,
         )
     if manifest is None:
         return BuiltEngine(info, out, "", pending=True)

@@ -125,7 +125,15 @@ def _call(base_url: str, model: str, rows: list[dict], console: Console) -> list
     out = []
     for row in rows:
         messages = row["prompt"] if "prompt" in row else row["messages"][:-1]
-        expected = row["completion"][-1]["content"] if "completion" in row else row["messages"][-1]["content"]
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if "completion" in row:
+            completion = row["completion"]
+            expected = completion if isinstance(completion, str) else completion[-1]["content"]
+        elif "messages" in row:
+            expected = row["messages"][-1]["content"]
+        else:  # GRPO prompt rows carry a reference answer instead
+            expected = str(row.get("answer", ""))
         reply = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0)
         answer = (reply.choices[0].message.content or "").strip()
         out.append((messages[-1]["content"], expected, answer))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+from collections.abc import Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +22,11 @@ BASE_MODEL = "forgeline.base_model"
 METHOD = "forgeline.method"
 """Training method: ``sft`` | ``dpo`` | ``grpo``."""
 ADAPTER = "forgeline.adapter"
-"""Adapter kind: ``lora`` | ``qlora`` | ``none``."""
+"""Adapter kind: ``lora`` | ``qlora`` | ``none`` (a full fine-tune: the artifact holds every weight)."""
+LORA_KINDS = ("lora", "qlora")
+"""`ADAPTER` values whose artifact is a PEFT adapter over the base."""
+FULL_WEIGHTS = "none"
+"""`ADAPTER` value of a full fine-tune."""
 RECIPE_HASH = "forgeline.recipe_hash"
 """Digest of the validated recipe that produced the version."""
 DATASET_DIGEST = "forgeline.dataset_digest"
@@ -46,6 +51,11 @@ EVAL_PREFIX = "forgeline.eval."
 """``forgeline.eval.<metric>`` = the version's score on the evaluation."""
 BASE_EVAL_PREFIX = "forgeline.base_eval."
 """``forgeline.base_eval.<metric>`` = the base model's score on the same evaluation."""
+
+
+def is_full_fine_tune(tags: Mapping[str, str]) -> bool:
+    """Whether a version's artifact is a whole model (``adapter: {kind: none}``), not a PEFT adapter."""
+    return tags.get(ADAPTER) == FULL_WEIGHTS
 
 
 def engine_tag(target: str) -> str:

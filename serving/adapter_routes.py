@@ -7,6 +7,10 @@ routes the request there with the adapter pinned to the exact version (``name@N`
 if the client had sent ``base:name@N``. Pinning matters: the engine caches adapters by
 name, so an alias move must change the name it is asked for.
 
+A full fine-tune (``adapter: {kind: none}``) changed every weight, so no base can run it:
+its name is refused with the fix — serve it as its own engine (``forgeline serve --model
+name@production``), where it is built, served by name and hot-swapped like any version.
+
 Resolutions (negative ones too) are cached for ``ttl_s`` so the hot path does not hit
 MLflow on every request, and a promotion (alias move) is followed within that time.
 """
@@ -121,10 +125,17 @@ class AdapterRoutes:
                 return Route(served, adapter, org, info.name)
             return Route(served, info.ref, org, info.name)
         info = self.lookup(model)
-        if info is None or info.tags.get(lineage.ADAPTER) not in LORA_KINDS:
+        if info is None:
             raise model_not_found(model)
-        for candidate in {id(s): s for s in routes.values()}.values():
-            if candidate.base_model is not None and _lora_on(info, candidate.base_model):
+        bases = [s for s in {id(s): s for s in routes.values()}.values() if s.base_model is not None]
+        if lineage.is_full_fine_tune(info.tags) and bases:
+            # Not servable on a base: the engine refuses it with the fix (serve it by name)
+            # once the org check has let the key see it.
+            return Route(bases[0], info.ref, info.tags.get(lineage.ORG), info.name)
+        if info.tags.get(lineage.ADAPTER) not in LORA_KINDS:
+            raise model_not_found(model)
+        for candidate in bases:
+            if _lora_on(info, candidate.base_model):  # type: ignore[arg-type]
                 return Route(candidate, info.ref, info.tags.get(lineage.ORG), info.name)
         raise model_not_found(model)
 

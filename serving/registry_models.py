@@ -60,7 +60,7 @@ def public_names(ref: str, info: VersionInfo) -> list[str]:
 EngineFactory = Callable[[Path, VersionInfo, str, ServeSpec, Callable[[str], Path]], Engine]
 """Builds the engine for a version: (artifact folder, version, model id, spec, adapter source)."""
 
-LORA_KINDS = ("lora", "qlora")
+LORA_KINDS = lineage.LORA_KINDS
 
 
 def torch_engine(
@@ -109,12 +109,20 @@ def adapter_source(
             raise ModelNotFoundError(f"`{served}` has no adapter `{adapter}` (adapters: {known})", param="model")
         if base_model is None:
             raise ModelNotFoundError(
-                f"`{served}:{adapter}`: `{served}` has an adapter merged into its weights, so registry adapters "
-                "cannot be stacked on it; serve the base model and ask for `base:adapter`",
+                f"`{served}:{adapter}`: `{served}` serves fine-tuned weights (a merged adapter or a full fine-tune), "
+                "so registry adapters cannot be stacked on it; serve the base model and ask for `base:adapter`",
                 param="model",
             )
         info = registry.resolve(adapter)
         kind = info.tags.get(lineage.ADAPTER)
+        if lineage.is_full_fine_tune(info.tags):
+            # Every weight changed: it runs as its own engine, never as an adapter on a base.
+            raise ModelNotFoundError(
+                f"`{adapter}`: {info.ref} is a full fine-tune, not a LoRA adapter, so no served base can run it; "
+                f"fix: serve it by name (`forgeline serve --model {info.name}@{info.version}` after "
+                f"`forgeline build {info.name}@{info.version}`)",
+                param="model",
+            )
         if kind not in LORA_KINDS:
             raise ModelNotFoundError(
                 f"`{served}:{adapter}`: {info.ref} is not a LoRA adapter (adapter kind {kind!r})", param="model"
@@ -165,8 +173,8 @@ def served_model(
         )
     else:
         manifest = load_manifest(path)  # verifies checksums before we load weights
-        # Registry adapters need the bare base underneath; a merged artifact has another adapter in it.
-        base = manifest.base_model if manifest.adapter is None else None
+        # Registry adapters need the bare base underneath; a merged adapter or a full fine-tune changed it.
+        base = manifest.base_model if manifest.adapter is None and manifest.full_weights is None else None
         adapters = adapter_source(registry, served=names[0], base_model=base, static=spec.adapters)
         engine = engine_factory(path, info, names[0], spec, adapters)
         log.info("serving %s v%s from %s as %s", info.name, info.version, path, names)

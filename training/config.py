@@ -196,3 +196,14 @@ class EvaluateSpec(_Section):
     max_samples: int = Field(default=200, gt=0, description="Evaluate on at most this many held-out rows.")
     max_new_tokens: int = Field(default=16, gt=0, description="Tokens generated per answer for exact-match accuracy.")
     batch_size: int = Field(default=32, gt=0, description="Rows generated at once.")
+    samples: int = Field(
+        default=8, gt=0, description="GRPO versions: completions sampled per held-out prompt (pass@k is estimated from them)."
+    )
+    pass_k: int = Field(default=4, gt=0, description="GRPO versions: the k of the reported pass@k (at most `samples`).")
+    seed: int = Field(default=0, description="GRPO versions: sampling seed (the base and the version draw alike).")
+
+    @model_validator(mode="after")
+    def _k_within_samples(self) -> EvaluateSpec:
+        if self.pass_k > self.samples:
+            raise ValueError(f"pass_k {self.pass_k} exceeds samples {self.samples}; fix: set samples >= pass_k")
+        return self

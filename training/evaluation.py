@@ -27,7 +27,8 @@ class EvalExample:
 def to_examples(rows: list[dict[str, Any]], tokenizer: Any) -> list[EvalExample]:
     """Render rows with the tokenizer's chat template; rows without an answer are skipped.
 
-    Preference rows count their ``chosen`` answer as the expected one.
+    Preference rows count their ``chosen`` answer as the expected one. Prompt-only rows
+    (GRPO's prompt/answer) have no text to match: `training.reward_evaluation` scores those.
     """
     examples = []
     for row in rows:
@@ -38,7 +39,7 @@ def to_examples(rows: list[dict[str, Any]], tokenizer: Any) -> list[EvalExample]
             if messages[-1]["role"] != "assistant":
                 continue
             prompt_msgs, expected = messages[:-1], messages[-1]["content"]
-        elif "prompt" in row:
+        elif "prompt" in row and "completion" in row:
             prompt_msgs, completion = row["prompt"], row["completion"]
             if isinstance(prompt_msgs, str):
                 examples.append(EvalExample(prompt_msgs, completion))
@@ -60,9 +61,29 @@ def _batches(items: list[EvalExample], size: int) -> list[list[EvalExample]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def generate_answers(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers, batched with left padding."""
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    samples: int = 1,
+    temperature: float | None = None,
+) -> list[str]:
+    """Greedy answers, batched with left padding.
+
+    With ``temperature`` set, ``samples`` completions per prompt are sampled instead (the
+    answers of prompt ``i`` are ``answers[i * samples : (i + 1) * samples]``).
+    """
     import torch
+
+    if temperature is None:
+        sampling: dict[str, Any] = {"do_sample": False}
+    else:
+        # Full distribution (top_k=0, top_p=1), as GRPO samples its groups in training.
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0, "num_return_sequences": samples}
+        batch_size = max(1, batch_size // samples)
 
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -75,7 +96,7 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[str], *, max_new_
                 out = model.generate(
                     **enc,
                     max_new_tokens=max_new_tokens,
-                    do_sample=False,
+                    **sampling,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
                 )

@@ -260,9 +260,10 @@ class Supervisor:
 
     def _evaluate(self, job: JobRow, name: str, version: int, pipeline: Any) -> None:
         store = self.ft.store
-        if job.method.get("type") != "supervised" or not job.validation_file:
-            store.add_event(job.id, "evaluated", "Not evaluated: exact-match scoring needs a supervised job with a "
-                            "validation_file")
+        # Supervised: exact match of answers; reinforcement: the job's graders as rewards, pass@k.
+        if job.method.get("type") not in ("supervised", "reinforcement") or not job.validation_file:
+            store.add_event(job.id, "evaluated", "Not evaluated: scoring needs a supervised or reinforcement job with "
+                            "a validation_file")
             return
         try:
             report = pipeline.evaluate(self.ft.registry, name, version)

@@ -41,6 +41,9 @@ class EngineManifest(BaseModel):
     target: Literal["torch"] = Field(default="torch", description="Engine target the artifact is built for.")
     base_model: str = Field(description="Base model: hub id or local path.")
     adapter: str | None = Field(default=None, description="Adapter merged into the base, or None.")
+    full_weights: str | None = Field(
+        default=None, description="A full fine-tune packaged in place of the base's weights, or None (`base_model` is its lineage)."
+    )
     created_at: datetime = Field(description="When the build finished (UTC).")
     torch_version: str = Field(description="torch used for the build.")
     transformers_version: str = Field(description="transformers used for the build.")
@@ -81,13 +84,14 @@ def _version(module: str) -> str | None:
         return None
 
 
-def _write_model(base_model: str, adapter: Path | None, tmp: Path, chat_template: str | None) -> None:
+def _write_model(weights: str, adapter: Path | None, tmp: Path, chat_template: str | None) -> None:
+    """``weights`` (the base, or a full fine-tune) with ``adapter`` merged in, tokenizer and generation config."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    tokenizer_src: str | Path = adapter if adapter is not None and _has_tokenizer(adapter) else base_model
+    tokenizer_src: str | Path = adapter if adapter is not None and _has_tokenizer(adapter) else weights
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_src)
     # dtype="auto" keeps the checkpoint's dtype; merging in a wider dtype would double the size.
-    model: Any = AutoModelForCausalLM.from_pretrained(base_model, dtype="auto")
+    model: Any = AutoModelForCausalLM.from_pretrained(weights, dtype="auto")
     if adapter is not None:
         try:
             from peft import PeftModel
@@ -123,6 +127,7 @@ def build_torch_artifact(
     *,
     chat_template: str | None = None,
     overwrite: bool = False,
+    full_weights: str | Path | None = None,
 ) -> EngineManifest:
     """Build a portable PyTorch engine artifact: the base with the adapter merged in.
 
@@ -133,6 +138,8 @@ def build_torch_artifact(
         out_dir: where the artifact ends up; must not exist unless ``overwrite``.
         chat_template: a Jinja chat template that replaces the tokenizer's.
         overwrite: replace an existing ``out_dir`` (atomically, after the build succeeded).
+        full_weights: a full fine-tune's model folder (trained from ``base_model``): packaged
+            instead of the base, with its own tokenizer when it has one; no adapter then.
 
     Returns:
         The manifest written to ``out_dir / "forgeline-engine.json"``.
@@ -145,6 +152,16 @@ def build_torch_artifact(
     adapter = Path(adapter_dir) if adapter_dir is not None else None
     if adapter is not None and not adapter.is_dir():
         raise NotFoundError(f"adapter folder {adapter} does not exist", param="adapter_dir")
+    full = Path(full_weights) if full_weights is not None else None
+    if full is not None:
+        if adapter is not None:
+            raise ForgelineError(
+                "a full fine-tune has no adapter to merge; pass adapter_dir or full_weights, not both",
+                code=ErrorCode.INVALID_REQUEST,
+                param="full_weights",
+            )
+        if not (full / "config.json").is_file():
+            raise NotFoundError(f"{full} is not a model folder (no config.json)", param="full_weights")
     if out_dir.exists() and not overwrite:
         raise ConflictError(f"{out_dir} already exists; pass overwrite=True or choose another folder", param="out_dir")
 
@@ -152,8 +169,8 @@ def build_torch_artifact(
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        logger.info("building torch artifact from %s%s", base_model, f" + {adapter}" if adapter else "")
-        _write_model(base_model, adapter, tmp, chat_template)
+        logger.info("building torch artifact from %s%s", full or base_model, f" + {adapter}" if adapter else "")
+        _write_model(str(full) if full is not None else base_model, adapter, tmp, chat_template)
 
         files: dict[str, str] = {}
         for path in _artifact_files(tmp):
@@ -165,6 +182,7 @@ def build_torch_artifact(
         manifest = EngineManifest(
             base_model=base_model,
             adapter=str(adapter) if adapter is not None else None,
+            full_weights=str(full) if full is not None else None,
             created_at=datetime.now(UTC),
             torch_version=torch.__version__,
             transformers_version=transformers.__version__,

@@ -132,6 +132,7 @@ class TrtllmJob(BaseModel):
     env: dict[str, str] = Field(default_factory=dict, description="Environment inside the container.")
     base_model: str = Field(description="Base model of the checkpoint.")
     merged_adapter: str | None = Field(default=None, description="Adapter merged into the checkpoint.")
+    full_weights: str | None = Field(default=None, description="A full fine-tune's model folder, built in place of the base.")
     adapters: dict[str, str] = Field(default_factory=dict, description="Multi-LoRA adapters: name -> folder in the artifact.")
     build: TrtllmBuildOptions
     serve: TrtllmServeOptions
@@ -162,6 +163,7 @@ def prepare_trtllm_job(
     adapter_name: str | None = None,
     extra_adapters: dict[str, Path] | None = None,
     overwrite: bool = False,
+    full_weights: str | Path | None = None,
 ) -> TrtllmJob:
     """Write everything the in-container build needs into ``out_dir``.
 
@@ -174,6 +176,8 @@ def prepare_trtllm_job(
         adapter_name: the adapter's name for multi-LoRA requests (default: its folder name).
         extra_adapters: multi-LoRA only: more adapters (name -> folder) on the same base.
         overwrite: replace an existing ``out_dir``.
+        full_weights: a full fine-tune's model folder (trained from ``base_model``), built
+            instead of the base; it has no adapter, so ``adapter`` must be None.
 
     Raises:
         ConflictError: ``out_dir`` exists.
@@ -184,13 +188,18 @@ def prepare_trtllm_job(
         raise TrtllmConfigError("extra adapters need multi-LoRA; add --multi-lora", param="multi_lora")
     if options.multi_lora and adapter is None and not extra_adapters:
         raise TrtllmConfigError("multi-LoRA needs at least one adapter; this version has none", param="multi_lora")
+    if full_weights is not None and (adapter is not None or options.multi_lora):
+        # Adapters are trained on the base's weights; a full fine-tune changed every one of them.
+        raise TrtllmConfigError(
+            "a full fine-tune has no adapter: build it without --multi-lora and extra adapters", param="multi_lora"
+        )
     if out_dir.exists():
         if not overwrite:
             raise ConflictError(f"{out_dir} already exists; pass overwrite=True or remove it", param="out_dir")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     try:
-        return _prepare(base_model, adapter, out_dir, options, name, adapter_name, extra_adapters or {})
+        return _prepare(base_model, adapter, out_dir, options, name, adapter_name, extra_adapters or {}, full_weights)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
@@ -204,6 +213,7 @@ def _prepare(
     name: str,
     adapter_name: str | None,
     extra_adapters: dict[str, Path],
+    full_weights: str | Path | None = None,
 ) -> TrtllmJob:
     adapters: dict[str, Path] = {}
     if options.multi_lora:
@@ -212,7 +222,7 @@ def _prepare(
         adapters.update(extra_adapters)
     merged = None if options.multi_lora or adapter is None else Path(adapter)
     # The torch build merges (or copies) the weights and normalizes tokenizer + generation config.
-    build_torch_artifact(base_model, merged, out_dir / CHECKPOINT_DIR)
+    build_torch_artifact(base_model, merged, out_dir / CHECKPOINT_DIR, full_weights=full_weights)
     relative: dict[str, str] = {}
     for adapter_id, folder in adapters.items():
         relative[adapter_id] = f"{ADAPTERS_DIR}/{adapter_id}"
@@ -265,6 +275,7 @@ def _prepare(
         env={"PYTHONUNBUFFERED": "1"},
         base_model=base_model,
         merged_adapter=str(merged) if merged is not None else None,
+        full_weights=str(full_weights) if full_weights is not None else None,
         adapters=relative,
         build=options,
         serve=serve,
@@ -587,6 +598,7 @@ def finalize_trtllm_job(job: TrtllmJob, *, image_digest: str | None = None, dige
         ),
         base_model=job.base_model,
         merged_adapter=job.merged_adapter,
+        full_weights=job.full_weights,
         adapters=dict(job.adapters),
         serve=ServeConfig(options=job.serve, extra_llm_api_options=EXTRA_OPTIONS_FILE, argv=serve_argv_template(job.serve)),
         inputs=checksum_tree(job.root, under=(CHECKPOINT_DIR, ADAPTERS_DIR)),
@@ -612,6 +624,7 @@ def build_trtllm_artifact(
     adapter_name: str | None = None,
     extra_adapters: dict[str, Path] | None = None,
     overwrite: bool = False,
+    full_weights: str | Path | None = None,
 ) -> tuple[TrtllmJob, TrtllmManifest | None]:
     """Prepare the artifact and launch its build.
 
@@ -620,7 +633,8 @@ def build_trtllm_artifact(
     ``none`` only prepares it and writes the launch files.
     """
     job = prepare_trtllm_job(
-        base_model, adapter, out_dir, options, name=name, adapter_name=adapter_name, extra_adapters=extra_adapters, overwrite=overwrite
+        base_model, adapter, out_dir, options, name=name, adapter_name=adapter_name, extra_adapters=extra_adapters, overwrite=overwrite,
+        full_weights=full_weights,
     )
     files = write_launch_files(job)
     if runner == "none":

@@ -91,6 +91,7 @@ class TrtllmManifest(BaseModel):
     quantization: Quantization
     base_model: str = Field(description="Base model the checkpoint came from.")
     merged_adapter: str | None = Field(default=None, description="Adapter merged into the checkpoint, if any.")
+    full_weights: str | None = Field(default=None, description="A full fine-tune built in place of the base, if any.")
     adapters: dict[str, str] = Field(default_factory=dict, description="Multi-LoRA: adapter name -> folder in the artifact.")
     serve: ServeConfig
     inputs: dict[str, str] = Field(description="Build inputs (checkpoint, adapters) -> sha256, relative to the artifact.")
