@@ -36,6 +36,7 @@ test-gpu: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 # The LiteLLM proxy (the gateway comparison) and py-spy (profiles) in their own venv:
 # litellm's pins (huggingface_hub, rich) conflict with ours.

@@ -99,14 +99,17 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
     return error_response("; ".join(lines), 400, param=param, code=ErrorCode.INVALID_REQUEST)
 
 
+def too_large_message(limit: int) -> str:
+    """The 413 message."""
+    return f"The request body is larger than this server accepts ({limit} bytes); shorten the prompt."
+
+
 async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 404:
         message = f"Invalid URL ({request.method} {request.url.path})"
         code = ErrorCode.NOT_FOUND
     elif exc.status_code == 413:
-        from serving.gateway.metrics import too_large_message
-
         message = too_large_message(getattr(request.app.state, "max_body_bytes", 0))
         code = ErrorCode.PAYLOAD_TOO_LARGE
     else:

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.gateway.catalog import ModelCatalog, ServedModel
+from serving.gateway.errors import error_body, too_large_message
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("forgeline.access")
@@ -251,14 +252,7 @@ def _limited(receive: Receive, limit: int) -> Receive:
     return wrapped
 
 
-def too_large_message(limit: int) -> str:
-    """The 413 message."""
-    return f"The request body is larger than this server accepts ({limit} bytes); shorten the prompt."
-
-
 async def _too_large(send: Send, limit: int) -> None:
-    from serving.gateway.errors import error_body
-
     body = json.dumps(error_body(too_large_message(limit), 413, code="payload_too_large")).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 413, "headers": headers})
