@@ -64,12 +64,28 @@ class TargetRequirement(BaseModel):
     )
 
 
+class Significance(BaseModel):
+    """Compare per-item scores with confidence intervals instead of point estimates."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    alpha: float = Field(
+        default=0.05, gt=0.0, lt=0.5,
+        description="One-sided error level: the chance of refusing a version that did not really regress.",
+    )
+    resamples: int = Field(default=2000, ge=200, le=100_000, description="Bootstrap resamples per comparison.")
+    seed: int = Field(default=0, description="Resampling seed, so a verdict is reproducible.")
+
+
 class PromotionPolicy(BaseModel):
     """Gates a version must pass before an alias moves to it.
 
     ``thresholds`` are absolute; ``better_than_base`` metrics must beat the base model
     evaluated in the same way; ``no_regression`` metrics may not fall more than
-    ``tolerance`` below the version that holds the alias now. Metrics whose name ends
+    ``tolerance`` below the version that holds the alias now. With ``significance``, both
+    compare per-item scores: ``no_regression`` refuses only a drop that is significant at
+    ``alpha`` and ``better_than_base`` needs a significant gain (``registry.significance``).
+    Metrics whose name ends
     in ``loss`` are lower-is-better. ``approvals`` counts standing approvals (a standing
     rejection blocks); ``requires`` adds per-alias requirements, e.g.
     ``{production: {engine: torch, approvals: 2}}``.
@@ -82,6 +98,11 @@ class PromotionPolicy(BaseModel):
     better_than_base: list[str] = Field(default_factory=list, description="Metrics that must beat the base model.")
     no_regression: list[str] = Field(default_factory=list, description="Metrics that may not regress against the alias holder.")
     tolerance: float = Field(default=0.0, ge=0.0, description="Allowed regression for `no_regression` metrics.")
+    significance: Significance | None = Field(
+        default=None,
+        description="Decide `no_regression` and `better_than_base` on confidence intervals over per-item scores "
+        "(falls back to point estimates for versions evaluated without them).",
+    )
     approvals: ApprovalRule = Field(default_factory=ApprovalRule, description="Human approvals required.")
     requires: dict[str, TargetRequirement] = Field(
         default_factory=dict, description="Per-alias requirements, e.g. `production: {engine: torch}`."

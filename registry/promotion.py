@@ -32,7 +32,9 @@ from registry.errors import (
     PermissionDeniedError,
     PolicyRefused,
 )
-from registry.policy import APPROVER_ROLES, PromotionPolicy, Threshold
+from registry.eval_samples import EvalSamples, load_samples
+from registry.policy import APPROVER_ROLES, PromotionPolicy, Significance, Threshold
+from registry.significance import Interval, difference
 
 logger = logging.getLogger(__name__)
 
@@ -103,23 +105,55 @@ def _threshold_gate(metric: str, bound: Threshold, metrics: dict[str, float], ve
     return GateResult(name, passed, f"{rule}: {_fmt(value)}")
 
 
-def _base_gate(metric: str, metrics: dict[str, float], base: dict[str, float], version: VersionInfo) -> GateResult:
+def _interval(
+    metric: str, mine: dict[str, dict[str, float]] | None, theirs: dict[str, dict[str, float]] | None, how: Significance
+) -> Interval | None:
+    if not mine or not theirs or metric not in mine or metric not in theirs:
+        return None
+    return difference(mine[metric], theirs[metric], alpha=how.alpha, resamples=how.resamples, seed=how.seed)
+
+
+def _base_gate(
+    metric: str,
+    metrics: dict[str, float],
+    base: dict[str, float],
+    version: VersionInfo,
+    *,
+    significance: Significance | None = None,
+    samples: EvalSamples | None = None,
+) -> GateResult:
     name = f"better_than_base:{metric}"
     value = metrics.get(metric)
     if value is None:
         return GateResult(name, False, _never_evaluated(metric, version))
+    lower = lower_is_better(metric)
+    if significance is not None:
+        interval = _interval(metric, samples.version if samples else None, samples.base if samples else None, significance)
+        if interval is not None:
+            # A real gain: the whole interval on the better side of zero.
+            passed = interval.high < 0 if lower else interval.low > 0
+            verdict = "a significant gain" if passed else "not a significant gain"
+            return GateResult(name, passed, f"{metric} vs base: {interval.describe()}: {verdict}")
     base_value = base.get(metric)
     if base_value is None:
         return GateResult(
             name, False, f"no base-model {metric} recorded for {version.ref}; evaluate the base model too"
         )
-    lower = lower_is_better(metric)
     passed = value < base_value if lower else value > base_value
-    return GateResult(name, passed, f"{metric} {'<' if lower else '>'} base: {_fmt(value)} vs base {_fmt(base_value)}")
+    note = "; no per-item scores, point estimates compared" if significance is not None else ""
+    return GateResult(name, passed, f"{metric} {'<' if lower else '>'} base: {_fmt(value)} vs base {_fmt(base_value)}{note}")
 
 
 def _regression_gate(
-    metric: str, metrics: dict[str, float], holder: VersionInfo | None, tolerance: float, version: VersionInfo
+    metric: str,
+    metrics: dict[str, float],
+    holder: VersionInfo | None,
+    tolerance: float,
+    version: VersionInfo,
+    *,
+    significance: Significance | None = None,
+    samples: EvalSamples | None = None,
+    holder_samples: EvalSamples | None = None,
 ) -> GateResult:
     name = f"no_regression:{metric}"
     if holder is None:
@@ -132,13 +166,24 @@ def _regression_gate(
         # Nothing to regress against: blocking here would pin the alias forever to a
         # version that predates this metric.
         return GateResult(name, True, f"{holder.ref} has no {metric}; nothing to compare")
-    if lower_is_better(metric):
+    lower = lower_is_better(metric)
+    if significance is not None:
+        interval = _interval(
+            metric, samples.version if samples else None, holder_samples.version if holder_samples else None, significance
+        )
+        if interval is not None:
+            # Refuse only a drop beyond the tolerance that sampling noise cannot explain.
+            passed = interval.low <= tolerance if lower else interval.high >= -tolerance
+            verdict = "no significant regression" if passed else f"a significant regression beyond tolerance {_fmt(tolerance)}"
+            return GateResult(name, passed, f"{metric} vs {holder.ref}: {interval.describe()}: {verdict}")
+    if lower:
         passed = value <= held + tolerance
         rule = f"{metric} <= {holder.ref} + {_fmt(tolerance)}"
     else:
         passed = value >= held - tolerance
         rule = f"{metric} >= {holder.ref} - {_fmt(tolerance)}"
-    return GateResult(name, passed, f"{rule}: {_fmt(value)} vs {_fmt(held)}")
+    note = "; no per-item scores, point estimates compared" if significance is not None else ""
+    return GateResult(name, passed, f"{rule}: {_fmt(value)} vs {_fmt(held)}{note}")
 
 
 def _approvals_gate(
@@ -185,6 +230,8 @@ def check_policy(
     holder: VersionInfo | None,
     alias: str | None = None,
     decisions: Sequence[Approval] = (),
+    samples: EvalSamples | None = None,
+    holder_samples: EvalSamples | None = None,
 ) -> PolicyResult:
     """Evaluate every gate of ``policy`` for moving ``alias`` to ``version``.
 
@@ -196,6 +243,9 @@ def check_policy(
         alias: the alias to move; default ``policy.to`` (selects ``policy.requires``).
         decisions: the approve/reject decisions recorded on the version (an
             ``approvals`` gate appears when approvals are required or one is a rejection).
+        samples: the candidate's per-item scores (and its base's), for a policy with
+            ``significance``.
+        holder_samples: the holder's per-item scores, likewise.
 
     Returns:
         Every gate's verdict (all are evaluated, so a refusal lists every problem at once).
@@ -205,8 +255,17 @@ def check_policy(
     base = version.base_metrics()
     gates: list[GateResult] = []
     gates += [_threshold_gate(metric, bound, metrics, version) for metric, bound in policy.thresholds.items()]
-    gates += [_base_gate(metric, metrics, base, version) for metric in policy.better_than_base]
-    gates += [_regression_gate(metric, metrics, holder, policy.tolerance, version) for metric in policy.no_regression]
+    how = policy.significance
+    gates += [
+        _base_gate(metric, metrics, base, version, significance=how, samples=samples) for metric in policy.better_than_base
+    ]
+    gates += [
+        _regression_gate(
+            metric, metrics, holder, policy.tolerance, version,
+            significance=how, samples=samples, holder_samples=holder_samples,
+        )
+        for metric in policy.no_regression
+    ]
     requirement = policy.requires.get(alias)
     if requirement is not None and requirement.engine:
         gates.append(_engine_gate(requirement.engine, version, alias))
@@ -221,7 +280,19 @@ def check(registry: Registry, name: str, version: int, policy: PromotionPolicy, 
     alias = alias or policy.to
     candidate = registry.get_version(name, version)
     holder = registry.alias_holder(name, alias)
-    return check_policy(policy, candidate, holder=holder, alias=alias, decisions=registry.approvals.for_version(name, version))
+    return check_policy(
+        policy, candidate, holder=holder, alias=alias, decisions=registry.approvals.for_version(name, version),
+        **_evidence(registry, policy, candidate, holder),
+    )
+
+
+def _evidence(
+    registry: Registry, policy: PromotionPolicy, candidate: VersionInfo, holder: VersionInfo | None
+) -> dict[str, EvalSamples | None]:
+    """The per-item scores a significance-aware policy compares (none are read otherwise)."""
+    if policy.significance is None or not (policy.no_regression or policy.better_than_base):
+        return {}
+    return {"samples": load_samples(registry, candidate), "holder_samples": load_samples(registry, holder)}
 
 
 def promote(
@@ -254,8 +325,9 @@ def promote(
     alias = alias or policy.to
     candidate = registry.get_version(name, version)
     holder = registry.alias_holder(name, alias)
+    evidence = _evidence(registry, policy, candidate, holder)  # read once: the holder is fixed by the CAS below
     result = check_policy(
-        policy, candidate, holder=holder, alias=alias, decisions=registry.approvals.for_version(name, version)
+        policy, candidate, holder=holder, alias=alias, decisions=registry.approvals.for_version(name, version), **evidence
     )
     _raise_if_refused(result, candidate, alias)
 
@@ -263,7 +335,8 @@ def promote(
         # Under the writer lock: the holder is unchanged (compare-and-set), tags rarely
         # change, but a decision may have been recorded since the first check.
         again = check_policy(
-            policy, candidate, holder=holder, alias=alias, decisions=registry.approvals.for_version(name, version)
+            policy, candidate, holder=holder, alias=alias, decisions=registry.approvals.for_version(name, version),
+            **evidence,
         )
         _raise_if_refused(again, candidate, alias)
 
