@@ -125,6 +125,20 @@ def _check_paths(recipe: Recipe) -> list[FieldProblem]:
     return problems
 
 
+def _inline_chat_template(raw: dict[str, Any], base_dir: Path) -> list[FieldProblem]:
+    """``model.chat_template: templates/x.jinja`` → the file's text, so every launcher's job carries it."""
+    model = raw.get("model")
+    value = model.get("chat_template") if isinstance(model, dict) else None
+    if not isinstance(value, str) or not value.strip().endswith(".jinja") or "\n" in value.strip():
+        return []
+    path = Path(_resolve(base_dir, value.strip()))
+    if not path.is_file():
+        return [FieldProblem("model.chat_template", "chat template file not found", value,
+                             "give a .jinja file (relative paths start at the recipe's folder) or the template text")]
+    raw["model"] = {**model, "chat_template": path.read_text()}
+    return []
+
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -146,8 +160,9 @@ def parse_recipe(raw: Any, *, base_dir: Path, source: str = "recipe") -> Recipe:
         part = raw.get(section)
         if isinstance(part, dict) and isinstance(part.get(key), str):
             raw[section] = {**part, key: _resolve(base_dir, part[key])}
+    template_problems = _inline_chat_template(raw, base_dir)
     recipe = parse_recipe_section(Recipe, raw, source=source)
-    problems = _check_paths(recipe)
+    problems = template_problems + _check_paths(recipe)
     # On a cluster, this machine's hardware is not what trains (local=False skips its GPU checks).
     problems += check_training(recipe.method, recipe.adapter, recipe.train, recipe.distributed, search_path=base_dir,
                                local=recipe.cluster.kind == "local")

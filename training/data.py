@@ -17,6 +17,7 @@ from typing import Any
 from registry.errors import ErrorCode, ForgelineError
 
 from .config import DataSpec, DPOMethod, GRPOMethod, MethodSpec, SFTMethod
+from .conversations import check_conversation, is_conversation
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,14 @@ def check_sft_row(row: Any) -> str | None:
     """Why a row is not a valid SFT example, or None when it is.
 
     Accepted: ``{"prompt", "completion"}`` (both strings, or both message lists),
-    ``{"messages": [...]}``, or ``{"text": "..."}`` — TRL's SFT formats.
+    ``{"messages": [...]}``, or ``{"text": "..."}`` — TRL's SFT formats; and conversations
+    in OpenAI's chat fine-tuning format (``tools``, assistant ``tool_calls``, ``tool``
+    results, per-message ``weight``: see ``training.conversations``).
     """
     if not isinstance(row, dict):
         return f"expected a JSON object, got {type(row).__name__}"
+    if is_conversation(row):
+        return check_conversation(row)
     if "messages" in row:
         return None if _is_messages(row["messages"]) else "`messages` must be a non-empty list of {role, content}"
     if "prompt" in row or "completion" in row:

@@ -36,8 +36,8 @@ def to_examples(rows: list[dict[str, Any]], tokenizer: Any) -> list[EvalExample]
             row = {"prompt": row["prompt"], "completion": row["chosen"]}
         if "messages" in row:
             messages = row["messages"]
-            if messages[-1]["role"] != "assistant":
-                continue
+            if messages[-1]["role"] != "assistant" or row.get("tools") or messages[-1].get("tool_calls"):
+                continue  # tool-use rows are scored by tool-call accuracy, not exact match of text
             prompt_msgs, expected = messages[:-1], messages[-1]["content"]
         elif "prompt" in row and "completion" in row:
             prompt_msgs, completion = row["prompt"], row["completion"]

@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from registry.errors import ErrorCode, ForgelineError
+from training.conversations import check_conversation, is_conversation, to_template_messages
 
 _SHOWN = 5
-_ROLES = ("system", "user", "assistant")
-_UNSUPPORTED_FIELDS = ("tools", "functions", "parallel_tool_calls")
-_UNSUPPORTED_MESSAGE_FIELDS = ("tool_calls", "function_call")
+_ROLES = ("system", "user", "assistant", "tool")
+# The legacy function-calling fields (superseded by `tools` / `tool_calls`).
+_UNSUPPORTED_FIELDS = ("functions",)
+_UNSUPPORTED_MESSAGE_FIELDS = ("function_call",)
 
 
 class FileFormat(StrEnum):
@@ -99,13 +101,15 @@ def _message_problem(message: Any, where: str, *, final: bool = False) -> str | 
         return f"{where} must be an object {{role, content}}, got {type(message).__name__}"
     for name in _UNSUPPORTED_MESSAGE_FIELDS:
         if name in message:
-            return f"{where} has `{name}`: tool and function calling is not supported yet"
+            return f"{where} has `{name}`, the legacy form of function calling; use `tool_calls` and a `tool` message"
     role = message.get("role")
-    if role == "tool" or role == "function":
-        return f"{where} has role {role!r}: tool and function calling is not supported yet"
+    if role == "function":
+        return f"{where} has role 'function', the legacy form of function calling; use role 'tool'"
     if role not in _ROLES:
         return f"{where} has role {role!r}; use one of {', '.join(_ROLES)}"
     content = message.get("content")
+    if role == "assistant" and message.get("tool_calls") and content in (None, ""):
+        return None  # a pure tool call; `training.conversations.check_conversation` checks the calls
     if isinstance(content, list):
         return f"{where} has multi-part (e.g. image) content, which is not supported yet; use a string"
     if not isinstance(content, str):
@@ -136,7 +140,7 @@ def _messages_problem(messages: Any, where: str, *, last_role: str) -> str | Non
 def _unsupported(row: dict[str, Any], where: str = "") -> str | None:
     for name in _UNSUPPORTED_FIELDS:
         if name in row:
-            return f"`{where}{name}`: tool and function calling is not supported yet"
+            return f"`{where}{name}` is the legacy form of function calling; use `tools`"
     return None
 
 
@@ -182,7 +186,9 @@ def _classify(row: dict[str, Any]) -> tuple[FileFormat | None, str | None]:
         problem = problem or _messages_problem(messages, "messages", last_role="assistant")
         if problem is None and not any(m["role"] == "user" for m in messages[:-1]):
             problem = "`messages` needs a user message before the final assistant message"
-        if problem is None and not messages[-1]["content"]:
+        if problem is None and is_conversation(row):
+            problem = check_conversation(row)  # tools, tool calls, tool results, weights
+        elif problem is None and not messages[-1]["content"]:
             problem = "the final assistant message has empty `content`"
     else:
         problem = problem or _messages_problem(messages, "messages", last_role="user")
@@ -268,15 +274,25 @@ def inspect_jsonl(path: Path, *, filename: str = "") -> FileSummary:
 
 
 def _strip(message: dict[str, Any]) -> dict[str, Any]:
-    # Only role and content reach the chat template; `weight` (and `name`) are dropped.
+    # Only role and content reach the chat template of a plain row (`name` is dropped).
     return {"role": message["role"], "content": message["content"]}
+
+
+def _chat_row(row: dict[str, Any]) -> dict[str, Any]:
+    if is_conversation(row):
+        # Tools, tool calls, several assistant turns or weights: trained turn by turn
+        # (`training.conversations`), every weight-1 assistant message.
+        kept = {"messages": row["messages"]}
+        return kept | ({"tools": row["tools"]} if row.get("tools") else {})
+    return {"prompt": [_strip(m) for m in row["messages"][:-1]], "completion": [_strip(row["messages"][-1])]}
 
 
 def training_rows(path: Path, method: str) -> list[dict[str, Any]]:
     """The rows of a fine-tuning file converted for forgeline's trainer of ``method``.
 
     * chat → ``{"prompt": messages[:-1], "completion": [messages[-1]]}`` (loss on the
-      final assistant message only; per-message ``weight`` is dropped),
+      final assistant message), or, for rows with tools, tool calls, several assistant
+      turns or weights, ``{"messages", "tools"}`` as uploaded (every weight-1 turn trained),
     * preference → ``{"prompt": input.messages, "chosen": preferred_output,
       "rejected": non_preferred_output}``,
     * prompt → ``{"prompt": messages, **reference fields}``.
@@ -303,17 +319,15 @@ def training_rows(path: Path, method: str) -> list[dict[str, Any]]:
             param="training_file",
         )
     if wanted is FileFormat.CHAT:
-        return [
-            {"prompt": [_strip(m) for m in row["messages"][:-1]], "completion": [_strip(row["messages"][-1])]}
-            for row in rows
-        ]
+        return [_chat_row(row) for row in rows]
     if wanted is FileFormat.PREFERENCE:
         return [
             {
-                "prompt": [_strip(m) for m in row["input"]["messages"]],
+                "prompt": to_template_messages(row["input"]["messages"]),
                 "chosen": [_strip(m) for m in row["preferred_output"]],
                 "rejected": [_strip(m) for m in row["non_preferred_output"]],
             }
+            | ({"tools": row["input"]["tools"]} if row["input"].get("tools") else {})  # TRL's DPO renders them
             for row in rows
         ]
     return [

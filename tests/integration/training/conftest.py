@@ -33,6 +33,8 @@ def tiny_recipe(tmp_path: Path) -> Callable[..., Path]:
     def make(name: str, **overrides: dict[str, Any]) -> Path:
         raw = yaml.safe_load((TINY / f"{name}.yaml").read_text())
         raw["model"]["base"] = str((TINY / raw["model"]["base"]).resolve())
+        if str(raw["model"].get("chat_template", "")).endswith(".jinja"):
+            raw["model"]["chat_template"] = str((TINY / raw["model"]["chat_template"]).resolve())
         raw["data"] = {k: (str((TINY / v).resolve()) if isinstance(v, str) else v) for k, v in raw["data"].items()}
         for section, values in overrides.items():
             if isinstance(values, dict):

@@ -47,6 +47,19 @@ def test_sft_lowers_eval_loss_logs_accuracy_and_keeps_the_best_checkpoint(
     assert result.version.tags[lineage.METHOD] == "sft"
 
 
+def test_sft_on_tool_use_conversations_learns_every_weighted_turn(
+    tiny_recipe: Callable[..., Path], one_thread: None
+) -> None:
+    # OpenAI chat fine-tuning rows with tools, tool calls, tool results and weight-0 turns
+    # (recipes/data/tool-use); the loss mask itself is checked in tests/unit/training/test_conversations.py.
+    path = tiny_recipe("sft-tools", train={"max_steps": 10, "batch_size": 4, "logging_steps": 1, "save_steps": 10})
+    registry = Registry()
+    result = pipeline.train(load_recipe(path), path, registry=registry)
+    loss = history(registry, result.run_id, "loss")
+    assert mean([v for _, v in loss[-3:]]) < 0.8 * mean([v for _, v in loss[:3]]), loss
+    assert result.version.tags[lineage.METHOD] == "sft"
+
+
 def test_dpo_raises_the_chosen_vs_rejected_margin(tiny_recipe: Callable[..., Path], one_thread: None) -> None:
     path = tiny_recipe("dpo-lora", train={"max_steps": 20, "logging_steps": 2, "save_steps": 10, "eval_steps": 10, "eval_samples": 16})
     registry = Registry()

@@ -81,9 +81,10 @@ def problem_of(tmp_path: Path, bad: Any) -> str:
                     {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
                 ]
             },
-            "not supported yet",
+            "tool_calls[0] needs `function: {name, arguments}`",
         ),
-        ({**CHAT, "tools": [{"type": "function"}]}, "not supported yet"),
+        ({**CHAT, "tools": [{"type": "function"}]}, "tools[0] needs `function: {name"),
+        ({**CHAT, "functions": [{"name": "f"}]}, "legacy form of function calling"),
         (
             {
                 "messages": [
@@ -158,19 +159,28 @@ def test_empty_file_is_refused(tmp_path: Path, content: str) -> None:
 
 
 def test_chat_rows_become_prompt_completion_that_sft_accepts(tmp_path: Path) -> None:
-    rows = training_rows(write(tmp_path, [CHAT]), "supervised")
+    plain = {"messages": [*CHAT["messages"][:2], {"role": "assistant", "content": "4"}]}
+    rows = training_rows(write(tmp_path, [plain]), "supervised")
     assert rows == [
         {
             "prompt": [
                 {"role": "system", "content": "You are terse."},
                 {"role": "user", "content": "2+2?"},
-                {"role": "assistant", "content": "5"},
-                {"role": "user", "content": "Again?"},
             ],
             "completion": [{"role": "assistant", "content": "4"}],
         }
     ]
     assert check_sft_row(rows[0]) is None
+
+
+def test_conversations_keep_every_turn_weight_and_tool(tmp_path: Path) -> None:
+    # Weights, several assistant turns, tools: trained turn by turn (training.conversations).
+    rows = training_rows(write(tmp_path, [CHAT]), "supervised")
+    assert rows == [{"messages": CHAT["messages"]}] and check_sft_row(rows[0]) is None
+    tool_row = json.loads((Path(__file__).resolve().parents[3] / "recipes/data/tool-use/train.jsonl").read_text().splitlines()[0])
+    assert inspect_jsonl(write(tmp_path, [tool_row])).format is FileFormat.CHAT
+    rows = training_rows(write(tmp_path, [tool_row]), "supervised")
+    assert rows == [{"messages": tool_row["messages"], "tools": tool_row["tools"]}] and check_sft_row(rows[0]) is None
 
 
 def test_preference_rows_become_dpo_rows(tmp_path: Path) -> None:
