@@ -21,6 +21,7 @@ endpoint                                              what                      
 ``GET /v1/fine_tuning/jobs[/{id}]``                   the org's jobs / one job    any key
 ``POST /v1/fine_tuning/jobs/{id}/cancel|pause|resume`` stop / hold / continue     trainer
 ``GET /v1/fine_tuning/jobs/{id}/events|checkpoints``  progress, checkpoints       any key
+``/console``                                          the approver's web console  a key, once, at login
 ====================================================  ==========================  =========================
 
 ``admin`` passes every role check. Errors are ``{"error": {"message", "type", "param",
@@ -37,6 +38,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from forgeline.control import console
 from forgeline.control.limits import UploadLimitMiddleware
 from forgeline.control.routers import approvals, history, models, promotions, rollback
 from forgeline.control.routers import files as files_api
@@ -151,4 +153,6 @@ def create_control_app(
 
     for module in (models, approvals, promotions, rollback, history, files_api, fine_tuning_api):
         app.include_router(module.router)
+    app.include_router(console.router)
+    app.add_exception_handler(console.LoginRequired, console.on_login_required)
     return app
