@@ -140,7 +140,7 @@ def control_serve(
     book = PolicyBook.load(policy) if policy else None
     settings = load_settings(fine_tuning) if fine_tuning else None
     control = create_control_app(policies=book, fine_tuning=settings, supervise=supervise)
-    console.print(f"control plane on http://{host}:{port} (docs at /docs)")
+    console.print(f"control plane on http://{host}:{port} (docs at /docs; approver's console at http://{host}:{port}/console)")
     run_server(control, host, port)
 
 

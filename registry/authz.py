@@ -62,6 +62,10 @@ class Operation(enum.StrEnum):
     """Move an alias back, ungated."""
     INFER = "infer"
     """Call a served model on the gateway (list, retrieve, chat, completions)."""
+    CONSOLE = "console"
+    """A page or form of the control plane's web console: authenticated by its session cookie,
+    not a bearer key; the console applies :func:`decide` to every page and action with the
+    session's key (``forgeline.control.console``)."""
 
 
 class Kind(enum.StrEnum):
@@ -98,6 +102,7 @@ ROLES_FOR: dict[Operation, tuple[str, ...]] = {
     Operation.DECIDE: ("approver",),
     Operation.ROLLBACK: ("approver",),
     Operation.INFER: ("user",),
+    Operation.CONSOLE: (),
 }
 """Roles that may take each action; ``admin`` may take every one."""
 

@@ -509,6 +509,23 @@ class Registry:
                 orgs[mv.name] = org
         return orgs
 
+    def metric_history(self, run_id: str) -> dict[str, list[tuple[int, float]]]:
+        """Every metric a run logged, as ``(step, value)`` pairs in step order.
+
+        Raises:
+            NotFoundError: there is no run ``run_id``.
+        """
+        try:
+            run = self.client.get_run(run_id)
+            return {
+                key: sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, key))
+                for key in run.data.metrics
+            }
+        except MlflowException as exc:
+            if _is_missing(exc):
+                raise NotFoundError(f"no MLflow run {run_id!r}", param="run_id") from exc
+            raise _translate(exc, f"could not read the metrics of run {run_id!r}", param="run_id") from exc
+
     def list_models(self) -> list[str]:
         """Names of every registered model, sorted."""
         names: list[str] = []

@@ -21,6 +21,7 @@ endpoint                                              what                      
 ``GET /v1/fine_tuning/jobs[/{id}]``                   the org's jobs / one job    any key
 ``POST /v1/fine_tuning/jobs/{id}/cancel|pause|resume`` stop / hold / continue     trainer
 ``GET /v1/fine_tuning/jobs/{id}/events|checkpoints``  progress, checkpoints       any key
+``/console``                                          the approver's web console  a key, once, at login
 ====================================================  ==========================  =========================
 
 ``admin`` passes every role check. Every ``{name}`` route is org-walled: a model owned by
@@ -41,6 +42,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from forgeline.control import console
 from forgeline.control.auth import authorize, check_declared
 from forgeline.control.limits import UploadLimitMiddleware
 from forgeline.control.routers import approvals, history, models, promotions, rollback
@@ -157,5 +159,7 @@ def create_control_app(
 
     for module in (models, approvals, promotions, rollback, history, files_api, fine_tuning_api):
         app.include_router(module.router)
+    app.include_router(console.router)
+    app.add_exception_handler(console.LoginRequired, console.on_login_required)
     check_declared(app)
     return app

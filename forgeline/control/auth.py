@@ -72,6 +72,29 @@ ROUTES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/fine_tuning/jobs/{job_id}/resume"): Rule(_T, Kind.JOBS),
     ("GET", "/v1/fine_tuning/jobs/{job_id}/events"): Rule(_R, Kind.JOBS),
     ("GET", "/v1/fine_tuning/jobs/{job_id}/checkpoints"): Rule(_R, Kind.JOBS),
+    # The web console: a session cookie instead of a bearer key; each page and action decides
+    # with registry.authz.decide on the session's key (forgeline.control.console.views).
+    ("GET", "/console/login"): Rule(Operation.PUBLIC, Kind.NONE),
+    ("POST", "/console/login"): Rule(Operation.PUBLIC, Kind.NONE),
+    **{
+        (method, "/console" + path): Rule(Operation.CONSOLE, kind)
+        for method, path, kind in (
+            ("POST", "/logout", Kind.NONE),
+            ("GET", "", Kind.MODELS),
+            ("GET", "/audit", Kind.MODELS),
+            ("GET", "/models/{name}", Kind.MODEL),
+            ("GET", "/models/{name}/history", Kind.MODEL),
+            ("GET", "/models/{name}/versions/{version}", Kind.VERSION),
+            ("POST", "/models/{name}/versions/{version}/confirm", Kind.VERSION),
+            ("POST", "/models/{name}/versions/{version}/decide", Kind.VERSION),
+            ("POST", "/models/{name}/versions/{version}/promote", Kind.VERSION),
+            ("POST", "/models/{name}/aliases/{alias}/confirm-rollback", Kind.MODEL),
+            ("POST", "/models/{name}/aliases/{alias}/rollback", Kind.MODEL),
+            ("GET", "/jobs", Kind.JOBS),
+            ("GET", "/jobs/{job_id}", Kind.JOBS),
+            ("POST", "/jobs/{job_id}/{action}", Kind.JOBS),
+        )
+    },
 }
 """Every control-plane route -> its declared decision. Files and jobs are owned by the
 caller's org through their stores, which select by ``org`` (another org's id is 404)."""
@@ -124,8 +147,8 @@ def authorize(request: Request, credentials: HTTPAuthorizationCredentials | None
     rule = rule_of(request)
     if rule is None:
         raise PermissionDeniedError(f"{request.method} {request.url.path} has no authorization rule; refused")
-    if rule.operation is Operation.PUBLIC:
-        return
+    if rule.operation in (Operation.PUBLIC, Operation.CONSOLE):
+        return  # the console authenticates its session cookie and decides per page itself
     key = verified_key(request, credentials)
     params = request.path_params
     name = params.get("name") if rule.kind in (Kind.MODEL, Kind.VERSION) else None

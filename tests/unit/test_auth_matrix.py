@@ -190,6 +190,21 @@ def test_control_plane_matrix(control: TestClient, world: World) -> None:
     cells = unauthorized_2xx = 0
     for method, path in route_keys(http_routes(control.app)):  # type: ignore[arg-type]
         rule = control_auth.ROUTES[(method, path)]
+        if path.startswith("/console"):
+            # The console ignores bearer keys: without its session cookie every page sends the
+            # caller to the login page and every form is refused (its own session matrix is in
+            # tests/integration/control/test_console.py).
+            for credential in CREDENTIALS:
+                url = path.format(name=MODEL, version=1, alias="production", job_id="ftjob-matrix", action="cancel")
+                response = control.request(method, url, headers=world.headers[credential], follow_redirects=False)
+                if path == "/console/login" and method == "GET":
+                    assert response.status_code == 200, (path, credential)  # the login form itself
+                elif method == "GET":
+                    assert response.status_code == 303 and "/console/login" in response.headers["location"], (path, credential)
+                else:  # forms, and a login without a valid key in its form
+                    assert response.status_code == 401, (path, credential, response.status_code)
+                cells += 1
+            continue
         for credential in CREDENTIALS:
             # A fresh file of org A for every cell: an allowed DELETE must not empty the next one.
             file_id = _upload(control, "trainer", world).json()["id"] if "{file_id}" in path else "file-nope"
