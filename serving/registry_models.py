@@ -22,7 +22,7 @@ from registry.settings import forgeline_home, tracking_uri
 
 from .build.torch_build import MANIFEST_NAME, build_torch_artifact, load_manifest
 from .config import ServeSpec
-from .engine.base import Engine
+from .engine.base import ChatRelay, Engine
 from .engine.torch_engine import TorchEngine
 from .gateway.catalog import ServedModel, StaticCatalog
 
@@ -155,14 +155,24 @@ def served_model(
     names = names or public_names(ref, info)
     base: str | None = None
     engine: Engine
+    chat_relay: ChatRelay | None = None
     if spec.engine == "upstream":
         # A worker (trtllm-serve) serves the artifact; the gateway relays to it over HTTP.
+        from .engine.discovery import DnsDiscovery
         from .engine.upstream import upstream_for_trtllm_artifact
 
-        assert spec.upstream_url is not None
-        engine = upstream_for_trtllm_artifact(
-            path, spec.upstream_url, worker_artifact_dir=spec.upstream_artifact_dir, model_id=names[0]
+        upstream = upstream_for_trtllm_artifact(
+            path,
+            spec.worker_urls,
+            worker_artifact_dir=spec.upstream_artifact_dir,
+            model_id=names[0],
+            discovery=DnsDiscovery(spec.upstream_dns) if spec.upstream_dns else None,
+            discovery_interval=spec.upstream_discovery_interval_s,
+            health_interval=spec.upstream_health_interval_s,
+            upstream_api=spec.upstream_api,
+            scrape_queue=spec.upstream_scrape_queue,
         )
+        engine, chat_relay = upstream, upstream.chat_relay
     else:
         manifest = load_manifest(path)  # verifies checksums before we load weights
         # Registry adapters need the bare base underneath; a merged artifact has another adapter in it.
@@ -174,6 +184,7 @@ def served_model(
         name=names[0],
         version=str(info.version),
         engine=engine,
+        chat_relay=chat_relay,
         aliases=tuple(names[1:]),
         artifact=uri,
         model=info.name,

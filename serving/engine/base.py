@@ -7,9 +7,9 @@ later, an upstream OpenAI-compatible worker (``trtllm-serve``, vLLM, SGLang).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 logger = logging.getLogger(__name__)
 
@@ -91,4 +91,21 @@ class Engine(Protocol):
 
     def generate(self, prompt: str, params: SamplingParams, *, adapter: str | None = None) -> AsyncIterator[Chunk]:
         """Stream the completion of ``prompt``; the last chunk has a ``finish_reason``."""
+        ...
+
+
+class ChatRelay(Protocol):
+    """Takes OpenAI chat requests whole to workers that speak chat (tools, JSON schema, logprobs, n).
+
+    The gateway keeps what it owns (auth, quotas, usage, lineage, metrics) and hands the
+    body over with only the model name and limits changed; the worker's answer comes back
+    as OpenAI JSON, its ``usage`` being what the gateway counts.
+    """
+
+    async def relay_chat(self, body: dict[str, Any], *, adapter: str | None = None) -> dict[str, Any]:
+        """The worker's ``chat.completion`` answer to a non-streamed request."""
+        ...
+
+    def relay_chat_stream(self, body: dict[str, Any], *, adapter: str | None = None) -> AsyncGenerator[dict[str, Any], None]:
+        """The worker's ``chat.completion.chunk`` events, ending with a usage event."""
         ...
