@@ -13,14 +13,18 @@ How a worker is chosen (`WorkerPool.pick`):
    one succeeds. A passing active health check closes it early, so a restarted worker
    gets traffic again within one health interval.
 2. **Not a latency outlier**: each worker keeps an EWMA of seconds per generated token;
-   a worker slower than ``slow_factor`` times the fastest eligible one gets only a probe
-   request every ``probe_interval_s`` (to notice when it recovers). Least-outstanding alone
+   a worker measured ``min_samples`` times and slower than ``slow_factor`` times the fastest
+   eligible one gets only a probe request, at most one every ``probe_interval_s`` and every
+   ``probe_every`` requests (so probes stay under 1% of traffic); a probe's measurement
+   replaces the estimate, so a worker misjudged during a stall is back after one probe.
+   Least-outstanding alone
    would still give a 3x slower worker a third of a fast one's share, and every one of
    those requests lands in the pool's p99.
 3. **Adapter affinity**: workers known to hold the request's LoRA adapter are preferred
    unless they are ``affinity_slack`` requests busier than the least loaded worker.
 4. **Power of two choices** on load = outstanding requests (ours) + the worker's reported
-   queue depth (vLLM's ``num_requests_waiting``, where scraped), weighted by its speed.
+   queue depth (vLLM's ``num_requests_waiting``, where scraped), weighted by its speed (a
+   worker not yet measured counts as the median one, so a newcomer gets its share).
 
 When no worker is eligible the pool *panics* like Envoy: it routes among workers whose
 health check passes (ejections ignored), else all members, rather than failing outright.
@@ -62,8 +66,10 @@ class PoolPolicy:
     consecutive_failures: int = 3
     base_ejection_s: float = 5.0
     max_ejection_s: float = 300.0
-    slow_factor: float = 2.0
+    slow_factor: float = 1.5
     probe_interval_s: float = 1.0
+    probe_every: int = 200
+    min_samples: int = 3
     affinity_slack: int = 4
     retry_budget_ratio: float = 0.2
     retry_budget_min: int = 3
@@ -87,6 +93,9 @@ class Worker:
         queue_depth: requests waiting in the worker's own queue, as it last reported.
         seconds_per_token: EWMA of end-to-end seconds per generated token; None until measured.
         last_probe: clock time a latency outlier was last sent a probe request.
+        last_probe_pick: the pool's pick count at that probe.
+        probing: a probe request is out; its measurement replaces ``seconds_per_token``.
+        samples: requests measured into ``seconds_per_token``.
         adapters: LoRA adapters it has served (so it holds them loaded).
         requests: requests sent to it, in total.
     """
@@ -102,6 +111,9 @@ class Worker:
     queue_depth: float = 0.0
     seconds_per_token: float | None = None
     last_probe: float = float("-inf")
+    last_probe_pick: int = -(10**9)
+    probing: bool = False
+    samples: int = 0
     adapters: set[str] = field(default_factory=set)
     requests: int = 0
 
@@ -143,6 +155,7 @@ class WorkerPool:
         self._rng = rng or random.Random()
         self._workers: dict[str, Worker] = {}
         self._retries = 0
+        self._picks = 0
         self.set_members(urls)
 
     # -- membership ----------------------------------------------------------------------
@@ -194,6 +207,7 @@ class WorkerPool:
             NoWorkerError: every member is excluded or draining.
         """
         now = self._clock()
+        self._picks += 1
         skip = {id(w) for w in exclude}
         candidates = [w for w in self.eligible() if id(w) not in skip]
         if not candidates:
@@ -206,6 +220,8 @@ class WorkerPool:
         candidates = self._without_slow(candidates, now)
         if len(candidates) == 1:
             return candidates[0]
+        known = sorted(w.seconds_per_token for w in candidates if w.seconds_per_token is not None)
+        typical = known[len(known) // 2] if known else 1.0
         if adapter is not None:
             holders = [w for w in candidates if adapter in w.adapters]
             least = min(self._load(w) for w in candidates)
@@ -214,28 +230,38 @@ class WorkerPool:
                 if len(candidates) == 1:
                     return candidates[0]
         a, b = self._rng.sample(candidates, 2)
-        return a if self._score(a) <= self._score(b) else b
+        return a if self._score(a, typical) <= self._score(b, typical) else b
 
     def _without_slow(self, candidates: list[Worker], now: float) -> list[Worker]:
         measured = [w.seconds_per_token for w in candidates if w.seconds_per_token is not None]
         if len(measured) < 2:
             return candidates
         limit = min(measured) * self.policy.slow_factor
-        fast = [w for w in candidates if w.seconds_per_token is None or w.seconds_per_token <= limit]
-        slow = [w for w in candidates if w not in fast]
+        slow = [
+            w
+            for w in candidates
+            if w.seconds_per_token is not None and w.seconds_per_token > limit and w.samples >= self.policy.min_samples
+        ]
+        if not slow:
+            return candidates
         for worker in slow:
-            if now - worker.last_probe >= self.policy.probe_interval_s:
-                worker.last_probe = now
+            if (
+                not worker.probing
+                and now - worker.last_probe >= self.policy.probe_interval_s
+                and self._picks - worker.last_probe_pick >= self.policy.probe_every
+            ):
+                worker.last_probe, worker.last_probe_pick, worker.probing = now, self._picks, True
                 return [worker]
-        return fast
+        return [w for w in candidates if w not in slow]
 
     @staticmethod
     def _load(worker: Worker) -> float:
         return worker.outstanding + worker.queue_depth
 
-    def _score(self, worker: Worker) -> float:
+    def _score(self, worker: Worker, typical: float) -> float:
         # Expected wait: work ahead of us times how fast the worker gets through it.
-        return (self._load(worker) + 1) * (worker.seconds_per_token or 1.0)
+        speed = worker.seconds_per_token if worker.seconds_per_token is not None else typical
+        return (self._load(worker) + 1) * speed
 
     # -- outcomes ------------------------------------------------------------------------
 
@@ -268,11 +294,14 @@ class WorkerPool:
                 per_token = seconds / (tokens + 1)
                 alpha = self.policy.ewma_alpha
                 old = worker.seconds_per_token
-                worker.seconds_per_token = per_token if old is None else alpha * per_token + (1 - alpha) * old
+                fresh = old is None or worker.probing
+                worker.seconds_per_token = per_token if fresh else alpha * per_token + (1 - alpha) * old  # type: ignore[operator]
+                worker.samples += 1
         else:
             worker.consecutive_failures += 1
             if outcome is Outcome.REFUSED or worker.half_open or worker.consecutive_failures >= self.policy.consecutive_failures:
                 self._eject(worker, outcome)
+        worker.probing = False  # a probe ends with whatever request ends next
         self._forget_if_drained(worker)
 
     def _eject(self, worker: Worker, outcome: Outcome) -> None:

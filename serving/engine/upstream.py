@@ -512,11 +512,11 @@ class UpstreamEngine:
                 raise
             except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
                 outcome = _refused_or_error(exc) if not yielded else Outcome.ERROR
-                error = self._unavailable(f"the stream from {worker.url} broke: {type(exc).__name__}: {exc}")
+                error = self._unavailable(f"{worker.url}: the stream broke: {type(exc).__name__}: {exc}")
             except httpx.TimeoutException as exc:
                 error = self._unavailable(f"{worker.url} sent no data for {self._timeout.read:.0f} s ({type(exc).__name__})")
             except httpx.HTTPError as exc:
-                error = self._unavailable(f"the stream from {worker.url} broke: {type(exc).__name__}: {exc}")
+                error = self._unavailable(f"{worker.url}: the stream broke: {type(exc).__name__}: {exc}")
             except json.JSONDecodeError as exc:
                 error = self._unavailable(f"{worker.url} sent an event that is not JSON: {exc}")
             except ForgelineError as exc:

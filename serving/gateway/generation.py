@@ -66,15 +66,15 @@ def sampling_params(
     top_p: float | None,
     stop: list[str],
     seed: int | None,
+    max_tokens_field: str = "max_tokens",
 ) -> SamplingParams:
-    """Engine sampling parameters from wire fields, with the gateway's defaults and limits."""
+    """Engine sampling parameters from wire fields, with the gateway's defaults and limits.
+
+    ``max_tokens_field`` is the name the client used (chat: ``max_completion_tokens`` or
+    ``max_tokens``), so an error names what the client actually sent.
+    """
     wanted = max_tokens if max_tokens is not None else min(default_max_tokens, settings.max_new_tokens)
-    if wanted > settings.max_new_tokens:
-        raise ForgelineError(
-            f"max_tokens is {wanted}, but this server allows at most {settings.max_new_tokens}; lower it",
-            code=ErrorCode.INVALID_REQUEST,
-            param="max_tokens",
-        )
+    check_max_tokens(wanted, settings, max_tokens_field)
     return SamplingParams(
         max_tokens=wanted,
         temperature=1.0 if temperature is None else temperature,
@@ -82,6 +82,16 @@ def sampling_params(
         stop=stop,
         seed=seed,
     )
+
+
+def check_max_tokens(wanted: int | None, settings: GatewaySettings, field: str) -> None:
+    """Refuse a ``max_tokens`` (as the client named it) above the gateway's limit."""
+    if wanted is not None and wanted > settings.max_new_tokens:
+        raise ForgelineError(
+            f"{field} is {wanted}, but this server allows at most {settings.max_new_tokens}; lower it",
+            code=ErrorCode.INVALID_REQUEST,
+            param=field,
+        )
 
 
 @dataclass
