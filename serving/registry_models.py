@@ -22,7 +22,7 @@ from registry.settings import forgeline_home, tracking_uri
 
 from .build.torch_build import MANIFEST_NAME, build_torch_artifact, load_manifest
 from .config import ServeSpec
-from .engine.base import ChatRelay, Engine
+from .engine.base import ChatRelay, Engine, SamplingDefaults
 from .engine.torch_engine import TorchEngine
 from .gateway.catalog import ServedModel, StaticCatalog
 
@@ -156,10 +156,14 @@ def served_model(
     base: str | None = None
     engine: Engine
     chat_relay: ChatRelay | None = None
+    model_dir = path
     if spec.engine == "upstream":
         # A worker (trtllm-serve) serves the artifact; the gateway relays to it over HTTP.
+        from .build.trtllm_config import CHECKPOINT_DIR
         from .engine.discovery import DnsDiscovery
         from .engine.upstream import upstream_for_trtllm_artifact
+
+        model_dir = path / CHECKPOINT_DIR  # the Hugging Face checkpoint, with its generation_config
 
         upstream = upstream_for_trtllm_artifact(
             path,
@@ -185,6 +189,7 @@ def served_model(
         version=str(info.version),
         engine=engine,
         chat_relay=chat_relay,
+        sampling_defaults=SamplingDefaults.from_model_dir(model_dir),
         aliases=tuple(names[1:]),
         artifact=uri,
         model=info.name,
@@ -247,8 +252,9 @@ def served_base(
     engine = engine_factory(out, info, base.name, spec, adapters)
     log.info("serving base %s (%s) from %s", base.name, base.source, out)
     return ServedModel(
-        name=base.name, version=BASE_VERSION, engine=engine, artifact=str(out), model=base.name, base_model=base.source
-    )
+        name=base.name, version=BASE_VERSION, engine=engine, artifact=str(out), model=base.name, base_model=base.source,
+        sampling_defaults=SamplingDefaults.from_model_dir(out),
+    )  # fmt: skip
 
 
 def _sha(text: str | None) -> str | None:

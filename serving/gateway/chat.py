@@ -69,6 +69,7 @@ async def create_chat_completion(
             top_p=body.top_p,
             stop=body.stop_list(),
             seed=body.seed,
+            defaults=run.served.sampling_defaults,
         )
         prompt_tokens = engine.count_tokens(prompt)
         await run.admit(prompt_tokens)

@@ -42,6 +42,7 @@ async def create_completion(
             top_p=body.top_p,
             stop=body.stop_list(),
             seed=body.seed,
+            defaults=run.served.sampling_defaults,
         )
         prompt_tokens = run.engine.count_tokens(prompt)
         await run.admit(prompt_tokens)

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import Request
 
 from registry.errors import ErrorCode, ForgelineError
-from serving.engine.base import Chunk, SamplingParams
+from serving.engine.base import Chunk, SamplingDefaults, SamplingParams
 from serving.gateway.catalog import ModelCatalog, ServedModel, split_adapter
 from serving.gateway.errors import error_body, forgeline_error_body
 from serving.gateway.protocol import FinishReason
@@ -67,12 +67,19 @@ def sampling_params(
     stop: list[str],
     seed: int | None,
     max_tokens_field: str = "max_tokens",
+    defaults: SamplingDefaults | None = None,
 ) -> SamplingParams:
     """Engine sampling parameters from wire fields, with the gateway's defaults and limits.
 
     ``max_tokens_field`` is the name the client used (chat: ``max_completion_tokens`` or
-    ``max_tokens``), so an error names what the client actually sent.
+    ``max_tokens``), so an error names what the client actually sent. Unset ``temperature``
+    and ``top_p`` take the model's ``defaults`` (its ``generation_config``), else 1.0.
     """
+    defaults = defaults or SamplingDefaults()
+    if temperature is None:
+        temperature = defaults.temperature
+    if top_p is None:
+        top_p = defaults.top_p
     wanted = max_tokens if max_tokens is not None else min(default_max_tokens, settings.max_new_tokens)
     check_max_tokens(wanted, settings, max_tokens_field)
     return SamplingParams(
