@@ -13,7 +13,7 @@ gateway's pass-through can be tested with the stock SDK: ``tools`` -> a call of 
 (``json_schema`` / ``json_object``) -> a JSON answer that fits; ``logprobs`` /
 ``top_logprobs`` -> per-token log-probabilities; ``n`` -> that many choices.
 ``GET /debug/requests`` answers how many generation requests this worker served and the
-last body it got, so tests can see what reached which worker.
+last body (and ``x-request-id``) it got, so tests can see what reached which worker.
 
     python -m bench.fake_upstream --port 9000 [--tokens 16] [--token-delay-ms 0] [--name w0]
 """
@@ -61,6 +61,7 @@ def create_app(*, tokens: int = 16, token: str = " tok", token_delay_s: float = 
         body = json.loads(await request.body())
         seen["count"] += 1
         seen["last"] = body
+        seen["request_id"] = request.headers.get("x-request-id")
         wanted = body.get("max_tokens") or body.get("max_completion_tokens") or tokens
         return body, max(0, min(tokens, int(wanted)))
 

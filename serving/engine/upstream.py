@@ -41,6 +41,7 @@ from typing import Any, Literal
 import httpx
 
 from registry.errors import ErrorCode, ForgelineError, ModelNotFoundError
+from serving import request_id
 from serving.engine.base import Chunk, FinishReason, SamplingParams
 from serving.engine.pool import Outcome, PoolPolicy, Worker, WorkerPool
 
@@ -415,7 +416,7 @@ class UpstreamEngine:
             error: ForgelineError
             fatal = False  # the request itself is wrong: another worker would say the same
             try:
-                response = await client.post(worker.url + "/v1/chat/completions", json=body)
+                response = await client.post(worker.url + "/v1/chat/completions", json=body, headers=_request_headers())
                 if response.status_code == 200:
                     answer = response.json()
                     usage = answer.get("usage") or {}
@@ -472,7 +473,7 @@ class UpstreamEngine:
             error: ForgelineError | None = None
             fatal = False  # the request itself is wrong: another worker would say the same
             try:
-                request = client.build_request("POST", worker.url + path, json=body)
+                request = client.build_request("POST", worker.url + path, json=body, headers=_request_headers())
                 response = await client.send(request, stream=True)
                 try:
                     if response.status_code != 200:
@@ -532,6 +533,12 @@ class UpstreamEngine:
             if fatal or yielded or not self._may_retry(tried):
                 raise error
             logger.info("retrying a %s request on another worker after %s: %s", self.model_id, worker.url, error.message)
+
+
+def _request_headers() -> dict[str, str] | None:
+    # The gateway's request id travels on, so the worker's logs name the same request.
+    rid = request_id.current.get()
+    return {request_id.HEADER: rid} if rid else None
 
 
 def _refused_or_error(exc: httpx.HTTPError) -> Outcome:

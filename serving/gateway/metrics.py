@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving import request_id as request_ids
 from serving.gateway.catalog import ModelCatalog, ServedModel
 
 logger = logging.getLogger(__name__)
@@ -165,6 +166,8 @@ class AccessLogMiddleware:
             return
         started = time.perf_counter()
         state = scope.setdefault("state", {})
+        request_id = request_ids.from_header(_header(scope, b"x-request-id"))
+        token = request_ids.current.set(request_id)
         fields: dict[str, Any] = {}
         state["access"] = fields
         closers: list[Callable[[], None]] = []
@@ -191,6 +194,7 @@ class AccessLogMiddleware:
                 "duration_ms": round((time.perf_counter() - started) * 1000, 1),
                 "client": (scope.get("client") or ("", 0))[0],
                 "key_id": state.get("key_id"),
+                "request_id": request_id,
                 **fields,
             }
             access_logger.info(json.dumps(entry, separators=(",", ":"), default=str))
@@ -199,6 +203,7 @@ class AccessLogMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 log(status)
@@ -215,6 +220,14 @@ class AccessLogMiddleware:
                 except Exception:  # noqa: BLE001 - one failing closer must not skip the others
                     logger.exception("closing request state failed")
             log(status or 499)
+            request_ids.current.reset(token)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
 
 
 class BodyTooLargeError(StarletteHTTPException):

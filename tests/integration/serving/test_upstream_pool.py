@@ -134,6 +134,13 @@ def test_sdk_gets_tools_json_schema_logprobs_and_n_from_a_chat_worker(tmp_path: 
     with pytest.raises(openai.BadRequestError, match="max_completion_tokens is 100000") as info:
         client.chat.completions.create(model="pool", messages=messages, max_completion_tokens=100_000)
     assert info.value.param == "max_completion_tokens"
+    # The client's x-request-id comes back and reaches the worker.
+    raw = client.with_options(default_headers={"x-request-id": "trace-42"}).chat.completions.with_raw_response.create(
+        model="pool", messages=messages
+    )
+    assert raw.headers["x-request-id"] == "trace-42" and _requests_seen(worker)["request_id"] == "trace-42"
+    made = client.chat.completions.with_raw_response.create(model="pool", messages=messages)
+    assert len(made.headers["x-request-id"]) == 32 and _requests_seen(worker)["request_id"] == made.headers["x-request-id"]
     # Tokens are counted from the worker's usage.
     metrics = httpx.get(f"{url}/metrics").text
     assert 'forgeline_generation_tokens_total{' in metrics

@@ -123,6 +123,23 @@ def test_the_models_generation_config_supplies_unset_sampling_defaults(tmp_path:
     assert (chosen.temperature, chosen.top_p) == (0.0, 0.9)
 
 
+def test_request_id_comes_back_and_a_bad_one_is_replaced() -> None:
+    app = create_app(StaticCatalog([ServedModel(name="m", version="1", engine=ScriptedEngine([Chunk("Hi", [1], "stop")]))]))
+
+    async def main() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            return [
+                await client.post("/v1/chat/completions", json=CHAT, headers={"x-request-id": rid})
+                for rid in ("req-1", "two words\n", "x" * 200)
+            ]
+
+    kept, spaced, long = asyncio.run(main())
+    assert kept.headers["x-request-id"] == "req-1"
+    for replaced in (spaced, long):
+        assert len(replaced.headers["x-request-id"]) == 32 and replaced.headers["x-request-id"].isalnum()
+
+
 def test_error_during_a_stream_is_sent_as_an_event_before_done() -> None:
     failure = ForgelineError("the engine went away", code=ErrorCode.UNAVAILABLE)
     engine = ScriptedEngine([Chunk("Hi", [1])], fail_with=failure)
