@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serving.engine.pool import PoolPolicy
+
 
 class CanarySLO(BaseModel):
     """When a canary counts as failing; every limit that is set must hold."""
@@ -49,6 +51,9 @@ class ServeSpec(BaseModel):
         default="completions",
         description="`chat`: chat requests pass through whole to the workers' /v1/chat/completions (tools, JSON schema, logprobs, n); "
         "`completions`: the gateway renders the chat template and calls /v1/completions.",
+    )
+    upstream_pool: PoolPolicy = Field(
+        default_factory=PoolPolicy, description="`engine: upstream`: ejection, slow-worker, affinity and retry settings of the pool."
     )
     upstream_scrape_queue: bool = Field(
         default=False, description="Route by the workers' own queue depth (vLLM's `vllm:num_requests_waiting` on /metrics)."

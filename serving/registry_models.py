@@ -175,6 +175,7 @@ def served_model(
             health_interval=spec.upstream_health_interval_s,
             upstream_api=spec.upstream_api,
             scrape_queue=spec.upstream_scrape_queue,
+            policy=spec.upstream_pool,
         )
         engine, chat_relay = upstream, upstream.chat_relay
     else:

@@ -43,6 +43,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from registry.errors import ErrorCode, ForgelineError
 
 logger = logging.getLogger(__name__)
@@ -59,22 +61,23 @@ class Outcome(Enum):
     """The connection was refused or reset before a byte came back: the worker is gone."""
 
 
-@dataclass(frozen=True)
-class PoolPolicy:
-    """How a pool judges and routes its workers; defaults suit LLM workers on a LAN."""
+class PoolPolicy(BaseModel):
+    """How a pool judges and routes its workers (``serve.upstream_pool``); defaults suit LLM workers on a LAN."""
 
-    consecutive_failures: int = 3
-    base_ejection_s: float = 5.0
-    max_ejection_s: float = 300.0
-    slow_factor: float = 1.5
-    probe_interval_s: float = 1.0
-    probe_every: int = 200
-    min_samples: int = 3
-    affinity_slack: int = 4
-    retry_budget_ratio: float = 0.2
-    retry_budget_min: int = 3
-    max_attempts: int = 3
-    ewma_alpha: float = 0.3
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    consecutive_failures: int = Field(default=3, gt=0, description="Failed requests in a row (5xx, timeouts, broken streams) that eject a worker.")
+    base_ejection_s: float = Field(default=5.0, gt=0, description="First ejection's length; the n-th lasts n times as long.")
+    max_ejection_s: float = Field(default=300.0, gt=0, description="Longest ejection.")
+    slow_factor: float = Field(default=1.5, gt=1, description="A worker this many times slower per token than the fastest gets only probes.")
+    probe_interval_s: float = Field(default=1.0, gt=0, description="Least time between two probes of a slow worker.")
+    probe_every: int = Field(default=200, gt=0, description="Least requests between two probes of a slow worker (keeps probes under 1%).")
+    min_samples: int = Field(default=3, gt=0, description="Measured requests before a worker can be judged slow.")
+    affinity_slack: int = Field(default=4, ge=0, description="How much busier a worker holding the adapter may be and still be preferred.")
+    retry_budget_ratio: float = Field(default=0.2, ge=0, le=1, description="Retries in flight allowed, as a share of requests in flight.")
+    retry_budget_min: int = Field(default=3, ge=0, description="Retries in flight always allowed.")
+    max_attempts: int = Field(default=3, gt=0, description="Most workers one request is tried on.")
+    ewma_alpha: float = Field(default=0.3, gt=0, le=1, description="Weight of the newest measurement in a worker's speed estimate.")
 
 
 @dataclass
