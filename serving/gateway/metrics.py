@@ -18,12 +18,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving import request_id as request_ids
+from serving.engine.upstream import UpstreamEngine
 from serving.gateway.catalog import ModelCatalog, ServedModel
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,42 @@ class _EngineCollector(Collector):
             running.add_metric(labels, snapshot.running)
             adapters.add_metric(labels, len(snapshot.loaded_adapters))
         yield from (waiting, running, adapters, inflight)
+
+
+class _PoolCollector(Collector):
+    """Each upstream worker's state, as its pool sees it, read at scrape time."""
+
+    def __init__(self, models: Callable[[], Iterable[ServedModel]]) -> None:
+        self._models = models
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        labels = ["model", "version", "worker"]
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            "outstanding": GaugeMetricFamily("forgeline_upstream_worker_requests_running", "Requests this gateway has in flight on the worker.", labels=labels),
+            "healthy": GaugeMetricFamily("forgeline_upstream_worker_healthy", "1 when the worker's last /health answered 200.", labels=labels),
+            "ejected": GaugeMetricFamily("forgeline_upstream_worker_ejected", "1 while the worker's circuit is open (ejected for failures).", labels=labels),
+            "queue_depth": GaugeMetricFamily("forgeline_upstream_worker_num_requests_waiting", "Requests waiting in the worker's own queue, as it reports them.", labels=labels),
+            "seconds_per_token": GaugeMetricFamily("forgeline_upstream_worker_seconds_per_token", "The pool's estimate of the worker's seconds per generated token.", labels=labels),
+            "requests": CounterMetricFamily("forgeline_upstream_worker_requests", "Requests sent to the worker (retries included).", labels=labels),
+            "ejections": CounterMetricFamily("forgeline_upstream_worker_ejections", "Times the worker was ejected, net of forgiven ones.", labels=labels),
+        }  # fmt: skip
+        seen: set[int] = set()
+        for served in self._models():
+            engine = served.engine
+            if not isinstance(engine, UpstreamEngine) or id(engine) in seen:
+                continue
+            seen.add(id(engine))
+            now = time.monotonic()
+            for worker in engine.pool.workers:
+                values = [served.model, served.version, worker.url]
+                families["outstanding"].add_metric(values, worker.outstanding)
+                families["healthy"].add_metric(values, float(worker.healthy))
+                families["ejected"].add_metric(values, float(worker.ejected(now)))
+                families["queue_depth"].add_metric(values, worker.queue_depth)
+                families["seconds_per_token"].add_metric(values, worker.seconds_per_token or 0.0)
+                families["requests"].add_metric(values, worker.requests)
+                families["ejections"].add_metric(values, worker.ejections)
+        yield from families.values()
 
 
 class GatewayMetrics:
@@ -129,7 +166,9 @@ class GatewayMetrics:
     def watch(self, catalog: ModelCatalog) -> None:
         """Export engine gauges for ``catalog``'s models and count their decode batch sizes."""
         # A rolling catalog also has versions that are loaded but not routed (canaries, draining).
-        self.registry.register(_EngineCollector(getattr(catalog, "loaded", catalog.list)))
+        models = getattr(catalog, "loaded", catalog.list)
+        self.registry.register(_EngineCollector(models))
+        self.registry.register(_PoolCollector(models))
 
     def attach_engine(self, served: ServedModel) -> None:
         """Observe the batch size of every decode step of ``served``'s engine (when it supports it)."""

@@ -144,6 +144,9 @@ def test_sdk_gets_tools_json_schema_logprobs_and_n_from_a_chat_worker(tmp_path: 
     # Tokens are counted from the worker's usage.
     metrics = httpx.get(f"{url}/metrics").text
     assert 'forgeline_generation_tokens_total{' in metrics
+    # Each worker's state as the pool sees it.
+    assert f'forgeline_upstream_worker_healthy{{model="pool",version="1",worker="{worker.base_url}"}} 1.0' in metrics
+    assert f'forgeline_upstream_worker_requests_total{{model="pool",version="1",worker="{worker.base_url}"}} ' in metrics
 
 
 async def _unary(client: httpx.AsyncClient, model: str, results: list[tuple[bool, float]], until: float) -> None:
