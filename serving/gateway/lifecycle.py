@@ -23,7 +23,7 @@ from serving.gateway.catalog import Lease, ModelCatalog, ServedModel, model_not_
 from serving.gateway.generation import Completion, lineage_headers, open_stream
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.protocol import FinishReason
-from serving.gateway.quota import Limiter, Limits
+from serving.gateway.quota import Limiter, Limits, QuotaState
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class RequestLifecycle:
         self.started = time.perf_counter()
         self.prompt_tokens = 0
         self._admitted_tokens = 0
+        self._quota: QuotaState | None = None
         self.completion_tokens = 0
         self.first_token_at: float | None = None
         self._finished = False
@@ -112,8 +113,11 @@ class RequestLifecycle:
 
     @property
     def headers(self) -> dict[str, str]:
-        """Lineage headers naming the exact version, artifact and adapter that answer."""
-        return lineage_headers(self.served, self.adapter)
+        """Lineage headers naming the exact version, artifact and adapter that answer, and the key's quota."""
+        headers = lineage_headers(self.served, self.adapter)
+        if self._quota is not None:
+            headers.update(self._quota.headers())
+        return headers
 
     @property
     def _key(self) -> str:
@@ -128,7 +132,7 @@ class RequestLifecycle:
         """Charge one request and the prompt tokens to the key's quota; 429 when over it."""
         self.prompt_tokens = self._admitted_tokens = prompt_tokens
         if self._limiter is not None and self.principal is not None:
-            await self._limiter.admit(self.principal.id, self._limits, prompt_tokens)
+            self._quota = await self._limiter.admit(self.principal.id, self._limits, prompt_tokens)
 
     async def complete(self, prompt: str, params: SamplingParams) -> Completion:
         """Generate to the end (non-streaming) and account for it."""
