@@ -293,7 +293,7 @@ class WorkerPool:
                 worker.ejections -= 1  # a long good spell earns back shorter ejections
             if adapter is not None:
                 worker.adapters.add(adapter)
-            if seconds > 0:
+            if seconds > 0 and tokens > 0:  # an error answer or an empty one says nothing about speed
                 per_token = seconds / (tokens + 1)
                 alpha = self.policy.ewma_alpha
                 old = worker.seconds_per_token

@@ -426,6 +426,9 @@ class UpstreamEngine:
                 if response.status_code < 500:
                     outcome = Outcome.OK  # the worker is fine; 429 alone is worth another worker
                     fatal = response.status_code != 429
+            except asyncio.CancelledError:
+                outcome, started = Outcome.OK, float("inf")  # the client left; the worker did nothing wrong
+                raise
             except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
                 outcome, error = _refused_or_error(exc), self._unavailable(f"{worker.url}: {type(exc).__name__}: {exc}")
             except httpx.HTTPError as exc:
@@ -434,7 +437,7 @@ class UpstreamEngine:
                 error = self._unavailable(f"{worker.url} answered with a body that is not JSON: {exc}")
             finally:
                 elapsed = time.perf_counter() - started if outcome is Outcome.OK else 0.0
-                self.pool.end(worker, outcome, seconds=elapsed, tokens=tokens, adapter=adapter)
+                self.pool.end(worker, outcome, seconds=max(0.0, elapsed), tokens=tokens, adapter=adapter)
                 if retried:
                     self.pool.end_retry()
             tried.append(worker)
