@@ -23,7 +23,8 @@ How a worker is chosen (`WorkerPool.pick`):
 3. **Adapter affinity**: workers known to hold the request's LoRA adapter are preferred
    unless they are ``affinity_slack`` requests busier than the least loaded worker.
 4. **Power of two choices** on load = outstanding requests (ours) + the worker's reported
-   queue depth (vLLM's ``num_requests_waiting``, where scraped), weighted by its speed (a
+   queue depth (vLLM's ``num_requests_waiting``, where scraped) + its KV-cache use times
+   ``kv_cache_weight``, weighted by its speed (a
    worker not yet measured counts as the median one, so a newcomer gets its share).
 
 When no worker is eligible the pool *panics* like Envoy: it routes among workers whose
@@ -77,6 +78,7 @@ class PoolPolicy(BaseModel):
     retry_budget_ratio: float = Field(default=0.2, ge=0, le=1, description="Retries in flight allowed, as a share of requests in flight.")
     retry_budget_min: int = Field(default=3, ge=0, description="Retries in flight always allowed.")
     max_attempts: int = Field(default=3, gt=0, description="Most workers one request is tried on.")
+    kv_cache_weight: float = Field(default=4.0, ge=0, description="Load a full KV cache adds, in queued requests (a full cache preempts).")
     ewma_alpha: float = Field(default=0.3, gt=0, le=1, description="Weight of the newest measurement in a worker's speed estimate.")
 
 
@@ -94,6 +96,7 @@ class Worker:
         half_open: the circuit reopened for a trial: one request at a time until one succeeds.
         draining: removed from discovery; finishes its requests, gets no new ones.
         queue_depth: requests waiting in the worker's own queue, as it last reported.
+        kv_cache_usage: share of its KV cache in use (0..1), as it last reported.
         seconds_per_token: EWMA of end-to-end seconds per generated token; None until measured.
         last_probe: clock time a latency outlier was last sent a probe request.
         last_probe_pick: the pool's pick count at that probe.
@@ -112,6 +115,7 @@ class Worker:
     half_open: bool = False
     draining: bool = False
     queue_depth: float = 0.0
+    kv_cache_usage: float = 0.0
     seconds_per_token: float | None = None
     last_probe: float = float("-inf")
     last_probe_pick: int = -(10**9)
@@ -257,9 +261,8 @@ class WorkerPool:
                 return [worker]
         return [w for w in candidates if w not in slow]
 
-    @staticmethod
-    def _load(worker: Worker) -> float:
-        return worker.outstanding + worker.queue_depth
+    def _load(self, worker: Worker) -> float:
+        return worker.outstanding + worker.queue_depth + self.policy.kv_cache_weight * worker.kv_cache_usage
 
     def _score(self, worker: Worker, typical: float) -> float:
         # Expected wait: work ahead of us times how fast the worker gets through it.
@@ -320,8 +323,8 @@ class WorkerPool:
             self.name, worker.url, duration, outcome.value, worker.consecutive_failures, worker.ejections,
         )
 
-    def health_checked(self, worker: Worker, ok: bool, *, queue_depth: float | None = None) -> None:
-        """Record an active health check (and the queue depth it scraped, if any)."""
+    def health_checked(self, worker: Worker, ok: bool, *, queue_depth: float | None = None, kv_cache_usage: float | None = None) -> None:
+        """Record an active health check (and the queue depth and KV-cache use it scraped, if any)."""
         if ok and not worker.healthy:
             logger.warning("%s: worker %s passes its health check again", self.name, worker.url)
         elif not ok and worker.healthy:
@@ -334,6 +337,8 @@ class WorkerPool:
             worker.half_open = True
         if queue_depth is not None:
             worker.queue_depth = queue_depth
+        if kv_cache_usage is not None:
+            worker.kv_cache_usage = kv_cache_usage
 
     # -- retry budget --------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ go whole to the workers' ``/v1/chat/completions``, so tools, JSON schema, logpro
 
 Which worker answers is `serving.engine.pool.WorkerPool`'s decision; this module reports
 each request's outcome to it, polls every worker's ``/health`` in the background (and,
-with ``scrape_queue``, its ``vllm:num_requests_waiting``), re-runs discovery, and retries
+with ``scrape_queue``, its ``vllm:num_requests_waiting`` and KV-cache use), re-runs discovery, and retries
 a request on another worker while nothing of it has reached the client yet.
 
 Adapters travel the way the worker expects (``adapter_mode``):
@@ -53,6 +53,8 @@ Discovery = Callable[[], Awaitable[list[str]]]
 """Answers the pool's worker URLs now (see `serving.engine.discovery`)."""
 
 _QUEUE_METRIC = re.compile(r"^vllm:num_requests_waiting(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.MULTILINE)
+# vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc (0.10); either is a 0..1 share.
+_KV_METRIC = re.compile(r"^vllm:(?:gpu|kv)_cache_usage_perc(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.MULTILINE)
 
 UNKNOWN_TOKEN_ID = -1
 """Stands in for a generated token whose id the worker did not report."""
@@ -116,7 +118,7 @@ class UpstreamEngine:
             and go (e.g. `serving.engine.discovery.DnsDiscovery`); None: ``base_url`` only.
         discovery_interval: seconds between discovery runs.
         policy: the pool's ejection, routing and retry settings.
-        scrape_queue: read each worker's ``vllm:num_requests_waiting`` from ``metrics_path``
+        scrape_queue: read each worker's ``vllm:num_requests_waiting`` and KV-cache use from ``metrics_path``
             with every health check, and route by it.
         transport: an httpx transport (tests).
     """
@@ -242,16 +244,17 @@ class UpstreamEngine:
     async def _check(self, worker: Worker) -> None:
         if self._client is None:
             return
-        queue: float | None = None
+        queue = kv = None
         try:
             response = await self._client.get(worker.url + "/health", timeout=min(5.0, max(self._health_interval, 0.5)))
             ok = response.status_code == 200
             if ok and self._scrape_queue:
-                queue = _queue_depth((await self._client.get(worker.url + self.metrics_path, timeout=5.0)).text)
+                text = (await self._client.get(worker.url + self.metrics_path, timeout=5.0)).text
+                queue, kv = _summed(_QUEUE_METRIC, text), _summed(_KV_METRIC, text)
         except httpx.HTTPError as exc:
             logger.debug("health of %s failed: %s", worker.url, exc)
             ok = False
-        self.pool.health_checked(worker, ok, queue_depth=queue)
+        self.pool.health_checked(worker, ok, queue_depth=queue, kv_cache_usage=kv)
 
     async def _discover(self) -> None:
         if self._discovery is not None:
@@ -550,9 +553,9 @@ def _refused_or_error(exc: httpx.HTTPError) -> Outcome:
     return Outcome.REFUSED if isinstance(exc, httpx.ConnectError | httpx.RemoteProtocolError) else Outcome.ERROR
 
 
-def _queue_depth(metrics_text: str) -> float | None:
-    """``vllm:num_requests_waiting`` summed over its series, or None when the worker does not export it."""
-    values = [float(v) for v in _QUEUE_METRIC.findall(metrics_text)]
+def _summed(metric: re.Pattern[str], metrics_text: str) -> float | None:
+    """A metric summed over its series in Prometheus text, or None when the worker does not export it."""
+    values = [float(v) for v in metric.findall(metrics_text)]
     return sum(values) if values else None
 
 

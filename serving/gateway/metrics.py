@@ -88,6 +88,7 @@ class _PoolCollector(Collector):
             "healthy": GaugeMetricFamily("forgeline_upstream_worker_healthy", "1 when the worker's last /health answered 200.", labels=labels),
             "ejected": GaugeMetricFamily("forgeline_upstream_worker_ejected", "1 while the worker's circuit is open (ejected for failures).", labels=labels),
             "queue_depth": GaugeMetricFamily("forgeline_upstream_worker_num_requests_waiting", "Requests waiting in the worker's own queue, as it reports them.", labels=labels),
+            "kv_cache_usage": GaugeMetricFamily("forgeline_upstream_worker_kv_cache_usage_perc", "Share of the worker's KV cache in use (0..1), as it reports it.", labels=labels),
             "seconds_per_token": GaugeMetricFamily("forgeline_upstream_worker_seconds_per_token", "The pool's estimate of the worker's seconds per generated token.", labels=labels),
             "requests": CounterMetricFamily("forgeline_upstream_worker_requests", "Requests sent to the worker (retries included).", labels=labels),
             "ejections": CounterMetricFamily("forgeline_upstream_worker_ejections", "Times the worker was ejected, net of forgiven ones.", labels=labels),
@@ -105,6 +106,7 @@ class _PoolCollector(Collector):
                 families["healthy"].add_metric(values, float(worker.healthy))
                 families["ejected"].add_metric(values, float(worker.ejected(now)))
                 families["queue_depth"].add_metric(values, worker.queue_depth)
+                families["kv_cache_usage"].add_metric(values, worker.kv_cache_usage)
                 families["seconds_per_token"].add_metric(values, worker.seconds_per_token or 0.0)
                 families["requests"].add_metric(values, worker.requests)
                 families["ejections"].add_metric(values, worker.ejections)

@@ -120,3 +120,30 @@ def test_serve_spec_pools() -> None:
     assert ServeSpec(engine="upstream", upstream_dns="http://workers.svc:8000").worker_urls == []
     with pytest.raises(ValidationError, match="upstream_urls"):
         ServeSpec(engine="upstream")
+
+
+def test_health_checks_scrape_vllm_queue_depth_and_kv_cache_use_and_routing_follows(tiny_base: Path) -> None:
+    metrics = {
+        "busy": 'vllm:num_requests_waiting{model_name="m"} 6.0\nvllm:kv_cache_usage_perc{model_name="m"} 0.97\n',
+        "idle": '# HELP vllm:num_requests_waiting x\nvllm:num_requests_waiting{model_name="m"} 0.0\nvllm:gpu_cache_usage_perc{model_name="m"} 0.1\n',
+    }
+
+    def worker(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text=metrics[request.url.host])
+        return httpx.Response(200)
+
+    engine = UpstreamEngine(["http://busy:8000", "http://idle:8000"], "m", tokenizer=tiny_base, scrape_queue=True,
+                            transport=httpx.MockTransport(worker))  # fmt: skip
+
+    async def main() -> list[str]:
+        await engine.start()
+        try:
+            return [engine.pool.pick().url for _ in range(10)]
+        finally:
+            await engine.stop()
+
+    picks = asyncio.run(main())
+    busy, idle = engine.pool.workers
+    assert (busy.queue_depth, busy.kv_cache_usage) == (6.0, 0.97) and (idle.queue_depth, idle.kv_cache_usage) == (0.0, 0.1)
+    assert set(picks) == {"http://idle:8000"}
