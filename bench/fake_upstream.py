@@ -4,9 +4,18 @@ It answers ``/v1/chat/completions`` and ``/v1/completions``, streamed (one SSE e
 token, ``stream_options.include_usage`` honoured, ending in ``data: [DONE]``) or not, with
 ``tokens`` copies of ``token`` (fewer when ``max_tokens`` asks for fewer), so whatever sits
 in front of it is the only thing being measured. Events are built from pre-encoded
-pieces; an optional ``--token-delay-ms`` spaces streamed tokens like a real decoder.
+pieces; an optional ``--token-delay-ms`` spaces streamed tokens (and delays unary answers
+by as much) like a real decoder.
 
-    python -m bench.fake_upstream --port 9000 [--tokens 16] [--token-delay-ms 0]
+Chat requests that ask for more than text get what a vLLM worker would give them, so the
+gateway's pass-through can be tested with the stock SDK: ``tools`` -> a call of the first
+(or the chosen) tool with arguments that fit its JSON schema; ``response_format``
+(``json_schema`` / ``json_object``) -> a JSON answer that fits; ``logprobs`` /
+``top_logprobs`` -> per-token log-probabilities; ``n`` -> that many choices.
+``GET /debug/requests`` answers how many generation requests this worker served and the
+last body (and ``x-request-id``) it got, so tests can see what reached which worker.
+
+    python -m bench.fake_upstream --port 9000 [--tokens 16] [--token-delay-ms 0] [--name w0]
 """
 
 from __future__ import annotations
@@ -34,10 +43,11 @@ def _dumps(payload: dict[str, Any]) -> str:
     return json.dumps(payload, separators=(",", ":"))
 
 
-def create_app(*, tokens: int = 16, token: str = " tok", token_delay_s: float = 0.0) -> Starlette:
+def create_app(*, tokens: int = 16, token: str = " tok", token_delay_s: float = 0.0, name: str = "fake") -> Starlette:
     """The fake server's ASGI app."""
     created = int(time.time())
     seq = 0
+    seen: dict[str, Any] = {"count": 0, "last": None, "name": name}
 
     def next_id(prefix: str) -> str:
         nonlocal seq
@@ -49,8 +59,14 @@ def create_app(*, tokens: int = 16, token: str = " tok", token_delay_s: float = 
 
     async def parse(request: Request) -> tuple[dict[str, Any], int]:
         body = json.loads(await request.body())
+        seen["count"] += 1
+        seen["last"] = body
+        seen["request_id"] = request.headers.get("x-request-id")
         wanted = body.get("max_tokens") or body.get("max_completion_tokens") or tokens
         return body, max(0, min(tokens, int(wanted)))
+
+    async def debug_requests(_: Request) -> Response:
+        return JSONResponse(seen)
 
     async def health(_: Request) -> Response:
         return Response(b"ok")
@@ -62,7 +78,11 @@ def create_app(*, tokens: int = 16, token: str = " tok", token_delay_s: float = 
         body, n = await parse(request)
         cid = next_id("chatcmpl")
         model = body.get("model", MODEL)
+        if _wants_more_than_text(body):
+            return await _rich_chat(body, n, cid=cid, created=created, model=model, token=token, delay_s=token_delay_s)
         if not body.get("stream"):
+            if token_delay_s:
+                await asyncio.sleep(token_delay_s * n)
             return JSONResponse(
                 {
                     "id": cid,
@@ -105,10 +125,108 @@ def create_app(*, tokens: int = 16, token: str = " tok", token_delay_s: float = 
         routes=[
             Route("/health", health),
             Route("/v1/models", models),
+            Route("/debug/requests", debug_requests),
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
         ]
     )
+
+
+def _wants_more_than_text(body: dict[str, Any]) -> bool:
+    tools = body.get("tools") and body.get("tool_choice") != "none"
+    fmt = (body.get("response_format") or {}).get("type") in ("json_schema", "json_object")
+    return bool(tools or fmt or body.get("logprobs") or (body.get("n") or 1) > 1)
+
+
+def _instance(schema: dict[str, Any]) -> Any:
+    """A value that fits a (simple) JSON schema: what a guided decoder would produce."""
+    if "enum" in schema:
+        return schema["enum"][0]
+    if "const" in schema:
+        return schema["const"]
+    kind = schema.get("type", "object")
+    kind = kind[0] if isinstance(kind, list) else kind
+    if kind == "object":
+        props = schema.get("properties") or {}
+        return {key: _instance(sub) for key, sub in props.items()}
+    if kind == "array":
+        return [_instance(schema.get("items") or {"type": "string"})]
+    return {"string": "tok", "integer": 1, "number": 1.5, "boolean": True, "null": None}.get(kind, "tok")
+
+
+def _choice_message(body: dict[str, Any], n: int, token: str, index: int) -> tuple[dict[str, Any], str, list[str]]:
+    """(message, finish_reason, tokens) of one choice."""
+    tools = body.get("tools") or []
+    choice = body.get("tool_choice")
+    if tools and choice != "none":
+        wanted = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+        tool = next((t for t in tools if t.get("function", {}).get("name") == wanted), tools[0])["function"]
+        arguments = json.dumps(_instance(tool.get("parameters") or {"type": "object"}))
+        call = {"id": f"call_{index}", "type": "function", "function": {"name": tool["name"], "arguments": arguments}}
+        return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls", [arguments]
+    fmt = body.get("response_format") or {}
+    if fmt.get("type") == "json_schema":
+        text = json.dumps(_instance((fmt.get("json_schema") or {}).get("schema") or {"type": "object"}))
+        return {"role": "assistant", "content": text}, "stop", [text]
+    if fmt.get("type") == "json_object":
+        text = json.dumps({"answer": token.strip()})
+        return {"role": "assistant", "content": text}, "stop", [text]
+    pieces = [f"{token}{index}" if index else token for _ in range(n)]
+    return {"role": "assistant", "content": "".join(pieces)}, "length", pieces
+
+
+def _logprobs(pieces: list[str], top: int) -> dict[str, Any]:
+    content = []
+    for i, piece in enumerate(pieces):
+        alternatives = [{"token": piece, "logprob": -0.25 * (i % 3), "bytes": list(piece.encode())}]
+        alternatives += [{"token": f" alt{k}", "logprob": -2.0 - k, "bytes": list(f" alt{k}".encode())} for k in range(1, top)]
+        content.append({**alternatives[0], "top_logprobs": alternatives[:top]})
+    return {"content": content, "refusal": None}
+
+
+async def _rich_chat(
+    body: dict[str, Any], n: int, *, cid: str, created: int, model: str, token: str, delay_s: float
+) -> Response:
+    choices, completion_tokens = [], 0
+    for index in range(int(body.get("n") or 1)):
+        message, finish, pieces = _choice_message(body, n, token, index)
+        logprobs = _logprobs(pieces, int(body.get("top_logprobs") or 1)) if body.get("logprobs") else None
+        choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs, "pieces": pieces})
+        completion_tokens += len(pieces)
+    usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": completion_tokens, "total_tokens": PROMPT_TOKENS + completion_tokens}
+    if delay_s:
+        await asyncio.sleep(delay_s * max(len(c["pieces"]) for c in choices))
+    if not body.get("stream"):
+        for c in choices:
+            c.pop("pieces")
+        answer = {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": choices, "usage": usage}
+        return JSONResponse(answer)
+    events = []
+
+    def chunk(choice: dict[str, Any]) -> str:
+        payload = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+        return f"data: {_dumps(payload)}\n\n"
+
+    for c in choices:
+        events.append(chunk({"index": c["index"], "delta": {"role": "assistant", "content": ""}, "finish_reason": None}))
+        message = c["message"]
+        if message.get("tool_calls"):
+            calls = [{"index": 0, **call} for call in message["tool_calls"]]
+            events.append(chunk({"index": c["index"], "delta": {"tool_calls": calls}, "finish_reason": None}))
+        else:
+            for piece in c["pieces"]:
+                logprobs = _logprobs([piece], int(body.get("top_logprobs") or 1)) if body.get("logprobs") else None
+                events.append(chunk({"index": c["index"], "delta": {"content": piece}, "finish_reason": None, "logprobs": logprobs}))
+        events.append(chunk({"index": c["index"], "delta": {}, "finish_reason": c["finish_reason"]}))
+    if _include_usage(body):
+        events.append(f"data: {_dumps({'id': cid, 'object': 'chat.completion.chunk', 'created': created, 'model': model, 'choices': [], 'usage': usage})}\n\n")
+    events.append("data: [DONE]\n\n")
+
+    async def stream() -> AsyncIterator[str]:
+        for event in events:
+            yield event
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
 
 
 def _include_usage(body: dict[str, Any]) -> bool:
@@ -135,10 +253,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--tokens", type=int, default=16, help="completion tokens per answer")
     parser.add_argument("--token-delay-ms", type=float, default=0.0, help="pause before each streamed token")
+    parser.add_argument("--name", default="fake", help="shown by /debug/requests")
     args = parser.parse_args(argv)
     import uvicorn
 
-    app = create_app(tokens=args.tokens, token_delay_s=args.token_delay_ms / 1000.0)
+    app = create_app(tokens=args.tokens, token_delay_s=args.token_delay_ms / 1000.0, name=args.name)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

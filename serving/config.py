@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serving.engine.pool import PoolPolicy
+
 
 class CanarySLO(BaseModel):
     """When a canary counts as failing; every limit that is set must hold."""
@@ -35,7 +37,27 @@ class ServeSpec(BaseModel):
         default="torch",
         description="`torch`: the portable PyTorch engine; `upstream`: the version's tensorrt-llm artifact served by a worker at `upstream_url`.",
     )
-    upstream_url: str | None = Field(default=None, description="`engine: upstream`: the OpenAI-compatible worker, e.g. http://h200-0:8000.")
+    upstream_url: str | None = Field(default=None, description="`engine: upstream`: one OpenAI-compatible worker, e.g. http://h200-0:8000 (a pool of one).")
+    upstream_urls: list[str] = Field(
+        default_factory=list, description="`engine: upstream`: a static pool of workers serving the same artifact (with `upstream_url`, if set)."
+    )
+    upstream_dns: str | None = Field(
+        default=None,
+        description="`engine: upstream`: a URL whose host name resolves to every worker (a Kubernetes headless service), re-resolved every `upstream_discovery_interval_s`.",
+    )
+    upstream_discovery_interval_s: float = Field(default=10.0, gt=0, description="How often `upstream_dns` is resolved again.")
+    upstream_health_interval_s: float = Field(default=2.0, gt=0, description="How often each worker's `/health` is polled.")
+    upstream_api: Literal["completions", "chat"] = Field(
+        default="completions",
+        description="`chat`: chat requests pass through whole to the workers' /v1/chat/completions (tools, JSON schema, logprobs, n); "
+        "`completions`: the gateway renders the chat template and calls /v1/completions.",
+    )
+    upstream_pool: PoolPolicy = Field(
+        default_factory=PoolPolicy, description="`engine: upstream`: ejection, slow-worker, affinity and retry settings of the pool."
+    )
+    upstream_scrape_queue: bool = Field(
+        default=False, description="Route by the workers' own queue depth (vLLM's `vllm:num_requests_waiting` on /metrics)."
+    )
     upstream_artifact_dir: str | None = Field(
         default=None, description="`engine: upstream`: where the worker mounts the artifact (default: the same path as here)."
     )
@@ -57,6 +79,13 @@ class ServeSpec(BaseModel):
 
     @model_validator(mode="after")
     def _upstream_needs_url(self) -> ServeSpec:
-        if self.engine == "upstream" and not self.upstream_url:
-            raise ValueError("`engine: upstream` needs `upstream_url` (the worker's base URL)")
+        if self.engine == "upstream" and not (self.upstream_url or self.upstream_urls or self.upstream_dns):
+            raise ValueError(
+                "`engine: upstream` needs its workers: `upstream_url` (one), `upstream_urls` (a list) or `upstream_dns` (a name resolving to all)"
+            )
         return self
+
+    @property
+    def worker_urls(self) -> list[str]:
+        """The static pool: `upstream_url` followed by `upstream_urls`, without repeats."""
+        return list(dict.fromkeys([*([self.upstream_url] if self.upstream_url else []), *self.upstream_urls]))

@@ -22,7 +22,7 @@ from registry.settings import forgeline_home, tracking_uri
 
 from .build.torch_build import MANIFEST_NAME, build_torch_artifact, load_manifest
 from .config import ServeSpec
-from .engine.base import Engine
+from .engine.base import ChatRelay, Engine, SamplingDefaults
 from .engine.torch_engine import TorchEngine
 from .gateway.catalog import ServedModel, StaticCatalog
 
@@ -163,14 +163,29 @@ def served_model(
     names = names or public_names(ref, info)
     base: str | None = None
     engine: Engine
+    chat_relay: ChatRelay | None = None
+    model_dir = path
     if spec.engine == "upstream":
         # A worker (trtllm-serve) serves the artifact; the gateway relays to it over HTTP.
+        from .build.trtllm_config import CHECKPOINT_DIR
+        from .engine.discovery import DnsDiscovery
         from .engine.upstream import upstream_for_trtllm_artifact
 
-        assert spec.upstream_url is not None
-        engine = upstream_for_trtllm_artifact(
-            path, spec.upstream_url, worker_artifact_dir=spec.upstream_artifact_dir, model_id=names[0]
+        model_dir = path / CHECKPOINT_DIR  # the Hugging Face checkpoint, with its generation_config
+
+        upstream = upstream_for_trtllm_artifact(
+            path,
+            spec.worker_urls,
+            worker_artifact_dir=spec.upstream_artifact_dir,
+            model_id=names[0],
+            discovery=DnsDiscovery(spec.upstream_dns) if spec.upstream_dns else None,
+            discovery_interval=spec.upstream_discovery_interval_s,
+            health_interval=spec.upstream_health_interval_s,
+            upstream_api=spec.upstream_api,
+            scrape_queue=spec.upstream_scrape_queue,
+            policy=spec.upstream_pool,
         )
+        engine, chat_relay = upstream, upstream.chat_relay
     else:
         manifest = load_manifest(path)  # verifies checksums before we load weights
         # Registry adapters need the bare base underneath; a merged adapter or a full fine-tune changed it.
@@ -182,6 +197,8 @@ def served_model(
         name=names[0],
         version=str(info.version),
         engine=engine,
+        chat_relay=chat_relay,
+        sampling_defaults=SamplingDefaults.from_model_dir(model_dir),
         aliases=tuple(names[1:]),
         artifact=uri,
         model=info.name,
@@ -244,8 +261,9 @@ def served_base(
     engine = engine_factory(out, info, base.name, spec, adapters)
     log.info("serving base %s (%s) from %s", base.name, base.source, out)
     return ServedModel(
-        name=base.name, version=BASE_VERSION, engine=engine, artifact=str(out), model=base.name, base_model=base.source
-    )
+        name=base.name, version=BASE_VERSION, engine=engine, artifact=str(out), model=base.name, base_model=base.source,
+        sampling_defaults=SamplingDefaults.from_model_dir(out),
+    )  # fmt: skip
 
 
 def _sha(text: str | None) -> str | None:

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from registry.errors import ErrorCode, ForgelineError, NotFoundError
 
 from .build.torch_build import load_manifest
+from .engine.base import SamplingDefaults
 from .engine.torch_engine import TorchEngine
 from .gateway.app import create_app
 from .gateway.catalog import ServedModel, StaticCatalog
@@ -72,7 +73,10 @@ def artifact_catalog(
         model_id=model_name,
         adapters=dict(adapters) if adapters else None,
     )
-    served = ServedModel(name=model_name, version=manifest.created_at.strftime("%Y%m%dT%H%M%S"), engine=engine, artifact=str(root))
+    served = ServedModel(
+        name=model_name, version=manifest.created_at.strftime("%Y%m%dT%H%M%S"), engine=engine, artifact=str(root),
+        sampling_defaults=SamplingDefaults.from_model_dir(root),
+    )  # fmt: skip
     logger.info("worker serves %s from %s with adapters %s", model_name, root, sorted(adapters or {}))
     return StaticCatalog([served])
 

@@ -6,10 +6,12 @@ later, an upstream OpenAI-compatible worker (``trtllm-serve``, vLLM, SGLang).
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,34 @@ class SamplingParams:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         self.stop = [s for s in self.stop if s]
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """The model's own sampling defaults (its ``generation_config.json``), used when a request sets none.
+
+    Attributes:
+        temperature: the model's temperature, or None (then 1.0, OpenAI's default).
+        top_p: the model's nucleus mass, or None (then 1.0).
+    """
+
+    temperature: float | None = None
+    top_p: float | None = None
+
+    @classmethod
+    def from_model_dir(cls, folder: str | Path) -> SamplingDefaults:
+        """Read ``generation_config.json`` in ``folder``; no file or no values give no defaults."""
+        path = Path(folder) / "generation_config.json"
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return cls()
+        # As vLLM's `--generation-config auto`: the values count even without do_sample.
+        temperature, top_p = config.get("temperature"), config.get("top_p")
+        return cls(
+            temperature=float(temperature) if isinstance(temperature, int | float) and temperature >= 0 else None,
+            top_p=float(top_p) if isinstance(top_p, int | float) and 0 < top_p <= 1 else None,
+        )
 
 
 @dataclass
@@ -91,4 +121,21 @@ class Engine(Protocol):
 
     def generate(self, prompt: str, params: SamplingParams, *, adapter: str | None = None) -> AsyncIterator[Chunk]:
         """Stream the completion of ``prompt``; the last chunk has a ``finish_reason``."""
+        ...
+
+
+class ChatRelay(Protocol):
+    """Takes OpenAI chat requests whole to workers that speak chat (tools, JSON schema, logprobs, n).
+
+    The gateway keeps what it owns (auth, quotas, usage, lineage, metrics) and hands the
+    body over with only the model name and limits changed; the worker's answer comes back
+    as OpenAI JSON, its ``usage`` being what the gateway counts.
+    """
+
+    async def relay_chat(self, body: dict[str, Any], *, adapter: str | None = None) -> dict[str, Any]:
+        """The worker's ``chat.completion`` answer to a non-streamed request."""
+        ...
+
+    def relay_chat_stream(self, body: dict[str, Any], *, adapter: str | None = None) -> AsyncGenerator[dict[str, Any], None]:
+        """The worker's ``chat.completion.chunk`` events, ending with a usage event."""
         ...

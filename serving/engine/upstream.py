@@ -1,10 +1,17 @@
 """An upstream OpenAI-compatible worker behind the `Engine` seam.
 
 The gateway keeps doing what only it does (keys, quotas, aliases, chat templates, usage)
-and relays generation to a worker over HTTP: ``trtllm-serve`` on H200s, any vLLM or
-SGLang server, or ``forgeline worker`` (our PyTorch engine). Each request is one streamed
+and relays generation to a pool of workers over HTTP: ``trtllm-serve`` on H200s, any vLLM
+or SGLang server, or ``forgeline worker`` (our PyTorch engine). Each request is one streamed
 ``POST /v1/completions``; chunks are relayed as they arrive, so time to first token is
-the worker's. Health comes from the worker's ``/health``, polled in the background.
+the worker's. With ``upstream_api="chat"`` the engine is also a `ChatRelay`: chat requests
+go whole to the workers' ``/v1/chat/completions``, so tools, JSON schema, logprobs and
+``n`` work wherever the worker supports them.
+
+Which worker answers is `serving.engine.pool.WorkerPool`'s decision; this module reports
+each request's outcome to it, polls every worker's ``/health`` in the background (and,
+with ``scrape_queue``, its ``vllm:num_requests_waiting`` and KV-cache use), re-runs discovery, and retries
+a request on another worker while nothing of it has reached the client yet.
 
 Adapters travel the way the worker expects (``adapter_mode``):
 
@@ -25,18 +32,29 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+import re
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 
 from registry.errors import ErrorCode, ForgelineError, ModelNotFoundError
+from serving import request_id
 from serving.engine.base import Chunk, FinishReason, SamplingParams
+from serving.engine.pool import Outcome, PoolPolicy, Worker, WorkerPool
 
 logger = logging.getLogger(__name__)
 
 AdapterMode = Literal["lora_request", "model", "none"]
+UpstreamApi = Literal["completions", "chat"]
+Discovery = Callable[[], Awaitable[list[str]]]
+"""Answers the pool's worker URLs now (see `serving.engine.discovery`)."""
+
+_QUEUE_METRIC = re.compile(r"^vllm:num_requests_waiting(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.MULTILINE)
+# vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc (0.10); either is a 0..1 share.
+_KV_METRIC = re.compile(r"^vllm:(?:gpu|kv)_cache_usage_perc(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.MULTILINE)
 
 UNKNOWN_TOKEN_ID = -1
 """Stands in for a generated token whose id the worker did not report."""
@@ -74,10 +92,11 @@ def _finish_reason(value: Any) -> FinishReason:
 
 
 class UpstreamEngine:
-    """Generate through an OpenAI-compatible worker (``/v1/completions`` with streaming).
+    """Generate through a pool of OpenAI-compatible workers (``/v1/completions`` with streaming).
 
     Args:
-        base_url: the worker, e.g. ``http://10.0.0.7:8000`` (no ``/v1``).
+        base_url: the worker, e.g. ``http://10.0.0.7:8000`` (no ``/v1``), or a list of
+            workers that all serve ``model`` (a static pool).
         model: the ``model`` the worker expects (``trtllm-serve``: the path it was started with).
         api_key: sent as ``Authorization: Bearer`` when set.
         tokenizer: folder (or hub id) of the model's tokenizer, used for chat templates and
@@ -90,15 +109,23 @@ class UpstreamEngine:
         model_id: name used in logs and errors; defaults to ``model``.
         connect_timeout: seconds to connect to the worker.
         read_timeout: longest silence, in seconds, between two chunks before the request fails.
-        health_interval: seconds between ``/health`` polls.
+        health_interval: seconds between ``/health`` polls of each worker.
         metrics_path: the worker's metrics endpoint (``trtllm-serve``: ``/metrics`` has iteration
             stats as JSON; newer releases add Prometheus text at ``/prometheus/metrics``).
+        upstream_api: ``chat`` when the workers speak ``/v1/chat/completions`` and chat
+            requests should pass through to them whole; ``completions`` renders chat here.
+        discovery: re-run every ``discovery_interval`` seconds to follow workers that come
+            and go (e.g. `serving.engine.discovery.DnsDiscovery`); None: ``base_url`` only.
+        discovery_interval: seconds between discovery runs.
+        policy: the pool's ejection, routing and retry settings.
+        scrape_queue: read each worker's ``vllm:num_requests_waiting`` and KV-cache use from ``metrics_path``
+            with every health check, and route by it.
         transport: an httpx transport (tests).
     """
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         model: str,
         *,
         api_key: str | None = None,
@@ -111,11 +138,21 @@ class UpstreamEngine:
         read_timeout: float = 120.0,
         health_interval: float = 5.0,
         metrics_path: str = "/metrics",
+        upstream_api: UpstreamApi = "completions",
+        discovery: Discovery | None = None,
+        discovery_interval: float = 10.0,
+        policy: PoolPolicy | None = None,
+        scrape_queue: bool = False,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if adapter_mode not in ("lora_request", "model", "none"):
             raise ValueError(f"adapter_mode must be lora_request, model or none, got {adapter_mode!r}")
-        self.base_url = base_url.rstrip("/")
+        if upstream_api not in ("completions", "chat"):
+            raise ValueError(f"upstream_api must be completions or chat, got {upstream_api!r}")
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls and discovery is None:
+            raise ValueError("an upstream engine needs at least one worker URL or a discovery")
+        self.base_url = urls[0].rstrip("/") if urls else ""
         self.model = model
         self.model_id = model_id or model
         self.adapter_mode: AdapterMode = adapter_mode
@@ -124,6 +161,11 @@ class UpstreamEngine:
         # lora_int_id must name the same adapter on every request: number them in a fixed order.
         self._lora_ids = {name: i for i, name in enumerate(sorted(self.adapters or {}))}
         self.metrics_path = metrics_path
+        self.upstream_api: UpstreamApi = upstream_api
+        self.pool = WorkerPool(urls, policy=policy, name=self.model_id)
+        self._discovery = discovery
+        self._discovery_interval = discovery_interval
+        self._scrape_queue = scrape_queue
         self._tokenizer_src = tokenizer if tokenizer is not None else (model if Path(model).is_dir() else None)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=30.0, pool=connect_timeout)
@@ -132,21 +174,25 @@ class UpstreamEngine:
         self._client: httpx.AsyncClient | None = None
         self._tokenizer: Any = None
         self._started = False
-        self._healthy = False
         self._poller: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
-        """True while started and the worker's last ``/health`` answered 200."""
-        return self._started and self._healthy
+        """True while started and at least one worker's last ``/health`` answered 200."""
+        return self._started and any(w.healthy and not w.draining for w in self.pool.workers)
+
+    @property
+    def chat_relay(self) -> UpstreamEngine | None:
+        """This engine when its workers take chat requests whole (``upstream_api="chat"``), else None."""
+        return self if self.upstream_api == "chat" else None
 
     async def start(self) -> None:
-        """Load the tokenizer, connect, probe ``/health`` once and keep polling it.
+        """Load the tokenizer, connect, probe every worker's ``/health`` once and keep polling.
 
         A worker that is still loading does not stop the gateway: the model shows as not
-        ready on ``/ready`` until its worker answers.
+        ready on ``/ready`` until one of its workers answers.
 
         Raises:
             ForgelineError: ``invalid_config`` when no tokenizer is known.
@@ -163,13 +209,16 @@ class UpstreamEngine:
         from transformers import AutoTokenizer
 
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._tokenizer_src)
-        self._client = httpx.AsyncClient(base_url=self.base_url, timeout=self._timeout, headers=self._headers, transport=self._transport)
+        # Keep-alive connections sized to the pool, so steady load never reconnects.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64 * max(1, len(self.pool.workers)))
+        self._client = httpx.AsyncClient(timeout=self._timeout, headers=self._headers, transport=self._transport, limits=limits)
         self._started = True
-        self._healthy = await self.check_health()
-        if not self._healthy:
-            logger.warning("upstream worker %s for %s is not healthy yet", self.base_url, self.model_id)
-        self._poller = asyncio.create_task(self._poll_health(), name=f"health-{self.model_id}")
-        logger.info("upstream engine %s -> %s (%s)", self.model_id, self.base_url, self.model)
+        await self._discover()
+        await self._check_all()
+        if not self.ready:
+            logger.warning("no upstream worker for %s is healthy yet (%s)", self.model_id, ", ".join(w.url for w in self.pool.workers))
+        self._poller = asyncio.create_task(self._poll(), name=f"health-{self.model_id}")
+        logger.info("upstream engine %s -> %s (%s)", self.model_id, ", ".join(w.url for w in self.pool.workers), self.model)
 
     async def stop(self) -> None:
         """Stop polling and close connections; in-flight streams end with an error."""
@@ -184,29 +233,53 @@ class UpstreamEngine:
             self._client = None
 
     async def check_health(self) -> bool:
-        """Whether the worker's ``/health`` answers 200 now."""
-        if self._client is None:
-            return False
-        try:
-            response = await self._client.get("/health", timeout=5.0)
-        except httpx.HTTPError as exc:
-            logger.debug("health of %s failed: %s", self.base_url, exc)
-            return False
-        return response.status_code == 200
+        """Check every worker's ``/health`` now; True when at least one answers 200."""
+        await self._check_all()
+        return any(w.healthy for w in self.pool.workers)
 
-    async def _poll_health(self) -> None:
+    async def _check_all(self) -> None:
+        workers = [w for w in self.pool.workers if not w.draining]
+        await asyncio.gather(*(self._check(w) for w in workers))
+
+    async def _check(self, worker: Worker) -> None:
+        if self._client is None:
+            return
+        queue = kv = None
+        try:
+            response = await self._client.get(worker.url + "/health", timeout=min(5.0, max(self._health_interval, 0.5)))
+            ok = response.status_code == 200
+            if ok and self._scrape_queue:
+                text = (await self._client.get(worker.url + self.metrics_path, timeout=5.0)).text
+                queue, kv = _summed(_QUEUE_METRIC, text), _summed(_KV_METRIC, text)
+        except httpx.HTTPError as exc:
+            logger.debug("health of %s failed: %s", worker.url, exc)
+            ok = False
+        self.pool.health_checked(worker, ok, queue_depth=queue, kv_cache_usage=kv)
+
+    async def _discover(self) -> None:
+        if self._discovery is not None:
+            urls = await self._discovery()
+            if urls:  # an empty answer is more likely a discovery fault than an empty fleet
+                self.pool.set_members(urls)
+
+    async def _poll(self) -> None:
+        next_discovery = time.monotonic() + self._discovery_interval
         while True:
             await asyncio.sleep(self._health_interval)
-            healthy = await self.check_health()
-            if healthy != self._healthy:
-                logger.warning("upstream worker %s for %s is now %s", self.base_url, self.model_id, "healthy" if healthy else "DOWN")
-            self._healthy = healthy
+            if self._discovery is not None and time.monotonic() >= next_discovery:
+                next_discovery = time.monotonic() + self._discovery_interval
+                try:
+                    await self._discover()
+                except Exception:  # noqa: BLE001 - a discovery fault must not stop health checks
+                    logger.warning("discovery for %s failed", self.model_id, exc_info=True)
+            await self._check_all()
 
     async def scrape_metrics(self) -> str:
-        """The worker's metrics endpoint, as text (Prometheus exposition or JSON, by worker)."""
+        """A worker's metrics endpoint, as text (Prometheus exposition or JSON, by worker)."""
         client = self._require_client()
+        worker = self.pool.pick()
         try:
-            response = await client.get(self.metrics_path)
+            response = await client.get(worker.url + self.metrics_path)
         except httpx.HTTPError as exc:
             raise self._unavailable(f"metrics scrape failed: {exc}") from exc
         if response.status_code != 200:
@@ -269,6 +342,15 @@ class UpstreamEngine:
             body["stop"] = list(params.stop)
         if params.seed is not None:
             body["seed"] = params.seed
+        return self.route_adapter(body, adapter)
+
+    def route_adapter(self, body: dict[str, Any], adapter: str | None) -> dict[str, Any]:
+        """``body`` addressed to the worker's model, and to ``adapter`` the way the worker expects.
+
+        Raises:
+            ModelNotFoundError: the adapter is unknown, or the worker serves no adapters.
+        """
+        body["model"] = self.model
         if adapter is None:
             return body
         known = self.adapters is None or adapter in self.adapters
@@ -282,56 +364,31 @@ class UpstreamEngine:
         return body
 
     async def generate(self, prompt: str, params: SamplingParams, *, adapter: str | None = None) -> AsyncIterator[Chunk]:
-        """Stream the worker's completion of ``prompt``; the last chunk has a ``finish_reason``.
+        """Stream a worker's completion of ``prompt``; the last chunk has a ``finish_reason``.
 
         Raises:
             ForgelineError: the worker's own error (same code: bad request, unknown model),
-                or ``unavailable`` when it cannot be reached, stops answering for
+                or ``unavailable`` when no worker can be reached, one stops answering for
                 ``read_timeout`` seconds, or drops the stream before it finished.
         """
-        client = self._require_client()
         body = self.request_body(prompt, params, adapter)
         texts: list[str] = []
         finish: FinishReason | None = None
         completion_tokens: int | None = None
-        done = False
-        try:
-            async with client.stream("POST", "/v1/completions", json=body) as response:
-                if response.status_code != 200:
-                    raise _upstream_error(response.status_code, await response.aread(), self.model_id)
-                async for line in response.aiter_lines():
-                    # After [DONE], read on to the end of the body instead of breaking out:
-                    # httpx closes a connection whose response was not read to the end, so
-                    # breaking made every request open a new TCP connection to the worker.
-                    if done or not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        done = True
-                        continue
-                    event = json.loads(data)
-                    if event.get("error"):
-                        # The worker failed after it answered 200: it reports in-band.
-                        raise _upstream_error(500, data, self.model_id)
-                    usage = event.get("usage")
-                    if usage and usage.get("completion_tokens") is not None:
-                        completion_tokens = int(usage["completion_tokens"])
-                    for choice in event.get("choices") or []:
-                        text = choice.get("text") or ""
-                        if choice.get("finish_reason") is not None:
-                            # Held back: the usage event that carries the token count comes after it.
-                            finish = _finish_reason(choice["finish_reason"])
-                            texts.append(text)
-                        elif text:
-                            texts.append(text)
-                            yield Chunk(text=text, token_ids=[])
-        except httpx.TimeoutException as exc:
-            raise self._unavailable(f"no data for {self._timeout.read:.0f} s ({type(exc).__name__})") from exc
-        except httpx.HTTPError as exc:
-            raise self._unavailable(f"the stream broke: {type(exc).__name__}: {exc}") from exc
-        except json.JSONDecodeError as exc:
-            raise self._unavailable(f"the worker sent an event that is not JSON: {exc}") from exc
-        if finish is None or not done:
+        async for event in self._stream_events("/v1/completions", body, adapter):
+            usage = event.get("usage")
+            if usage and usage.get("completion_tokens") is not None:
+                completion_tokens = int(usage["completion_tokens"])
+            for choice in event.get("choices") or []:
+                text = choice.get("text") or ""
+                if choice.get("finish_reason") is not None:
+                    # Held back: the usage event that carries the token count comes after it.
+                    finish = _finish_reason(choice["finish_reason"])
+                    texts.append(text)
+                elif text:
+                    texts.append(text)
+                    yield Chunk(text=text, token_ids=[])
+        if finish is None:
             raise self._unavailable("the stream ended before the completion finished")
         tail = texts[-1] if texts else ""
         if completion_tokens is None:
@@ -339,23 +396,187 @@ class UpstreamEngine:
             completion_tokens = len(self._require_tokenizer()("".join(texts), add_special_tokens=False)["input_ids"])
         yield Chunk(text=tail, token_ids=[UNKNOWN_TOKEN_ID] * completion_tokens, finish_reason=finish)
 
+    # -- chat pass-through (ChatRelay) -------------------------------------------------
+
+    async def relay_chat(self, body: dict[str, Any], *, adapter: str | None = None) -> dict[str, Any]:
+        """Send a non-streamed chat request to a worker and return its answer.
+
+        Nothing reaches the client before the whole answer is here, so a failed attempt is
+        retried on another worker (within the retry budget).
+
+        Raises:
+            ForgelineError: the worker's own 4xx error, or ``unavailable``.
+        """
+        body = self.route_adapter({**body, "stream": False}, adapter)
+        body.pop("stream_options", None)
+        client = self._require_client()
+        tried: list[Worker] = []
+        while True:
+            worker = self.pool.pick(adapter, tried)
+            retried = bool(tried)
+            self.pool.begin(worker)
+            started, outcome, tokens = time.perf_counter(), Outcome.ERROR, 0
+            error: ForgelineError
+            fatal = False  # the request itself is wrong: another worker would say the same
+            try:
+                response = await client.post(worker.url + "/v1/chat/completions", json=body, headers=_request_headers())
+                if response.status_code == 200:
+                    answer = response.json()
+                    usage = answer.get("usage") or {}
+                    tokens, outcome = int(usage.get("completion_tokens") or 0), Outcome.OK
+                    return answer
+                error = _upstream_error(response.status_code, response.content, self.model_id)
+                if response.status_code < 500:
+                    outcome = Outcome.OK  # the worker is fine; 429 alone is worth another worker
+                    fatal = response.status_code != 429
+            except asyncio.CancelledError:
+                outcome, started = Outcome.OK, float("inf")  # the client left; the worker did nothing wrong
+                raise
+            except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+                outcome, error = _refused_or_error(exc), self._unavailable(f"{worker.url}: {type(exc).__name__}: {exc}")
+            except httpx.HTTPError as exc:
+                error = self._unavailable(f"{worker.url}: {type(exc).__name__}: {exc}")
+            except ValueError as exc:
+                error = self._unavailable(f"{worker.url} answered with a body that is not JSON: {exc}")
+            finally:
+                elapsed = time.perf_counter() - started if outcome is Outcome.OK else 0.0
+                self.pool.end(worker, outcome, seconds=max(0.0, elapsed), tokens=tokens, adapter=adapter)
+                if retried:
+                    self.pool.end_retry()
+            tried.append(worker)
+            if fatal or not self._may_retry(tried):
+                raise error
+            logger.info("retrying a %s chat request on another worker after %s: %s", self.model_id, worker.url, error.message)
+
+    def relay_chat_stream(self, body: dict[str, Any], *, adapter: str | None = None) -> AsyncGenerator[dict[str, Any], None]:
+        """Stream a chat request's events from a worker (each event parsed; ``[DONE]`` left out).
+
+        The worker is asked for usage (``stream_options.include_usage``) so the gateway can
+        count tokens; the caller drops that event when its client did not ask for it.
+        Retried on another worker only until the first event is yielded.
+        """
+        body = self.route_adapter({**body, "stream": True}, adapter)
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        return self._stream_events("/v1/chat/completions", body, adapter)
+
+    def _may_retry(self, tried: list[Worker]) -> bool:
+        others = sum(1 for w in self.pool.workers if not w.draining and w not in tried)
+        return others > 0 and len(tried) < self.pool.policy.max_attempts and self.pool.take_retry()
+
+    async def _stream_events(self, path: str, body: dict[str, Any], adapter: str | None) -> AsyncGenerator[dict[str, Any], None]:
+        """POST a streamed request to a worker and yield its SSE events as JSON objects.
+
+        A request that fails before its first event is retried on another worker, within
+        the pool's retry budget; after that a failure ends the stream with ``unavailable``.
+        """
+        client = self._require_client()
+        tried: list[Worker] = []
+        while True:
+            worker = self.pool.pick(adapter, tried)
+            retried = bool(tried)
+            self.pool.begin(worker)
+            started, outcome, tokens, yielded, done = time.perf_counter(), Outcome.ERROR, 0, False, False
+            error: ForgelineError | None = None
+            fatal = False  # the request itself is wrong: another worker would say the same
+            try:
+                request = client.build_request("POST", worker.url + path, json=body, headers=_request_headers())
+                response = await client.send(request, stream=True)
+                try:
+                    if response.status_code != 200:
+                        error = _upstream_error(response.status_code, await response.aread(), self.model_id)
+                        if response.status_code < 500:
+                            outcome = Outcome.OK  # the worker is fine; 429 alone is worth another worker
+                            fatal = response.status_code != 429
+                    else:
+                        async for line in response.aiter_lines():
+                            # After [DONE], read on to the end of the body instead of breaking out:
+                            # httpx closes a connection whose response was not read to the end, so
+                            # breaking made every request open a new TCP connection to the worker.
+                            if done or not line.startswith("data:"):
+                                continue
+                            data = line[5:].strip()
+                            if data == "[DONE]":
+                                done = True
+                                continue
+                            event = json.loads(data)
+                            if event.get("error"):
+                                # The worker failed after it answered 200: it reports in-band.
+                                raise _upstream_error(500, data, self.model_id)
+                            usage = event.get("usage")
+                            if usage and usage.get("completion_tokens") is not None:
+                                tokens = int(usage["completion_tokens"])
+                            yielded = True
+                            yield event
+                        if done:
+                            outcome = Outcome.OK
+                        else:
+                            error = self._unavailable(f"the stream from {worker.url} ended before the completion finished")
+                finally:
+                    await response.aclose()
+            except (GeneratorExit, asyncio.CancelledError):
+                outcome = Outcome.OK  # the client left; the worker did nothing wrong
+                started = float("inf")
+                raise
+            except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+                outcome = _refused_or_error(exc) if not yielded else Outcome.ERROR
+                error = self._unavailable(f"{worker.url}: the stream broke: {type(exc).__name__}: {exc}")
+            except httpx.TimeoutException as exc:
+                error = self._unavailable(f"{worker.url} sent no data for {self._timeout.read:.0f} s ({type(exc).__name__})")
+            except httpx.HTTPError as exc:
+                error = self._unavailable(f"{worker.url}: the stream broke: {type(exc).__name__}: {exc}")
+            except json.JSONDecodeError as exc:
+                error = self._unavailable(f"{worker.url} sent an event that is not JSON: {exc}")
+            except ForgelineError as exc:
+                error = exc  # an in-band error event
+            finally:
+                elapsed = time.perf_counter() - started if outcome is Outcome.OK else 0.0
+                self.pool.end(worker, outcome, seconds=max(0.0, elapsed), tokens=tokens, adapter=adapter)
+                if retried:
+                    self.pool.end_retry()
+            if error is None:
+                return
+            tried.append(worker)
+            if fatal or yielded or not self._may_retry(tried):
+                raise error
+            logger.info("retrying a %s request on another worker after %s: %s", self.model_id, worker.url, error.message)
+
+
+def _request_headers() -> dict[str, str] | None:
+    # The gateway's request id travels on, so the worker's logs name the same request.
+    rid = request_id.current.get()
+    return {request_id.HEADER: rid} if rid else None
+
+
+def _refused_or_error(exc: httpx.HTTPError) -> Outcome:
+    # Refused or reset before any answer: the process is gone (eject now); anything else
+    # may be a blip and counts toward the consecutive-failure threshold.
+    return Outcome.REFUSED if isinstance(exc, httpx.ConnectError | httpx.RemoteProtocolError) else Outcome.ERROR
+
+
+def _summed(metric: re.Pattern[str], metrics_text: str) -> float | None:
+    """A metric summed over its series in Prometheus text, or None when the worker does not export it."""
+    values = [float(v) for v in metric.findall(metrics_text)]
+    return sum(values) if values else None
+
 
 def upstream_for_trtllm_artifact(
     artifact_dir: str | Path,
-    base_url: str,
+    base_url: str | Sequence[str],
     *,
     worker_artifact_dir: str | None = None,
     model_id: str | None = None,
     api_key: str | None = None,
+    **pool: Any,
 ) -> UpstreamEngine:
-    """An `UpstreamEngine` for a worker running ``trtllm-serve`` from a TensorRT-LLM artifact.
+    """An `UpstreamEngine` for workers running ``trtllm-serve`` from a TensorRT-LLM artifact.
 
     Args:
         artifact_dir: the artifact here (its checkpoint supplies the tokenizer).
-        base_url: the worker.
-        worker_artifact_dir: where the worker mounts the artifact; default: the same path.
+        base_url: the worker, or the static pool of workers.
+        worker_artifact_dir: where the workers mount the artifact; default: the same path.
         model_id: public name, for logs and errors.
-        api_key: the worker's key, if it wants one.
+        api_key: the workers' key, if they want one.
+        pool: further `UpstreamEngine` options (discovery, health_interval, upstream_api, ...).
 
     Raises:
         NotFoundError: the artifact has no manifest (unfinished build).
@@ -376,4 +597,5 @@ def upstream_for_trtllm_artifact(
         adapters={name: f"{remote}/{rel}" for name, rel in manifest.adapters.items()},
         adapter_mode="lora_request",
         model_id=model_id,
+        **pool,
     )

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from registry.errors import ConflictError, ModelNotFoundError
-from serving.engine.base import Engine
+from serving.engine.base import ChatRelay, Engine, SamplingDefaults
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,10 @@ class ServedModel:
             adapter, or an engine we cannot see into).
         inflight: requests holding a `Lease` on it; a replaced version is unloaded only
             once this drops to zero.
+        chat_relay: set when chat requests pass through whole to the engine's workers
+            instead of being rendered here (an upstream pool with ``upstream_api: chat``).
+        sampling_defaults: the model's ``generation_config`` temperature and top_p, used
+            when a request sets neither.
     """
 
     name: str
@@ -47,6 +51,8 @@ class ServedModel:
     org: str | None = None
     base_model: str | None = None
     inflight: int = field(default=0, compare=False)
+    chat_relay: ChatRelay | None = field(default=None, compare=False)
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults, compare=False)
 
     def __post_init__(self) -> None:
         if not self.model:

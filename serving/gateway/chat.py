@@ -1,4 +1,9 @@
-"""``POST /v1/chat/completions``: render the chat template, generate, answer or stream."""
+"""``POST /v1/chat/completions``: render the chat template, generate, answer or stream.
+
+A model served by workers that speak chat (``ServedModel.chat_relay``) skips the template:
+the body passes through whole, and the worker's answer comes back with only ``model``
+renamed, so tools, JSON schema, logprobs and ``n`` work wherever the worker has them.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -13,7 +19,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from registry.keys import KeyRecord
 from serving.engine.base import Chunk
 from serving.gateway.auth import get_principal
-from serving.gateway.generation import SSE_DONE, GatewaySettings, get_settings, sampling_params, sse, sse_error
+from serving.gateway.generation import (
+    SSE_DONE,
+    GatewaySettings,
+    check_max_tokens,
+    get_settings,
+    sampling_params,
+    sse,
+    sse_error,
+)
 from serving.gateway.lifecycle import RequestLifecycle
 from serving.gateway.protocol import (
     ChatChoice,
@@ -40,17 +54,22 @@ async def create_chat_completion(
 ) -> Response:
     """Create a chat completion (OpenAI ``chat.completions.create``)."""
     run = await RequestLifecycle.begin(request, body.model, principal)
+    if run.served.chat_relay is not None:
+        return await _pass_through(run, body, settings)
     try:
+        body.refuse_unsupported(body.model)
         engine = run.engine
         prompt = engine.render_chat([{"role": m.role, "content": m.text()} for m in body.messages])
         params = sampling_params(
             max_tokens=body.requested_max_tokens,
+            max_tokens_field=body.max_tokens_field,
             default_max_tokens=settings.max_new_tokens,
             settings=settings,
             temperature=body.temperature,
             top_p=body.top_p,
             stop=body.stop_list(),
             seed=body.seed,
+            defaults=run.served.sampling_defaults,
         )
         prompt_tokens = engine.count_tokens(prompt)
         await run.admit(prompt_tokens)
@@ -70,6 +89,46 @@ async def create_chat_completion(
         raise
     events = _chat_events(chunks, model=body.model, prompt_tokens=prompt_tokens, include_usage=body.include_usage)
     return StreamingResponse(events, media_type="text/event-stream", headers=run.headers)
+
+
+async def _pass_through(run: RequestLifecycle, body: ChatCompletionRequest, settings: GatewaySettings) -> Response:
+    try:
+        check_max_tokens(body.requested_max_tokens, settings, body.max_tokens_field)
+        forward = body.passthrough_body()
+        # The exact prompt size comes back in the worker's usage and is charged then.
+        await run.admit(_estimated_prompt_tokens(body))
+        if not body.stream:
+            answer = await run.relay(forward)
+            answer["model"] = body.model
+            return JSONResponse(answer, headers=run.headers)
+        events = await run.relay_stream(forward)
+    except BaseException as exc:
+        run.fail(exc)
+        raise
+    relayed = _relayed_events(events, model=body.model, include_usage=body.include_usage)
+    return StreamingResponse(relayed, media_type="text/event-stream", headers=run.headers)
+
+
+def _estimated_prompt_tokens(body: ChatCompletionRequest) -> int:
+    # About four characters a token: enough to refuse a prompt far over a key's tpm up front.
+    return sum(len(m.text()) for m in body.messages) // 4
+
+
+async def _relayed_events(
+    events: AsyncGenerator[dict[str, Any], None], *, model: str, include_usage: bool
+) -> AsyncIterator[str]:
+    try:
+        async for event in events:
+            if not event.get("choices") and event.get("usage") and not include_usage:
+                continue  # asked of the worker for accounting, not by the client
+            event["model"] = model
+            yield sse(event)
+    except Exception as exc:  # noqa: BLE001 - headers are sent; the error must travel in the stream
+        logger.warning("relayed chat stream for %s failed: %s", model, exc)
+        yield sse_error(exc)
+    finally:
+        await events.aclose()
+    yield SSE_DONE
 
 
 async def _chat_events(

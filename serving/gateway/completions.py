@@ -32,6 +32,7 @@ async def create_completion(
     """Create a text completion (OpenAI ``completions.create``)."""
     run = await RequestLifecycle.begin(request, body.model, principal)
     try:
+        body.refuse_unsupported(body.model)
         prompt = body.prompt_text()
         params = sampling_params(
             max_tokens=body.max_tokens,
@@ -41,6 +42,7 @@ async def create_completion(
             top_p=body.top_p,
             stop=body.stop_list(),
             seed=body.seed,
+            defaults=run.served.sampling_defaults,
         )
         prompt_tokens = run.engine.count_tokens(prompt)
         await run.admit(prompt_tokens)

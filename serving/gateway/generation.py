@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import Request
 
 from registry.errors import ErrorCode, ForgelineError
-from serving.engine.base import Chunk, SamplingParams
+from serving.engine.base import Chunk, SamplingDefaults, SamplingParams
 from serving.gateway.catalog import ModelCatalog, ServedModel, split_adapter
 from serving.gateway.errors import error_body, forgeline_error_body
 from serving.gateway.protocol import FinishReason
@@ -66,15 +66,22 @@ def sampling_params(
     top_p: float | None,
     stop: list[str],
     seed: int | None,
+    max_tokens_field: str = "max_tokens",
+    defaults: SamplingDefaults | None = None,
 ) -> SamplingParams:
-    """Engine sampling parameters from wire fields, with the gateway's defaults and limits."""
+    """Engine sampling parameters from wire fields, with the gateway's defaults and limits.
+
+    ``max_tokens_field`` is the name the client used (chat: ``max_completion_tokens`` or
+    ``max_tokens``), so an error names what the client actually sent. Unset ``temperature``
+    and ``top_p`` take the model's ``defaults`` (its ``generation_config``), else 1.0.
+    """
+    defaults = defaults or SamplingDefaults()
+    if temperature is None:
+        temperature = defaults.temperature
+    if top_p is None:
+        top_p = defaults.top_p
     wanted = max_tokens if max_tokens is not None else min(default_max_tokens, settings.max_new_tokens)
-    if wanted > settings.max_new_tokens:
-        raise ForgelineError(
-            f"max_tokens is {wanted}, but this server allows at most {settings.max_new_tokens}; lower it",
-            code=ErrorCode.INVALID_REQUEST,
-            param="max_tokens",
-        )
+    check_max_tokens(wanted, settings, max_tokens_field)
     return SamplingParams(
         max_tokens=wanted,
         temperature=1.0 if temperature is None else temperature,
@@ -82,6 +89,16 @@ def sampling_params(
         stop=stop,
         seed=seed,
     )
+
+
+def check_max_tokens(wanted: int | None, settings: GatewaySettings, field: str) -> None:
+    """Refuse a ``max_tokens`` (as the client named it) above the gateway's limit."""
+    if wanted is not None and wanted > settings.max_new_tokens:
+        raise ForgelineError(
+            f"{field} is {wanted}, but this server allows at most {settings.max_new_tokens}; lower it",
+            code=ErrorCode.INVALID_REQUEST,
+            param=field,
+        )
 
 
 @dataclass

@@ -17,18 +17,23 @@ from fastapi import Request
 
 from registry.errors import ForgelineError
 from registry.keys import KeyRecord
-from serving.engine.base import Chunk, Engine, SamplingParams
+from serving.engine.base import ChatRelay, Chunk, Engine, SamplingParams
 from serving.gateway.auth import check_model_allowed, may_route
 from serving.gateway.catalog import Lease, ModelCatalog, Route, ServedModel, model_not_found
 from serving.gateway.generation import Completion, lineage_headers, open_stream
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.protocol import FinishReason
-from serving.gateway.quota import Limiter, Limits
+from serving.gateway.quota import Limiter, Limits, QuotaState
 
 logger = logging.getLogger(__name__)
 
 CLIENT_CLOSED = 499  # nginx's status for "the client went away"; not a server failure
 _background: set[asyncio.Task[Any]] = set()
+
+
+def _has_output(choice: dict[str, Any]) -> bool:
+    delta = choice.get("delta") or {}
+    return bool(delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content"))
 
 
 def _status_of(exc: BaseException) -> int:
@@ -55,6 +60,8 @@ class RequestLifecycle:
         self.lease = lease
         self.started = time.perf_counter()
         self.prompt_tokens = 0
+        self._admitted_tokens = 0
+        self._quota: QuotaState | None = None
         self.completion_tokens = 0
         self.first_token_at: float | None = None
         self._finished = False
@@ -108,8 +115,11 @@ class RequestLifecycle:
 
     @property
     def headers(self) -> dict[str, str]:
-        """Lineage headers naming the exact version, artifact and adapter that answer."""
-        return lineage_headers(self.served, self.adapter)
+        """Lineage headers naming the exact version, artifact and adapter that answer, and the key's quota."""
+        headers = lineage_headers(self.served, self.adapter)
+        if self._quota is not None:
+            headers.update(self._quota.headers())
+        return headers
 
     @property
     def _key(self) -> str:
@@ -122,9 +132,9 @@ class RequestLifecycle:
 
     async def admit(self, prompt_tokens: int) -> None:
         """Charge one request and the prompt tokens to the key's quota; 429 when over it."""
-        self.prompt_tokens = prompt_tokens
+        self.prompt_tokens = self._admitted_tokens = prompt_tokens
         if self._limiter is not None and self.principal is not None:
-            await self._limiter.admit(self.principal.id, self._limits, prompt_tokens)
+            self._quota = await self._limiter.admit(self.principal.id, self._limits, prompt_tokens)
 
     async def complete(self, prompt: str, params: SamplingParams) -> Completion:
         """Generate to the end (non-streaming) and account for it."""
@@ -170,6 +180,64 @@ class RequestLifecycle:
             await chunks.aclose()
             self.finish(status)
 
+    # -- pass-through chat: the worker's answer is relayed, its ``usage`` counted ----------
+
+    async def relay(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Send a non-streamed chat request whole to the served model's workers; account for it."""
+        relay = self._relay()
+        answer = await relay.relay_chat(body, adapter=self.adapter)
+        self._count_usage(answer.get("usage"))
+        self.finish(200)
+        return answer
+
+    async def relay_stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        """Start a streamed pass-through chat request; errors before its first event raise here."""
+        events = self._relay().relay_chat_stream(body, adapter=self.adapter)
+        try:
+            first = await anext(events)
+        except BaseException:
+            await events.aclose()
+            raise
+        return self._relayed(first, events)
+
+    def _relay(self) -> ChatRelay:
+        relay = self.served.chat_relay
+        if relay is None:
+            raise RuntimeError(f"{self.served.name} has no chat relay")  # chat.py checks first
+        return relay
+
+    def _count_usage(self, usage: dict[str, Any] | None) -> None:
+        if usage:
+            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            self.completion_tokens = int(usage.get("completion_tokens") or 0)
+
+    async def _relayed(
+        self, first: dict[str, Any], events: AsyncGenerator[dict[str, Any], None]
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        status = 200
+        last = self.started
+        try:
+            event: dict[str, Any] | None = first
+            while event is not None:
+                if event.get("usage"):
+                    self._count_usage(event["usage"])
+                elif any(_has_output(c) for c in event.get("choices") or ()):
+                    now = time.perf_counter()
+                    if self.first_token_at is None:
+                        self.first_token_at = now
+                        self._metrics.ttft.labels(*self._labels).observe(now - self.started)
+                    else:
+                        self._metrics.itl.labels(*self._labels).observe(now - last)
+                    last = now
+                yield event
+                event = await anext(events, None)
+        except BaseException as exc:
+            status = _status_of(exc)
+            raise
+        finally:
+            await events.aclose()
+            self.finish(status)
+
     def fail(self, exc: BaseException) -> None:
         """Account for a request that failed before its stream began."""
         self.finish(_status_of(exc))
@@ -191,8 +259,11 @@ class RequestLifecycle:
             m.e2e.labels(*self._labels).observe(elapsed)
             m.prompt_tokens.labels(model, version, adapter, self._key).inc(self.prompt_tokens)
             m.generation_tokens.labels(model, version, adapter, self._key).inc(self.completion_tokens)
-            if self._limiter is not None and self.principal is not None and self.completion_tokens:
-                self._charge(self.completion_tokens)
+            # Prompt tokens beyond those admitted up front: a pass-through request learns its
+            # prompt size from the worker's usage.
+            owed = self.completion_tokens + max(0, self.prompt_tokens - self._admitted_tokens)
+            if self._limiter is not None and self.principal is not None and owed:
+                self._charge(owed)
         self._access.update(
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,

@@ -18,11 +18,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving import request_id as request_ids
+from serving.engine.upstream import UpstreamEngine
 from serving.gateway.catalog import ModelCatalog, ServedModel
 from serving.gateway.errors import error_body, too_large_message
 
@@ -72,6 +74,44 @@ class _EngineCollector(Collector):
             running.add_metric(labels, snapshot.running)
             adapters.add_metric(labels, len(snapshot.loaded_adapters))
         yield from (waiting, running, adapters, inflight)
+
+
+class _PoolCollector(Collector):
+    """Each upstream worker's state, as its pool sees it, read at scrape time."""
+
+    def __init__(self, models: Callable[[], Iterable[ServedModel]]) -> None:
+        self._models = models
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        labels = ["model", "version", "worker"]
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            "outstanding": GaugeMetricFamily("forgeline_upstream_worker_requests_running", "Requests this gateway has in flight on the worker.", labels=labels),
+            "healthy": GaugeMetricFamily("forgeline_upstream_worker_healthy", "1 when the worker's last /health answered 200.", labels=labels),
+            "ejected": GaugeMetricFamily("forgeline_upstream_worker_ejected", "1 while the worker's circuit is open (ejected for failures).", labels=labels),
+            "queue_depth": GaugeMetricFamily("forgeline_upstream_worker_num_requests_waiting", "Requests waiting in the worker's own queue, as it reports them.", labels=labels),
+            "kv_cache_usage": GaugeMetricFamily("forgeline_upstream_worker_kv_cache_usage_perc", "Share of the worker's KV cache in use (0..1), as it reports it.", labels=labels),
+            "seconds_per_token": GaugeMetricFamily("forgeline_upstream_worker_seconds_per_token", "The pool's estimate of the worker's seconds per generated token.", labels=labels),
+            "requests": CounterMetricFamily("forgeline_upstream_worker_requests", "Requests sent to the worker (retries included).", labels=labels),
+            "ejections": CounterMetricFamily("forgeline_upstream_worker_ejections", "Times the worker was ejected, net of forgiven ones.", labels=labels),
+        }  # fmt: skip
+        seen: set[int] = set()
+        for served in self._models():
+            engine = served.engine
+            if not isinstance(engine, UpstreamEngine) or id(engine) in seen:
+                continue
+            seen.add(id(engine))
+            now = time.monotonic()
+            for worker in engine.pool.workers:
+                values = [served.model, served.version, worker.url]
+                families["outstanding"].add_metric(values, worker.outstanding)
+                families["healthy"].add_metric(values, float(worker.healthy))
+                families["ejected"].add_metric(values, float(worker.ejected(now)))
+                families["queue_depth"].add_metric(values, worker.queue_depth)
+                families["kv_cache_usage"].add_metric(values, worker.kv_cache_usage)
+                families["seconds_per_token"].add_metric(values, worker.seconds_per_token or 0.0)
+                families["requests"].add_metric(values, worker.requests)
+                families["ejections"].add_metric(values, worker.ejections)
+        yield from families.values()
 
 
 class GatewayMetrics:
@@ -129,7 +169,9 @@ class GatewayMetrics:
     def watch(self, catalog: ModelCatalog) -> None:
         """Export engine gauges for ``catalog``'s models and count their decode batch sizes."""
         # A rolling catalog also has versions that are loaded but not routed (canaries, draining).
-        self.registry.register(_EngineCollector(getattr(catalog, "loaded", catalog.list)))
+        models = getattr(catalog, "loaded", catalog.list)
+        self.registry.register(_EngineCollector(models))
+        self.registry.register(_PoolCollector(models))
 
     def attach_engine(self, served: ServedModel) -> None:
         """Observe the batch size of every decode step of ``served``'s engine (when it supports it)."""
@@ -166,6 +208,8 @@ class AccessLogMiddleware:
             return
         started = time.perf_counter()
         state = scope.setdefault("state", {})
+        request_id = request_ids.from_header(_header(scope, b"x-request-id"))
+        token = request_ids.current.set(request_id)
         fields: dict[str, Any] = {}
         state["access"] = fields
         closers: list[Callable[[], None]] = []
@@ -192,6 +236,7 @@ class AccessLogMiddleware:
                 "duration_ms": round((time.perf_counter() - started) * 1000, 1),
                 "client": (scope.get("client") or ("", 0))[0],
                 "key_id": state.get("key_id"),
+                "request_id": request_id,
                 **fields,
             }
             access_logger.info(json.dumps(entry, separators=(",", ":"), default=str))
@@ -200,6 +245,7 @@ class AccessLogMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 log(status)
@@ -216,6 +262,14 @@ class AccessLogMiddleware:
                 except Exception:  # noqa: BLE001 - one failing closer must not skip the others
                     logger.exception("closing request state failed")
             log(status or 499)
+            request_ids.current.reset(token)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
 
 
 class BodyTooLargeError(StarletteHTTPException):

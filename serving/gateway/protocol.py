@@ -2,11 +2,13 @@
 
 Requests forbid unknown top-level fields, as OpenAI does ("Unrecognized request
 argument"), but declare every field the ``openai`` SDK can send, so any SDK call is
-accepted or refused with a message that names the field. Fields we cannot honour yet
-(tools, logprobs, penalties, ...) are accepted at their neutral value and refused
-otherwise: silently ignoring them would return something the client did not ask for.
-Nested objects (messages, content parts) ignore extra keys because the SDK echoes
-assistant messages back with response-only fields such as ``refusal`` and ``annotations``.
+accepted or refused with a message that names the field. Which fields take effect depends
+on the engine that answers, known only once the model is resolved: a chat request that
+passes through to workers that speak chat keeps every field (tools, JSON schema, logprobs,
+``n``, penalties, ...); an engine of our own refuses, with a 400 naming each field, what it
+cannot honour (`unsupported_fields`): silently ignoring it would return something the
+client did not ask for. Nested objects (messages, content parts) keep extra keys, so they
+pass through too (the SDK echoes assistant messages back with ``refusal`` and the like).
 """
 
 from __future__ import annotations
@@ -16,18 +18,18 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from registry.errors import ErrorCode, ForgelineError
 
 logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
 
 
-def _unsupported(name: str, value: Any, neutral: tuple[Any, ...] = (None,)) -> Any:
-    # An empty list (``tools=[]``) asks for nothing, like None.
-    if value not in neutral and value != []:
-        raise ValueError(f"`{name}` is not supported by this server yet; leave it unset")
-    return value
+def _set(value: Any, neutral: tuple[Any, ...] = (None,)) -> bool:
+    # An empty list or mapping (``tools=[]``, ``metadata={}``) asks for nothing, like None.
+    return value not in neutral and value != [] and value != {}
 
 
 class _Request(BaseModel):
@@ -37,22 +39,15 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(default=None, gt=0, description="Most tokens to generate.")
     temperature: float | None = Field(default=None, ge=0, le=2, description="0 is greedy; default 1.")
     top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass; default 1.")
-    n: int | None = Field(default=None, description="Number of choices; only 1 is supported.")
+    n: int | None = Field(default=None, ge=1, le=128, description="Number of choices.")
     stop: str | list[str] | None = Field(default=None, description="Up to 4 strings that end generation.")
     seed: int | None = Field(default=None, description="Seed for reproducible sampling.")
     stream: bool | None = Field(default=False, description="Stream server-sent events.")
     stream_options: StreamOptions | None = Field(default=None, description="Options for streaming.")
     user: str | None = Field(default=None, description="End-user id; accepted and ignored.")
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, int] | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise ValueError("only n=1 is supported")
-        return value
 
     @field_validator("stop")
     @classmethod
@@ -61,21 +56,36 @@ class _Request(BaseModel):
             raise ValueError("at most 4 stop sequences are allowed")
         return value
 
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _no_penalties(cls, value: float | None, info: ValidationInfo) -> float | None:
-        return _unsupported(str(info.field_name), value, (None, 0, 0.0))
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, value: dict[str, int] | None) -> dict[str, int] | None:
-        return None if not value else _unsupported("logit_bias", value)
-
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> _Request:
         if self.stream_options is not None and not self.stream:
             raise ValueError("`stream_options` is only allowed when `stream` is true")
         return self
+
+    def unsupported_fields(self) -> list[str]:
+        """Fields set to something an engine of our own cannot do (it generates one plain choice)."""
+        fields = [name for name in ("frequency_penalty", "presence_penalty") if _set(getattr(self, name), (None, 0, 0.0))]
+        if _set(self.n, (None, 1)):
+            fields.insert(0, "n")
+        if _set(self.logit_bias):
+            fields.append("logit_bias")
+        return fields
+
+    def refuse_unsupported(self, model: str) -> None:
+        """Raise a 400 naming every field ``model``'s engine cannot honour.
+
+        Raises:
+            ForgelineError: ``invalid_request`` with ``param`` the first such field.
+        """
+        fields = self.unsupported_fields()
+        if fields:
+            names = ", ".join(f"`{f}`" for f in fields)
+            raise ForgelineError(
+                f"{names} {'is' if len(fields) == 1 else 'are'} not supported by the engine serving `{model}`; "
+                f"leave {'it' if len(fields) == 1 else 'them'} unset or at the default",
+                code=ErrorCode.INVALID_REQUEST,
+                param=fields[0],
+            )
 
     def stop_list(self) -> list[str]:
         """``stop`` as a list."""
@@ -100,27 +110,27 @@ class StreamOptions(BaseModel):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
-    @field_validator("content")
-    @classmethod
-    def _text_parts_only(cls, value: str | list[ContentPart] | None) -> str | list[ContentPart] | None:
-        if isinstance(value, list):
-            for part in value:
-                if part.type != "text" or part.text is None:
-                    raise ValueError(f"content parts of type `{part.type}` are not supported; send text parts only")
-        return value
+    def unsupported_fields(self) -> list[str]:
+        """What an engine of our own (plain-text chat templates) cannot take from this message."""
+        fields = [name for name in ("name", "tool_calls") if _set(getattr(self, name))]
+        if isinstance(self.content, list) and any(p.type != "text" or p.text is None for p in self.content):
+            fields.append("content")
+        return fields
 
     def text(self) -> str:
         """The message content as one string (text parts joined)."""
@@ -136,20 +146,19 @@ class ChatCompletionRequest(_Request):
 
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
     max_completion_tokens: int | None = Field(default=None, gt=0, description="Newer name for `max_tokens`; wins.")
-    # Accepted at their neutral value only; see the module docstring.
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
     modalities: list[str] | None = None
     prediction: dict[str, Any] | None = None
     web_search_options: dict[str, Any] | None = None
-    # Accepted and ignored: they do not change what the model generates here.
+    # Tags a stored completion; without `store` (refused) it changes nothing, as at OpenAI.
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
@@ -158,47 +167,50 @@ class ChatCompletionRequest(_Request):
     prompt_cache_key: str | None = None
     prompt_cache_options: dict[str, Any] | None = None
     prompt_cache_retention: str | None = None
+    # Accepted and ignored: identifiers for abuse monitoring; they change nothing generated.
     safety_identifier: str | None = None
     moderation: dict[str, Any] | None = None
 
-    @field_validator("tools", "functions", "audio", "prediction", "web_search_options")
-    @classmethod
-    def _no_tools(cls, value: Any, info: ValidationInfo) -> Any:
-        return _unsupported(str(info.field_name), value)
+    def unsupported_fields(self) -> list[str]:
+        """Fields an engine of our own cannot honour (see `_Request.unsupported_fields`)."""
+        fields = super().unsupported_fields()
+        neutral: dict[str, tuple[Any, ...]] = {
+            "tool_choice": (None, "none", "auto"),
+            "function_call": (None, "none", "auto"),
+            "logprobs": (None, False),
+            "top_logprobs": (None, 0),
+            "store": (None, False),
+            "service_tier": (None, "auto", "default"),
+            "parallel_tool_calls": (None, True, False),
+        }
+        for name in (
+            "tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "audio",
+            "prediction", "web_search_options", "store", "service_tier", "reasoning_effort",
+            "verbosity", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention",
+        ):
+            if _set(getattr(self, name), neutral.get(name, (None,))):
+                fields.append(name)
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            fields.append("response_format")
+        if self.modalities is not None and set(self.modalities) - {"text"}:
+            fields.append("modalities")
+        for i, message in enumerate(self.messages):
+            fields += [f"messages[{i}].{name}" for name in message.unsupported_fields()]
+        return fields
 
-    @field_validator("tool_choice", "function_call")
-    @classmethod
-    def _no_tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
-        return _unsupported(str(info.field_name), value, (None, "none", "auto"))
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: bool | None) -> bool | None:
-        return _unsupported("logprobs", value, (None, False))
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _no_top_logprobs(cls, value: int | None) -> int | None:
-        return _unsupported("top_logprobs", value, (None, 0))
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_format_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type") != "text":
-            raise ValueError("only response_format type `text` is supported")
-        return value
-
-    @field_validator("modalities")
-    @classmethod
-    def _text_modality_only(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and set(value) - {"text"}:
-            raise ValueError("only the `text` modality is supported")
-        return value
+    def passthrough_body(self) -> dict[str, Any]:
+        """The request as the client sent it (unset fields left out), for a worker that speaks chat."""
+        return self.model_dump(mode="json", exclude_unset=True)
 
     @property
     def requested_max_tokens(self) -> int | None:
         """``max_completion_tokens`` if given, else ``max_tokens``."""
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def max_tokens_field(self) -> str:
+        """The name under which the client sent its token limit."""
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
 
 
 class UsageInfo(BaseModel):
@@ -282,27 +294,13 @@ class CompletionRequest(_Request):
             raise ValueError("exactly one prompt is supported per request")
         return value
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool | None) -> bool | None:
-        return _unsupported("echo", value, (None, False))
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value: str | None) -> str | None:
-        return _unsupported("suffix", value, (None, ""))
-
-    @field_validator("best_of")
-    @classmethod
-    def _no_best_of(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise ValueError("only best_of=1 is supported")
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: int | None) -> int | None:
-        return _unsupported("logprobs", value)
+    def unsupported_fields(self) -> list[str]:
+        """Fields our engines cannot honour on completions (see `_Request.unsupported_fields`)."""
+        fields = super().unsupported_fields()
+        for name, neutral in (("echo", (None, False)), ("suffix", (None, "")), ("best_of", (None, 1)), ("logprobs", (None,))):
+            if _set(getattr(self, name), neutral):
+                fields.append(name)
+        return fields
 
     def prompt_text(self) -> str:
         """The single prompt string."""

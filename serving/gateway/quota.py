@@ -43,6 +43,32 @@ class Limits:
         return self.rpm is None and self.tpm is None
 
 
+@dataclass(frozen=True)
+class QuotaState:
+    """A key's buckets right after a request was admitted: OpenAI's ``x-ratelimit-*`` headers.
+
+    Attributes:
+        limits: the key's quotas.
+        requests_left: whole requests left in the ``rpm`` bucket (None: no ``rpm``).
+        tokens_left: tokens left in the ``tpm`` bucket (None: no ``tpm``; may be < 0 in debt).
+    """
+
+    limits: Limits
+    requests_left: float | None = None
+    tokens_left: float | None = None
+
+    def headers(self) -> dict[str, str]:
+        """``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``; reset is when the bucket is full again."""
+        out: dict[str, str] = {}
+        for kind, cap, left in (("requests", self.limits.rpm, self.requests_left), ("tokens", self.limits.tpm, self.tokens_left)):
+            if cap is None or left is None:
+                continue
+            out[f"x-ratelimit-limit-{kind}"] = str(cap)
+            out[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(left)))
+            out[f"x-ratelimit-reset-{kind}"] = f"{max(0.0, (cap - left) * 60.0 / cap):.3g}s"
+        return out
+
+
 class RateLimitedError(ForgelineError):
     """A key is over its quota (HTTP 429); ``retry_after`` says when to come back, in seconds."""
 
@@ -63,8 +89,12 @@ class RateLimitedError(ForgelineError):
 class Limiter(Protocol):
     """Admits requests against per-key buckets and charges tokens afterwards."""
 
-    async def admit(self, key: str, limits: Limits, prompt_tokens: int) -> None:
-        """Take one request and ``prompt_tokens`` tokens, or raise `RateLimitedError`."""
+    async def admit(self, key: str, limits: Limits, prompt_tokens: int) -> QuotaState | None:
+        """Take one request and ``prompt_tokens`` tokens, or raise `RateLimitedError`.
+
+        Returns:
+            The buckets after taking them, or None for a key without quotas.
+        """
         ...
 
     async def charge(self, key: str, limits: Limits, tokens: int) -> None:
@@ -126,10 +156,10 @@ class LocalLimiter:
         bucket.refill(capacity, now)
         return bucket
 
-    async def admit(self, key: str, limits: Limits, prompt_tokens: int) -> None:
+    async def admit(self, key: str, limits: Limits, prompt_tokens: int) -> QuotaState | None:
         """Take one request and ``prompt_tokens`` tokens, or raise `RateLimitedError`."""
         if limits.unlimited:
-            return
+            return None
         with self._lock:
             now = self._clock()
             rpm = self._bucket(key, "rpm", limits.rpm, now) if limits.rpm is not None else None
@@ -142,6 +172,7 @@ class LocalLimiter:
                 rpm.level -= 1
             if tpm is not None:
                 tpm.level -= prompt_tokens
+            return QuotaState(limits, rpm.level if rpm is not None else None, tpm.level if tpm is not None else None)
 
     async def charge(self, key: str, limits: Limits, tokens: int) -> None:
         """Take ``tokens`` more tokens, even into debt."""
@@ -156,7 +187,8 @@ class LocalLimiter:
 
 # KEYS: rpm bucket, tpm bucket. ARGV: rpm (0 = none), tpm (0 = none), request cost, token cost,
 # mode ("admit" takes both or neither; "charge" takes tokens into debt). Returns
-# {rpm_wait, tpm_wait} as strings (Lua numbers become integers when returned to Redis).
+# {rpm_wait, tpm_wait, rpm_level, tpm_level} as strings (Lua numbers become integers when
+# returned to Redis); the levels are after an admitted request.
 _SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -174,7 +206,7 @@ local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
 local req_cost, tok_cost = tonumber(ARGV[3]), tonumber(ARGV[4])
 if ARGV[5] == 'charge' then
   if tpm > 0 then store(KEYS[2], tpm, load(KEYS[2], tpm) - tok_cost) end
-  return {'0', '0'}
+  return {'0', '0', '0', '0'}
 end
 local rl, tl = 0, 0
 local rw, tw = 0, 0
@@ -187,10 +219,11 @@ if tpm > 0 then
   if tl < tok_cost then tw = (tok_cost - tl) * 60 / tpm end
 end
 if rw == 0 and tw == 0 then
-  if rpm > 0 then store(KEYS[1], rpm, rl - req_cost) end
-  if tpm > 0 then store(KEYS[2], tpm, tl - tok_cost) end
+  rl, tl = rl - req_cost, tl - tok_cost
+  if rpm > 0 then store(KEYS[1], rpm, rl) end
+  if tpm > 0 then store(KEYS[2], tpm, tl) end
 end
-return {tostring(rw), tostring(tw)}
+return {tostring(rw), tostring(tw), tostring(rl), tostring(tl)}
 """
 
 
@@ -218,7 +251,7 @@ class RedisLimiter:
         # A hash tag keeps both buckets of a key on one Redis Cluster slot (scripts need that).
         return [f"{self._prefix}:{{{key}}}:rpm", f"{self._prefix}:{{{key}}}:tpm"]
 
-    async def _run(self, key: str, limits: Limits, tokens: int, mode: str) -> tuple[float, float]:
+    async def _run(self, key: str, limits: Limits, tokens: int, mode: str) -> tuple[float, float, float, float]:
         from redis.exceptions import RedisError
 
         try:
@@ -230,17 +263,18 @@ class RedisLimiter:
                 f"the quota store at {self.url} is unreachable ({exc}); check FORGELINE_REDIS_URL",
                 code=ErrorCode.UNAVAILABLE,
             ) from exc
-        return float(result[0]), float(result[1])
+        return float(result[0]), float(result[1]), float(result[2]), float(result[3])
 
-    async def admit(self, key: str, limits: Limits, prompt_tokens: int) -> None:
+    async def admit(self, key: str, limits: Limits, prompt_tokens: int) -> QuotaState | None:
         """Take one request and ``prompt_tokens`` tokens, or raise `RateLimitedError`."""
         if limits.unlimited:
-            return
+            return None
         if limits.tpm is not None and prompt_tokens > limits.tpm:
             raise _refused(limits, prompt_tokens, 0.0, 0.0)
-        rpm_wait, tpm_wait = await self._run(key, limits, prompt_tokens, "admit")
+        rpm_wait, tpm_wait, rpm_left, tpm_left = await self._run(key, limits, prompt_tokens, "admit")
         if rpm_wait > 0 or tpm_wait > 0:
             raise _refused(limits, prompt_tokens, rpm_wait, tpm_wait)
+        return QuotaState(limits, rpm_left if limits.rpm is not None else None, tpm_left if limits.tpm is not None else None)
 
     async def charge(self, key: str, limits: Limits, tokens: int) -> None:
         """Take ``tokens`` more tokens, even into debt."""

@@ -164,11 +164,46 @@ def test_invalid_fields_are_400_with_the_field_as_param(client: openai.OpenAI) -
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=3)
     assert info.value.param == "temperature"
-    with pytest.raises(openai.BadRequestError, match="only n=1 is supported") as info:
+    with pytest.raises(openai.BadRequestError, match="`n` is not supported") as info:
         client.chat.completions.create(model="tiny", messages=MESSAGES, n=2)
     assert info.value.param == "n"
     with pytest.raises(openai.BadRequestError, match="at most 64") as info:
         client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=1000)
+    assert info.value.param == "max_tokens"
+    with pytest.raises(openai.BadRequestError, match="max_completion_tokens is 1000") as info:
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_completion_tokens=1000)
+    assert info.value.param == "max_completion_tokens"
+
+
+def test_fields_the_torch_engine_cannot_honour_are_refused_by_name(client: openai.OpenAI) -> None:
+    """Nothing is silently dropped: each field either works or gets a 400 that names it."""
+    refused: list[tuple[dict, str]] = [
+        ({"reasoning_effort": "low"}, "reasoning_effort"),
+        ({"verbosity": "low"}, "verbosity"),
+        ({"store": True}, "store"),
+        ({"service_tier": "flex"}, "service_tier"),
+        ({"prompt_cache_key": "k"}, "prompt_cache_key"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"messages": [{"role": "user", "content": "hi", "name": "ann"}]}, "messages[0].name"),
+        (
+            {"messages": [*MESSAGES, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
+            f"messages[{len(MESSAGES)}].tool_calls",
+        ),
+    ]
+    for fields, param in refused:
+        kwargs = {"model": "tiny", "messages": MESSAGES, "max_tokens": 2, **fields}
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(**kwargs)
+        assert info.value.param == param, fields
+        assert f"`{param}`" in info.value.message
+    # Neutral values ask for nothing and are accepted.
+    ok = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=2, store=False, service_tier="auto", metadata={}, n=1, presence_penalty=0
+    )
+    assert ok.choices[0].finish_reason in ("stop", "length")
     with pytest.raises(openai.BadRequestError, match="Unrecognized request argument supplied: bogus"):
         client.chat.completions.create(model="tiny", messages=MESSAGES, extra_body={"bogus": 1})
 

@@ -129,8 +129,12 @@ def test_an_organisations_versions_exist_only_for_its_keys(prod: Prod) -> None:
 def test_rpm_quota_gives_429_with_retry_after(prod: Prod) -> None:
     secret, _ = prod.keys.create("rpm-2", rpm=2)
     client = prod.client(secret)
+    remaining = []
     for _ in range(2):
-        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
+        raw = client.chat.completions.with_raw_response.create(model="tiny", messages=MESSAGES, max_tokens=2)
+        assert raw.headers["x-ratelimit-limit-requests"] == "2"
+        remaining.append(raw.headers["x-ratelimit-remaining-requests"])
+    assert remaining == ["1", "0"]
     with pytest.raises(openai.RateLimitError) as info:
         client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
     assert info.value.code == "rate_limit_exceeded"

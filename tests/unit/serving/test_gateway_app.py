@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from registry.errors import ConflictError, ErrorCode, ForgelineError, ModelNotFoundError
-from serving.engine.base import Chunk, SamplingParams
+from serving.engine.base import Chunk, SamplingDefaults, SamplingParams
 from serving.engine.torch_engine import TorchEngine
 from serving.gateway.app import ServedModel, StaticCatalog, create_app
 from serving.gateway.generation import resolve_model
@@ -107,6 +107,37 @@ def test_request_fields_reach_the_engine() -> None:
     assert prompt == "user: hi there\nassistant: "
     assert (params.max_tokens, params.temperature, params.stop, params.seed) == (5, 0, ["END"], 5)
     assert adapter == "support"
+
+
+def test_the_models_generation_config_supplies_unset_sampling_defaults(tmp_path: Path) -> None:
+    (tmp_path / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.6, "top_p": 0.9}')
+    defaults = SamplingDefaults.from_model_dir(tmp_path)
+    assert defaults == SamplingDefaults(temperature=0.6, top_p=0.9)
+    assert SamplingDefaults.from_model_dir(tmp_path / "missing") == SamplingDefaults()
+    engine = ScriptedEngine([Chunk("Hi", [1], "stop")])
+    app = create_app(StaticCatalog([ServedModel(name="m", version="1", engine=engine, sampling_defaults=defaults)]))
+    assert _post(app, "/v1/chat/completions", CHAT).status_code == 200
+    assert _post(app, "/v1/completions", {"model": "m", "prompt": "x", "temperature": 0}).status_code == 200
+    (_, unset, _), (_, chosen, _) = engine.calls
+    assert (unset.temperature, unset.top_p) == (0.6, 0.9)
+    assert (chosen.temperature, chosen.top_p) == (0.0, 0.9)
+
+
+def test_request_id_comes_back_and_a_bad_one_is_replaced() -> None:
+    app = create_app(StaticCatalog([ServedModel(name="m", version="1", engine=ScriptedEngine([Chunk("Hi", [1], "stop")]))]))
+
+    async def main() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            return [
+                await client.post("/v1/chat/completions", json=CHAT, headers={"x-request-id": rid})
+                for rid in ("req-1", "two words\n", "x" * 200)
+            ]
+
+    kept, spaced, long = asyncio.run(main())
+    assert kept.headers["x-request-id"] == "req-1"
+    for replaced in (spaced, long):
+        assert len(replaced.headers["x-request-id"]) == 32 and replaced.headers["x-request-id"].isalnum()
 
 
 def test_error_during_a_stream_is_sent_as_an_event_before_done() -> None:

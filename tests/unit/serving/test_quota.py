@@ -80,3 +80,28 @@ def test_unlimited_keys_are_never_refused_and_local_is_the_default(monkeypatch: 
             await limiter.admit("k", Limits(), 10_000)
 
     asyncio.run(scenario())
+
+
+def test_admission_reports_openais_ratelimit_headers() -> None:
+    clock = Clock()
+    limiter = LocalLimiter(clock)
+    limits = Limits(rpm=60, tpm=6000)
+
+    async def scenario() -> None:
+        assert await limiter.admit("free", Limits(), 10) is None  # no quotas, no headers
+        await limiter.admit("k", limits, 1000)
+        state = await limiter.admit("k", limits, 500)
+        assert state is not None
+        assert state.headers() == {
+            "x-ratelimit-limit-requests": "60",
+            "x-ratelimit-remaining-requests": "58",
+            "x-ratelimit-reset-requests": "2s",  # two requests refill at one a second
+            "x-ratelimit-limit-tokens": "6000",
+            "x-ratelimit-remaining-tokens": "4500",
+            "x-ratelimit-reset-tokens": "15s",  # 1500 tokens at 100 a second
+        }
+        assert (await limiter.admit("t", Limits(tpm=6000), 10)).headers().keys() == {  # type: ignore[union-attr]
+            "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens",
+        }
+
+    asyncio.run(scenario())
