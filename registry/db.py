@@ -108,7 +108,7 @@ def create_control_engine(url: str) -> Engine:
             ) from exc
     from registry import migrations  # Alembic loads only when a store first opens the database
 
-    migrations.upgrade(engine)
+    migrations.upgrade(engine, read_only={READ_ONLY: True})
     logger.debug("control database ready at %s", parsed.render_as_string(hide_password=True))
     return engine
 

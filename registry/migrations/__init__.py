@@ -29,8 +29,10 @@ tables and fails, naming the difference, when a revision is missing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -72,16 +74,19 @@ def current(conn: Connection) -> str | None:
     return conn.execute(select(versions.c.version_num)).scalar()
 
 
-def upgrade(engine: Engine) -> None:
+def upgrade(engine: Engine, *, read_only: Mapping[str, Any] | None = None) -> None:
     """Bring the control database at ``engine`` to :func:`head`; a no-op when it is there.
+
+    Args:
+        engine: the control database.
+        read_only: execution options of a read-only connection (``registry.db`` passes its
+            own, so the check for "already at head" takes no write lock on SQLite).
 
     Raises:
         ForgelineError: the database is at a revision this forgeline does not know
             (a newer forgeline migrated it).
     """
-    from registry.db import READ_ONLY
-
-    with engine.connect().execution_options(**{READ_ONLY: True}) as conn, conn.begin():
+    with engine.connect().execution_options(**(read_only or {})) as conn, conn.begin():
         if current(conn) == head():
             return
     where = make_url(engine.url).render_as_string(hide_password=True)
