@@ -50,10 +50,14 @@ from registry.client import Registry
 from registry.errors import PolicyRefused
 from registry.keys import KeyStore
 from registry.policy import PolicyBook
-from serving.gateway.errors import forgeline_error_body, install_error_handlers
+from serving.gateway.errors import document_errors, forgeline_error_body, install_error_handlers
+from serving.gateway.json_body import StrictJSONMiddleware
 from training.launchers.store import JobStore
 
 logger = logging.getLogger(__name__)
+
+MAX_JSON_BODY_BYTES = 1024 * 1024
+"""Largest JSON request body (decisions, promotions, job specs are a few KB; uploads are multipart)."""
 
 
 async def _on_policy_refused(request: Request, exc: Exception) -> JSONResponse:
@@ -151,4 +155,6 @@ def create_control_app(
 
     for module in (models, approvals, promotions, rollback, history, files_api, fine_tuning_api):
         app.include_router(module.router)
+    document_errors(app, {"*": (401, 403, 404), "POST": (409, 413), "DELETE": (409,)})
+    app.add_middleware(StrictJSONMiddleware, max_bytes=MAX_JSON_BODY_BYTES)
     return app

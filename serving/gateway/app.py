@@ -16,8 +16,9 @@ from fastapi import FastAPI
 from serving.gateway import chat, completions, health, metrics, models
 from serving.gateway.auth import KeyAuth, KeyVerifier
 from serving.gateway.catalog import ModelCatalog, ServedModel, StaticCatalog
-from serving.gateway.errors import install_error_handlers
+from serving.gateway.errors import document_errors, install_error_handlers
 from serving.gateway.generation import GatewaySettings
+from serving.gateway.json_body import StrictJSONMiddleware
 from serving.gateway.metrics import AccessLogMiddleware, GatewayMetrics
 from serving.gateway.quota import Limiter, LocalLimiter
 
@@ -83,6 +84,9 @@ def create_app(
     install_error_handlers(app)
     for module in (health, metrics, models, chat, completions):
         app.include_router(module.router)
+    document_errors(app, {"*": (401, 403, 404, 429, 503), "POST": (413,)})
+    # Refuses JSON that parses but cannot be processed (surrogates, deep nesting) with a 400.
+    app.add_middleware(StrictJSONMiddleware)
     # Outermost of ours: it sees every request, limits bodies (413) and logs when the body ends.
     app.add_middleware(AccessLogMiddleware, metrics=gateway_metrics, max_body_bytes=max_body_bytes)
     return app

@@ -11,6 +11,7 @@ from forgeline.control.protocol import ApprovalOut, ModelList, VersionDetailOut,
 from registry.client import Registry
 from registry.keys import KeyRecord
 from registry.promotion import lifecycle_state
+from registry.refs import VersionNumber
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -40,7 +41,7 @@ def list_versions(name: str, request: Request, key: KeyRecord = Depends(caller))
 
 
 @router.get("/{name}/versions/{version}")
-def get_version(name: str, version: int, request: Request, key: KeyRecord = Depends(caller)) -> VersionDetailOut:
+def get_version(name: str, version: VersionNumber, request: Request, key: KeyRecord = Depends(caller)) -> VersionDetailOut:
     """One version with its tags, lifecycle state and every decision on it."""
     check_model_scope(key, name)
     registry = registry_of(request)
