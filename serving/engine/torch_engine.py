@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from registry.errors import ErrorCode, ForgelineError, MissingDependencyError, ModelNotFoundError
+from serving.cpu_pool import run_cpu
 from serving.engine.base import Chunk, FinishReason, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,34 @@ AdapterSource = Callable[[str], Path] | Mapping[str, "str | Path"]
 """Where adapters come from: a mapping name -> PEFT folder, or a function that returns the
 folder for a name and raises `ModelNotFoundError` for unknown ones (it may block: it is
 called off the event loop)."""
+
+
+_LOAD_LOCK = threading.Lock()
+"""Serialises model loading in this process (see `TorchEngine._load`)."""
+
+
+def check_loading_info(source: str, info: Mapping[str, Any]) -> None:
+    """Refuse weights that loaded incompletely (transformers only warns, then serves random weights).
+
+    Args:
+        source: the folder loaded, for the message.
+        info: ``from_pretrained(..., output_loading_info=True)``'s second value.
+
+    Raises:
+        ForgelineError: ``unavailable`` naming the missing, unexpected or mismatched weights.
+    """
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        found = [str(k) for k in (info.get(kind) or ())]
+        if found:
+            shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+            problems.append(f"{kind.replace('_', ' ')}: {shown}")
+    if problems:
+        raise ForgelineError(
+            f"the weights in {source} loaded incompletely ({'; '.join(problems)}); refusing to serve a partly "
+            "random model; fix: rebuild the engine artifact (`forgeline build`) and check it matches its config",
+            code=ErrorCode.UNAVAILABLE,
+        )
 
 
 @dataclass(frozen=True)
@@ -251,8 +280,14 @@ class TorchEngine:
         # bf16 matmuls are slow on most CPUs; on GPUs keep the dtype the artifact was saved in.
         dtype: Any = torch.float32 if device.type == "cpu" else "auto"
         logger.info("loading %s on %s", self.model_dir, device)
-        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        model: Any = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype)
+        # One load at a time per process: transformers patches process-wide state while it
+        # loads (weight-init functions, default device), so two engines loading on threads
+        # raced (`serve --base a --base b` failed, or kept randomly initialised weights).
+        with _LOAD_LOCK:
+            tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            loaded: Any = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype, output_loading_info=True)
+        model, info = loaded
+        check_loading_info(str(self.model_dir), info)
         model = model.to(device).eval()
 
         eos: set[int] = set()
@@ -338,7 +373,7 @@ class TorchEngine:
                 ``model_not_found`` for an adapter, ``unavailable`` when the engine is stopped.
         """
         adapter_path = await self._adapter_path(adapter) if adapter is not None else None
-        prompt_ids = self._encode(prompt)
+        prompt_ids = await run_cpu(len(prompt), self._encode, prompt)
         if not prompt_ids:
             raise ForgelineError("the prompt is empty", code=ErrorCode.INVALID_REQUEST, param="prompt")
         limit = self._max_context

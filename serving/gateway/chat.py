@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from registry.keys import KeyRecord
+from serving.cpu_pool import run_cpu
 from serving.engine.base import Chunk
 from serving.gateway.auth import get_principal
 from serving.gateway.generation import SSE_DONE, GatewaySettings, get_settings, sampling_params, sse, sse_error
@@ -42,7 +43,10 @@ async def create_chat_completion(
     run = await RequestLifecycle.begin(request, body.model, principal)
     try:
         engine = run.engine
-        prompt = engine.render_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        size = sum(len(m["content"]) for m in messages)
+        # Off the event loop when large: a multi-MB prompt must not stall other requests.
+        prompt = await run_cpu(size, engine.render_chat, messages)
         params = sampling_params(
             max_tokens=body.requested_max_tokens,
             default_max_tokens=settings.max_new_tokens,
@@ -52,7 +56,7 @@ async def create_chat_completion(
             stop=body.stop_list(),
             seed=body.seed,
         )
-        prompt_tokens = engine.count_tokens(prompt)
+        prompt_tokens = await run_cpu(len(prompt), engine.count_tokens, prompt)
         await run.admit(prompt_tokens)
 
         if not body.stream:

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from registry.keys import KeyRecord
+from serving.cpu_pool import run_cpu
 from serving.engine.base import Chunk
 from serving.gateway.auth import get_principal
 from serving.gateway.generation import SSE_DONE, GatewaySettings, get_settings, sampling_params, sse, sse_error
@@ -42,7 +43,7 @@ async def create_completion(
             stop=body.stop_list(),
             seed=body.seed,
         )
-        prompt_tokens = run.engine.count_tokens(prompt)
+        prompt_tokens = await run_cpu(len(prompt), run.engine.count_tokens, prompt)  # large ones off the loop
         await run.admit(prompt_tokens)
 
         if not body.stream:

@@ -18,6 +18,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from registry.errors import ErrorCode, ForgelineError
+from serving.cpu_pool import run_cpu
 from serving.gateway.errors import forgeline_error_response
 
 MAX_JSON_DEPTH = 64
@@ -162,7 +163,7 @@ class StrictJSONMiddleware:
         body = b"".join(chunks)
         if body:
             try:
-                loads_untrusted(body)
+                await run_cpu(len(body), loads_untrusted, body)
             except json.JSONDecodeError:
                 pass  # the app answers syntax errors itself, with the position
             except UntrustedJSONError as exc:
