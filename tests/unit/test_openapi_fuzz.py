@@ -114,11 +114,10 @@ def control_target(fuzz_home: Path) -> Iterator[Target]:
     from forgeline.control import create_control_app
     from registry.client import Registry
     from registry.keys import KeyStore
-    from tests.integration.registry.backends import trained_version
-
     registry = Registry()
     keys = KeyStore()
-    trained_version(registry, "fuzzed")
+    (fuzz_home / "weights").mkdir()
+    registry.create_version("fuzzed", source=str(fuzz_home / "weights"), run_id=None, tags={})
     secret = keys.create("fuzz-admin", roles=("admin",))[0]
     app = create_control_app(registry=registry, keys=keys, supervise=False)
     yield Target(app, secret, {"name": "fuzzed", "version": 1, "alias": "production"})
