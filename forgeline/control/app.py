@@ -51,7 +51,7 @@ from registry.errors import PolicyRefused
 from registry.keys import KeyStore
 from registry.policy import PolicyBook
 from serving.gateway.errors import document_errors, forgeline_error_body, install_error_handlers
-from serving.gateway.json_body import StrictJSONMiddleware
+from serving.gateway.json_body import MAX_JSON_DEPTH, StrictJSONMiddleware
 from training.launchers.store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -137,6 +137,14 @@ def create_control_app(
     app = FastAPI(
         title="forgeline control plane",
         summary="Models, approvals, promotions, rollback and alias history over MLflow.",
+        description=(
+            "Every `/v1` route needs `Authorization: Bearer <key>` (401 otherwise; 403 without the role or model "
+            f"scope). Limits: JSON bodies up to {MAX_JSON_BODY_BYTES} bytes and uploads up to the file store's limit "
+            f"(413 beyond); JSON must be UTF-8 without unpaired UTF-16 surrogates, nested at most {MAX_JSON_DEPTH} "
+            "deep; versions are whole numbers from 1 to 2^63-1; aliases are ASCII letters, digits, `-` and `_`. "
+            "Invalid requests get 400 (never 422) naming the field, the value and the fix; 404 for what does not "
+            "exist; 409 when the policy refuses or another change came first."
+        ),
         lifespan=lifespan,
     )
     app.state.registry = registry

@@ -270,6 +270,15 @@ class TorchEngine:
         logger.info("engine %s stopped", self.model_id)
 
     def _load(self) -> None:
+        # One load at a time per process, the first imports included: transformers' lazy
+        # module import is not thread-safe (a second thread got "cannot import name
+        # AutoModelForCausalLM"), and loading patches process-wide state (weight-init
+        # functions, default device), so `serve --base a --base b` failed at start-up or
+        # kept randomly initialised weights.
+        with _LOAD_LOCK:
+            self._load_serially()
+
+    def _load_serially(self) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -280,12 +289,8 @@ class TorchEngine:
         # bf16 matmuls are slow on most CPUs; on GPUs keep the dtype the artifact was saved in.
         dtype: Any = torch.float32 if device.type == "cpu" else "auto"
         logger.info("loading %s on %s", self.model_dir, device)
-        # One load at a time per process: transformers patches process-wide state while it
-        # loads (weight-init functions, default device), so two engines loading on threads
-        # raced (`serve --base a --base b` failed, or kept randomly initialised weights).
-        with _LOAD_LOCK:
-            tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-            loaded: Any = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype, output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype, output_loading_info=True)
         model, info = loaded
         check_loading_info(str(self.model_dir), info)
         model = model.to(device).eval()
@@ -504,16 +509,17 @@ class TorchEngine:
             self._unload_adapter(victim)
         self._adapter_seq += 1
         internal = f"adapter{self._adapter_seq}"  # PEFT names become module keys: no dots
-        if not self._peft:
-            try:
-                from peft import PeftModel
-            except ImportError as exc:
-                raise MissingDependencyError("serving LoRA adapters needs peft: pip install peft") from exc
-            self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=internal).eval()
-            self._peft = True
-        else:
-            self._model.load_adapter(str(path), adapter_name=internal)
-            self._model.eval()
+        with _LOAD_LOCK:  # engines share the process: adapter loads race like base loads (see `_load`)
+            if not self._peft:
+                try:
+                    from peft import PeftModel
+                except ImportError as exc:
+                    raise MissingDependencyError("serving LoRA adapters needs peft: pip install peft") from exc
+                self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=internal).eval()
+                self._peft = True
+            else:
+                self._model.load_adapter(str(path), adapter_name=internal)
+                self._model.eval()
         self._loaded[name] = internal
         self._loaded_paths[name] = path
         logger.info("engine %s: loaded adapter %s from %s (%d loaded)", self.model_id, name, path, len(self._loaded))

@@ -18,7 +18,7 @@ from serving.gateway.auth import KeyAuth, KeyVerifier
 from serving.gateway.catalog import ModelCatalog, ServedModel, StaticCatalog
 from serving.gateway.errors import document_errors, install_error_handlers
 from serving.gateway.generation import GatewaySettings
-from serving.gateway.json_body import StrictJSONMiddleware
+from serving.gateway.json_body import MAX_JSON_DEPTH, StrictJSONMiddleware
 from serving.gateway.metrics import AccessLogMiddleware, GatewayMetrics
 from serving.gateway.quota import Limiter, LocalLimiter
 
@@ -73,7 +73,18 @@ def create_app(
             if limiter is not None:
                 await limiter.close()
 
-    app = FastAPI(title="forgeline gateway", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="forgeline gateway",
+        version="0.1.0",
+        lifespan=lifespan,
+        description=(
+            "OpenAI-compatible chat and text completions. Limits this server enforces: request bodies up to "
+            f"{max_body_bytes} bytes (413 beyond); `max_tokens` up to {max_new_tokens}; JSON must be UTF-8 without "
+            f"unpaired UTF-16 surrogates and nested at most {MAX_JSON_DEPTH} deep. Invalid requests get 400 (never "
+            "422) with an OpenAI error body naming the field; 401 without a valid key, 403 outside the key's models, "
+            "404 for unknown models, 429 over quota (with `Retry-After`), 503 while a model is not ready."
+        ),
+    )
     app.state.catalog = catalog
     app.state.settings = GatewaySettings(max_new_tokens=max_new_tokens)
     app.state.auth = KeyAuth(keys, cache_s=key_cache_s) if keys is not None else None

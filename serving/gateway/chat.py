@@ -32,7 +32,13 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses={200: {"model": ChatCompletionResponse, "description": "The completion; with `stream: true`, "
+                     "server-sent `chat.completion.chunk` events ending in `data: [DONE]`.",
+                     "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+)
 async def create_chat_completion(
     request: Request,
     body: ChatCompletionRequest,

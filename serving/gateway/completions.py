@@ -23,7 +23,13 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post(
+    "/v1/completions",
+    response_model=None,
+    responses={200: {"model": CompletionResponse, "description": "The completion; with `stream: true`, "
+                     "server-sent `text_completion` events ending in `data: [DONE]`.",
+                     "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+)
 async def create_completion(
     request: Request,
     body: CompletionRequest,
