@@ -48,6 +48,22 @@ _LOAD_LOCK = threading.Lock()
 """Serialises model loading in this process (see `TorchEngine._load`)."""
 
 
+def _max_prompt_chars(tokenizer: Any, max_context: int | None) -> int | None:
+    """Characters beyond which a prompt cannot fit ``max_context`` tokens, or None when unknown.
+
+    No token covers more characters than its vocabulary string has (byte-level tokens have
+    one symbol per byte, every character is at least one byte), so a prompt longer than
+    ``max_context`` times the longest one needs more tokens than fit. Only sound when the
+    tokenizer has no normalizer (which could shrink the text first, e.g. by stripping accents).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if max_context is None or backend is None or backend.normalizer is not None:
+        return None
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    longest = max((len(t) for t in tokens if t), default=0)
+    return max_context * longest if longest else None
+
+
 def check_loading_info(source: str, info: Mapping[str, Any]) -> None:
     """Refuse weights that loaded incompletely (transformers only warns, then serves random weights).
 
@@ -194,6 +210,7 @@ class TorchEngine:
         self._eos_ids: set[int] = set()
         self._pad_id = 0
         self._max_context: int | None = None
+        self._max_prompt_chars: int | None = None
         self._cache_kwarg = "past_key_values"
         self._forward_kwargs: dict[str, Any] = {}
         self._config: Any = None
@@ -317,6 +334,7 @@ class TorchEngine:
             self._num_threads = self._num_threads_arg or min(torch.get_num_threads(), max(1, cores - 1))
         self._device = device
         self._tokenizer = tokenizer
+        self._max_prompt_chars = _max_prompt_chars(tokenizer, self._max_context)
         self._config = model.config
         self._model = model
 
@@ -332,6 +350,15 @@ class TorchEngine:
 
     def _encode(self, text: str) -> list[int]:
         tokenizer = self._require_started()
+        if self._max_prompt_chars is not None and len(text) > self._max_prompt_chars:
+            # Far too long to fit however it tokenizes: say so without spending seconds tokenizing it.
+            raise ForgelineError(
+                f"This model's maximum context length is {self._max_context} tokens, and a prompt of {len(text)} "
+                f"characters is longer than that whatever its text (at most {self._max_prompt_chars} characters "
+                "can fit). Reduce the prompt.",
+                code=ErrorCode.INVALID_REQUEST,
+                param="messages",
+            )
         # A rendered chat prompt usually carries the BOS text already; adding it again would
         # double it, so add special tokens only when the prompt does not start with BOS.
         bos = tokenizer.bos_token

@@ -120,7 +120,7 @@ def _is_json(scope: Scope) -> bool:
         if name == b"content-type":
             media = value.split(b";", 1)[0].strip().lower()
             return media == b"application/json" or media.endswith(b"+json")
-    return True  # FastAPI parses a body without Content-Type as JSON too
+    return False  # FastAPI (strict_content_type, the default) does not parse a body without one as JSON
 
 
 class StrictJSONMiddleware:

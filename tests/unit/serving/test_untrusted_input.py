@@ -74,11 +74,22 @@ def test_a_deeply_nested_body_is_400(engine: TorchEngine) -> None:
     assert response.status_code == 400 and "nested more than" in response.json()["error"]["message"]
 
 
-def test_a_megabyte_prompt_does_not_stall_other_requests(engine: TorchEngine) -> None:
+def test_a_prompt_that_cannot_fit_the_context_is_refused_without_tokenizing(engine: TorchEngine) -> None:
+    app = create_app(StaticCatalog([ServedModel("tiny", "1", engine)]), max_new_tokens=4)
+    raw = json.dumps({"model": "tiny", "max_tokens": 2, "prompt": "x" * 3_800_000})
+    start = time.perf_counter()
+    response = _post(app, "/v1/completions", raw)
+    assert response.status_code == 400 and "maximum context length" in response.json()["error"]["message"]
+    assert time.perf_counter() - start < 5  # tokenizing 3.8 MB with this tokenizer takes several seconds
+
+
+def test_a_megabyte_prompt_does_not_stall_other_requests(engine: TorchEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     """While one client's 1 MB prompt is templated and tokenized, /health keeps answering.
 
     (bench/hardening.py measures the 4 MB case against another client's p99.)
     """
+    # As for a model whose context is long enough that the prompt must really be tokenized.
+    monkeypatch.setattr(engine, "_max_prompt_chars", None)
     app = create_app(StaticCatalog([ServedModel("tiny", "1", engine)]), max_new_tokens=4)
     words = ("forgeline serves tiny models quickly " * 30_000)[:1_000_000]
     big = {"model": "tiny", "messages": [{"role": "user", "content": words}], "max_tokens": 2}
