@@ -15,11 +15,13 @@ import json
 import re
 from typing import Any
 
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from registry.errors import ErrorCode, ForgelineError
 from serving.cpu_pool import run_cpu
-from serving.gateway.errors import forgeline_error_response
+from serving.gateway.errors import error_response, forgeline_error_response
 
 MAX_JSON_DEPTH = 64
 """Deepest nesting of arrays/objects accepted; real OpenAI requests and data rows use < 10."""
@@ -146,7 +148,13 @@ class StrictJSONMiddleware:
         size = 0
         message: Message = {"type": "http.request", "body": b"", "more_body": True}
         while message.get("more_body", False):
-            message = await receive()
+            try:
+                message = await receive()
+            except StarletteHTTPException as exc:
+                # An outer size limit stopped a chunked body (metrics._limited); outside the
+                # app's handlers here, so answer it as they would.
+                await _http_error(scope, exc)(scope, receive, send)
+                return
             if message["type"] != "http.request":
                 # The client left (http.disconnect): let the app see that as it would have.
                 await self.app(scope, _replay([], message, receive), send)
@@ -170,6 +178,15 @@ class StrictJSONMiddleware:
                 await forgeline_error_response(exc)(scope, _replay([body], None, receive), send)
                 return
         await self.app(scope, _replay([body], None, receive), send)
+
+
+def _http_error(scope: Scope, exc: StarletteHTTPException) -> Response:
+    if exc.status_code == 413:
+        from serving.gateway.metrics import too_large_message
+
+        limit = getattr(getattr(scope.get("app"), "state", None), "max_body_bytes", 0)
+        return error_response(too_large_message(limit), 413, code=ErrorCode.PAYLOAD_TOO_LARGE)
+    return error_response(str(exc.detail), exc.status_code)
 
 
 def _replay(chunks: list[bytes], last: Message | None, receive: Receive) -> Receive:

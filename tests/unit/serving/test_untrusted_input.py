@@ -114,3 +114,21 @@ def test_a_megabyte_prompt_does_not_stall_other_requests(engine: TorchEngine, mo
     assert len(pings) >= 3, f"only {len(pings)} health checks were answered during {took:.2f} s"
     # On the event loop, one ping would wait for the whole request; off it, each is a fraction of it.
     assert max(pings) < max(0.25 * took, 0.05), (max(pings), took)
+
+
+def test_a_chunked_json_body_over_the_limit_is_413_not_500(engine: TorchEngine) -> None:
+    app = create_app(StaticCatalog([ServedModel("tiny", "1", engine)]), max_new_tokens=4, max_body_bytes=1000)
+
+    async def chunks():  # no Content-Length: the limit is enforced while reading
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(20):
+            yield b"y" * 100
+        yield b'"}'
+
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            return await client.post("/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+
+    response = asyncio.run(go())
+    assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
