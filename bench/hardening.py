@@ -178,6 +178,11 @@ def _trickle(server: ServerProcess, count: int) -> dict[str, Any]:
 
 
 def _sigterm_mid_upload(work: Path) -> dict[str, Any]:
+    from registry.keys import KeyStore
+
+    keys = KeyStore()
+    secret = keys.create("uploader", roles=("trainer",))[0]
+    keys.dispose()
     port = free_port()
     argv = _cli("control", "serve", "--port", str(port), "--no-supervise", "--graceful-shutdown", str(GRACE_S))
     server = ServerProcess("control", argv, port=port, log_path=work / "control.log")
@@ -185,10 +190,11 @@ def _sigterm_mid_upload(work: Path) -> dict[str, Any]:
         server.wait_healthy("/health", timeout_s=180)
         upload = socket.create_connection(("127.0.0.1", port))
         upload.sendall(
-            b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-            b"Content-Length: 10000000\r\n\r\n--b\r\n" + b"x" * 10_000
+            b"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + secret.encode() + b"\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000\r\n\r\n"
+            + b'--b\r\nContent-Disposition: form-data; name="file"; filename="d.jsonl"\r\n\r\n' + b'{"messages": []}\n' * 500
         )
-        time.sleep(0.5)
+        time.sleep(1.0)  # the upload is being read (a running request); the client sends nothing more
         start = time.monotonic()
         os.killpg(server.pid, signal.SIGTERM)
         server.proc.wait(timeout=GRACE_S + 60)

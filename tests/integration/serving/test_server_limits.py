@@ -119,8 +119,13 @@ def test_connections_beyond_the_cap_are_closed_at_once() -> None:
         stop()
 
 
-def test_sigterm_mid_upload_exits_within_the_graceful_shutdown_bound(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "FORGELINE_HOME": str(tmp_path / "home")}
+def test_sigterm_mid_upload_exits_within_the_graceful_shutdown_bound() -> None:
+    from registry.keys import KeyStore
+
+    keys = KeyStore()  # the control database under this test's $FORGELINE_HOME
+    secret = keys.create("uploader", roles=("trainer",))[0]
+    keys.dispose()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -143,16 +148,18 @@ def test_sigterm_mid_upload_exits_within_the_graceful_shutdown_bound(tmp_path: P
             time.sleep(0.3)
         upload = socket.create_connection(("127.0.0.1", port))
         upload.sendall(
-            b"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\n"
-            b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000\r\n\r\n--b\r\n" + b"x" * 1000
+            b"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + secret.encode() + b"\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000\r\n\r\n"
+            + b'--b\r\nContent-Disposition: form-data; name="file"; filename="d.jsonl"\r\n\r\n' + b'{"messages": []}\n' * 500
         )
-        time.sleep(0.5)  # the upload is in flight and stays so: the client sends nothing more
+        time.sleep(1.0)  # the upload is being read and stays so: the client sends nothing more
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=grace + 20)
         took = time.monotonic() - start
         upload.close()
-        assert took < grace + 5, f"exited {took:.1f} s after SIGTERM with a {grace} s grace period"
+        # It waited for the upload (a running request), then stopped it at the bound.
+        assert grace - 0.5 < took < grace + 5, f"exited {took:.1f} s after SIGTERM with a {grace} s grace period"
     finally:
         if proc.poll() is None:
             proc.kill()
