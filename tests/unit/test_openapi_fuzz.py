@@ -36,7 +36,7 @@ from schemathesis.checks import (  # noqa: E402
 )
 
 FIXED_SEED = 20261201
-FUZZ_EXAMPLES = int(os.environ.get("FORGELINE_FUZZ_EXAMPLES", "12"))
+FUZZ_EXAMPLES = int(os.environ.get("FORGELINE_FUZZ_EXAMPLES", "30"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
@@ -72,6 +72,9 @@ def _fuzz_operation(operation: Any, target: Target, headers: dict[str, str], see
     strategies = [operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE)]
     if known:
         strategies.append(operation.as_strategy(GenerationMode.POSITIVE, path_parameters=known))
+    if "model" in target.known and operation.method.upper() == "POST":
+        # Valid bodies naming the served model, so generation itself gets fuzzed too.
+        strategies.append(operation.as_strategy(GenerationMode.POSITIVE).map(_naming(target.known["model"])))
     failures: list[str] = []
 
     @fixed_seed(seed)
@@ -89,6 +92,15 @@ def _fuzz_operation(operation: Any, target: Target, headers: dict[str, str], see
     except Exception:  # noqa: BLE001 - recorded above (hypothesis re-raises the shrunk example)
         pass
     return failures
+
+
+def _naming(model: str) -> Any:
+    def with_model(case: Any) -> Any:
+        if isinstance(case.body, dict):
+            case.body = {**case.body, "model": model}
+        return case
+
+    return with_model
 
 
 def _shutdown_lifespans() -> None:
@@ -135,7 +147,7 @@ def gateway_target(fuzz_home: Path, tiny_artifact_dir: Path) -> Iterator[Target]
     keys = KeyStore()
     secret = keys.create("fuzz-user", roles=("user",))[0]
     engine = TorchEngine(tiny_artifact_dir, device="cpu", model_id="tiny")
-    app = create_app(StaticCatalog([ServedModel("tiny", "1", engine)]), max_new_tokens=4, keys=keys)
+    app = create_app(StaticCatalog([ServedModel("tiny", "1", engine)]), max_new_tokens=16, keys=keys)
     yield Target(app, secret, {"model": "tiny"})
     _shutdown_lifespans()
     keys.dispose()
