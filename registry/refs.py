@@ -47,5 +47,13 @@ def check_alias(value: str) -> str:
     return value
 
 
-AliasName = Annotated[str, AfterValidator(check_alias), Field(description="An alias name, e.g. `production`.")]
+AliasName = Annotated[
+    str,
+    AfterValidator(check_alias),  # the check (and its message) is ours; the schema below documents it
+    Field(
+        description=f"An alias name, e.g. `production`: ASCII letters, digits, `-` and `_`, at most {MAX_ALIAS_CHARS}, "
+        "not a plain number.",
+        json_schema_extra={"pattern": "^[A-Za-z0-9_-]+$", "maxLength": MAX_ALIAS_CHARS},
+    ),
+]
 """An alias as an HTTP path, query or body field: a bad one is a 400 naming the field."""
