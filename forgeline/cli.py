@@ -25,6 +25,7 @@ from .cli_db import db_app
 from .cli_identity import LocalAdminOpt, local_actor
 from .cli_jobs import jobs_app
 from .cli_keys import keys_app
+from .cli_limits import BodyTimeout, GracefulShutdown, HeaderTimeout, KeepAlive, MaxConnections, server_limits
 from .cli_worker import worker as _worker_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Recipe in; governed OpenAI-compatible endpoint out.")
@@ -279,6 +280,11 @@ def serve(
     device: Annotated[str, typer.Option(help="Torch device: auto, cpu, cuda.")] = "auto",
     recipe: Annotated[Path | None, typer.Option(help="Take the other serve options (canary, quotas, adapters) from this recipe's `serve` section.")] = None,
     auth: Annotated[bool, typer.Option("--auth/--no-auth", help="Require API keys (`forgeline keys create`).")] = True,
+    header_timeout: HeaderTimeout = None,
+    body_timeout: BodyTimeout = None,
+    keep_alive: KeepAlive = None,
+    max_connections: MaxConnections = None,
+    graceful_shutdown: GracefulShutdown = None,
 ) -> None:
     """Serve models through the OpenAI-compatible gateway until interrupted."""
     from serving.config import ServeSpec
@@ -300,10 +306,14 @@ def serve(
     records = [store.get(name) for name in base_names] if store else []
     bases = [BaseSource(name=r.name, source=r.source, chat_template=r.chat_template) for r in records]
     serve_spec = load_recipe(recipe).serve if recipe else ServeSpec()
-    spec = serve_spec.model_copy(update={"host": host, "port": port, "device": device, "auth": auth and serve_spec.auth})
+    limits = server_limits(serve_spec.limits, header_timeout=header_timeout, body_timeout=body_timeout,
+                           keep_alive=keep_alive, max_connections=max_connections, graceful_shutdown=graceful_shutdown)
+    spec = serve_spec.model_copy(
+        update={"host": host, "port": port, "device": device, "auth": auth and serve_spec.auth, "limits": limits}
+    )
     configure_access_log()
     console.print(f"serving {', '.join(refs + base_names)} on http://{host}:{port}/v1 (API keys {'required' if spec.auth else 'OFF'})")
-    run_server(build_gateway(_registry(), refs, spec, bases=bases), host, port)
+    run_server(build_gateway(_registry(), refs, spec, bases=bases), host, port, limits=spec.limits)
 
 
 @app.command()

@@ -22,6 +22,7 @@ import typer
 
 from forgeline.cli import _registry, app, console, handles_errors, models_app
 from forgeline.cli_identity import KeyFileOpt, KeyOpt, LocalAdminOpt, api_key, local_actor
+from forgeline.cli_limits import BodyTimeout, GracefulShutdown, HeaderTimeout, KeepAlive, MaxConnections, server_limits
 from registry.errors import ErrorCode, ForgelineError
 
 control_app = typer.Typer(no_args_is_help=True, help="The control-plane HTTP API (approvals, promotions, history).")
@@ -130,6 +131,11 @@ def control_serve(
     supervise: Annotated[
         bool, typer.Option(help="Submit and follow fine-tuning jobs from this process (one per control database).")
     ] = True,
+    header_timeout: HeaderTimeout = None,
+    body_timeout: BodyTimeout = None,
+    keep_alive: KeepAlive = None,
+    max_connections: MaxConnections = None,
+    graceful_shutdown: GracefulShutdown = None,
 ) -> None:
     """Serve the control-plane API (state from MLFLOW_TRACKING_URI and FORGELINE_DB_URL)."""
     from forgeline.control import create_control_app
@@ -141,7 +147,9 @@ def control_serve(
     settings = load_settings(fine_tuning) if fine_tuning else None
     control = create_control_app(policies=book, fine_tuning=settings, supervise=supervise)
     console.print(f"control plane on http://{host}:{port} (docs at /docs; approver's console at http://{host}:{port}/console)")
-    run_server(control, host, port)
+    limits = server_limits(header_timeout=header_timeout, body_timeout=body_timeout, keep_alive=keep_alive,
+                           max_connections=max_connections, graceful_shutdown=graceful_shutdown)
+    run_server(control, host, port, limits=limits)
 
 
 @models_app.command("reconcile")

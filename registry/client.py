@@ -26,6 +26,7 @@ from registry.approvals import ApprovalStore
 from registry.audit import Action, AuditEntry, AuditLog
 from registry.errors import ConflictError, ErrorCode, ForgelineError, ModelNotFoundError, NotFoundError
 from registry.events import WebhookDispatcher
+from registry.refs import is_version_number, version_in_range
 
 logger = logging.getLogger(__name__)
 
@@ -333,6 +334,8 @@ class Registry:
             NotFoundError: the model or the version does not exist (the message lists
                 what does).
         """
+        if not version_in_range(version):  # the store's driver would raise (and leak its message)
+            raise NotFoundError(self._missing_version_message(name, version), param="version")
         try:
             mv = self.client.get_model_version(name, str(version))
         except MlflowException as exc:
@@ -370,7 +373,7 @@ class Registry:
         except ModelNotFoundError as exc:
             raise ModelNotFoundError(f"no model {ref!r}: {exc.message}", param="model") from exc
 
-        if selector.isdigit():
+        if is_version_number(selector):
             try:
                 return self.get_version(name, int(selector))
             except NotFoundError as exc:

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from registry.errors import ConfigError, FieldProblem
+from registry.refs import check_alias
 
 APPROVER_ROLES: tuple[str, ...] = ("approver", "admin")
 """Roles that may approve or reject a version (``admin`` always counts towards a policy)."""
@@ -124,13 +125,6 @@ class PromotionPolicy(BaseModel):
         """Approvals needed before ``alias`` may point at a version."""
         override = self.requires.get(alias, TargetRequirement()).approvals
         return self.approvals.count if override is None else override
-
-
-def check_alias(value: str) -> str:
-    """Validate an alias name (``production``, ``canary-1``); raises ``ValueError`` otherwise."""
-    if not value or not value.replace("-", "").replace("_", "").isalnum() or value.isdigit():
-        raise ValueError(f"alias {value!r} must be letters, digits, '-' or '_' and not a plain number (e.g. `production`)")
-    return value
 
 
 class PolicyBook(BaseModel):

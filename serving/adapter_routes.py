@@ -12,14 +12,19 @@ its name is refused with the fix — serve it as its own engine (``forgeline ser
 name@production``), where it is built, served by name and hot-swapped like any version.
 
 Resolutions (negative ones too) are cached for ``ttl_s`` so the hot path does not hit
-MLflow on every request, and a promotion (alias move) is followed within that time.
+MLflow on every request, and a promotion (alias move) is followed within that time. A
+flood of random names would miss that cache every time, so the set of registered model
+names is cached too (one listing per ``ttl_s``): a name whose model is not registered is
+answered 404 without a registry call, and the lookups that do run are bounded in number.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 
 from registry import lineage
@@ -30,7 +35,8 @@ from serving.registry_models import LORA_KINDS, same_base
 
 logger = logging.getLogger(__name__)
 
-MAX_CACHED = 10_000  # bounded: a client sending random names cannot grow it without limit
+MAX_CACHED = 10_000  # bounded (least recently used out): random names cannot grow it without limit
+MAX_CONCURRENT_LOOKUPS = 4  # registry lookups in flight at once; more wait (off the event loop)
 
 
 class AdapterRoutes:
@@ -56,7 +62,11 @@ class AdapterRoutes:
         self.ttl_s = ttl_s
         self.static = frozenset(static)
         self._clock = clock
-        self._cache: dict[str, tuple[float, VersionInfo | None]] = {}
+        self._cache: OrderedDict[str, tuple[float, VersionInfo | None]] = OrderedDict()
+        self._names: tuple[float, frozenset[str]] | None = None  # (when listed, registered model names)
+        self._names_lock = threading.Lock()
+        self._cache_lock = threading.Lock()  # lookups run on worker threads
+        self._lookups = asyncio.Semaphore(MAX_CONCURRENT_LOOKUPS)
 
     def lookup_needed(self, model: str, routes: Mapping[str, ServedModel]) -> str | None:
         """The registry ref routing ``model`` needs, when it is not cached fresh; else None."""
@@ -71,15 +81,41 @@ class AdapterRoutes:
     async def prepare(self, model: str, routes: Mapping[str, ServedModel]) -> None:
         """Look ``model`` up in a worker thread when routing it will need the registry."""
         ref = self.lookup_needed(model, routes)
-        if ref is not None:
-            await asyncio.to_thread(self.lookup, ref)
+        if ref is None or self.surely_unregistered(ref):
+            return  # `route` answers from the caches without blocking
+        async with self._lookups:
+            if not self._fresh(ref):
+                await asyncio.to_thread(self.lookup, ref)
+
+    def surely_unregistered(self, ref: str) -> bool:
+        """True when the fresh list of registered model names lacks ``ref``'s model (no lookup needed)."""
+        names = self._names
+        if names is None or self._clock() - names[0] >= self.ttl_s:
+            return False
+        return ref.partition("@")[0] not in names[1]
+
+    def _refresh_names(self) -> None:
+        with self._names_lock:  # one listing at a time; the others then see it fresh
+            names = self._names
+            if names is not None and self._clock() - names[0] < self.ttl_s:
+                return
+            try:
+                self._names = (self._clock(), frozenset(self.registry.list_models()))
+            except Exception:  # noqa: BLE001 - without the list, every name is looked up as before
+                logger.warning("listing registered models failed; looking names up one by one", exc_info=True)
 
     def lookup(self, ref: str) -> VersionInfo | None:
         """The version ``ref`` names (None: no such version); cached for ``ttl_s`` (blocking on a miss)."""
         now = self._clock()
         cached = self._cache.get(ref)
         if cached is not None and now - cached[0] < self.ttl_s:
+            with self._cache_lock:
+                if ref in self._cache:
+                    self._cache.move_to_end(ref)
             return cached[1]
+        self._refresh_names()
+        if self.surely_unregistered(ref):
+            return None  # not cached per name: a flood of random names must not evict real entries
         try:
             info: VersionInfo | None = self.registry.resolve(ref)
         except ModelNotFoundError:
@@ -90,9 +126,11 @@ class AdapterRoutes:
             # The registry is unreachable: keep answering with what we knew rather than fail.
             logger.warning("re-resolving %s failed; using the cached answer", ref, exc_info=True)
             return cached[1]
-        if len(self._cache) >= MAX_CACHED:
-            self._cache.clear()
-        self._cache[ref] = (now, info)
+        with self._cache_lock:
+            self._cache[ref] = (now, info)
+            self._cache.move_to_end(ref)
+            while len(self._cache) > MAX_CACHED:
+                self._cache.popitem(last=False)
         return info
 
     def route(self, model: str, routes: Mapping[str, ServedModel]) -> Route:

@@ -30,6 +30,28 @@ class CanarySpec(BaseModel):
     slo: CanarySLO = Field(default_factory=CanarySLO, description="Breaching it sends all traffic back to `production`.")
 
 
+class ServerLimits(BaseModel):
+    """Limits of the HTTP server in front of an app (``forgeline serve`` / ``control serve`` flags)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="A request's headers must arrive within this many seconds of its first byte "
+        "(or of the connection opening); otherwise the connection is closed (408)."
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="Longest pause between two pieces of a request body before the connection is closed."
+    )
+    keep_alive_s: float = Field(default=5.0, gt=0, description="An idle keep-alive connection is closed after this many seconds.")
+    max_connections: int = Field(
+        default=1024, gt=0, description="Open connections beyond this are closed at once; requests beyond it get 503."
+    )
+    max_header_bytes: int = Field(default=64 * 1024, gt=0, description="Largest request line plus headers (larger: 400).")
+    graceful_shutdown_s: float = Field(
+        default=30.0, gt=0, description="On SIGTERM: finish running requests and streams for at most this long, then stop."
+    )
+
+
 class ServeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -76,6 +98,7 @@ class ServeSpec(BaseModel):
     drain_timeout_s: float = Field(default=120.0, gt=0, description="How long a replaced version may finish its requests before it is unloaded.")
     canary: CanarySpec | None = Field(default=None, description="Canary rollout with automatic return to `production` on SLO breach.")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0, description="Largest request body accepted (larger gets 413).")
+    limits: ServerLimits = Field(default_factory=ServerLimits, description="HTTP server limits: timeouts, connection cap, graceful shutdown.")
 
     @model_validator(mode="after")
     def _upstream_needs_url(self) -> ServeSpec:

@@ -57,10 +57,14 @@ from registry.client import Registry
 from registry.errors import PolicyRefused
 from registry.keys import KeyStore
 from registry.policy import PolicyBook
-from serving.gateway.errors import forgeline_error_body, install_error_handlers
+from serving.gateway.errors import document_errors, forgeline_error_body, install_error_handlers
+from serving.gateway.json_body import MAX_JSON_DEPTH, StrictJSONMiddleware
 from training.launchers.store import JobStore
 
 logger = logging.getLogger(__name__)
+
+MAX_JSON_BODY_BYTES = 1024 * 1024
+"""Largest JSON request body (decisions, promotions, job specs are a few KB; uploads are multipart)."""
 
 
 async def _on_policy_refused(request: Request, exc: Exception) -> JSONResponse:
@@ -140,6 +144,14 @@ def create_control_app(
     app = FastAPI(
         title="forgeline control plane",
         summary="Models, approvals, promotions, rollback and alias history over MLflow.",
+        description=(
+            "Every `/v1` route needs `Authorization: Bearer <key>` (401 otherwise; 403 without the role or model "
+            f"scope). Limits: JSON bodies up to {MAX_JSON_BODY_BYTES} bytes and uploads up to the file store's limit "
+            f"(413 beyond); JSON must be UTF-8 without unpaired UTF-16 surrogates, nested at most {MAX_JSON_DEPTH} "
+            "deep; versions are whole numbers from 1 to 2^63-1; aliases are ASCII letters, digits, `-` and `_`. "
+            "Invalid requests get 400 (never 422) naming the field, the value and the fix; 404 for what does not "
+            "exist; 409 when the policy refuses or another change came first."
+        ),
         lifespan=lifespan,
         dependencies=[Depends(authorize)],
     )
@@ -161,5 +173,7 @@ def create_control_app(
         app.include_router(module.router)
     app.include_router(console.router)
     app.add_exception_handler(console.LoginRequired, console.on_login_required)
+    document_errors(app, {"*": (401, 403, 404), "POST": (409, 413), "DELETE": (409,)})
+    app.add_middleware(StrictJSONMiddleware, max_bytes=MAX_JSON_BODY_BYTES)
     check_declared(app)
     return app

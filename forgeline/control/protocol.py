@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from registry.approvals import Approval
 from registry.audit import AuditEntry
 from registry.client import VersionInfo
-from registry.policy import check_alias
 from registry.promotion import PolicyResult
+from registry.refs import AliasName, VersionNumber
 
 
 class DecisionRequest(BaseModel):
@@ -27,13 +27,8 @@ class PromoteRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    alias: str | None = Field(default=None, description="Alias to move; default: the policy's `to`.")
+    alias: AliasName | None = Field(default=None, description="Alias to move; default: the policy's `to`.")
     reason: str = Field(default="", description="Why (kept in the audit log).")
-
-    @field_validator("alias")
-    @classmethod
-    def _alias(cls, value: str | None) -> str | None:
-        return None if value is None else check_alias(value)
 
 
 class RollbackRequest(BaseModel):
@@ -41,7 +36,7 @@ class RollbackRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    to_version: int | None = Field(default=None, ge=1, description="Version to return to; default: the previous holder.")
+    to_version: VersionNumber | None = Field(default=None, description="Version to return to; default: the previous holder.")
     reason: str = Field(default="", description="Why (kept in the audit log).")
 
 

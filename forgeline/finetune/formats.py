@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from registry.errors import ErrorCode, ForgelineError
+from serving.gateway.json_body import UntrustedJSONError, loads_untrusted
 from training.conversations import check_conversation, is_conversation, to_template_messages
 
 _SHOWN = 5
@@ -209,9 +210,12 @@ def _scan(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, FileFormat |
             if not text.strip():
                 continue
             try:
-                row = json.loads(text)
+                row = loads_untrusted(text, what="row")
             except json.JSONDecodeError as exc:
                 yield number, None, None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+                continue
+            except UntrustedJSONError as exc:
+                yield number, None, None, exc.message
                 continue
             if not isinstance(row, dict):
                 yield number, None, None, f"expected a JSON object, got {type(row).__name__}"

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from registry.errors import ErrorCode, ForgelineError, MissingDependencyError, ModelNotFoundError
+from serving.cpu_pool import run_cpu
 from serving.engine.base import Chunk, FinishReason, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,50 @@ AdapterSource = Callable[[str], Path] | Mapping[str, "str | Path"]
 """Where adapters come from: a mapping name -> PEFT folder, or a function that returns the
 folder for a name and raises `ModelNotFoundError` for unknown ones (it may block: it is
 called off the event loop)."""
+
+
+_LOAD_LOCK = threading.Lock()
+"""Serialises model loading in this process (see `TorchEngine._load`)."""
+
+
+def _max_prompt_chars(tokenizer: Any, max_context: int | None) -> int | None:
+    """Characters beyond which a prompt cannot fit ``max_context`` tokens, or None when unknown.
+
+    No token covers more characters than its vocabulary string has (byte-level tokens have
+    one symbol per byte, every character is at least one byte), so a prompt longer than
+    ``max_context`` times the longest one needs more tokens than fit. Only sound when the
+    tokenizer has no normalizer (which could shrink the text first, e.g. by stripping accents).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if max_context is None or backend is None or backend.normalizer is not None:
+        return None
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    longest = max((len(t) for t in tokens if t), default=0)
+    return max_context * longest if longest else None
+
+
+def check_loading_info(source: str, info: Mapping[str, Any]) -> None:
+    """Refuse weights that loaded incompletely (transformers only warns, then serves random weights).
+
+    Args:
+        source: the folder loaded, for the message.
+        info: ``from_pretrained(..., output_loading_info=True)``'s second value.
+
+    Raises:
+        ForgelineError: ``unavailable`` naming the missing, unexpected or mismatched weights.
+    """
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        found = [str(k) for k in (info.get(kind) or ())]
+        if found:
+            shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+            problems.append(f"{kind.replace('_', ' ')}: {shown}")
+    if problems:
+        raise ForgelineError(
+            f"the weights in {source} loaded incompletely ({'; '.join(problems)}); refusing to serve a partly "
+            "random model; fix: rebuild the engine artifact (`forgeline build`) and check it matches its config",
+            code=ErrorCode.UNAVAILABLE,
+        )
 
 
 @dataclass(frozen=True)
@@ -165,6 +210,7 @@ class TorchEngine:
         self._eos_ids: set[int] = set()
         self._pad_id = 0
         self._max_context: int | None = None
+        self._max_prompt_chars: int | None = None
         self._cache_kwarg = "past_key_values"
         self._forward_kwargs: dict[str, Any] = {}
         self._config: Any = None
@@ -241,6 +287,15 @@ class TorchEngine:
         logger.info("engine %s stopped", self.model_id)
 
     def _load(self) -> None:
+        # One load at a time per process, the first imports included: transformers' lazy
+        # module import is not thread-safe (a second thread got "cannot import name
+        # AutoModelForCausalLM"), and loading patches process-wide state (weight-init
+        # functions, default device), so `serve --base a --base b` failed at start-up or
+        # kept randomly initialised weights.
+        with _LOAD_LOCK:
+            self._load_serially()
+
+    def _load_serially(self) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -252,7 +307,9 @@ class TorchEngine:
         dtype: Any = torch.float32 if device.type == "cpu" else "auto"
         logger.info("loading %s on %s", self.model_dir, device)
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        model: Any = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype, output_loading_info=True)
+        model, info = loaded
+        check_loading_info(str(self.model_dir), info)
         model = model.to(device).eval()
 
         eos: set[int] = set()
@@ -277,6 +334,7 @@ class TorchEngine:
             self._num_threads = self._num_threads_arg or min(torch.get_num_threads(), max(1, cores - 1))
         self._device = device
         self._tokenizer = tokenizer
+        self._max_prompt_chars = _max_prompt_chars(tokenizer, self._max_context)
         self._config = model.config
         self._model = model
 
@@ -292,6 +350,15 @@ class TorchEngine:
 
     def _encode(self, text: str) -> list[int]:
         tokenizer = self._require_started()
+        if self._max_prompt_chars is not None and len(text) > self._max_prompt_chars:
+            # Far too long to fit however it tokenizes: say so without spending seconds tokenizing it.
+            raise ForgelineError(
+                f"This model's maximum context length is {self._max_context} tokens, and a prompt of {len(text)} "
+                f"characters is longer than that whatever its text (at most {self._max_prompt_chars} characters "
+                "can fit). Reduce the prompt.",
+                code=ErrorCode.INVALID_REQUEST,
+                param="messages",
+            )
         # A rendered chat prompt usually carries the BOS text already; adding it again would
         # double it, so add special tokens only when the prompt does not start with BOS.
         bos = tokenizer.bos_token
@@ -338,7 +405,7 @@ class TorchEngine:
                 ``model_not_found`` for an adapter, ``unavailable`` when the engine is stopped.
         """
         adapter_path = await self._adapter_path(adapter) if adapter is not None else None
-        prompt_ids = self._encode(prompt)
+        prompt_ids = await run_cpu(len(prompt), self._encode, prompt)
         if not prompt_ids:
             raise ForgelineError("the prompt is empty", code=ErrorCode.INVALID_REQUEST, param="prompt")
         limit = self._max_context
@@ -469,16 +536,17 @@ class TorchEngine:
             self._unload_adapter(victim)
         self._adapter_seq += 1
         internal = f"adapter{self._adapter_seq}"  # PEFT names become module keys: no dots
-        if not self._peft:
-            try:
-                from peft import PeftModel
-            except ImportError as exc:
-                raise MissingDependencyError("serving LoRA adapters needs peft: pip install peft") from exc
-            self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=internal).eval()
-            self._peft = True
-        else:
-            self._model.load_adapter(str(path), adapter_name=internal)
-            self._model.eval()
+        with _LOAD_LOCK:  # engines share the process: adapter loads race like base loads (see `_load`)
+            if not self._peft:
+                try:
+                    from peft import PeftModel
+                except ImportError as exc:
+                    raise MissingDependencyError("serving LoRA adapters needs peft: pip install peft") from exc
+                self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=internal).eval()
+                self._peft = True
+            else:
+                self._model.load_adapter(str(path), adapter_name=internal)
+                self._model.eval()
         self._loaded[name] = internal
         self._loaded_paths[name] = path
         logger.info("engine %s: loaded adapter %s from %s (%d loaded)", self.model_id, name, path, len(self._loaded))

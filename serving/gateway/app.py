@@ -16,8 +16,9 @@ from fastapi import FastAPI
 from serving.gateway import chat, completions, health, metrics, models
 from serving.gateway.auth import KeyAuth, KeyVerifier, check_declared
 from serving.gateway.catalog import ModelCatalog, ServedModel, StaticCatalog
-from serving.gateway.errors import install_error_handlers
+from serving.gateway.errors import document_errors, install_error_handlers
 from serving.gateway.generation import GatewaySettings
+from serving.gateway.json_body import MAX_JSON_DEPTH, StrictJSONMiddleware
 from serving.gateway.metrics import AccessLogMiddleware, GatewayMetrics
 from serving.gateway.quota import Limiter, LocalLimiter
 
@@ -72,7 +73,18 @@ def create_app(
             if limiter is not None:
                 await limiter.close()
 
-    app = FastAPI(title="forgeline gateway", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="forgeline gateway",
+        version="0.1.0",
+        lifespan=lifespan,
+        description=(
+            "OpenAI-compatible chat and text completions. Limits this server enforces: request bodies up to "
+            f"{max_body_bytes} bytes (413 beyond); `max_tokens` up to {max_new_tokens}; JSON must be UTF-8 without "
+            f"unpaired UTF-16 surrogates and nested at most {MAX_JSON_DEPTH} deep. Invalid requests get 400 (never "
+            "422) with an OpenAI error body naming the field; 401 without a valid key, 403 outside the key's models, "
+            "404 for unknown models, 429 over quota (with `Retry-After`), 503 while a model is not ready."
+        ),
+    )
     app.state.catalog = catalog
     app.state.settings = GatewaySettings(max_new_tokens=max_new_tokens)
     app.state.auth = KeyAuth(keys, cache_s=key_cache_s) if keys is not None else None
@@ -83,6 +95,9 @@ def create_app(
     install_error_handlers(app)
     for module in (health, metrics, models, chat, completions):
         app.include_router(module.router)
+    document_errors(app, {"*": (401, 403, 404, 429, 503), "POST": (413,)})
+    # Refuses JSON that parses but cannot be processed (surrogates, deep nesting) with a 400.
+    app.add_middleware(StrictJSONMiddleware)
     check_declared(app)  # a route without a declared authorization rule is a bug: refuse to start
     # Outermost of ours: it sees every request, limits bodies (413) and logs when the body ends.
     app.add_middleware(AccessLogMiddleware, metrics=gateway_metrics, max_body_bytes=max_body_bytes)

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from registry.keys import KeyRecord
+from serving.cpu_pool import run_cpu
 from serving.engine.base import Chunk
 from serving.gateway.auth import get_principal
 from serving.gateway.generation import (
@@ -45,7 +46,13 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses={200: {"model": ChatCompletionResponse, "description": "The completion; with `stream: true`, "
+                     "server-sent `chat.completion.chunk` events ending in `data: [DONE]`.",
+                     "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+)
 async def create_chat_completion(
     request: Request,
     body: ChatCompletionRequest,
@@ -59,7 +66,10 @@ async def create_chat_completion(
     try:
         body.refuse_unsupported(body.model)
         engine = run.engine
-        prompt = engine.render_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        size = sum(len(m["content"]) for m in messages)
+        # Off the event loop when large: a multi-MB prompt must not stall other requests.
+        prompt = await run_cpu(size, engine.render_chat, messages)
         params = sampling_params(
             max_tokens=body.requested_max_tokens,
             max_tokens_field=body.max_tokens_field,
@@ -71,7 +81,7 @@ async def create_chat_completion(
             seed=body.seed,
             defaults=run.served.sampling_defaults,
         )
-        prompt_tokens = engine.count_tokens(prompt)
+        prompt_tokens = await run_cpu(len(prompt), engine.count_tokens, prompt)
         await run.admit(prompt_tokens)
 
         if not body.stream:

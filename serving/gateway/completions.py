@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from registry.keys import KeyRecord
+from serving.cpu_pool import run_cpu
 from serving.engine.base import Chunk
 from serving.gateway.auth import get_principal
 from serving.gateway.generation import SSE_DONE, GatewaySettings, get_settings, sampling_params, sse, sse_error
@@ -22,7 +23,13 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post(
+    "/v1/completions",
+    response_model=None,
+    responses={200: {"model": CompletionResponse, "description": "The completion; with `stream: true`, "
+                     "server-sent `text_completion` events ending in `data: [DONE]`.",
+                     "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+)
 async def create_completion(
     request: Request,
     body: CompletionRequest,
@@ -44,7 +51,7 @@ async def create_completion(
             seed=body.seed,
             defaults=run.served.sampling_defaults,
         )
-        prompt_tokens = run.engine.count_tokens(prompt)
+        prompt_tokens = await run_cpu(len(prompt), run.engine.count_tokens, prompt)  # large ones off the loop
         await run.admit(prompt_tokens)
 
         if not body.stream:

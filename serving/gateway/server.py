@@ -1,4 +1,8 @@
-"""Run the gateway with uvicorn, in the foreground or on a background thread."""
+"""Run the gateway (or the control plane) with uvicorn, in the foreground or on a background thread.
+
+Both apply the same `ServerLimits`: header/body read timeouts, keep-alive timeout, a
+connection cap, a header size limit and a bounded graceful shutdown.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +11,48 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 
+from serving.config import ServerLimits
+from serving.gateway.connections import limited_protocol
+
 logger = logging.getLogger(__name__)
 
+__all__ = ["ServerLimits", "run_server", "serve_in_background", "server_config"]
 
-def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info") -> None:
-    """Serve ``app`` until interrupted (Ctrl-C or SIGTERM)."""
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+def server_config(app: FastAPI, limits: ServerLimits | None = None, **options: Any) -> uvicorn.Config:
+    """uvicorn's configuration for ``app`` with ``limits`` applied (``options``: host, port, log_level...)."""
+    limits = limits or ServerLimits()
+    return uvicorn.Config(
+        app,
+        http=limited_protocol(limits),
+        timeout_keep_alive=int(max(1, round(limits.keep_alive_s))),
+        limit_concurrency=limits.max_connections,
+        h11_max_incomplete_event_size=limits.max_header_bytes,
+        timeout_graceful_shutdown=int(max(1, round(limits.graceful_shutdown_s))),
+        **options,
+    )
+
+
+def run_server(
+    app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info", limits: ServerLimits | None = None
+) -> None:
+    """Serve ``app`` until interrupted (Ctrl-C or SIGTERM: running requests get ``limits.graceful_shutdown_s``)."""
+    uvicorn.Server(server_config(app, limits, host=host, port=port, log_level=log_level)).run()
 
 
 def serve_in_background(
-    app: FastAPI, host: str = "127.0.0.1", port: int = 0, *, timeout_s: float = 120.0, log_level: str = "warning"
+    app: FastAPI,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    timeout_s: float = 120.0,
+    log_level: str = "warning",
+    limits: ServerLimits | None = None,
 ) -> tuple[str, Callable[[], None]]:
     """Start uvicorn on a thread and wait until it accepts connections.
 
@@ -29,6 +61,7 @@ def serve_in_background(
         host: interface to bind.
         port: port to bind; 0 picks a free one.
         timeout_s: how long to wait for startup.
+        limits: the server's limits (default `ServerLimits()`).
 
     Returns:
         ``(base_url, stop)``: e.g. ``http://127.0.0.1:43117`` and a function that shuts the
@@ -42,7 +75,7 @@ def serve_in_background(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level=log_level, lifespan="on")
+    config = server_config(app, limits, log_level=log_level, lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="forgeline-gateway", daemon=True)
     thread.start()

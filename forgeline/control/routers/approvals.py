@@ -9,6 +9,7 @@ from forgeline.control.protocol import ApprovalList, ApprovalOut, DecisionReques
 from forgeline.control.routers.models import registry_of
 from registry.keys import KeyRecord
 from registry.promotion import decide
+from registry.refs import VersionNumber
 
 router = APIRouter(prefix="/v1/models/{name}/versions/{version}/approvals", tags=["approvals"])
 
@@ -16,7 +17,7 @@ router = APIRouter(prefix="/v1/models/{name}/versions/{version}/approvals", tags
 @router.post("", status_code=201)
 def record_decision(
     name: str,
-    version: int,
+    version: VersionNumber,
     body: DecisionRequest,
     request: Request,
     key: KeyRecord = Depends(caller),
@@ -35,7 +36,7 @@ def record_decision(
 
 
 @router.get("")
-def list_decisions(name: str, version: int, request: Request, key: KeyRecord = Depends(caller)) -> ApprovalList:
+def list_decisions(name: str, version: VersionNumber, request: Request, key: KeyRecord = Depends(caller)) -> ApprovalList:
     """Every decision on the version, oldest first."""
     registry = registry_of(request)
     registry.get_version(name, version)  # 404 for a version that does not exist

@@ -17,6 +17,7 @@ from forgeline.finetune.protocol import CreateJobRequest, event_object, job_obje
 from forgeline.finetune.service import FineTuning
 from registry.errors import ErrorCode, ForgelineError
 from registry.keys import KeyRecord
+from serving.gateway.json_body import loads_untrusted
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -54,8 +55,8 @@ def _metadata_filter(request: Request, raw: str | None) -> dict[str, str] | None
     pairs = {k[len("metadata["):-1]: v for k, v in request.query_params.items() if k.startswith("metadata[")}
     if raw:
         try:
-            parsed = json.loads(raw)
-        except ValueError:
+            parsed = loads_untrusted(raw, what="metadata", root="metadata")
+        except json.JSONDecodeError:
             parsed = None
         if not isinstance(parsed, dict):
             raise ForgelineError(f"metadata: {raw!r} is not a JSON object; fix: pass e.g. {{\"team\": \"legal\"}}",

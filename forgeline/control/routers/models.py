@@ -12,6 +12,7 @@ from registry import lineage
 from registry.client import Registry
 from registry.keys import KeyRecord
 from registry.promotion import lifecycle_state
+from registry.refs import VersionNumber
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -42,7 +43,7 @@ def list_versions(name: str, request: Request, key: KeyRecord = Depends(caller))
 
 
 @router.get("/{name}/versions/{version}")
-def get_version(name: str, version: int, request: Request, key: KeyRecord = Depends(caller)) -> VersionDetailOut:
+def get_version(name: str, version: VersionNumber, request: Request, key: KeyRecord = Depends(caller)) -> VersionDetailOut:
     """One version with its tags, lifecycle state and every decision on it."""
     registry = registry_of(request)
     info = registry.get_version(name, version)

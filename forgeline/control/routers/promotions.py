@@ -10,8 +10,9 @@ from forgeline.control.auth import caller
 from forgeline.control.protocol import AuditEntryOut, PolicyResultOut, PromoteRequest, PromotionOut
 from forgeline.control.routers.models import registry_of
 from registry.keys import KeyRecord
-from registry.policy import PolicyBook, PromotionPolicy, check_alias
+from registry.policy import PolicyBook, PromotionPolicy
 from registry.promotion import check, promote
+from registry.refs import AliasName, VersionNumber
 
 router = APIRouter(prefix="/v1/models/{name}", tags=["promotions"])
 
@@ -31,22 +32,22 @@ def get_policy(name: str, request: Request, key: KeyRecord = Depends(caller)) ->
 @router.get("/versions/{version}/gates")
 def check_gates(
     name: str,
-    version: int,
+    version: VersionNumber,
     request: Request,
-    alias: Annotated[str | None, Query(description="Alias to check; default: the policy's `to`.")] = None,
+    alias: Annotated[AliasName | None, Query(description="Alias to check; default: the policy's `to`.")] = None,
     key: KeyRecord = Depends(caller),
 ) -> PolicyResultOut:
     """Dry run: every gate's verdict for moving ``alias`` to the version; moves nothing."""
     policy = policy_for(request, name)
     return PolicyResultOut.of(
-        check(registry_of(request), name, version, policy, alias=check_alias(alias) if alias else None)
+        check(registry_of(request), name, version, policy, alias=alias)
     )
 
 
 @router.post("/versions/{version}/promote")
 def promote_version(
     name: str,
-    version: int,
+    version: VersionNumber,
     body: PromoteRequest,
     request: Request,
     key: KeyRecord = Depends(caller),

@@ -8,8 +8,8 @@ from forgeline.control.auth import caller
 from forgeline.control.protocol import AuditEntryOut, RollbackRequest
 from forgeline.control.routers.models import registry_of
 from registry.keys import KeyRecord
-from registry.policy import check_alias
 from registry.promotion import rollback
+from registry.refs import AliasName
 
 router = APIRouter(prefix="/v1/models/{name}/aliases/{alias}", tags=["rollback"])
 
@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1/models/{name}/aliases/{alias}", tags=["rollback"]
 @router.post("/rollback")
 def rollback_alias(
     name: str,
-    alias: str,
+    alias: AliasName,
     body: RollbackRequest,
     request: Request,
     key: KeyRecord = Depends(caller),
@@ -26,7 +26,7 @@ def rollback_alias(
     entry = rollback(
         registry_of(request),
         name,
-        alias=check_alias(alias),
+        alias=alias,
         to_version=body.to_version,
         actor=key.name,
         reason=body.reason,

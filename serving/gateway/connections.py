@@ -1,0 +1,124 @@
+"""Bounds on what one connection may hold: header and body read timeouts, a connection cap.
+
+uvicorn closes idle keep-alive connections, but not one that trickles a request's headers
+a byte at a time, nor one that opens and sends nothing, nor one that stops in the middle of
+a body; and its ``limit_concurrency`` is only checked once a request's headers are
+complete. `limited_protocol` builds uvicorn's h11 protocol with the missing ones added
+(`serving.config.ServerLimits` holds every limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from serving.config import ServerLimits
+
+logger = logging.getLogger(__name__)
+
+_REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+
+
+def limited_protocol(limits: ServerLimits) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with ``limits``' header/body timeouts and connection cap."""
+
+    class LimitedH11Protocol(_LimitedH11Protocol):
+        header_timeout_s = limits.header_timeout_s
+        body_timeout_s = limits.body_timeout_s
+        max_connections = limits.max_connections
+
+    return LimitedH11Protocol
+
+
+class _LimitedH11Protocol(H11Protocol):
+    header_timeout_s: float
+    body_timeout_s: float
+    max_connections: int
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._got_bytes = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            logger.warning("closing a connection: %d open, the limit is %d", len(self.connections), self.max_connections)
+            transport.close()
+            return
+        self._arm_header_timer()  # a connection that never sends a byte is bounded too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timers()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        before = self.cycle
+        if self._awaiting_request():
+            self._got_bytes = True
+            if self._header_timer is None:
+                self._arm_header_timer()
+        super().data_received(data)
+        if self.cycle is not before:  # the headers of a new request are complete
+            self._cancel_header_timer()
+            self._got_bytes = False
+        if self.cycle is not None and self.cycle.more_body and not self.cycle.response_complete:
+            self._arm_body_timer()  # restarted by every piece of body
+        elif self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def on_response_complete(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        super().on_response_complete()
+
+    # -- timers ------------------------------------------------------------------------
+
+    def _awaiting_request(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._on_header_timeout)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _arm_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+        self._body_timer = self.loop.call_later(self.body_timeout_s, self._on_body_timeout)
+
+    def _cancel_timers(self) -> None:
+        self._cancel_header_timer()
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _on_header_timeout(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or not self._awaiting_request():
+            return
+        if self._got_bytes:
+            logger.info("closing %s: request headers incomplete after %.0f s", self.client, self.header_timeout_s)
+            self.transport.write(_REQUEST_TIMEOUT)
+        self.transport.close()
+
+    def _on_body_timeout(self) -> None:
+        self._body_timer = None
+        cycle = self.cycle
+        if self.transport.is_closing() or cycle is None or not cycle.more_body or cycle.response_complete:
+            return
+        if self.flow.read_paused:
+            self._arm_body_timer()  # the app is not reading yet: the client is not the one stalling
+            return
+        logger.info("closing %s: no request body data for %.0f s", self.client, self.body_timeout_s)
+        self.transport.close()  # the app sees http.disconnect

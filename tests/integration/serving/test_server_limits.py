@@ -1,0 +1,166 @@
+"""The HTTP server's own limits, on a real uvicorn with raw sockets: trickled or missing
+headers, a stalled body and too many connections are closed; normal clients still get
+answers meanwhile; SIGTERM mid-upload exits within the graceful-shutdown bound."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+
+from serving.config import ServerLimits
+from serving.gateway.server import serve_in_background
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _app() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/upload")
+    async def upload(request: Request) -> dict[str, int]:
+        return {"bytes": len(await request.body())}
+
+    return app
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[str, int, ServerLimits]]:
+    limits = ServerLimits(header_timeout_s=1.0, body_timeout_s=1.0, keep_alive_s=1.0, max_connections=64)
+    url, stop = serve_in_background(_app(), limits=limits)
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        yield url, port, limits
+    finally:
+        stop()
+
+
+def _closed(sock: socket.socket) -> bool:
+    """True when the server closed ``sock`` (EOF, possibly after a 408), False while it is open."""
+    sock.setblocking(False)
+    try:
+        while True:
+            data = sock.recv(4096)
+            if not data:
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def test_trickling_headers_are_closed_within_the_header_timeout_while_others_are_served(server) -> None:
+    url, port, limits = server
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+    start = time.monotonic()
+    sent = 0
+    closed_at: dict[int, float] = {}
+    served = []
+    while len(closed_at) < len(socks) and time.monotonic() - start < limits.header_timeout_s * 6:
+        for i, sock in enumerate(socks):
+            if i in closed_at:
+                continue
+            try:
+                sock.send(request[sent : sent + 1])  # one byte at a time: the headers never complete in time
+            except OSError:
+                closed_at[i] = time.monotonic() - start
+                continue
+            if _closed(sock):
+                closed_at[i] = time.monotonic() - start
+        sent += 1
+        served.append(httpx.get(url + "/health", timeout=5).status_code)
+        time.sleep(0.1)
+    for sock in socks:
+        sock.close()
+    assert len(closed_at) == 40, f"{40 - len(closed_at)} trickling connection(s) still open"
+    assert max(closed_at.values()) < limits.header_timeout_s * 3, closed_at
+    assert served and set(served) == {200}
+
+
+def test_a_silent_connection_and_a_stalled_body_are_closed(server) -> None:
+    _, port, limits = server
+    silent = socket.create_connection(("127.0.0.1", port))
+    stalled = socket.create_connection(("127.0.0.1", port))
+    stalled.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+    time.sleep(limits.body_timeout_s * 2.5)
+    assert _closed(silent) and _closed(stalled)
+
+
+def test_connections_beyond_the_cap_are_closed_at_once() -> None:
+    limits = ServerLimits(max_connections=5, header_timeout_s=30)
+    url, stop = serve_in_background(_app(), limits=limits)
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(12)]
+        time.sleep(0.5)
+        closed = sum(_closed(s) for s in socks)
+        assert closed >= 12 - 5, f"only {closed} of 12 connections closed with a cap of 5"
+        for s in socks:
+            s.close()
+        time.sleep(0.3)
+        assert httpx.get(url + "/health", timeout=5).status_code == 200  # the cap frees up again
+    finally:
+        stop()
+
+
+def test_sigterm_mid_upload_exits_within_the_graceful_shutdown_bound() -> None:
+    from registry.keys import KeyStore
+
+    keys = KeyStore()  # the control database under this test's $FORGELINE_HOME
+    secret = keys.create("uploader", roles=("trainer",))[0]
+    keys.dispose()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    grace = 2
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "forgeline", "control", "serve", "--port", str(port), "--no-supervise",
+         "--graceful-shutdown", str(grace), "--body-timeout", "600"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert time.monotonic() < deadline, "control plane did not start"
+            time.sleep(0.3)
+        upload = socket.create_connection(("127.0.0.1", port))
+        upload.sendall(
+            b"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + secret.encode() + b"\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000\r\n\r\n"
+            + b'--b\r\nContent-Disposition: form-data; name="file"; filename="d.jsonl"\r\n\r\n' + b'{"messages": []}\n' * 500
+        )
+        time.sleep(1.0)  # the upload is being read and stays so: the client sends nothing more
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=grace + 20)
+        took = time.monotonic() - start
+        upload.close()
+        # It waited for the upload (a running request), then stopped it at the bound.
+        assert grace - 0.5 < took < grace + 5, f"exited {took:.1f} s after SIGTERM with a {grace} s grace period"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
