@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from forgeline.recipe import parse_recipe
 from registry.errors import ConfigError
@@ -99,4 +100,9 @@ def test_every_shipped_recipe_validates(repo_root: Path) -> None:
 
     for path in sorted((repo_root / "recipes").rglob("*.yaml")):
         assert path.read_text().startswith("# Run"), f"{path} must begin with the command that runs it"
+        if path.parent.name == "policies":  # promotion policies, not recipes
+            from registry.policy import PromotionPolicy
+
+            PromotionPolicy.model_validate(yaml.safe_load(path.read_text()))
+            continue
         load_recipe(path)
