@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from registry import lineage
 from registry.client import Registry, VersionInfo
 from registry.errors import ConfigError, ErrorCode, ForgelineError
+from registry.eval_samples import record_samples
 from registry.policy import PromotionPolicy
 from registry.promotion import PolicyResult, promote
 from registry.promotion import check as check_gates
@@ -133,7 +134,7 @@ def evaluate(
     adapter on and off; a full fine-tune against its base checkpoint, loaded in turn.
     """
     from training.data import load_rows
-    from training.evaluation import evaluate_model
+    from training.evaluation import ItemScores, evaluate_items
     from training.models import load_adapted_model, load_base_model, load_tokenizer
     from training.reward_evaluation import evaluate_rewards
 
@@ -155,29 +156,35 @@ def evaluate(
     weights = local_weights(info)
     tokenizer = load_tokenizer(ModelSpec(base=weights.base_model), source=str(weights.path))
 
-    def score(model: Any) -> dict[str, float]:
+    def score(model: Any) -> tuple[dict[str, float], ItemScores | None]:
         if method is not None:
-            return evaluate_rewards(model, tokenizer, rows, spec, method, search_path=search_path)
-        return evaluate_model(model, tokenizer, rows, spec)
+            return evaluate_rewards(model, tokenizer, rows, spec, method, search_path=search_path), None
+        return evaluate_items(model, tokenizer, rows, spec)
 
     base_metrics: dict[str, float] = {}
+    base_items: ItemScores | None = None
     if weights.is_adapter:
         model = load_adapted_model(ModelSpec(base=weights.base_model), weights.path)
-        metrics = score(model)
+        metrics, items = score(model)
         if with_base:
             with model.disable_adapter():
-                base_metrics = score(model)
+                base_metrics, base_items = score(model)
     else:
         # One model in memory at a time: the fine-tune, then the base it started from.
-        metrics = score(load_base_model(ModelSpec(base=str(weights.path))))
+        metrics, items = score(load_base_model(ModelSpec(base=str(weights.path))))
         if with_base:
-            base_metrics = score(load_base_model(ModelSpec(base=weights.base_model)))
+            base_metrics, base_items = score(load_base_model(ModelSpec(base=weights.base_model)))
     if not metrics:
         kind = "prompt rows with the fields its rewards read" if method else "rows with an expected answer"
         raise ForgelineError(f"{source} has no {kind} to evaluate {name} v{version} on; fix: pass --data FILE with such rows",
                              code=ErrorCode.INVALID_REQUEST, param="data")
     registry.record_evaluation(name, version, metrics, base_metrics=base_metrics or None)
     _log_metrics_on_run(registry, info.run_id, metrics, base_metrics)
+    if items is not None and (info.run_id or info.tags.get(lineage.RUN_ID)):
+        # Per-item scores, for gates that decide on confidence intervals (registry.significance).
+        same_items = base_items is not None and base_items.items == items.items
+        record_samples(registry, registry.get_version(name, version), items.items, items.scores,
+                       base_items.scores if same_items else None)
     return EvalReport(registry.get_version(name, version), metrics, base_metrics)
 
 

@@ -6,6 +6,7 @@ The same function scores the base model and the tuned version, so the promotion 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -107,11 +108,12 @@ def generate_answers(
     return answers
 
 
-def completion_loss(model: Any, tokenizer: Any, examples: list[EvalExample], *, batch_size: int) -> float:
-    """Mean per-token negative log-likelihood of the expected answers (plus eos)."""
+def completion_losses(model: Any, tokenizer: Any, examples: list[EvalExample], *, batch_size: int) -> list[tuple[float, int]]:
+    """Per example: the summed negative log-likelihood of its expected answer (plus eos), and
+    how many tokens that is."""
     import torch
 
-    total, count = 0.0, 0
+    found: list[tuple[float, int]] = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "right"
     try:
@@ -130,32 +132,70 @@ def completion_loss(model: Any, tokenizer: Any, examples: list[EvalExample], *, 
             with torch.inference_mode():
                 logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
             shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(model.device)
-            loss = torch.nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), reduction="sum", ignore_index=-100
-            )
-            total += loss.item()
-            count += int((shift_labels != -100).sum())
+            losses = torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), reduction="none", ignore_index=-100
+            ).view(shift_labels.shape)
+            counted = shift_labels != -100
+            found += [(float(losses[i][counted[i]].sum()), int(counted[i].sum())) for i in range(len(batch))]
     finally:
         tokenizer.padding_side = side
-    return total / max(count, 1)
+    return found
+
+
+def completion_loss(model: Any, tokenizer: Any, examples: list[EvalExample], *, batch_size: int) -> float:
+    """Mean per-token negative log-likelihood of the expected answers (plus eos)."""
+    losses = completion_losses(model, tokenizer, examples, batch_size=batch_size)
+    return sum(total for total, _ in losses) / max(sum(count for _, count in losses), 1)
+
+
+def item_id(example: EvalExample) -> str:
+    """A stable id of a held-out item, so two versions scored on the same data compare item by item."""
+    return hashlib.sha256(f"{example.prompt}\0{example.expected}".encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ItemScores:
+    """Per-item scores behind the aggregate metrics (what significance-aware gates compare)."""
+
+    items: list[str]
+    scores: dict[str, list[float]]
 
 
 def evaluate_model(model: Any, tokenizer: Any, rows: list[dict[str, Any]], spec: EvaluateSpec) -> dict[str, float]:
+    """Score a model on held-out rows (see :func:`evaluate_items`); the aggregates only."""
+    return evaluate_items(model, tokenizer, rows, spec)[0]
+
+
+def evaluate_items(
+    model: Any, tokenizer: Any, rows: list[dict[str, Any]], spec: EvaluateSpec
+) -> tuple[dict[str, float], ItemScores | None]:
     """Score a model on held-out rows.
 
     Returns:
-        ``accuracy`` (exact match of generated answers), ``eval_loss`` (completion NLL)
-        and ``eval_perplexity``, over at most ``spec.max_samples`` rows.
+        ``accuracy`` (exact match of generated answers), ``eval_loss`` (completion NLL per
+        token) and ``eval_perplexity``, over at most ``spec.max_samples`` rows; and each
+        item's ``accuracy`` (0 or 1) and ``eval_loss`` (its own mean NLL per token).
     """
     model.eval()
     examples = to_examples(rows, tokenizer)[: spec.max_samples]
     if not examples:
-        return {}
+        return {}, None
     answers = generate_answers(
         model, tokenizer, [e.prompt for e in examples], max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size
     )
-    hits = sum(normalise(a) == normalise(e.expected) for a, e in zip(answers, examples, strict=True))
-    loss = completion_loss(model, tokenizer, examples, batch_size=spec.batch_size)
-    metrics = {"accuracy": hits / len(examples), "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    right = [float(normalise(a) == normalise(e.expected)) for a, e in zip(answers, examples, strict=True)]
+    losses = completion_losses(model, tokenizer, examples, batch_size=spec.batch_size)
+    loss = sum(total for total, _ in losses) / max(sum(count for _, count in losses), 1)
+    metrics = {"accuracy": sum(right) / len(examples), "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
     log.info("evaluated %d examples: %s", len(examples), {k: round(v, 4) for k, v in metrics.items()})
-    return metrics
+    ids: list[str] = []
+    seen: dict[str, int] = {}
+    for example in examples:  # a repeated item is a second item, not the same one twice
+        base = item_id(example)
+        seen[base] = seen.get(base, 0) + 1
+        ids.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
+    items = ItemScores(
+        items=ids,
+        scores={"accuracy": right, "eval_loss": [total / max(count, 1) for total, count in losses]},
+    )
+    return metrics, items

@@ -26,6 +26,7 @@ from forgeline.recipe import load_recipe
 from registry import lineage
 from registry.client import Registry
 from registry.errors import PolicyRefused
+from registry.eval_samples import load_samples
 from registry.policy import PromotionPolicy
 from serving.build.torch_build import load_manifest
 from serving.config import ServeSpec
@@ -134,6 +135,12 @@ def test_a_full_fine_tune_is_evaluated_against_its_base_promoted_built_and_serve
     )
     # The base is the tiny base checkpoint named in lineage, not the fine-tune with something switched off.
     assert report.metrics["eval_loss"] < 0.5 * report.base_metrics["eval_loss"], report
+    # Each item's scores are kept (an MLflow table on the run) for significance-aware gates.
+    samples = load_samples(registry, report.version)
+    assert samples is not None and len(samples.version["eval_loss"]) == len(samples.base["eval_loss"]) == 16
+    significant = PromotionPolicy(better_than_base=["eval_loss"], significance={"alpha": 0.05})
+    gate = pipeline.check(registry, "tiny-cold-start", 1, significant).gates[0]
+    assert gate.passed and "a significant gain" in gate.detail and "paired over 16 items" in gate.detail, gate
 
     built = pipeline.build(registry, "tiny-cold-start@1")
     manifest = load_manifest(built.path)
