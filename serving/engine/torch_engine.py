@@ -10,8 +10,14 @@ different lengths, which transformers' caches do not support safely).
 
 Multi-LoRA: with an ``adapters`` source the engine serves PEFT LoRA adapters on its base
 weights. An adapter is loaded on first use (on the worker thread, between batches), rows
-with different adapters share one batch through PEFT's per-row ``adapter_names``, and the
-least recently used adapter is unloaded once more than ``max_loaded_adapters`` are loaded.
+with different adapters share one batch (`LoraRouter` names each row's adapter, also on
+mixture-of-experts blocks that flatten rows into tokens), and the least recently used
+adapter is unloaded once more than ``max_loaded_adapters`` are loaded. An adapter PEFT
+cannot batch per row (LoRA on fused MoE experts, DoRA) runs in batches of its own.
+
+Failure isolation: a batch that fails before it produced a token is retried row by row,
+so one bad request (or adapter) fails alone, and the adapter state is reset after every
+batch, so nothing a failed batch did reaches the next one.
 """
 
 from __future__ import annotations
@@ -25,17 +31,19 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from registry.errors import ErrorCode, ForgelineError, MissingDependencyError, ModelNotFoundError
+from registry.errors import ConflictError, ErrorCode, ForgelineError, MissingDependencyError, ModelNotFoundError
 from serving.engine.base import Chunk, FinishReason, SamplingParams
+from serving.engine.lora_routing import BASE_ADAPTER, LoraRouter, strip_lora
 
 logger = logging.getLogger(__name__)
 
 _STOP = object()  # sentinel that tells the worker thread to exit
-BASE_ADAPTER = "__base__"  # PEFT's per-row name for "no adapter"
+__all__ = ["BASE_ADAPTER", "AdapterSource", "EngineStats", "TorchEngine"]
 
 AdapterSource = Callable[[str], Path] | Mapping[str, "str | Path"]
 """Where adapters come from: a mapping name -> PEFT folder, or a function that returns the
@@ -176,6 +184,9 @@ class TorchEngine:
         self._loaded_paths: dict[str, Path] = {}
         self._adapter_seq = 0
         self._peft = False  # True once the base is wrapped in a PeftModel
+        self._router: LoraRouter | None = None
+        # public name -> why it cannot share a batch with other adapters (see LoraRouter).
+        self._exclusive: dict[str, str] = {}
         self._pending: deque[_Request] = deque()  # taken from the inbox, deferred to a later batch
         self._running = 0
 
@@ -236,6 +247,8 @@ class TorchEngine:
                 item.deliver(self._unavailable())
         self._model = None
         self._peft = False
+        self._router = None
+        self._exclusive.clear()
         self._loaded.clear()
         self._loaded_paths.clear()
         logger.info("engine %s stopped", self.model_id)
@@ -408,6 +421,7 @@ class TorchEngine:
         """A batch starting with ``first``; True when the engine is stopping."""
         batch: list[_Request] = [first]
         adapters = {first.adapter} - {None}
+        lead_exclusive = first.adapter in self._exclusive
         deferred: list[_Request] = []
         deadline = time.monotonic() + self.batch_window_s
         stopping = False
@@ -420,6 +434,9 @@ class TorchEngine:
             if item is _STOP:
                 stopping = True
                 break
+            if not self._fits(item, first.adapter, lead_exclusive):
+                deferred.append(item)  # an exclusive adapter's rows ride alone
+                continue
             if item.adapter is not None and item.adapter not in adapters:
                 if len(adapters) >= self.max_loaded_adapters:
                     deferred.append(item)  # no room for another adapter in this batch
@@ -430,31 +447,46 @@ class TorchEngine:
         self._pending.extendleft(reversed(deferred))
         return batch, stopping
 
+    def _fits(self, item: _Request, lead: str | None, lead_exclusive: bool) -> bool:
+        """Whether ``item`` may join a batch led by adapter ``lead`` (None: the base)."""
+        if lead_exclusive:
+            return item.adapter == lead
+        return item.adapter not in self._exclusive
+
     def _ensure_adapters(self, batch: list[_Request]) -> list[_Request]:
-        """Load every adapter ``batch`` needs; rows whose adapter fails to load get the error."""
+        """Load every adapter ``batch`` needs; rows whose adapter fails to load get the error.
+
+        Rows that turn out not to fit the batch (their adapter proved exclusive on loading)
+        go back to the front of the queue for a later batch.
+        """
         wanted = {r.adapter: r.adapter_path for r in batch if r.adapter is not None}
         failed: dict[str, BaseException] = {}
         for name, path in wanted.items():
             assert path is not None
             try:
                 self._load_adapter(name, path, keep=set(wanted))
+            except ForgelineError as exc:
+                failed[name] = exc
             except Exception as exc:  # noqa: BLE001 - a bad adapter must not take the base down
                 logger.exception("engine %s: loading adapter %s from %s failed", self.model_id, name, path)
-                failed[name] = exc
-        if not failed:
-            return batch
+                failed[name] = ConflictError(
+                    f"adapter `{name}` cannot be served on `{self.model_id}`: loading it failed: {exc}", param="model"
+                )
         kept = []
         for r in batch:
             if r.adapter in failed:
                 r.done = True
-                r.deliver(
-                    ForgelineError(
-                        f"adapter `{r.adapter}` could not be loaded: {failed[r.adapter]}", code=ErrorCode.INTERNAL
-                    )
-                )
+                r.deliver(failed[r.adapter])
             else:
                 kept.append(r)
-        return kept
+        if not kept:
+            return kept
+        lead = kept[0].adapter
+        lead_exclusive = lead in self._exclusive
+        fits = [r for r in kept if self._fits(r, lead, lead_exclusive)]
+        later = [r for r in kept if not self._fits(r, lead, lead_exclusive)]
+        self._pending.extendleft(reversed(later))
+        return fits
 
     def _load_adapter(self, name: str, path: Path, *, keep: set[str]) -> None:
         if name in self._loaded and self._loaded_paths.get(name) == path:
@@ -474,19 +506,48 @@ class TorchEngine:
                 from peft import PeftModel
             except ImportError as exc:
                 raise MissingDependencyError("serving LoRA adapters needs peft: pip install peft") from exc
-            self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=internal).eval()
+            try:
+                self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=internal).eval()
+            except Exception:
+                # PEFT injects its layers into the base in place before it loads the weights:
+                # take them out again, or the base would answer with a half-loaded adapter.
+                strip_lora(self._model)
+                raise
             self._peft = True
+            self._router = LoraRouter(self._model)
         else:
-            self._model.load_adapter(str(path), adapter_name=internal)
+            try:
+                self._model.load_adapter(str(path), adapter_name=internal)
+            except Exception:
+                self._forget_internal(internal)
+                raise
             self._model.eval()
+        assert self._router is not None
+        self._router.refresh()
         self._loaded[name] = internal
         self._loaded_paths[name] = path
+        reason = self._router.exclusive_reason(internal)
+        if reason is not None:
+            self._exclusive[name] = reason
+            logger.info("engine %s: adapter %s runs in batches of its own: %s", self.model_id, name, reason)
         logger.info("engine %s: loaded adapter %s from %s (%d loaded)", self.model_id, name, path, len(self._loaded))
+
+    def _forget_internal(self, internal: str) -> None:
+        """Remove what a failed load left of PEFT adapter ``internal`` (best effort)."""
+        try:
+            self._model.delete_adapter(internal)
+        except Exception:  # noqa: BLE001 - nothing of it may have been created
+            logger.debug("nothing to clean up for adapter %s", internal, exc_info=True)
+        if self._router is not None:
+            self._router.refresh()
 
     def _unload_adapter(self, name: str) -> None:
         internal = self._loaded.pop(name)
         self._loaded_paths.pop(name, None)
+        self._exclusive.pop(name, None)
         self._model.delete_adapter(internal)
+        if self._router is not None:
+            self._router.refresh()
         logger.info("engine %s: unloaded adapter %s", self.model_id, name)
 
     def _worker(self) -> None:
@@ -514,21 +575,52 @@ class TorchEngine:
                         self._run_batch(batch)
             except Exception as exc:  # noqa: BLE001 - the worker must survive to serve the next batch
                 logger.exception("engine %s: batch of %d failed", self.model_id, len(batch))
-                for r in batch:
-                    if not r.done:
-                        r.done = True
-                        r.deliver(ForgelineError(f"generation failed: {exc}", code=ErrorCode.INTERNAL))
+                self._isolate(batch, exc)
             finally:
                 self._running = 0
+
+    def _isolate(self, batch: list[_Request], exc: BaseException) -> None:
+        """After ``batch`` failed: retry alone each row that has not streamed yet, fail the rest.
+
+        One bad row (a prompt, an adapter) must not fail the rows it happened to share a
+        batch with; a row that fails alone gets the error. PEFT's adapter state needs no
+        repair: `LoraRouter.batch` resets it however a batch ends.
+        """
+        import torch
+
+        retry = [r for r in batch if not r.done and not r.out_ids and not r.cancelled.is_set()]
+        for r in batch:
+            if not r.done and r not in retry:
+                r.done = True
+                r.deliver(ForgelineError(f"generation failed: {exc}", code=ErrorCode.INTERNAL))
+        if len(batch) == 1:
+            for r in retry:
+                self._fail_alone(r, exc)
+            return
+        for r in retry:
+            if self._stopping:
+                r.done = True
+                r.deliver(self._unavailable())
+                continue
+            try:
+                with torch.inference_mode():
+                    self._run_batch([r])
+            except Exception as solo_exc:  # noqa: BLE001 - this row alone fails
+                logger.exception("engine %s: request failed on its own", self.model_id)
+                self._fail_alone(r, solo_exc)
+
+    def _fail_alone(self, r: _Request, exc: BaseException) -> None:
+        if not r.done:
+            r.done = True
+            r.deliver(ForgelineError(f"generation failed: {exc}", code=ErrorCode.INTERNAL))
 
     def _forward(
         self, input_ids: Any, attention_mask: Any, position_ids: Any, cache: Any, adapter_names: list[str] | None = None
     ) -> Any:
-        extra: dict[str, Any] = {}
-        if self._peft:
-            # Always name every row's adapter once wrapped: without `adapter_names` PEFT would
-            # apply its active adapter to every row, base-only rows included.
-            extra["adapter_names"] = adapter_names or [BASE_ADAPTER] * input_ids.shape[0]
+        if self._router is not None:
+            # Always name every row's adapter once wrapped: unnamed rows would get PEFT's
+            # active adapter, base-only rows included.
+            self._router.route(adapter_names or [BASE_ADAPTER] * input_ids.shape[0], input_ids.shape[1])
         out = self._model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -536,7 +628,6 @@ class TorchEngine:
             use_cache=True,
             **{self._cache_kwarg: cache},
             **self._forward_kwargs,
-            **extra,
         )
         return out.logits[:, -1, :].float()
 
@@ -568,6 +659,26 @@ class TorchEngine:
 
         cache = DynamicCache(config=self._config)
         names = [self._loaded[r.adapter] if r.adapter is not None else BASE_ADAPTER for r in batch]
+        exclusive = names[0] if batch[0].adapter in self._exclusive else None
+        with self._adapter_state(exclusive):
+            self._decode(batch, input_ids, attention_mask, position_ids, next_pos, cache, names)
+
+    def _adapter_state(self, exclusive: str | None) -> AbstractContextManager[None]:
+        return self._router.batch(exclusive) if self._router is not None else nullcontext()
+
+    def _decode(
+        self,
+        batch: list[_Request],
+        input_ids: Any,
+        attention_mask: Any,
+        position_ids: Any,
+        next_pos: Any,
+        cache: Any,
+        names: list[str],
+    ) -> None:
+        import torch
+
+        device = self._device
         self._running = len(batch)
         self._observe_step(len(batch))
         logits = self._forward(input_ids, attention_mask, position_ids, cache, names)

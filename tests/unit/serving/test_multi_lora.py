@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from registry.errors import ModelNotFoundError
+from registry.errors import ConflictError, ErrorCode, ForgelineError, ModelNotFoundError
 from serving.engine.base import SamplingParams
 from serving.engine.torch_engine import BASE_ADAPTER, TorchEngine
 from tests.unit.serving.tiny_model import build_tiny_adapter
@@ -109,3 +109,79 @@ def test_more_adapters_than_fit_are_split_across_batches(
             await engine.stop()
 
     assert asyncio.run(scenario()) == [references["a"], references["b"], references["c"], references["a"]]
+
+
+POISON = "poison pill"
+
+
+def test_a_failing_request_fails_alone_and_the_engine_keeps_answering(
+    tiny_base: Path, adapters: dict[str, Path], references: dict[str | None, str]
+) -> None:
+    engine = TorchEngine(tiny_base, device="cpu", batch_window_ms=300, adapters=adapters, max_loaded_adapters=3)
+    prefills: list[int] = []
+    forward = engine._forward
+
+    def failing(*args: object) -> object:
+        input_ids = args[0]
+        poison = engine._encode(POISON)
+        if input_ids.shape[1] > 1:  # type: ignore[attr-defined]
+            prefills.append(input_ids.shape[0])  # type: ignore[attr-defined]
+            if any(row[-len(poison) :].tolist() == poison for row in input_ids):  # type: ignore[attr-defined]
+                raise RuntimeError("injected failure")
+        return forward(*args)  # type: ignore[arg-type]
+
+    engine._forward = failing  # type: ignore[method-assign]
+
+    async def poisoned() -> str:
+        return "".join([c.text async for c in engine.generate(POISON, GREEDY, adapter="a")])
+
+    async def scenario() -> None:
+        await engine.start()
+        try:
+            results = await asyncio.gather(
+                _text(engine, None), poisoned(), _text(engine, "a"), _text(engine, "b"), return_exceptions=True
+            )
+            assert results[0] == references[None] and results[2:] == [references["a"], references["b"]]
+            assert isinstance(results[1], ForgelineError) and results[1].code == ErrorCode.INTERNAL
+            assert "injected failure" in results[1].message
+            # The same engine, PEFT state and adapters answer the next requests exactly.
+            again = await asyncio.gather(_text(engine, "b"), _text(engine, None), _text(engine, "a"))
+            assert again == [references["b"], references[None], references["a"]]
+        finally:
+            await engine.stop()
+
+    asyncio.run(scenario())
+    assert prefills[0] == 4, "the poisoned request must have shared a batch with the others"
+
+
+def test_an_adapter_that_cannot_load_is_a_409_and_leaves_the_base_untouched(
+    tiny_base: Path, adapters: dict[str, Path], references: dict[str | None, str], tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(adapters["a"], broken)
+    config = json.loads((broken / "adapter_config.json").read_text())
+    config["target_modules"] = ["no_such_proj"]
+    (broken / "adapter_config.json").write_text(json.dumps(config))
+    engine = TorchEngine(tiny_base, device="cpu", batch_window_ms=1, adapters={"broken": broken, "b": adapters["b"]})
+
+    async def scenario() -> None:
+        await engine.start()
+        try:
+            # First adapter of the engine: PEFT wraps the base in place before it fails.
+            with pytest.raises(ConflictError) as err:
+                await _text(engine, "broken")
+            assert err.value.http_status == 409
+            assert err.value.message.startswith("adapter `broken` cannot be served on")
+            assert await _text(engine, None) == references[None]
+            assert await _text(engine, "b") == references["b"]
+            with pytest.raises(ConflictError):
+                await _text(engine, "broken")  # a later load fails the same clean way
+            assert await _text(engine, None) == references[None]
+            assert engine.stats().loaded_adapters == ("b",)
+        finally:
+            await engine.stop()
+
+    asyncio.run(scenario())
