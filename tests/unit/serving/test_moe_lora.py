@@ -20,33 +20,15 @@ from registry.errors import ConflictError
 from serving.engine.base import SamplingParams
 from serving.engine.torch_engine import BASE_ADAPTER, TorchEngine
 from tests.support.families import build_family
+from tests.support.lora import MOE_TARGETS, build_lora
 
 PROMPT = "My order has not arrived yet"
 GREEDY = SamplingParams(max_tokens=6, temperature=0)
-TARGETS: dict[str, dict[str, object]] = {
-    "attn": {"target_modules": ["q_proj", "v_proj"]},
-    "linear": {"target_modules": "all-linear"},
-    "experts": {"target_modules": ["q_proj"], "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]},
-}
-
-
-def _build_adapter(base: Path, folder: Path, targets: dict[str, object], seed: int) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    # init_lora_weights=False: random B, so each adapter visibly changes the output.
-    get_peft_model(model, LoraConfig(r=4, lora_alpha=16, init_lora_weights=False, **targets)).save_pretrained(folder)  # type: ignore[arg-type]
-    return folder
-
-
 @pytest.fixture(scope="module", params=["qwen2_moe", "mixtral"])
 def moe(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
     root = tmp_path_factory.mktemp(f"moe-{request.param}")
     base = build_family(request.param, root)
-    adapters = {name: _build_adapter(base, root / name, t, seed) for seed, (name, t) in enumerate(TARGETS.items(), 1)}
+    adapters = {name: build_lora(base, root / name, t, seed=seed) for seed, (name, t) in enumerate(MOE_TARGETS.items(), 1)}
     if request.param == "mixtral":
         # PEFT holds one set of target_parameters per model, and `linear` already adapts the
         # fused experts here; `experts` (another set) is the refusal test's business.
@@ -120,9 +102,9 @@ def test_an_adapter_peft_cannot_stack_is_refused_with_409_and_the_rest_keep_answ
     root = tmp_path_factory.mktemp("moe-refusal")
     base = build_family("mixtral", root)
     adapters = {
-        "linear": _build_adapter(base, root / "linear", TARGETS["linear"], 2),
-        "experts": _build_adapter(base, root / "experts", TARGETS["experts"], 3),
-        "attn": _build_adapter(base, root / "attn", TARGETS["attn"], 1),
+        "linear": build_lora(base, root / "linear", MOE_TARGETS["linear"], seed=2),
+        "experts": build_lora(base, root / "experts", MOE_TARGETS["experts"], seed=3),
+        "attn": build_lora(base, root / "attn", MOE_TARGETS["attn"], seed=1),
     }
     refs = {name: _reference(base, adapters[name] if name else None) for name in (None, "linear", "attn")}
     engine = TorchEngine(base, device="cpu", batch_window_ms=1, adapters=adapters)
