@@ -261,14 +261,22 @@ def serve(
             code=ErrorCode.INVALID_REQUEST,
             param="model",
         )
-    store = BaseModelStore() if base_names else None
-    records = [store.get(name) for name in base_names] if store else []
-    bases = [BaseSource(name=r.name, source=r.source, chat_template=r.chat_template) for r in records]
     serve_spec = load_recipe(recipe).serve if recipe else ServeSpec()
     spec = serve_spec.model_copy(update={"host": host, "port": port, "device": device, "auth": auth and serve_spec.auth})
     configure_access_log()
-    console.print(f"serving {', '.join(refs + base_names)} on http://{host}:{port}/v1 (API keys {'required' if spec.auth else 'OFF'})")
-    run_server(build_gateway(_registry(), refs, spec, bases=bases), host, port)
+    try:
+        store = BaseModelStore() if base_names else None
+        records = [store.get(name) for name in base_names] if store else []
+        bases = [BaseSource(name=r.name, source=r.source, chat_template=r.chat_template) for r in records]
+        gateway = build_gateway(_registry(), refs, spec, bases=bases)
+        console.print(f"serving {', '.join(refs + base_names)} on http://{host}:{port}/v1 (API keys {'required' if spec.auth else 'OFF'})")
+        run_server(gateway, host, port)
+    except ForgelineError as err:
+        # Nothing could be served as asked: like bad input, exit 2 with one line.
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] cannot serve: {escape(str(err))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

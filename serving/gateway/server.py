@@ -11,12 +11,69 @@ from collections.abc import Callable
 import uvicorn
 from fastapi import FastAPI
 
+from registry.errors import ErrorCode, ForgelineError
+
 logger = logging.getLogger(__name__)
 
 
+class _HeldStartupErrors(logging.Filter):
+    """Holds back uvicorn's error records until the server has started.
+
+    A failed start-up would otherwise print the lifespan's whole traceback; `run_server`
+    raises the failure as one `ForgelineError` instead.
+    """
+
+    def __init__(self, server: uvicorn.Server) -> None:
+        super().__init__()
+        self.server = server
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.server.started or record.levelno < logging.ERROR:
+            return True
+        self.held.append(record)
+        return False
+
+
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info") -> None:
-    """Serve ``app`` until interrupted (Ctrl-C or SIGTERM)."""
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    """Serve ``app`` until interrupted (Ctrl-C or SIGTERM).
+
+    Raises:
+        ForgelineError: the gateway did not start: a model failed to load (the lifespan's
+            own error, e.g. ``model_not_found``), or the address could not be bound.
+    """
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
+    server = uvicorn.Server(config)
+    held = _HeldStartupErrors(server)
+    uvicorn_log = logging.getLogger("uvicorn.error")  # configured by uvicorn.Config above
+    uvicorn_log.addFilter(held)
+    try:
+        server.run()
+    except SystemExit:
+        # uvicorn exits the process when it cannot bind; a start-up error is ours to report.
+        if server.started:
+            raise
+    finally:
+        uvicorn_log.removeFilter(held)
+    if not server.started:
+        raise startup_error(app, held.held)
+
+
+def startup_error(app: FastAPI, records: list[logging.LogRecord]) -> ForgelineError:
+    """One error for a gateway that did not start: what its lifespan raised, else uvicorn's first error."""
+    exc = getattr(app.state, "startup_error", None)
+    if isinstance(exc, ForgelineError):
+        return exc
+    if exc is not None:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return ForgelineError(
+            f"the gateway could not start: {type(exc).__name__}: {first}", code=ErrorCode.UNAVAILABLE
+        )
+    for record in records:
+        first = (record.getMessage().strip().splitlines() or [""])[0]
+        if first and not first.startswith("Traceback"):
+            return ForgelineError(f"the gateway could not start: {first}", code=ErrorCode.UNAVAILABLE)
+    return ForgelineError("the gateway could not start; rerun with --debug for details", code=ErrorCode.UNAVAILABLE)
 
 
 def serve_in_background(
