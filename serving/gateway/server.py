@@ -60,20 +60,20 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, log_l
 
 
 def startup_error(app: FastAPI, records: list[logging.LogRecord]) -> ForgelineError:
-    """One error for a gateway that did not start: what its lifespan raised, else uvicorn's first error."""
+    """One error for a server that did not start: what its lifespan raised, else uvicorn's first error."""
     exc = getattr(app.state, "startup_error", None)
     if isinstance(exc, ForgelineError):
         return exc
     if exc is not None:
         first = (str(exc).strip().splitlines() or [""])[0]
-        return ForgelineError(
-            f"the gateway could not start: {type(exc).__name__}: {first}", code=ErrorCode.UNAVAILABLE
-        )
+        return ForgelineError(f"the server could not start: {type(exc).__name__}: {first}", code=ErrorCode.UNAVAILABLE)
     for record in records:
-        first = (record.getMessage().strip().splitlines() or [""])[0]
-        if first and not first.startswith("Traceback"):
-            return ForgelineError(f"the gateway could not start: {first}", code=ErrorCode.UNAVAILABLE)
-    return ForgelineError("the gateway could not start; rerun with --debug for details", code=ErrorCode.UNAVAILABLE)
+        lines = [line for line in record.getMessage().strip().splitlines() if line.strip()]
+        if lines:
+            # A traceback's last line names the exception; anything else is one message.
+            line = lines[-1] if lines[0].startswith("Traceback") else lines[0]
+            return ForgelineError(f"the server could not start: {line.strip()}", code=ErrorCode.UNAVAILABLE)
+    return ForgelineError("the server could not start; rerun with --debug for details", code=ErrorCode.UNAVAILABLE)
 
 
 def serve_in_background(

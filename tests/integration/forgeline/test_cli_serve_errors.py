@@ -102,4 +102,4 @@ def test_a_taken_port_is_one_line_and_exit_2(isolated_home: Path) -> None:
         code, lines = _serve("--base", "tiny", port=taken.getsockname()[1])
     assert code == 2
     line = _one_error_line(lines)
-    assert line.startswith("error: cannot serve: the gateway could not start: ") and "address" in line.lower()
+    assert line.startswith("error: cannot serve: the server could not start: ") and "address" in line.lower()
