@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from registry.errors import ConflictError, ErrorCode, ForgelineError, MissingDependencyError, ModelNotFoundError
+from serving.engine.adapter_chat import BASE_CHAT, AdapterChat, read_adapter_chat
 from serving.engine.base import Chunk, FinishReason, SamplingParams
 from serving.engine.lora_routing import BASE_ADAPTER, LoraRouter, strip_lora
 
@@ -70,6 +71,7 @@ class _Request:
     queue: asyncio.Queue[Chunk | BaseException]
     adapter: str | None = None  # public adapter name, None for the base weights
     adapter_path: Path | None = None
+    stop_ids: frozenset[int] = frozenset()  # the adapter's end-of-turn tokens, besides the base's
     cancelled: threading.Event = field(default_factory=threading.Event)
     generator: Any = None  # torch.Generator, created on the worker's device
     out_ids: list[int] = field(default_factory=list)
@@ -179,6 +181,7 @@ class TorchEngine:
         self._adapter_source = adapters
         self.max_loaded_adapters = max_loaded_adapters
         self._adapter_paths: dict[str, Path] = {}  # resolved once per public name
+        self._adapter_chats: dict[str, AdapterChat] = {}  # each adapter's own chat conventions
         # public name -> PEFT-internal name, in least-recently-used order (worker thread only).
         self._loaded: OrderedDict[str, str] = OrderedDict()
         self._loaded_paths: dict[str, Path] = {}
@@ -311,15 +314,23 @@ class TorchEngine:
         add_special = not (bos and text.startswith(bos))
         return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """Render chat messages with the tokenizer's chat template, ready for the assistant turn.
+    def render_chat(self, messages: list[dict[str, str]], *, adapter: str | None = None) -> str:
+        """Render chat messages with the chat template, ready for the assistant turn.
+
+        An adapter trained with its own chat template (saved with its tokenizer files) is
+        rendered with that one; otherwise the base's template applies. Resolving an adapter
+        the engine has not seen yet reads its folder (and maybe the registry): call it off
+        the event loop for a new adapter name.
 
         Raises:
-            ForgelineError: ``invalid_request`` when the model has no chat template or the
-                template rejects the messages (for example roles that do not alternate).
+            ForgelineError: ``invalid_request`` when there is no chat template or the
+                template rejects the messages (for example roles that do not alternate);
+                ``model_not_found`` / ``conflict`` for an adapter that does not exist or
+                cannot be served on this base.
         """
         tokenizer = self._require_started()
-        if not getattr(tokenizer, "chat_template", None):
+        own = self._resolve_adapter(adapter)[1].chat_template if adapter is not None else None
+        if own is None and not getattr(tokenizer, "chat_template", None):
             raise ForgelineError(
                 f"model `{self.model_id}` has no chat template; use /v1/completions, "
                 "or rebuild the engine artifact with a chat template",
@@ -329,7 +340,9 @@ class TorchEngine:
         from jinja2 import TemplateError
 
         try:
-            return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+            return str(
+                tokenizer.apply_chat_template(messages, chat_template=own, tokenize=False, add_generation_prompt=True)
+            )
         except TemplateError as exc:
             raise ForgelineError(
                 f"the chat template rejected the messages: {exc}", code=ErrorCode.INVALID_REQUEST, param="messages"
@@ -350,7 +363,7 @@ class TorchEngine:
             ForgelineError: ``invalid_request`` for an empty or too long prompt,
                 ``model_not_found`` for an adapter, ``unavailable`` when the engine is stopped.
         """
-        adapter_path = await self._adapter_path(adapter) if adapter is not None else None
+        adapter_path, chat = await self._adapter_path(adapter) if adapter is not None else (None, BASE_CHAT)
         prompt_ids = self._encode(prompt)
         if not prompt_ids:
             raise ForgelineError("the prompt is empty", code=ErrorCode.INVALID_REQUEST, param="prompt")
@@ -364,7 +377,13 @@ class TorchEngine:
                 param="max_tokens",
             )
         request = _Request(
-            prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue(), adapter=adapter, adapter_path=adapter_path
+            prompt_ids,
+            params,
+            asyncio.get_running_loop(),
+            asyncio.Queue(),
+            adapter=adapter,
+            adapter_path=adapter_path,
+            stop_ids=chat.stop_ids,
         )
         self._inbox.put(request)
         try:
@@ -379,10 +398,18 @@ class TorchEngine:
             # Frees the batch row when the consumer stopped early (client disconnect).
             request.cancelled.set()
 
-    async def _adapter_path(self, adapter: str) -> Path:
+    async def _adapter_path(self, adapter: str) -> tuple[Path, AdapterChat]:
         known = self._adapter_paths.get(adapter)
         if known is not None:
-            return known
+            return known, self._adapter_chats[adapter]
+        # The source may ask the registry and the adapter's tokenizer is read from disk.
+        return await asyncio.to_thread(self._resolve_adapter, adapter)
+
+    def _resolve_adapter(self, adapter: str) -> tuple[Path, AdapterChat]:
+        """The adapter's folder and chat conventions, looked up once per name (may block)."""
+        known = self._adapter_paths.get(adapter)
+        if known is not None:
+            return known, self._adapter_chats[adapter]
         source = self._adapter_source
         if source is None:
             raise ModelNotFoundError(
@@ -390,7 +417,7 @@ class TorchEngine:
                 param="model",
             )
         if callable(source):
-            path = Path(await asyncio.to_thread(source, adapter))
+            path = Path(source(adapter))
         elif adapter in source:
             path = Path(source[adapter])
         else:
@@ -404,8 +431,10 @@ class TorchEngine:
                 f"{path / 'adapter_config.json'} is missing",
                 param="model",
             )
+        chat = read_adapter_chat(adapter, path, self._require_started(), model_id=self.model_id)
+        self._adapter_chats[adapter] = chat
         self._adapter_paths[adapter] = path
-        return path
+        return path, chat
 
     # -- worker thread -----------------------------------------------------------------
 
@@ -755,7 +784,7 @@ class TorchEngine:
             if hits:
                 reason, end = "stop", min(hits)
         if reason is None:
-            if token in self._eos_ids:
+            if token in self._eos_ids or token in r.stop_ids:
                 reason = "stop"
             elif len(r.out_ids) >= r.params.max_tokens:
                 reason = "length"

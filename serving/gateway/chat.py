@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -42,7 +43,12 @@ async def create_chat_completion(
     run = await RequestLifecycle.begin(request, body.model, principal)
     try:
         engine = run.engine
-        prompt = engine.render_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        if run.adapter is None:
+            prompt = engine.render_chat(messages)
+        else:
+            # The adapter's own chat template; a new adapter is looked up once, off the event loop.
+            prompt = await asyncio.to_thread(engine.render_chat, messages, adapter=run.adapter)
         params = sampling_params(
             max_tokens=body.requested_max_tokens,
             default_max_tokens=settings.max_new_tokens,
