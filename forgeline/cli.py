@@ -81,12 +81,14 @@ def validate(
     schema: Annotated[bool, typer.Option("--schema", help="Print the recipe JSON schema instead.")] = False,
 ) -> None:
     """Check a recipe; report every problem with its YAML path, value and fix (exit 2)."""
-    from .recipe import Recipe, load_recipe
+    from .recipe import Recipe, load_recipe, recipe_warnings
 
     if schema:
         console.print_json(json.dumps(Recipe.model_json_schema()))
         return
     loaded = load_recipe(recipe)
+    for warning in recipe_warnings(loaded):
+        err_console.print(f"[bold yellow]warning:[/] {escape(str(warning))}", highlight=False, soft_wrap=True)
     console.print(f"[green]ok[/] {recipe}: {loaded.method.kind} ({loaded.adapter.kind}) of {loaded.model.base} → {loaded.name}")
 
 
