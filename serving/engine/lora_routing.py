@@ -54,14 +54,16 @@ class LoraRouter:
     def refresh(self) -> None:
         """Re-scan the model's LoRA layers (after an adapter was loaded or unloaded)."""
         from peft.tuners.lora import layer as lora
+        from peft.utils.other import AuxiliaryTrainingWrapper
 
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
         self._toggled.clear()
-        mixable = (lora.Linear, lora.Embedding, lora._ConvNd)
+        # Like PEFT's own mixed batches: LoRA layers and `modules_to_save` copies take names.
+        mixable = (lora.Linear, lora.Embedding, lora._ConvNd, AuxiliaryTrainingWrapper)
         for module in self.model.modules():
-            if not isinstance(module, lora.LoraLayer):
+            if not isinstance(module, lora.LoraLayer | AuxiliaryTrainingWrapper):
                 continue
             if isinstance(module, mixable):
                 self._hooks.append(module.register_forward_pre_hook(self._inject, with_kwargs=True))

@@ -185,3 +185,39 @@ def test_an_adapter_that_cannot_load_is_a_409_and_leaves_the_base_untouched(
             await engine.stop()
 
     asyncio.run(scenario())
+
+
+def test_an_adapter_with_modules_to_save_applies_to_its_rows_only(tiny_base: Path, tmp_path: Path) -> None:
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # a retrained output layer that visibly differs from the base's
+        peft_model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(-1.0)
+    peft_model.save_pretrained(tmp_path / "m")
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    enc = tokenizer(PROMPT, return_tensors="pt")
+    refs = {}
+    for name in (None, "m"):
+        ref_model = AutoModelForCausalLM.from_pretrained(tiny_base)
+        if name:
+            ref_model = PeftModel.from_pretrained(ref_model, str(tmp_path / name))
+        ids = ref_model.eval().generate(**enc, do_sample=False, max_new_tokens=GREEDY.max_tokens)
+        refs[name] = tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert refs[None] != refs["m"]
+    engine = TorchEngine(tiny_base, device="cpu", batch_window_ms=300, adapters={"m": tmp_path / "m"})
+
+    async def scenario() -> list[str]:
+        await engine.start()
+        try:
+            await _text(engine, "m")  # loaded: PEFT's active adapter is now `m`
+            return await asyncio.gather(_text(engine, None), _text(engine, "m"), _text(engine, None))
+        finally:
+            await engine.stop()
+
+    assert asyncio.run(scenario()) == [refs[None], refs["m"], refs[None]]
