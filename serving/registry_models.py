@@ -96,10 +96,22 @@ def adapter_source(
     resolved as a registry ref (``support``, ``support@staging``, ``support@3``) of a LoRA
     version trained on ``base_model``, the base weights the engine holds.
 
+    Raises:
+        ForgelineError: a ``static`` adapter folder holds no PEFT adapter (``invalid_config``).
+
     Raises (from the returned function):
         ModelNotFoundError: unknown adapter, not a LoRA version, or trained on another base.
     """
     static = dict(static or {})
+    for name, folder in static.items():
+        # Checked when serving starts: a typo here would otherwise surface on the first request.
+        if not (Path(folder) / "adapter_config.json").is_file():
+            raise ForgelineError(
+                f"serve.adapters.{name}: {folder} is not a PEFT adapter folder (adapter_config.json is missing); "
+                "fix: point it at the adapter a training run saved, or remove it",
+                code=ErrorCode.INVALID_CONFIG,
+                param=f"serve.adapters.{name}",
+            )
 
     def find(adapter: str) -> Path:
         if adapter in static:

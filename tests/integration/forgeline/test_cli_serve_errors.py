@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from forgeline.cli import app
 from registry import lineage
 from registry.client import Registry
-from tests.conftest import TINY_BASE
+from tests.conftest import REPO, TINY_BASE
 
 pytestmark = pytest.mark.integration
 
@@ -103,3 +103,21 @@ def test_a_taken_port_is_one_line_and_exit_2(isolated_home: Path) -> None:
     assert code == 2
     line = _one_error_line(lines)
     assert line.startswith("error: cannot serve: the server could not start: ") and "address" in line.lower()
+
+
+def test_a_recipe_adapter_that_is_no_adapter_is_one_line_and_exit_2(isolated_home: Path, tmp_path: Path) -> None:
+    import yaml
+
+    _add_base("tiny", TINY_BASE)
+    recipe = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+    recipe["model"]["base"] = str(TINY_BASE)
+    recipe["data"] = {k: str(REPO / "recipes" / v) for k, v in recipe["data"].items()}
+    recipe["serve"] = {"adapters": {"support": str(tmp_path)}}  # a folder, but no adapter in it
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    code, lines = _serve("--base", "tiny", "--recipe", str(path))
+    assert code == 2
+    assert _one_error_line(lines) == (
+        f"error: cannot serve: serve.adapters.support: {tmp_path} is not a PEFT adapter folder "
+        "(adapter_config.json is missing); fix: point it at the adapter a training run saved, or remove it"
+    )
