@@ -62,6 +62,13 @@ def _check_base(model_json: str, adapter_json: str) -> BaseReport:
                 FieldProblem("model.base", "no tokenizer can be loaded from this folder", source,
                              "give a model folder with its tokenizer files (tokenizer.json, tokenizer_config.json)")
             )
+        else:
+            report.warnings.append(
+                FieldProblem("model.base", "not on this machine (no such folder, not in the hub cache), so its chat "
+                             "template and LoRA targets were not checked; training checks them when it loads it",
+                             source, "download it first (`hf download NAME`) to have them checked now")
+            )
+            return report
     elif not model.chat_template and not getattr(tokenizer, "chat_template", None):
         report.problems.append(
             FieldProblem(

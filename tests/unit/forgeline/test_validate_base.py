@@ -101,3 +101,9 @@ def test_validation_reads_no_weights(bases: dict[str, Path], tmp_path: Path) -> 
     base = tmp_path / "llama3-config-only"  # config and tokenizer, no weights file at all
     shutil.copytree(bases["llama3"], base, ignore=shutil.ignore_patterns("*.safetensors"))
     assert list(_problems(_recipe(tmp_path, base, target_modules=["q_proj", "lm_head"]))) == ["adapter.target_modules[1]"]
+
+
+def test_a_hub_base_that_is_not_here_is_not_downloaded_and_says_so(tmp_path: Path) -> None:
+    recipe = load_recipe(_recipe(tmp_path, Path("SomeOrg/not-cached-model"), target_modules=["lm_head"]))
+    [warning] = recipe_warnings(recipe)
+    assert warning.path == "model.base" and "were not checked" in warning.message
