@@ -5,7 +5,8 @@ chat template, LoRA targets PEFT cannot find or adapt, the output layer. The mod
 on the ``meta`` device from its config and PEFT applies the recipe's ``LoraConfig`` to it,
 so PEFT itself says what training will adapt; that also tells what ``all-linear`` leaves
 out on a mixture-of-experts base (transformers 5 stores routed experts as fused 3-D
-parameters, which are no ``nn.Linear``: on Qwen2-MoE ``all-linear`` skips them).
+parameters, which are no ``nn.Linear``: on Qwen2-MoE ``all-linear`` skips them, which is
+refused with the two ways to say what is meant).
 
 Bases that are neither a local folder nor in the local hub cache are not checked here
 (validation never downloads); training reports their problems.
@@ -174,15 +175,17 @@ def _check_targets(config: Any, adapter: AdapterSpec, trust_remote_code: bool, r
     covered = _covered_parameters(peft_model)
     missed = sorted(n for n in experts if _strip(n) not in covered)
     if missed and adapter.target_modules == "all-linear":
+        # Refused, not warned: "all linear" that trains none of the experts' weights is not
+        # what the recipe says, and either fix is one line.
         names = _short(missed)
-        report.warnings.append(
+        report.problems.append(
             FieldProblem(
                 "adapter.target_modules",
                 f"all-linear leaves the routed experts unadapted: {', '.join(names)} are fused expert parameters "
                 f"({len(missed)} across the layers), not linear layers",
                 "all-linear",
                 f"to adapt them, add `adapter.target_parameters: [{', '.join(names)}]` (served adapters on them run "
-                "in batches of their own); to keep attention and shared layers only, list target_modules explicitly",
+                "in batches of their own); to adapt attention and shared layers only, list them in target_modules",
             )
         )
 

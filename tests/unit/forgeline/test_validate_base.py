@@ -67,17 +67,18 @@ def test_unsupported_target_modules_are_all_reported_with_their_index(bases: dic
     assert "q_proj, up_proj, v_proj" in problems["adapter.target_modules[3]"]  # the names that would work
 
 
-def test_all_linear_on_qwen2_moe_warns_that_the_routed_experts_are_left_out(bases: dict[str, Path], tmp_path: Path) -> None:
-    recipe = load_recipe(_recipe(tmp_path, bases["qwen2_moe"], target_modules="all-linear"))
-    [warning] = recipe_warnings(recipe)
-    assert warning.path == "adapter.target_modules"
-    assert "leaves the routed experts unadapted: mlp.experts." in str(warning)
-    assert "adapter.target_parameters: [mlp.experts." in str(warning)
-    # The fix it names is accepted, and silences the warning.
-    fixed = load_recipe(
-        _recipe(tmp_path, bases["qwen2_moe"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-    )
-    assert recipe_warnings(fixed) == []
+def test_all_linear_on_qwen2_moe_is_refused_naming_the_routed_experts_it_leaves_out(
+    bases: dict[str, Path], tmp_path: Path
+) -> None:
+    problems = _problems(_recipe(tmp_path, bases["qwen2_moe"], target_modules="all-linear"))
+    assert list(problems) == ["adapter.target_modules"]
+    assert "leaves the routed experts unadapted: mlp.experts." in problems["adapter.target_modules"]
+    assert "adapter.target_parameters: [mlp.experts." in problems["adapter.target_modules"]
+    # Both fixes it names are accepted.
+    experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert load_recipe(_recipe(tmp_path, bases["qwen2_moe"], target_parameters=experts)).adapter.target_parameters == experts
+    explicit = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert recipe_warnings(load_recipe(_recipe(tmp_path, bases["qwen2_moe"], target_modules=explicit))) == []
     # On Mixtral PEFT maps all-linear onto the fused experts itself: nothing is left out.
     assert recipe_warnings(load_recipe(_recipe(tmp_path, bases["mixtral"]))) == []
     # A wrong parameter name is refused.
@@ -85,14 +86,13 @@ def test_all_linear_on_qwen2_moe_warns_that_the_routed_experts_are_left_out(base
     assert "no parameter of this name (got 'experts.nope')" in problems["adapter.target_parameters[0]"]
 
 
-def test_the_cli_prints_the_warning_and_exits_0_or_every_problem_and_exits_2(bases: dict[str, Path], tmp_path: Path) -> None:
-    ok = CliRunner().invoke(app, ["validate", str(_recipe(tmp_path, bases["qwen2_moe"]))], terminal_width=400)
-    assert ok.exit_code == 0, ok.output
-    assert "warning: adapter.target_modules: all-linear leaves the routed experts unadapted" in ok.output
-    assert "ok " in ok.output
+def test_the_cli_prints_every_problem_and_exits_2_or_a_warning_and_exits_0(bases: dict[str, Path], tmp_path: Path) -> None:
     bad = CliRunner().invoke(app, ["validate", str(_recipe(tmp_path, bases["gpt2"], target_modules=["lm_head"]))], terminal_width=400)
     assert bad.exit_code == 2
     assert "2 problem(s)" in bad.output and "model.chat_template" in bad.output and "adapter.target_modules[0]" in bad.output
+    hub = CliRunner().invoke(app, ["validate", str(_recipe(tmp_path, Path("SomeOrg/not-cached-model")))], terminal_width=400)
+    assert hub.exit_code == 0, hub.output
+    assert "warning: model.base: not on this machine" in hub.output and "ok " in hub.output
 
 
 def test_validation_reads_no_weights(bases: dict[str, Path], tmp_path: Path) -> None:
