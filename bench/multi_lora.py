@@ -4,7 +4,7 @@ The baseline is what a team does with one fine-tune: merge the adapter into the 
 (`serving.build.torch_build.build_torch_artifact`, forgeline's torch build) and serve it
 with `TorchEngine`. The candidate serves N adapters on the unmerged base in one
 `TorchEngine` (``adapters=``, ``max_loaded_adapters=N``), each request naming a random
-adapter, so a batch mixes adapters (PEFT's per-row ``adapter_names``). Both get the same
+adapter, so a batch mixes adapters (per-row adapter names, `LoraRouter`). Both get the same
 closed-loop traffic: ``concurrency`` clients, each sending its next request when the last
 one finishes. Adapters are loaded by a warm-up pass first (its time is reported as the
 cold start), so the ratio is the steady state: tokens/s with adapters over merged.

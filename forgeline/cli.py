@@ -84,12 +84,14 @@ def validate(
     schema: Annotated[bool, typer.Option("--schema", help="Print the recipe JSON schema instead.")] = False,
 ) -> None:
     """Check a recipe; report every problem with its YAML path, value and fix (exit 2)."""
-    from .recipe import Recipe, load_recipe
+    from .recipe import Recipe, load_recipe, recipe_warnings
 
     if schema:
         console.print_json(json.dumps(Recipe.model_json_schema()))
         return
     loaded = load_recipe(recipe)
+    for warning in recipe_warnings(loaded):
+        err_console.print(f"[bold yellow]warning:[/] {escape(str(warning))}", highlight=False, soft_wrap=True)
     console.print(f"[green]ok[/] {recipe}: {loaded.method.kind} ({loaded.adapter.kind}) of {loaded.model.base} → {loaded.name}")
 
 
@@ -302,9 +304,6 @@ def serve(
             code=ErrorCode.INVALID_REQUEST,
             param="model",
         )
-    store = BaseModelStore() if base_names else None
-    records = [store.get(name) for name in base_names] if store else []
-    bases = [BaseSource(name=r.name, source=r.source, chat_template=r.chat_template) for r in records]
     serve_spec = load_recipe(recipe).serve if recipe else ServeSpec()
     limits = server_limits(serve_spec.limits, header_timeout=header_timeout, body_timeout=body_timeout,
                            keep_alive=keep_alive, max_connections=max_connections, graceful_shutdown=graceful_shutdown)
@@ -312,8 +311,19 @@ def serve(
         update={"host": host, "port": port, "device": device, "auth": auth and serve_spec.auth, "limits": limits}
     )
     configure_access_log()
-    console.print(f"serving {', '.join(refs + base_names)} on http://{host}:{port}/v1 (API keys {'required' if spec.auth else 'OFF'})")
-    run_server(build_gateway(_registry(), refs, spec, bases=bases), host, port, limits=spec.limits)
+    try:
+        store = BaseModelStore() if base_names else None
+        records = [store.get(name) for name in base_names] if store else []
+        bases = [BaseSource(name=r.name, source=r.source, chat_template=r.chat_template) for r in records]
+        gateway = build_gateway(_registry(), refs, spec, bases=bases)
+        console.print(f"serving {', '.join(refs + base_names)} on http://{host}:{port}/v1 (API keys {'required' if spec.auth else 'OFF'})")
+        run_server(gateway, host, port, limits=spec.limits)
+    except ForgelineError as err:
+        # Nothing could be served as asked: like bad input, exit 2 with one line.
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] cannot serve: {escape(str(err))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from registry.errors import ConfigError, FieldProblem
 from registry.policy import PromotionPolicy
 from serving.config import ServeSpec
+from training.base_checks import check_base
 from training.config import (
     AdapterSpec,
     DataSpec,
@@ -167,6 +168,7 @@ def parse_recipe(raw: Any, *, base_dir: Path, source: str = "recipe") -> Recipe:
     problems += check_training(recipe.method, recipe.adapter, recipe.train, recipe.distributed, search_path=base_dir,
                                local=recipe.cluster.kind == "local")
     problems += check_cluster(recipe.cluster, recipe.distributed)
+    problems += check_base(recipe.model, recipe.adapter).problems  # config and tokenizer only, no weights
     if problems:
         raise ConfigError(problems=problems, source=source)
     return recipe
@@ -186,6 +188,11 @@ def load_recipe(path: str | Path) -> Recipe:
     except yaml.YAMLError as err:
         raise ConfigError(problems=[FieldProblem("<file>", f"not valid YAML: {err}".replace("\n", " "), None, "fix the YAML syntax")], source=str(path)) from None
     return parse_recipe(raw, base_dir=path.resolve().parent, source=str(path))
+
+
+def recipe_warnings(recipe: Recipe) -> list[FieldProblem]:
+    """What a valid recipe may not mean to do (e.g. `all-linear` leaving MoE experts out), with the fix."""
+    return check_base(recipe.model, recipe.adapter).warnings
 
 
 def recipe_hash(recipe: Recipe) -> str:

@@ -96,10 +96,22 @@ def adapter_source(
     resolved as a registry ref (``support``, ``support@staging``, ``support@3``) of a LoRA
     version trained on ``base_model``, the base weights the engine holds.
 
+    Raises:
+        ForgelineError: a ``static`` adapter folder holds no PEFT adapter (``invalid_config``).
+
     Raises (from the returned function):
         ModelNotFoundError: unknown adapter, not a LoRA version, or trained on another base.
     """
     static = dict(static or {})
+    for name, folder in static.items():
+        # Checked when serving starts: a typo here would otherwise surface on the first request.
+        if not (Path(folder) / "adapter_config.json").is_file():
+            raise ForgelineError(
+                f"serve.adapters.{name}: {folder} is not a PEFT adapter folder (adapter_config.json is missing); "
+                "fix: point it at the adapter a training run saved, or remove it",
+                code=ErrorCode.INVALID_CONFIG,
+                param=f"serve.adapters.{name}",
+            )
 
     def find(adapter: str) -> Path:
         if adapter in static:
@@ -250,7 +262,16 @@ def served_base(
     current = json.loads(stamp.read_text()) if stamp.is_file() else None
     if current != wanted or not (out / MANIFEST_NAME).is_file():
         log.info("building the torch artifact of base %s from %s into %s", base.name, base.source, out)
-        build_torch_artifact(base.source, None, out, chat_template=base.chat_template, overwrite=True)
+        try:
+            build_torch_artifact(base.source, None, out, chat_template=base.chat_template, overwrite=True)
+        except (OSError, ValueError) as exc:  # transformers' "no weights found", unknown model type, ...
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+            raise ForgelineError(
+                f"base `{base.name}` cannot be loaded from {base.source}: {first}; fix: repair that folder, or "
+                f"`forgeline models remove-base {base.name}` and add it again from a good one",
+                code=ErrorCode.UNAVAILABLE,
+                param="base",
+            ) from exc
         stamp.write_text(json.dumps(wanted) + "\n")
     load_manifest(out)  # verifies checksums before we load weights
     adapters = adapter_source(registry, served=base.name, base_model=base.source, static=spec.adapters)

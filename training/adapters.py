@@ -21,6 +21,7 @@ def peft_config(adapter: AdapterSpec) -> Any | None:
         lora_alpha=adapter.alpha,
         lora_dropout=adapter.dropout,
         target_modules=adapter.target_modules,
+        target_parameters=adapter.target_parameters,
         task_type="CAUSAL_LM",
     )
 

@@ -115,6 +115,11 @@ class AdapterSpec(_Section):
     alpha: int = Field(default=32, gt=0, description="LoRA alpha (scaling = alpha / r).")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
     target_modules: str | list[str] = Field(default="all-linear", description="Modules to adapt: `all-linear` or a list of names.")
+    target_parameters: list[str] | None = Field(
+        default=None,
+        description="Parameters to adapt directly, e.g. the fused routed experts of a mixture-of-experts base "
+        "(`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), which `all-linear` does not cover (PEFT `target_parameters`).",
+    )
     quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="qlora: 4-bit data type of the frozen base.")
 
 

@@ -111,8 +111,12 @@ class Engine(Protocol):
         """Stop workers and release resources; in-flight requests end with an error."""
         ...
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """Render chat messages with the model's chat template, ready for the assistant turn."""
+    def render_chat(self, messages: list[dict[str, str]], *, adapter: str | None = None) -> str:
+        """Render chat messages with the chat template, ready for the assistant turn.
+
+        With ``adapter``, the adapter's own chat template when it brings one (it may block
+        to look a new adapter up: the gateway calls it off the event loop then).
+        """
         ...
 
     def count_tokens(self, text: str) -> int:

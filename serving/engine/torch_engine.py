@@ -10,8 +10,14 @@ different lengths, which transformers' caches do not support safely).
 
 Multi-LoRA: with an ``adapters`` source the engine serves PEFT LoRA adapters on its base
 weights. An adapter is loaded on first use (on the worker thread, between batches), rows
-with different adapters share one batch through PEFT's per-row ``adapter_names``, and the
-least recently used adapter is unloaded once more than ``max_loaded_adapters`` are loaded.
+with different adapters share one batch (`LoraRouter` names each row's adapter, also on
+mixture-of-experts blocks that flatten rows into tokens), and the least recently used
+adapter is unloaded once more than ``max_loaded_adapters`` are loaded. An adapter PEFT
+cannot batch per row (LoRA on fused MoE experts, DoRA) runs in batches of its own.
+
+Failure isolation: a batch that fails before it produced a token is retried row by row,
+so one bad request (or adapter) fails alone, and the adapter state is reset after every
+batch, so nothing a failed batch did reaches the next one.
 """
 
 from __future__ import annotations
@@ -25,18 +31,21 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from registry.errors import ErrorCode, ForgelineError, MissingDependencyError, ModelNotFoundError
+from registry.errors import ConflictError, ErrorCode, ForgelineError, MissingDependencyError, ModelNotFoundError
 from serving.cpu_pool import run_cpu
+from serving.engine.adapter_chat import BASE_CHAT, AdapterChat, read_adapter_chat
 from serving.engine.base import Chunk, FinishReason, SamplingParams
+from serving.engine.lora_routing import BASE_ADAPTER, LoraRouter, strip_lora
 
 logger = logging.getLogger(__name__)
 
 _STOP = object()  # sentinel that tells the worker thread to exit
-BASE_ADAPTER = "__base__"  # PEFT's per-row name for "no adapter"
+__all__ = ["BASE_ADAPTER", "AdapterSource", "EngineStats", "TorchEngine"]
 
 AdapterSource = Callable[[str], Path] | Mapping[str, "str | Path"]
 """Where adapters come from: a mapping name -> PEFT folder, or a function that returns the
@@ -107,6 +116,7 @@ class _Request:
     queue: asyncio.Queue[Chunk | BaseException]
     adapter: str | None = None  # public adapter name, None for the base weights
     adapter_path: Path | None = None
+    stop_ids: frozenset[int] = frozenset()  # the adapter's end-of-turn tokens, besides the base's
     cancelled: threading.Event = field(default_factory=threading.Event)
     generator: Any = None  # torch.Generator, created on the worker's device
     out_ids: list[int] = field(default_factory=list)
@@ -217,11 +227,15 @@ class TorchEngine:
         self._adapter_source = adapters
         self.max_loaded_adapters = max_loaded_adapters
         self._adapter_paths: dict[str, Path] = {}  # resolved once per public name
+        self._adapter_chats: dict[str, AdapterChat] = {}  # each adapter's own chat conventions
         # public name -> PEFT-internal name, in least-recently-used order (worker thread only).
         self._loaded: OrderedDict[str, str] = OrderedDict()
         self._loaded_paths: dict[str, Path] = {}
         self._adapter_seq = 0
         self._peft = False  # True once the base is wrapped in a PeftModel
+        self._router: LoraRouter | None = None
+        # public name -> why it cannot share a batch with other adapters (see LoraRouter).
+        self._exclusive: dict[str, str] = {}
         self._pending: deque[_Request] = deque()  # taken from the inbox, deferred to a later batch
         self._running = 0
 
@@ -282,6 +296,8 @@ class TorchEngine:
                 item.deliver(self._unavailable())
         self._model = None
         self._peft = False
+        self._router = None
+        self._exclusive.clear()
         self._loaded.clear()
         self._loaded_paths.clear()
         logger.info("engine %s stopped", self.model_id)
@@ -365,15 +381,23 @@ class TorchEngine:
         add_special = not (bos and text.startswith(bos))
         return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """Render chat messages with the tokenizer's chat template, ready for the assistant turn.
+    def render_chat(self, messages: list[dict[str, str]], *, adapter: str | None = None) -> str:
+        """Render chat messages with the chat template, ready for the assistant turn.
+
+        An adapter trained with its own chat template (saved with its tokenizer files) is
+        rendered with that one; otherwise the base's template applies. Resolving an adapter
+        the engine has not seen yet reads its folder (and maybe the registry): call it off
+        the event loop for a new adapter name.
 
         Raises:
-            ForgelineError: ``invalid_request`` when the model has no chat template or the
-                template rejects the messages (for example roles that do not alternate).
+            ForgelineError: ``invalid_request`` when there is no chat template or the
+                template rejects the messages (for example roles that do not alternate);
+                ``model_not_found`` / ``conflict`` for an adapter that does not exist or
+                cannot be served on this base.
         """
         tokenizer = self._require_started()
-        if not getattr(tokenizer, "chat_template", None):
+        own = self._resolve_adapter(adapter)[1].chat_template if adapter is not None else None
+        if own is None and not getattr(tokenizer, "chat_template", None):
             raise ForgelineError(
                 f"model `{self.model_id}` has no chat template; use /v1/completions, "
                 "or rebuild the engine artifact with a chat template",
@@ -383,7 +407,9 @@ class TorchEngine:
         from jinja2 import TemplateError
 
         try:
-            return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+            return str(
+                tokenizer.apply_chat_template(messages, chat_template=own, tokenize=False, add_generation_prompt=True)
+            )
         except TemplateError as exc:
             raise ForgelineError(
                 f"the chat template rejected the messages: {exc}", code=ErrorCode.INVALID_REQUEST, param="messages"
@@ -404,7 +430,7 @@ class TorchEngine:
             ForgelineError: ``invalid_request`` for an empty or too long prompt,
                 ``model_not_found`` for an adapter, ``unavailable`` when the engine is stopped.
         """
-        adapter_path = await self._adapter_path(adapter) if adapter is not None else None
+        adapter_path, chat = await self._adapter_path(adapter) if adapter is not None else (None, BASE_CHAT)
         prompt_ids = await run_cpu(len(prompt), self._encode, prompt)
         if not prompt_ids:
             raise ForgelineError("the prompt is empty", code=ErrorCode.INVALID_REQUEST, param="prompt")
@@ -418,7 +444,13 @@ class TorchEngine:
                 param="max_tokens",
             )
         request = _Request(
-            prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue(), adapter=adapter, adapter_path=adapter_path
+            prompt_ids,
+            params,
+            asyncio.get_running_loop(),
+            asyncio.Queue(),
+            adapter=adapter,
+            adapter_path=adapter_path,
+            stop_ids=chat.stop_ids,
         )
         self._inbox.put(request)
         try:
@@ -433,10 +465,18 @@ class TorchEngine:
             # Frees the batch row when the consumer stopped early (client disconnect).
             request.cancelled.set()
 
-    async def _adapter_path(self, adapter: str) -> Path:
+    async def _adapter_path(self, adapter: str) -> tuple[Path, AdapterChat]:
         known = self._adapter_paths.get(adapter)
         if known is not None:
-            return known
+            return known, self._adapter_chats[adapter]
+        # The source may ask the registry and the adapter's tokenizer is read from disk.
+        return await asyncio.to_thread(self._resolve_adapter, adapter)
+
+    def _resolve_adapter(self, adapter: str) -> tuple[Path, AdapterChat]:
+        """The adapter's folder and chat conventions, looked up once per name (may block)."""
+        known = self._adapter_paths.get(adapter)
+        if known is not None:
+            return known, self._adapter_chats[adapter]
         source = self._adapter_source
         if source is None:
             raise ModelNotFoundError(
@@ -444,7 +484,7 @@ class TorchEngine:
                 param="model",
             )
         if callable(source):
-            path = Path(await asyncio.to_thread(source, adapter))
+            path = Path(source(adapter))
         elif adapter in source:
             path = Path(source[adapter])
         else:
@@ -458,8 +498,10 @@ class TorchEngine:
                 f"{path / 'adapter_config.json'} is missing",
                 param="model",
             )
+        chat = read_adapter_chat(adapter, path, self._require_started(), model_id=self.model_id)
+        self._adapter_chats[adapter] = chat
         self._adapter_paths[adapter] = path
-        return path
+        return path, chat
 
     # -- worker thread -----------------------------------------------------------------
 
@@ -475,6 +517,7 @@ class TorchEngine:
         """A batch starting with ``first``; True when the engine is stopping."""
         batch: list[_Request] = [first]
         adapters = {first.adapter} - {None}
+        lead_exclusive = first.adapter in self._exclusive
         deferred: list[_Request] = []
         deadline = time.monotonic() + self.batch_window_s
         stopping = False
@@ -487,6 +530,9 @@ class TorchEngine:
             if item is _STOP:
                 stopping = True
                 break
+            if not self._fits(item, first.adapter, lead_exclusive):
+                deferred.append(item)  # an exclusive adapter's rows ride alone
+                continue
             if item.adapter is not None and item.adapter not in adapters:
                 if len(adapters) >= self.max_loaded_adapters:
                     deferred.append(item)  # no room for another adapter in this batch
@@ -497,31 +543,46 @@ class TorchEngine:
         self._pending.extendleft(reversed(deferred))
         return batch, stopping
 
+    def _fits(self, item: _Request, lead: str | None, lead_exclusive: bool) -> bool:
+        """Whether ``item`` may join a batch led by adapter ``lead`` (None: the base)."""
+        if lead_exclusive:
+            return item.adapter == lead
+        return item.adapter not in self._exclusive
+
     def _ensure_adapters(self, batch: list[_Request]) -> list[_Request]:
-        """Load every adapter ``batch`` needs; rows whose adapter fails to load get the error."""
+        """Load every adapter ``batch`` needs; rows whose adapter fails to load get the error.
+
+        Rows that turn out not to fit the batch (their adapter proved exclusive on loading)
+        go back to the front of the queue for a later batch.
+        """
         wanted = {r.adapter: r.adapter_path for r in batch if r.adapter is not None}
         failed: dict[str, BaseException] = {}
         for name, path in wanted.items():
             assert path is not None
             try:
                 self._load_adapter(name, path, keep=set(wanted))
+            except ForgelineError as exc:
+                failed[name] = exc
             except Exception as exc:  # noqa: BLE001 - a bad adapter must not take the base down
                 logger.exception("engine %s: loading adapter %s from %s failed", self.model_id, name, path)
-                failed[name] = exc
-        if not failed:
-            return batch
+                failed[name] = ConflictError(
+                    f"adapter `{name}` cannot be served on `{self.model_id}`: loading it failed: {exc}", param="model"
+                )
         kept = []
         for r in batch:
             if r.adapter in failed:
                 r.done = True
-                r.deliver(
-                    ForgelineError(
-                        f"adapter `{r.adapter}` could not be loaded: {failed[r.adapter]}", code=ErrorCode.INTERNAL
-                    )
-                )
+                r.deliver(failed[r.adapter])
             else:
                 kept.append(r)
-        return kept
+        if not kept:
+            return kept
+        lead = kept[0].adapter
+        lead_exclusive = lead in self._exclusive
+        fits = [r for r in kept if self._fits(r, lead, lead_exclusive)]
+        later = [r for r in kept if not self._fits(r, lead, lead_exclusive)]
+        self._pending.extendleft(reversed(later))
+        return fits
 
     def _load_adapter(self, name: str, path: Path, *, keep: set[str]) -> None:
         if name in self._loaded and self._loaded_paths.get(name) == path:
@@ -542,19 +603,48 @@ class TorchEngine:
                     from peft import PeftModel
                 except ImportError as exc:
                     raise MissingDependencyError("serving LoRA adapters needs peft: pip install peft") from exc
-                self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=internal).eval()
+                try:
+                    self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=internal).eval()
+                except Exception:
+                    # PEFT injects its layers into the base in place before it loads the weights:
+                    # take them out again, or the base would answer with a half-loaded adapter.
+                    strip_lora(self._model)
+                    raise
                 self._peft = True
+                self._router = LoraRouter(self._model)
             else:
-                self._model.load_adapter(str(path), adapter_name=internal)
+                try:
+                    self._model.load_adapter(str(path), adapter_name=internal)
+                except Exception:
+                    self._forget_internal(internal)
+                    raise
                 self._model.eval()
+        assert self._router is not None
+        self._router.refresh()
         self._loaded[name] = internal
         self._loaded_paths[name] = path
+        reason = self._router.exclusive_reason(internal)
+        if reason is not None:
+            self._exclusive[name] = reason
+            logger.info("engine %s: adapter %s runs in batches of its own: %s", self.model_id, name, reason)
         logger.info("engine %s: loaded adapter %s from %s (%d loaded)", self.model_id, name, path, len(self._loaded))
+
+    def _forget_internal(self, internal: str) -> None:
+        """Remove what a failed load left of PEFT adapter ``internal`` (best effort)."""
+        try:
+            self._model.delete_adapter(internal)
+        except Exception:  # noqa: BLE001 - nothing of it may have been created
+            logger.debug("nothing to clean up for adapter %s", internal, exc_info=True)
+        if self._router is not None:
+            self._router.refresh()
 
     def _unload_adapter(self, name: str) -> None:
         internal = self._loaded.pop(name)
         self._loaded_paths.pop(name, None)
+        self._exclusive.pop(name, None)
         self._model.delete_adapter(internal)
+        if self._router is not None:
+            self._router.refresh()
         logger.info("engine %s: unloaded adapter %s", self.model_id, name)
 
     def _worker(self) -> None:
@@ -582,21 +672,52 @@ class TorchEngine:
                         self._run_batch(batch)
             except Exception as exc:  # noqa: BLE001 - the worker must survive to serve the next batch
                 logger.exception("engine %s: batch of %d failed", self.model_id, len(batch))
-                for r in batch:
-                    if not r.done:
-                        r.done = True
-                        r.deliver(ForgelineError(f"generation failed: {exc}", code=ErrorCode.INTERNAL))
+                self._isolate(batch, exc)
             finally:
                 self._running = 0
+
+    def _isolate(self, batch: list[_Request], exc: BaseException) -> None:
+        """After ``batch`` failed: retry alone each row that has not streamed yet, fail the rest.
+
+        One bad row (a prompt, an adapter) must not fail the rows it happened to share a
+        batch with; a row that fails alone gets the error. PEFT's adapter state needs no
+        repair: `LoraRouter.batch` resets it however a batch ends.
+        """
+        import torch
+
+        retry = [r for r in batch if not r.done and not r.out_ids and not r.cancelled.is_set()]
+        for r in batch:
+            if not r.done and r not in retry:
+                r.done = True
+                r.deliver(ForgelineError(f"generation failed: {exc}", code=ErrorCode.INTERNAL))
+        if len(batch) == 1:
+            for r in retry:
+                self._fail_alone(r, exc)
+            return
+        for r in retry:
+            if self._stopping:
+                r.done = True
+                r.deliver(self._unavailable())
+                continue
+            try:
+                with torch.inference_mode():
+                    self._run_batch([r])
+            except Exception as solo_exc:  # noqa: BLE001 - this row alone fails
+                logger.exception("engine %s: request failed on its own", self.model_id)
+                self._fail_alone(r, solo_exc)
+
+    def _fail_alone(self, r: _Request, exc: BaseException) -> None:
+        if not r.done:
+            r.done = True
+            r.deliver(ForgelineError(f"generation failed: {exc}", code=ErrorCode.INTERNAL))
 
     def _forward(
         self, input_ids: Any, attention_mask: Any, position_ids: Any, cache: Any, adapter_names: list[str] | None = None
     ) -> Any:
-        extra: dict[str, Any] = {}
-        if self._peft:
-            # Always name every row's adapter once wrapped: without `adapter_names` PEFT would
-            # apply its active adapter to every row, base-only rows included.
-            extra["adapter_names"] = adapter_names or [BASE_ADAPTER] * input_ids.shape[0]
+        if self._router is not None:
+            # Always name every row's adapter once wrapped: unnamed rows would get PEFT's
+            # active adapter, base-only rows included.
+            self._router.route(adapter_names or [BASE_ADAPTER] * input_ids.shape[0], input_ids.shape[1])
         out = self._model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -604,7 +725,6 @@ class TorchEngine:
             use_cache=True,
             **{self._cache_kwarg: cache},
             **self._forward_kwargs,
-            **extra,
         )
         return out.logits[:, -1, :].float()
 
@@ -636,6 +756,26 @@ class TorchEngine:
 
         cache = DynamicCache(config=self._config)
         names = [self._loaded[r.adapter] if r.adapter is not None else BASE_ADAPTER for r in batch]
+        exclusive = names[0] if batch[0].adapter in self._exclusive else None
+        with self._adapter_state(exclusive):
+            self._decode(batch, input_ids, attention_mask, position_ids, next_pos, cache, names)
+
+    def _adapter_state(self, exclusive: str | None) -> AbstractContextManager[None]:
+        return self._router.batch(exclusive) if self._router is not None else nullcontext()
+
+    def _decode(
+        self,
+        batch: list[_Request],
+        input_ids: Any,
+        attention_mask: Any,
+        position_ids: Any,
+        next_pos: Any,
+        cache: Any,
+        names: list[str],
+    ) -> None:
+        import torch
+
+        device = self._device
         self._running = len(batch)
         self._observe_step(len(batch))
         logits = self._forward(input_ids, attention_mask, position_ids, cache, names)
@@ -712,7 +852,7 @@ class TorchEngine:
             if hits:
                 reason, end = "stop", min(hits)
         if reason is None:
-            if token in self._eos_ids:
+            if token in self._eos_ids or token in r.stop_ids:
                 reason = "stop"
             elif len(r.out_ids) >= r.params.max_tokens:
                 reason = "length"

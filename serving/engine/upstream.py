@@ -301,8 +301,12 @@ class UpstreamEngine:
     def _unavailable(self, why: str) -> ForgelineError:
         return ForgelineError(f"upstream worker for model `{self.model_id}` is unavailable: {why}", code=ErrorCode.UNAVAILABLE)
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """Render chat messages with the model's chat template, ready for the assistant turn."""
+    def render_chat(self, messages: list[dict[str, str]], *, adapter: str | None = None) -> str:
+        """Render chat messages with the artifact's chat template, ready for the assistant turn.
+
+        Adapters live on the workers, which were built with the artifact's template, so
+        ``adapter`` does not change the template here.
+        """
         tokenizer = self._require_tokenizer()
         if not getattr(tokenizer, "chat_template", None):
             raise ForgelineError(

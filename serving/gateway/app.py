@@ -62,7 +62,12 @@ def create_app(
         bind = getattr(catalog, "bind_metrics", None)
         if bind is not None:
             bind(gateway_metrics)
-        await catalog.start()
+        try:
+            await catalog.start()
+        except BaseException as exc:
+            # `run_server` reports it as one line (uvicorn would print the whole traceback).
+            app.state.startup_error = exc
+            raise
         for served in catalog.list():
             gateway_metrics.attach_engine(served)
         logger.info("gateway serving %s", ", ".join(n for m in catalog.list() for n in m.names) or "no models")

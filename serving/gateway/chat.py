@@ -7,6 +7,7 @@ renamed, so tools, JSON schema, logprobs and ``n`` work wherever the worker has 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -68,8 +69,12 @@ async def create_chat_completion(
         engine = run.engine
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         size = sum(len(m["content"]) for m in messages)
-        # Off the event loop when large: a multi-MB prompt must not stall other requests.
-        prompt = await run_cpu(size, engine.render_chat, messages)
+        if run.adapter is None:
+            # Off the event loop when large: a multi-MB prompt must not stall other requests.
+            prompt = await run_cpu(size, engine.render_chat, messages)
+        else:
+            # The adapter's own chat template; a new adapter is looked up once, off the event loop.
+            prompt = await asyncio.to_thread(engine.render_chat, messages, adapter=run.adapter)
         params = sampling_params(
             max_tokens=body.requested_max_tokens,
             max_tokens_field=body.max_tokens_field,

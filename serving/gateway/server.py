@@ -16,6 +16,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from registry.errors import ErrorCode, ForgelineError
 from serving.config import ServerLimits
 from serving.gateway.connections import limited_protocol
 
@@ -38,11 +39,65 @@ def server_config(app: FastAPI, limits: ServerLimits | None = None, **options: A
     )
 
 
+class _HeldStartupErrors(logging.Filter):
+    """Holds back uvicorn's error records until the server has started.
+
+    A failed start-up would otherwise print the lifespan's whole traceback; `run_server`
+    raises the failure as one `ForgelineError` instead.
+    """
+
+    def __init__(self, server: uvicorn.Server) -> None:
+        super().__init__()
+        self.server = server
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.server.started or record.levelno < logging.ERROR:
+            return True
+        self.held.append(record)
+        return False
+
+
 def run_server(
     app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info", limits: ServerLimits | None = None
 ) -> None:
-    """Serve ``app`` until interrupted (Ctrl-C or SIGTERM: running requests get ``limits.graceful_shutdown_s``)."""
-    uvicorn.Server(server_config(app, limits, host=host, port=port, log_level=log_level)).run()
+    """Serve ``app`` until interrupted (Ctrl-C or SIGTERM: running requests get ``limits.graceful_shutdown_s``).
+
+    Raises:
+        ForgelineError: the gateway did not start: a model failed to load (the lifespan's
+            own error, e.g. ``model_not_found``), or the address could not be bound.
+    """
+    server = uvicorn.Server(server_config(app, limits, host=host, port=port, log_level=log_level, lifespan="on"))
+    held = _HeldStartupErrors(server)
+    uvicorn_log = logging.getLogger("uvicorn.error")  # configured by uvicorn.Config above
+    uvicorn_log.addFilter(held)
+    try:
+        server.run()
+    except SystemExit:
+        # uvicorn exits the process when it cannot bind; a start-up error is ours to report.
+        if server.started:
+            raise
+    finally:
+        uvicorn_log.removeFilter(held)
+    if not server.started:
+        raise startup_error(app, held.held)
+
+
+def startup_error(app: FastAPI, records: list[logging.LogRecord]) -> ForgelineError:
+    """One error for a server that did not start: what its lifespan raised, else uvicorn's first error."""
+    exc = getattr(app.state, "startup_error", None)
+    if isinstance(exc, ForgelineError):
+        return exc
+    if exc is not None:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return ForgelineError(f"the server could not start: {type(exc).__name__}: {first}", code=ErrorCode.UNAVAILABLE)
+    for record in records:
+        lines = [line for line in record.getMessage().strip().splitlines() if line.strip()]
+        if lines:
+            # A traceback's last line names the exception; anything else is one message.
+            line = lines[-1] if lines[0].startswith("Traceback") else lines[0]
+            return ForgelineError(f"the server could not start: {line.strip()}", code=ErrorCode.UNAVAILABLE)
+    return ForgelineError("the server could not start; rerun with --debug for details", code=ErrorCode.UNAVAILABLE)
 
 
 def serve_in_background(

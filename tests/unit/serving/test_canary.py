@@ -24,7 +24,7 @@ class NullEngine:
 
     async def stop(self) -> None: ...
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
+    def render_chat(self, messages: list[dict[str, str]], *, adapter: str | None = None) -> str:
         return ""
 
     def count_tokens(self, text: str) -> int:

@@ -36,7 +36,7 @@ class ScriptedEngine:
     async def stop(self) -> None:
         self.ready = False
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
+    def render_chat(self, messages: list[dict[str, str]], *, adapter: str | None = None) -> str:
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
 
     def count_tokens(self, text: str) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from registry.errors import ModelNotFoundError
+from registry.errors import ConflictError, ErrorCode, ForgelineError, ModelNotFoundError
 from serving.engine.base import SamplingParams
 from serving.engine.torch_engine import BASE_ADAPTER, TorchEngine
 from tests.unit.serving.tiny_model import build_tiny_adapter
@@ -109,3 +109,115 @@ def test_more_adapters_than_fit_are_split_across_batches(
             await engine.stop()
 
     assert asyncio.run(scenario()) == [references["a"], references["b"], references["c"], references["a"]]
+
+
+POISON = "poison pill"
+
+
+def test_a_failing_request_fails_alone_and_the_engine_keeps_answering(
+    tiny_base: Path, adapters: dict[str, Path], references: dict[str | None, str]
+) -> None:
+    engine = TorchEngine(tiny_base, device="cpu", batch_window_ms=300, adapters=adapters, max_loaded_adapters=3)
+    prefills: list[int] = []
+    forward = engine._forward
+
+    def failing(*args: object) -> object:
+        input_ids = args[0]
+        poison = engine._encode(POISON)
+        if input_ids.shape[1] > 1:  # type: ignore[attr-defined]
+            prefills.append(input_ids.shape[0])  # type: ignore[attr-defined]
+            if any(row[-len(poison) :].tolist() == poison for row in input_ids):  # type: ignore[attr-defined]
+                raise RuntimeError("injected failure")
+        return forward(*args)  # type: ignore[arg-type]
+
+    engine._forward = failing  # type: ignore[method-assign]
+
+    async def poisoned() -> str:
+        return "".join([c.text async for c in engine.generate(POISON, GREEDY, adapter="a")])
+
+    async def scenario() -> None:
+        await engine.start()
+        try:
+            results = await asyncio.gather(
+                _text(engine, None), poisoned(), _text(engine, "a"), _text(engine, "b"), return_exceptions=True
+            )
+            assert results[0] == references[None] and results[2:] == [references["a"], references["b"]]
+            assert isinstance(results[1], ForgelineError) and results[1].code == ErrorCode.INTERNAL
+            assert "injected failure" in results[1].message
+            # The same engine, PEFT state and adapters answer the next requests exactly.
+            again = await asyncio.gather(_text(engine, "b"), _text(engine, None), _text(engine, "a"))
+            assert again == [references["b"], references[None], references["a"]]
+        finally:
+            await engine.stop()
+
+    asyncio.run(scenario())
+    assert prefills[0] == 4, "the poisoned request must have shared a batch with the others"
+
+
+def test_an_adapter_that_cannot_load_is_a_409_and_leaves_the_base_untouched(
+    tiny_base: Path, adapters: dict[str, Path], references: dict[str | None, str], tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(adapters["a"], broken)
+    config = json.loads((broken / "adapter_config.json").read_text())
+    config["target_modules"] = ["no_such_proj"]
+    (broken / "adapter_config.json").write_text(json.dumps(config))
+    engine = TorchEngine(tiny_base, device="cpu", batch_window_ms=1, adapters={"broken": broken, "b": adapters["b"]})
+
+    async def scenario() -> None:
+        await engine.start()
+        try:
+            # First adapter of the engine: PEFT wraps the base in place before it fails.
+            with pytest.raises(ConflictError) as err:
+                await _text(engine, "broken")
+            assert err.value.http_status == 409
+            assert err.value.message.startswith("adapter `broken` cannot be served on")
+            assert await _text(engine, None) == references[None]
+            assert await _text(engine, "b") == references["b"]
+            with pytest.raises(ConflictError):
+                await _text(engine, "broken")  # a later load fails the same clean way
+            assert await _text(engine, None) == references[None]
+            assert engine.stats().loaded_adapters == ("b",)
+        finally:
+            await engine.stop()
+
+    asyncio.run(scenario())
+
+
+def test_an_adapter_with_modules_to_save_applies_to_its_rows_only(tiny_base: Path, tmp_path: Path) -> None:
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # a retrained output layer that visibly differs from the base's
+        peft_model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(-1.0)
+    peft_model.save_pretrained(tmp_path / "m")
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    enc = tokenizer(PROMPT, return_tensors="pt")
+    refs = {}
+    for name in (None, "m"):
+        ref_model = AutoModelForCausalLM.from_pretrained(tiny_base)
+        if name:
+            ref_model = PeftModel.from_pretrained(ref_model, str(tmp_path / name))
+        ids = ref_model.eval().generate(**enc, do_sample=False, max_new_tokens=GREEDY.max_tokens)
+        refs[name] = tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert refs[None] != refs["m"]
+    engine = TorchEngine(tiny_base, device="cpu", batch_window_ms=300, adapters={"m": tmp_path / "m"})
+
+    async def scenario() -> list[str]:
+        await engine.start()
+        try:
+            await _text(engine, "m")  # loaded: PEFT's active adapter is now `m`
+            return await asyncio.gather(_text(engine, None), _text(engine, "m"), _text(engine, None))
+        finally:
+            await engine.stop()
+
+    assert asyncio.run(scenario()) == [refs[None], refs["m"], refs[None]]
