@@ -280,7 +280,7 @@ class EchoEngine:
 
     async def stop(self) -> None: ...
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
+    def render_chat(self, messages: list[dict[str, str]], adapter: str | None = None) -> str:
         return " ".join(m["content"] for m in messages)
 
     def count_tokens(self, text: str) -> int:
