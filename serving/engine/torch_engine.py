@@ -830,6 +830,7 @@ class TorchEngine:
                 sorted_probs, order = torch.sort(probs, descending=True)
                 # Keep the smallest prefix whose mass reaches top_p (always at least one token).
                 outside = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= p.top_p
+                outside[0] = False  # a top_p below float32's smallest value rounds to 0 and would keep none
                 sorted_probs = sorted_probs.masked_fill(outside, 0.0)
                 choice = torch.multinomial(sorted_probs, 1, generator=r.generator)
                 tokens[i] = int(order[choice].item())

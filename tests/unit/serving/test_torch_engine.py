@@ -104,6 +104,13 @@ def test_seeded_sampling_is_reproducible(engine: TorchEngine) -> None:
     assert first != other
 
 
+def test_a_vanishing_top_p_still_samples_the_likeliest_token(engine: TorchEngine) -> None:
+    # Found by the OpenAPI fuzzer: top_p=5e-324 rounds to 0 in float32 and masked every token (500).
+    tiny = SamplingParams(max_tokens=4, temperature=1.0, top_p=5e-324, seed=1)
+    greedy = SamplingParams(max_tokens=4, temperature=0.0)
+    assert _ids(asyncio.run(_collect(engine, PROMPTS[1], tiny))) == _ids(asyncio.run(_collect(engine, PROMPTS[1], greedy)))
+
+
 def test_closing_the_stream_cancels_the_row(engine: TorchEngine) -> None:
     steps = 0
     forward = engine._forward
