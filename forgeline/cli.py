@@ -6,26 +6,26 @@ Every command prints one clear line per error (no traceback unless ``--debug``) 
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from registry.errors import ConfigError, ErrorCode, ForgelineError
+from registry.errors import ErrorCode, ForgelineError
 
+from .cli_bases import bases_app
 from .cli_db import db_app
+from .cli_govern import approve_app, control_app, reconcile_app
 from .cli_identity import LocalAdminOpt, local_actor
 from .cli_jobs import jobs_app
 from .cli_keys import keys_app
 from .cli_limits import BodyTimeout, GracefulShutdown, HeaderTimeout, KeepAlive, MaxConnections, server_limits
+from .cli_shared import console, err_console, handles_errors, open_registry, print_error, state
 from .cli_worker import worker as _worker_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Recipe in; governed OpenAI-compatible endpoint out.")
@@ -34,47 +34,19 @@ app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(db_app, name="db")
-console = Console(stderr=False)
-err_console = Console(stderr=True)
-_state = {"debug": False}
-
-F = TypeVar("F", bound=Callable[..., Any])
-
+app.add_typer(control_app, name="control")
+app.add_typer(approve_app)  # `forgeline approve`
+models_app.add_typer(bases_app)  # `forgeline models add-base | bases | remove-base`
+models_app.add_typer(reconcile_app)  # `forgeline models reconcile`
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/quickstart.yaml.")]
-
-
-def _exit_code(error: ForgelineError) -> int:
-    return 2 if isinstance(error, ConfigError) or error.code == "invalid_config" else 1
-
-
-def handles_errors(fn: F) -> F:
-    """Render forgeline errors as one message and a meaningful exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ForgelineError as err:
-            if _state["debug"]:
-                raise
-            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, markup=True, soft_wrap=True)
-            raise typer.Exit(_exit_code(err)) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 @app.callback()
 def main_callback(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
 ) -> None:
-    _state["debug"] = debug
+    state["debug"] = debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-
-
-def _registry() -> Any:
-    from registry.client import Registry
-
-    return Registry()
 
 
 @app.command()
@@ -119,7 +91,7 @@ def train(
         if detach or spec.kind != "local":
             train_on_cluster(loaded, recipe, spec, detach=detach)
             return
-    result = pipeline.train(loaded, recipe, registry=_registry())
+    result = pipeline.train(loaded, recipe, registry=open_registry())
     if result.resumed_from_step:
         console.print(f"resumed from step {result.resumed_from_step} of an interrupted run")
     console.print(f"registered [bold]{result.version.name}[/] version {result.version.version} (run {result.run_id})")
@@ -160,7 +132,7 @@ def evaluate(
         raise typer.BadParameter(f"{pass_k} is not in 1..--samples ({samples}); fix: raise --samples or lower --pass-k",
                                  param_hint="--pass-k")
     spec = EvaluateSpec(max_samples=max_samples, samples=samples, pass_k=pass_k)
-    report = pipeline.evaluate(_registry(), name, version, spec=spec, data=data, method=method, search_path=search_path)
+    report = pipeline.evaluate(open_registry(), name, version, spec=spec, data=data, method=method, search_path=search_path)
     _print_metrics(report.metrics, report.base_metrics)
 
 
@@ -207,7 +179,7 @@ def promote(
     from . import pipeline
 
     actor = local_actor(local_admin, "promote")
-    registry = _registry()
+    registry = open_registry()
     pol = _policy(recipe, policy)
     result = check_gates(registry, name, version, pol, alias=to)  # approvals and per-alias requirements too
     _print_gates(result)
@@ -240,7 +212,7 @@ def rollback(
     from registry.promotion import rollback as do_rollback
 
     actor = local_actor(local_admin, "rollback")
-    entry = do_rollback(_registry(), name, alias=alias, to_version=to, actor=actor, reason=reason or "forgeline rollback")
+    entry = do_rollback(open_registry(), name, alias=alias, to_version=to, actor=actor, reason=reason or "forgeline rollback")
     console.print(f"{name}@{alias}: {entry.from_version} → {entry.to_version}")
 
 
@@ -265,7 +237,7 @@ def build(
         from serving.build.trtllm_build import build_options
 
         trtllm = build_options(quantize=quantize, tp=tp, backend=backend, multi_lora=multi_lora or bool(adapter))
-    built = pipeline.build(_registry(), ref, target=target, trtllm=trtllm, runner=runner, extra_adapters=adapter or [], finalize=finalize)
+    built = pipeline.build(open_registry(), ref, target=target, trtllm=trtllm, runner=runner, extra_adapters=adapter or [], finalize=finalize)
     if built.pending:
         console.print(f"{target} build job for {built.version.name} v{built.version.version} is ready ({runner}): {built.path}/job")
         return
@@ -315,14 +287,14 @@ def serve(
         store = BaseModelStore() if base_names else None
         records = [store.get(name) for name in base_names] if store else []
         bases = [BaseSource(name=r.name, source=r.source, chat_template=r.chat_template) for r in records]
-        gateway = build_gateway(_registry(), refs, spec, bases=bases)
+        gateway = build_gateway(open_registry(), refs, spec, bases=bases)
         console.print(f"serving {', '.join(refs + base_names)} on http://{host}:{port}/v1 (API keys {'required' if spec.auth else 'OFF'})")
         run_server(gateway, host, port, limits=spec.limits)
     except ForgelineError as err:
         # Nothing could be served as asked: like bad input, exit 2 with one line.
-        if _state["debug"]:
+        if state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] cannot serve: {escape(str(err))}", highlight=False, soft_wrap=True)
+        print_error(err, prefix="cannot serve: ")
         raise typer.Exit(2) from None
 
 
@@ -342,7 +314,7 @@ def quickstart(
 @handles_errors
 def models_list() -> None:
     """Registered models with their versions and aliases."""
-    registry = _registry()
+    registry = open_registry()
     table = Table("model", "version", "aliases", "accuracy", "base")
     for name in registry.list_models():
         for info in registry.list_versions(name):
@@ -359,7 +331,7 @@ def _fmt(value: float | None) -> str:
 @handles_errors
 def models_show(ref: Annotated[str, typer.Argument(help="NAME, NAME@ALIAS or NAME@VERSION.")]) -> None:
     """One version with all its lineage tags."""
-    info = _registry().resolve(ref)
+    info = open_registry().resolve(ref)
     console.print(f"[bold]{info.name}[/] version {info.version}  aliases: {', '.join(info.aliases) or '-'}")
     console.print(f"source: {info.source}")
     for key, value in sorted(info.tags.items()):
@@ -373,7 +345,7 @@ def models_history(
     alias: Annotated[str | None, typer.Option(help="Only this alias.")] = None,
 ) -> None:
     """Which version held each alias when (from the append-only audit log)."""
-    registry = _registry()
+    registry = open_registry()
     table = Table("when (UTC)", "alias", "from", "to", "action", "who", "why")
     for e in registry.audit.history(name, alias):
         table.add_row(str(e.created_at), e.alias, str(e.from_version or "-"), str(e.to_version or "-"), e.action, e.actor, e.reason)
@@ -381,10 +353,6 @@ def models_history(
 
 
 app.command("worker")(handles_errors(_worker_command))
-
-
-# Registers approve, control serve, models reconcile (cli_govern); models add-base, bases, remove-base (cli_bases).
-from forgeline import cli_bases, cli_govern  # noqa: E402,F401
 
 
 def main() -> None:

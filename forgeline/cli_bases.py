@@ -15,8 +15,10 @@ from typing import Annotated, Any
 import typer
 from rich.table import Column, Table
 
-from forgeline.cli import console, handles_errors, models_app
+from forgeline.cli_shared import console, handles_errors
 from registry.errors import ErrorCode, ForgelineError
+
+bases_app = typer.Typer()  # `forgeline models add-base | bases | remove-base`, added to `models`
 
 _SECTIONS = ("adapter", "train")
 
@@ -66,7 +68,7 @@ def _kv(values: dict[str, Any]) -> str:
     return ", ".join(f"{key}={json.dumps(value)}" for key, value in values.items()) or "-"
 
 
-@models_app.command("add-base")
+@bases_app.command("add-base")
 @handles_errors
 def add_base(
     name: Annotated[str, typer.Argument(help="Public name customers fine-tune, e.g. qwen2.5-7b-instruct.")],
@@ -113,7 +115,7 @@ def add_base(
     console.print(f"  adapter: {_kv(record.adapter)}  train: {_kv(record.train)}", highlight=False, soft_wrap=True)
 
 
-@models_app.command("bases")
+@bases_app.command("bases")
 @handles_errors
 def bases(
     as_json: Annotated[
@@ -155,7 +157,7 @@ def bases(
     console.print(table)
 
 
-@models_app.command("remove-base")
+@bases_app.command("remove-base")
 @handles_errors
 def remove_base(name: Annotated[str, typer.Argument(help="Public name of the base model.")]) -> None:
     """Stop offering a base model for new fine-tuning jobs (its files and past jobs are not touched)."""

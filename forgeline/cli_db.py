@@ -12,23 +12,21 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
-from forgeline.cli_errors import one_line_errors
+from forgeline.cli_shared import console, handles_errors
 from registry import migrations, settings
 from registry.db import create_control_engine
 
 db_app = typer.Typer(no_args_is_help=True, help="Control database: schema revision and migrations.")
-console = Console()
 
 DbUrl = Annotated[str | None, typer.Option("--db-url", help="SQLAlchemy URL; default FORGELINE_DB_URL or "
                                            "$FORGELINE_HOME/control.db.", show_default=False)]
 
 
 @db_app.command("status")
-@one_line_errors
+@handles_errors
 def status(db_url: DbUrl = None) -> None:
     """Print the database's schema revision and the newest this forgeline knows (changes nothing)."""
     url = make_url(db_url or settings.control_db_url())
@@ -54,7 +52,7 @@ def status(db_url: DbUrl = None) -> None:
 
 
 @db_app.command("upgrade")
-@one_line_errors
+@handles_errors
 def upgrade(db_url: DbUrl = None) -> None:
     """Migrate the database to the newest revision now (what any forgeline command does on open)."""
     url = db_url or settings.control_db_url()

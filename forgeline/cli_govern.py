@@ -20,13 +20,14 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from forgeline.cli import _registry, app, console, handles_errors, models_app
 from forgeline.cli_identity import KeyFileOpt, KeyOpt, LocalAdminOpt, api_key, local_actor
 from forgeline.cli_limits import BodyTimeout, GracefulShutdown, HeaderTimeout, KeepAlive, MaxConnections, server_limits
+from forgeline.cli_shared import console, handles_errors, open_registry
 from registry.errors import ErrorCode, ForgelineError
 
 control_app = typer.Typer(no_args_is_help=True, help="The control-plane HTTP API (approvals, promotions, history).")
-app.add_typer(control_app, name="control")
+approve_app = typer.Typer()  # `forgeline approve`, added to the top level by forgeline.cli
+reconcile_app = typer.Typer()  # `forgeline models reconcile`, added to `models`
 
 ServerOpt = Annotated[
     str | None,
@@ -44,7 +45,7 @@ def _http_error(response: Any) -> ForgelineError:
         )
 
 
-@app.command()
+@approve_app.command()
 @handles_errors
 def approve(
     name: str,
@@ -90,7 +91,7 @@ def approve(
         from registry.keys import KeyStore
         from registry.promotion import decide
 
-        registry = _registry()
+        registry = open_registry()
         if secret:
             from forgeline.control.auth import check_access
             from registry.authz import Kind, Operation, Rule
@@ -152,7 +153,7 @@ def control_serve(
     run_server(control, host, port, limits=limits)
 
 
-@models_app.command("reconcile")
+@reconcile_app.command("reconcile")
 @handles_errors
 def models_reconcile(
     name: str,
@@ -163,7 +164,7 @@ def models_reconcile(
 
     Acts on the local databases as the explicit local admin --local-admin NAME.
     """
-    entries = _registry().reconcile(name, actor=local_actor(local_admin, "models reconcile"), reason=reason)
+    entries = open_registry().reconcile(name, actor=local_actor(local_admin, "models reconcile"), reason=reason)
     for entry in entries:
         console.print(f"{name}@{entry.alias}: audit log now says {entry.to_version} (was {entry.from_version})")
     if not entries:

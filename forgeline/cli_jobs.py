@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from forgeline.cli_errors import one_line_errors
+from forgeline.cli_shared import console, err_console, handles_errors
 from registry.errors import ErrorCode, FieldProblem, ForgelineError
 
 if TYPE_CHECKING:
@@ -29,8 +28,6 @@ if TYPE_CHECKING:
     from .recipe import Recipe
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Training jobs on this machine, Slurm or Kubernetes: list, status, logs, wait, cancel.")
-console = Console()
-err_console = Console(stderr=True)
 
 JobIdArg = Annotated[str, typer.Argument(help="Job id (fl-...), or a unique prefix of it.")]
 
@@ -125,7 +122,7 @@ def _phase_style(phase: str) -> str:
 
 
 @jobs_app.command("list")
-@one_line_errors
+@handles_errors
 def jobs_list(
     kind: Annotated[str | None, typer.Option(help="Only this kind: local, slurm, kubernetes, hostfile.")] = None,
     model: Annotated[str | None, typer.Option(help="Only jobs training this model.")] = None,
@@ -166,7 +163,7 @@ def jobs_list(
 
 
 @jobs_app.command("status")
-@one_line_errors
+@handles_errors
 def jobs_status(job_id: JobIdArg) -> None:
     """One job's status, asked of its scheduler now."""
     from training.launchers import jobs
@@ -182,7 +179,7 @@ def jobs_status(job_id: JobIdArg) -> None:
 
 
 @jobs_app.command("logs")
-@one_line_errors
+@handles_errors
 def jobs_logs(
     job_id: JobIdArg,
     tail: Annotated[int | None, typer.Option(help="Only the last N lines.")] = None,
@@ -208,7 +205,7 @@ def jobs_logs(
 
 
 @jobs_app.command("wait")
-@one_line_errors
+@handles_errors
 def jobs_wait(
     job_id: JobIdArg,
     timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds (the job keeps running).")] = None,
@@ -226,7 +223,7 @@ def jobs_wait(
 
 
 @jobs_app.command("cancel")
-@one_line_errors
+@handles_errors
 def jobs_cancel(job_id: JobIdArg) -> None:
     """Stop a job. Its checkpoints stay: submitting the same recipe again resumes from them."""
     from training.launchers import jobs

@@ -13,14 +13,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from forgeline.cli_errors import one_line_errors
+from forgeline.cli_shared import console, handles_errors
 from registry.errors import ErrorCode, ForgelineError
 
 keys_app = typer.Typer(no_args_is_help=True, help="Gateway API keys: create (shown once), list, revoke.")
-console = Console()
 
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
@@ -58,7 +56,7 @@ def _store() -> Any:
 
 
 @keys_app.command("create")
-@one_line_errors
+@handles_errors
 def create(
     name_arg: Annotated[str | None, typer.Argument(metavar="NAME", help="Who or what the key is for (or --name).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Who or what the key is for, e.g. support-bot.")] = None,
@@ -93,7 +91,7 @@ def create(
 
 
 @keys_app.command("list")
-@one_line_errors
+@handles_errors
 def list_keys(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Every key (never the secrets), with its org, roles, pattern and status."""
     records = _store().list()
@@ -111,7 +109,7 @@ def list_keys(as_json: Annotated[bool, typer.Option("--json", help="Print JSON."
 
 
 @keys_app.command("revoke")
-@one_line_errors
+@handles_errors
 def revoke(key_id: Annotated[str, typer.Argument(help="The key's id (from `forgeline keys list`).")]) -> None:
     """Revoke a key; gateways refuse it within their key cache time (default 2 s)."""
     record = _store().revoke(key_id)
