@@ -1,0 +1,1 @@
+"""Test helpers shared by every test tree (tiny checkpoints of each model family, ...)."""
