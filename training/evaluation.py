@@ -12,16 +12,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import EvaluateSpec
+from .stop_tokens import stop_token_ids
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class EvalExample:
-    """One held-out question: the rendered prompt and the answer we expect."""
+    """One held-out question: the rendered prompt and the answer we expect.
+
+    ``completion`` is the answer as the chat template renders it after ``prompt`` (with the
+    turn's closing stop token, e.g. ``<|eot_id|>``), which is what training taught the model
+    to emit; None for plain-text prompts, whose answer ends with the tokenizer's eos.
+    """
 
     prompt: str
     expected: str
+    completion: str | None = None
 
 
 def to_examples(rows: list[dict[str, Any]], tokenizer: Any) -> list[EvalExample]:
@@ -47,7 +54,10 @@ def to_examples(rows: list[dict[str, Any]], tokenizer: Any) -> list[EvalExample]
         else:
             continue
         prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
-        examples.append(EvalExample(prompt, expected))
+        full = tokenizer.apply_chat_template(
+            [*prompt_msgs, {"role": "assistant", "content": expected}], tokenize=False
+        )
+        examples.append(EvalExample(prompt, expected, full[len(prompt) :] if full.startswith(prompt) else None))
     return examples
 
 
@@ -61,9 +71,14 @@ def _batches(items: list[EvalExample], size: int) -> list[list[EvalExample]]:
 
 
 def generate_answers(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers, batched with left padding."""
+    """Greedy answers, batched with left padding, each ending at the model's first stop token.
+
+    The stop tokens are the model's ``generation_config`` list (`training.stop_tokens`), the
+    same ones the served engine stops on, so an answer scores here as the gateway returns it.
+    """
     import torch
 
+    stops = stop_token_ids(getattr(model, "generation_config", None), tokenizer)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     answers: list[str] = []
@@ -77,7 +92,7 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[str], *, max_new_
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
+                    eos_token_id=stops,
                 )
             new = out[:, enc["input_ids"].shape[1] :]
             answers += tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -87,7 +102,11 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[str], *, max_new_
 
 
 def completion_loss(model: Any, tokenizer: Any, examples: list[EvalExample], *, batch_size: int) -> float:
-    """Mean per-token negative log-likelihood of the expected answers (plus eos)."""
+    """Mean per-token negative log-likelihood of the expected answers, with the token(s) that end them.
+
+    Chat answers are scored as the template renders them (closing stop token included), plain
+    answers with the tokenizer's eos appended.
+    """
     import torch
 
     total, count = 0.0, 0
@@ -96,7 +115,7 @@ def completion_loss(model: Any, tokenizer: Any, examples: list[EvalExample], *, 
     try:
         for batch in _batches(examples, batch_size):
             prompt_ids = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in batch]
-            answer_ids = [tokenizer(e.expected, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for e in batch]
+            answer_ids = [_answer_ids(tokenizer, e) for e in batch]
             seqs = [p + a for p, a in zip(prompt_ids, answer_ids, strict=True)]
             width = max(map(len, seqs))
             ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -117,6 +136,12 @@ def completion_loss(model: Any, tokenizer: Any, examples: list[EvalExample], *, 
     finally:
         tokenizer.padding_side = side
     return total / max(count, 1)
+
+
+def _answer_ids(tokenizer: Any, example: EvalExample) -> list[int]:
+    if example.completion is not None:
+        return tokenizer(example.completion, add_special_tokens=False)["input_ids"]
+    return tokenizer(example.expected, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
 def evaluate_model(model: Any, tokenizer: Any, rows: list[dict[str, Any]], spec: EvaluateSpec) -> dict[str, float]:

@@ -31,6 +31,7 @@ from typing import Any
 
 from registry.errors import ErrorCode, ForgelineError, MissingDependencyError, ModelNotFoundError
 from serving.engine.base import Chunk, FinishReason, SamplingParams
+from serving.engine.stop_tokens import stop_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -255,14 +256,8 @@ class TorchEngine:
         model: Any = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype)
         model = model.to(device).eval()
 
-        eos: set[int] = set()
-        gen_eos = getattr(model.generation_config, "eos_token_id", None)
-        if isinstance(gen_eos, int):
-            eos.add(gen_eos)
-        elif gen_eos:
-            eos.update(int(i) for i in gen_eos)
-        if tokenizer.eos_token_id is not None:
-            eos.add(int(tokenizer.eos_token_id))
+        # The artifact's generation_config lists every turn-ending token (one source of truth).
+        eos = set(stop_token_ids(model.generation_config, tokenizer))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
         params = inspect.signature(model.forward).parameters
@@ -644,7 +639,7 @@ class TorchEngine:
             if hits:
                 reason, end = "stop", min(hits)
         if reason is None:
-            if token in self._eos_ids:
+            if token in self._eos_ids or token in r.params.stop_token_ids:
                 reason = "stop"
             elif len(r.out_ids) >= r.params.max_tokens:
                 reason = "length"

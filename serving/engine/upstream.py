@@ -33,6 +33,7 @@ import httpx
 
 from registry.errors import ErrorCode, ForgelineError, ModelNotFoundError
 from serving.engine.base import Chunk, FinishReason, SamplingParams
+from serving.engine.stop_tokens import read_stop_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class UpstreamEngine:
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._tokenizer: Any = None
+        self._stop_token_ids: list[int] = []
         self._started = False
         self._healthy = False
         self._poller: asyncio.Task[None] | None = None
@@ -163,6 +165,9 @@ class UpstreamEngine:
         from transformers import AutoTokenizer
 
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._tokenizer_src)
+        # The worker may stop at its tokenizer's eos only (one id); the model's turn can end with
+        # another one (Llama-3 <|eot_id|>), so every request names them all.
+        self._stop_token_ids = read_stop_token_ids(self._tokenizer_src, self._tokenizer)
         self._client = httpx.AsyncClient(base_url=self.base_url, timeout=self._timeout, headers=self._headers, transport=self._transport)
         self._started = True
         self._healthy = await self.check_health()
@@ -267,6 +272,9 @@ class UpstreamEngine:
         }
         if params.stop:
             body["stop"] = list(params.stop)
+        stop_ids = list(dict.fromkeys([*self._stop_token_ids, *params.stop_token_ids]))
+        if stop_ids:
+            body["stop_token_ids"] = stop_ids  # trtllm-serve's and vLLM's completions field
         if params.seed is not None:
             body["seed"] = params.seed
         if adapter is None:

@@ -41,6 +41,7 @@ async def create_completion(
             top_p=body.top_p,
             stop=body.stop_list(),
             seed=body.seed,
+            stop_token_ids=body.stop_token_ids,
         )
         prompt_tokens = run.engine.count_tokens(prompt)
         await run.admit(prompt_tokens)

@@ -66,6 +66,7 @@ def sampling_params(
     top_p: float | None,
     stop: list[str],
     seed: int | None,
+    stop_token_ids: list[int] | None = None,
 ) -> SamplingParams:
     """Engine sampling parameters from wire fields, with the gateway's defaults and limits."""
     wanted = max_tokens if max_tokens is not None else min(default_max_tokens, settings.max_new_tokens)
@@ -81,6 +82,7 @@ def sampling_params(
         top_p=1.0 if top_p is None else top_p,
         stop=stop,
         seed=seed,
+        stop_token_ids=list(stop_token_ids or []),
     )
 
 
