@@ -273,7 +273,7 @@ def build_tokenizer(name: str) -> Any:
     return tokenizer
 
 
-def _config(spec: Family, tokenizer: Any) -> Any:
+def _config(spec: Family, tokenizer: Any, overrides: dict[str, Any]) -> Any:
     import transformers
 
     ids = {
@@ -283,13 +283,15 @@ def _config(spec: Family, tokenizer: Any) -> Any:
     }
     common = {} if spec.name == "gpt2" else _COMMON
     config_class = getattr(transformers, spec.config_class)
-    return config_class(
-        vocab_size=len(tokenizer), tie_word_embeddings=spec.tied, **common, **spec.config, **ids, **spec.extra
-    )
+    kwargs = {"vocab_size": len(tokenizer), "tie_word_embeddings": spec.tied, **common, **spec.config, **ids, **spec.extra}
+    return config_class(**{**kwargs, **overrides})
 
 
-def build_family(name: str, root: Path) -> Path:
+def build_family(name: str, root: Path, **config_overrides: Any) -> Path:
     """Build (once) and return ``root / name``: a tiny random-weight checkpoint of ``name``.
+
+    ``config_overrides`` change the family's config (e.g. ``initializer_range=0.2`` for a
+    base whose logits LoRA can sharpen); give such variants their own ``root``.
 
     The folder holds ``config.json``, ``model.safetensors``, ``generation_config.json``
     (``eos_token_id`` lists every stop token of the family) and the tokenizer files.
@@ -304,7 +306,7 @@ def build_family(name: str, root: Path) -> Path:
     if (folder / "generation_config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
     tokenizer = build_tokenizer(name)
-    config = _config(spec, tokenizer)
+    config = _config(spec, tokenizer, config_overrides)
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_config(config)
     stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in spec.stop]
