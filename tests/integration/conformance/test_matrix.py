@@ -24,27 +24,31 @@ the QLoRA cell checks that validate refuses it. GPT-2 ships no chat template: it
 ``model.chat_template`` in the recipe, and one cell checks validate refuses it without one.
 
 The matrix (stages: V validate, T train, E evaluate, P promote, B build, S serve + openai
-SDK, N served by name on the base; ✓ pass, R refused at validate with a clear error,
-x(owner) known gap, — not reached) as of this branch:
+SDK, N served by name on its bare base, adapter and base requests alternating; ✓ pass,
+R refused at validate with a clear error, x(owner) known gap, — not reached), as run on this
+branch (default set: 4 passed, 6 xfailed, 1 skipped (GPU); full set: 6 passed, 27 xfailed,
+2 xpassed before the Mixtral by-name mark was dropped):
 
-==========================  ===  ===  ==========  ===  ==========  ===  ========
-cell                        V    T    E           P    B           S    N
-==========================  ===  ===  ==========  ===  ==========  ===  ========
-llama3  sft   lora          ✓    ✓    ✓           ✓    ✓           ✓    ✓
-qwen2   dpo   lora          ✓    ✓    ✓           ✓    ✓           ✓    ✓
-qwen2_moe sft lora (attn)   ✓    ✓    ✓           ✓    ✓           ✓    x(moe)
-qwen2_moe sft lora all-lin  x(moe): validate must refuse/flag the unadapted experts
-mixtral grpo  lora          ✓    ✓    x(versions) —    —           —    —
-gemma2  sft   lora          ✓    ✓    ✓           ✓    ✓           ✓    ✓
-phi3    sft   none          ✓    ✓    x(versions) —    x(versions) —    —
-gpt2    sft   lora +tmpl    ✓    ✓    ✓           ✓    ✓           ✓    ✓
-gpt2    sft   lora no tmpl  x(moe): validate passes, train refuses (no chat template)
-llama3  sft   lora lm_head  x(moe): validate passes, train refuses lm_head
-llama3  sft   qlora (CPU)   R (qlora needs a CUDA GPU)
-qwen2   sft   qlora (GPU)   gpu: full path where a GPU exists
-full set: every family ×    sft/dpo lora: ✓ through S (N: x(moe) on MoE bases);
-{sft,dpo,grpo}×{lora,none}  grpo: E x(versions); none: E, B x(versions)
-==========================  ===  ===  ==========  ===  ==========  ===  ========
+=============================  ===  ===  ===========  ===  ===========  ===  ======
+cell                           V    T    E            P    B            S    N
+=============================  ===  ===  ===========  ===  ===========  ===  ======
+llama3 sft/dpo lora            ✓    ✓    ✓            ✓    ✓            ✓    ✓
+qwen2 sft/dpo lora             ✓    ✓    ✓            ✓    ✓            ✓    ✓
+qwen2_moe sft/dpo lora         ✓    ✓    ✓            ✓    ✓            ✓    x(moe)
+mixtral sft/dpo lora           ✓    ✓    ✓            ✓    ✓            ✓    ✓
+gemma2 sft/dpo lora            ✓    ✓    ✓            ✓    ✓            ✓    ✓
+phi3 sft/dpo lora              ✓    ✓    ✓            ✓    ✓            ✓    ✓
+gpt2 sft/dpo lora +template    ✓    ✓    ✓            ✓    ✓            ✓    ✓
+any family grpo lora           ✓    ✓    x(versions)  —    —            —    —
+any family sft/dpo/grpo none   ✓    ✓    x(versions)  —    x(versions)  —    —
+gpt2 sft lora, no template     x(moe): validate accepts it, train refuses (no chat template)
+qwen2_moe lora all-linear      x(moe): validate accepts it, the routed experts stay unadapted
+llama3 lora lm_head target     x(moe): validate accepts it, train refuses lm_head
+llama3 sft qlora, CPU          R (qlora needs a CUDA GPU)
+qwen2 sft qlora, GPU           gpu: the full path where a GPU exists (not run here)
+=============================  ===  ===  ===========  ===  ===========  ===  ======
+
+The x(owner) cells become ✓ (XPASS) once the owner's branch merges; then drop their gap.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ import torch
 
 from registry import lineage
 from tests.integration.conformance.stages import REPO, Cell, run_cell, serve_by_name, validate, write_recipe
-from tests.support.families import FAMILIES, MOE_FAMILIES, family
+from tests.support.families import FAMILIES, family
 
 pytestmark = [pytest.mark.integration]
 
@@ -107,7 +111,9 @@ def expect_for(cell: Cell) -> Expect:
         gaps.update(evaluate=VERSIONS_FULL, build=VERSIONS_FULL)
     elif cell.method == "grpo":
         gaps["evaluate"] = VERSIONS_GRPO
-    if cell.family in MOE_FAMILIES and cell.adapter in ("lora", "qlora"):
+    if cell.family == "qwen2_moe" and cell.adapter in ("lora", "qlora"):
+        # Mixtral's only linear layers are attention (experts and router are not nn.Linear in
+        # transformers 5), so its adapters never reach the MoE block and serve fine by name.
         gaps["by_name"] = MOE_BY_NAME
     targets = MOE_TARGETS.get(cell.family, "all-linear")
     return Expect(gaps=gaps, targets=targets)
