@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-forgeline
 PYTEST_ARGS ?=
 EXTRAS ?= dev,deepspeed,postgres,redis,k8s,s3
 
-.PHONY: setup quickstart test test-fast test-gpu lint bench clean-state
+.PHONY: setup quickstart test test-fast test-gpu test-conformance lint bench clean-state
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ test-fast: $(STAMP)
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -m gpu -q -ra $(PYTEST_ARGS)
+
+# Every model family x method x adapter through every stage (~25 min on 2 cores); `make test` runs a subset.
+test-conformance: $(STAMP)
+	$(PY) -m pytest tests/integration/conformance -m "conformance_full or not conformance_full" -q -ra $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

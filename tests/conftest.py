@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from tests.support.families import build_family
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_BASE = REPO / "assets" / "tiny-base"
@@ -23,3 +26,10 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def family_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``family_checkpoint("gemma2")``: the folder of that family's tiny checkpoint, built once per session."""
+    root = tmp_path_factory.mktemp("families")
+    return lambda name: build_family(name, root)

@@ -13,16 +13,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import EvaluateSpec
+from .stop_tokens import stop_token_ids
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class EvalExample:
-    """One held-out question: the rendered prompt and the answer we expect."""
+    """One held-out question: the rendered prompt and the answer we expect.
+
+    ``completion`` is the answer as the chat template renders it after ``prompt`` (with the
+    turn's closing stop token, e.g. ``<|eot_id|>``), which is what training taught the model
+    to emit; None for plain-text prompts, whose answer ends with the tokenizer's eos.
+    """
 
     prompt: str
     expected: str
+    completion: str | None = None
 
 
 def to_examples(rows: list[dict[str, Any]], tokenizer: Any) -> list[EvalExample]:
@@ -49,7 +56,10 @@ def to_examples(rows: list[dict[str, Any]], tokenizer: Any) -> list[EvalExample]
         else:
             continue
         prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
-        examples.append(EvalExample(prompt, expected))
+        full = tokenizer.apply_chat_template(
+            [*prompt_msgs, {"role": "assistant", "content": expected}], tokenize=False
+        )
+        examples.append(EvalExample(prompt, expected, full[len(prompt) :] if full.startswith(prompt) else None))
     return examples
 
 
@@ -72,13 +82,16 @@ def generate_answers(
     samples: int = 1,
     temperature: float | None = None,
 ) -> list[str]:
-    """Greedy answers, batched with left padding.
+    """Greedy answers, batched with left padding, each ending at the model's first stop token.
 
+    The stop tokens are the model's ``generation_config`` list (`training.stop_tokens`), the
+    same ones the served engine stops on, so an answer scores here as the gateway returns it.
     With ``temperature`` set, ``samples`` completions per prompt are sampled instead (the
     answers of prompt ``i`` are ``answers[i * samples : (i + 1) * samples]``).
     """
     import torch
 
+    stops = stop_token_ids(getattr(model, "generation_config", None), tokenizer)
     if temperature is None:
         sampling: dict[str, Any] = {"do_sample": False}
     else:
@@ -99,7 +112,7 @@ def generate_answers(
                     max_new_tokens=max_new_tokens,
                     **sampling,
                     pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
+                    eos_token_id=stops,
                 )
             new = out[:, enc["input_ids"].shape[1] :]
             answers += tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -109,8 +122,12 @@ def generate_answers(
 
 
 def completion_losses(model: Any, tokenizer: Any, examples: list[EvalExample], *, batch_size: int) -> list[tuple[float, int]]:
-    """Per example: the summed negative log-likelihood of its expected answer (plus eos), and
-    how many tokens that is."""
+    """Per example: the summed negative log-likelihood of its expected answer with the token(s)
+    that end it, and how many tokens that is.
+
+    Chat answers are scored as the template renders them (closing stop token included), plain
+    answers with the tokenizer's eos appended.
+    """
     import torch
 
     found: list[tuple[float, int]] = []
@@ -119,7 +136,7 @@ def completion_losses(model: Any, tokenizer: Any, examples: list[EvalExample], *
     try:
         for batch in _batches(examples, batch_size):
             prompt_ids = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in batch]
-            answer_ids = [tokenizer(e.expected, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for e in batch]
+            answer_ids = [_answer_ids(tokenizer, e) for e in batch]
             seqs = [p + a for p, a in zip(prompt_ids, answer_ids, strict=True)]
             width = max(map(len, seqs))
             ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -159,6 +176,12 @@ class ItemScores:
 
     items: list[str]
     scores: dict[str, list[float]]
+
+
+def _answer_ids(tokenizer: Any, example: EvalExample) -> list[int]:
+    if example.completion is not None:
+        return tokenizer(example.completion, add_special_tokens=False)["input_ids"]
+    return tokenizer(example.expected, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
 def evaluate_model(model: Any, tokenizer: Any, rows: list[dict[str, Any]], spec: EvaluateSpec) -> dict[str, float]:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from registry.errors import ConflictError, ErrorCode, ForgelineError, MissingDependencyError, NotFoundError
+from serving.engine.stop_tokens import stop_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +108,9 @@ def _write_model(weights: str, adapter: Path | None, tmp: Path, chat_template: s
         tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(tmp)
 
+    # Every artifact carries the base's full stop list: the engines and the upstream relay read it there.
     generation = model.generation_config if model.generation_config is not None else GenerationConfig()
-    eos = generation.eos_token_id
-    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
-        eos_ids.append(tokenizer.eos_token_id)
+    eos_ids = stop_token_ids(generation, tokenizer)
     if eos_ids:
         generation.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else eos_ids
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else None)

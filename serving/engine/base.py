@@ -28,6 +28,8 @@ class SamplingParams:
         top_p: nucleus sampling mass, in (0, 1].
         stop: strings that end generation; they are not part of the returned text.
         seed: seeds this request's own random generator, so sampling is reproducible.
+        stop_token_ids: token ids that end generation besides the model's own stop tokens
+            (its ``generation_config.eos_token_id`` list, which engines always honour).
     """
 
     max_tokens: int
@@ -35,6 +37,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Engines trust these; the gateway validates wire input earlier with better messages.

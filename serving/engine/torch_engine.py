@@ -41,6 +41,7 @@ from serving.cpu_pool import run_cpu
 from serving.engine.adapter_chat import BASE_CHAT, AdapterChat, read_adapter_chat
 from serving.engine.base import Chunk, FinishReason, SamplingParams
 from serving.engine.lora_routing import BASE_ADAPTER, LoraRouter, strip_lora
+from serving.engine.stop_tokens import stop_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -328,14 +329,8 @@ class TorchEngine:
         check_loading_info(str(self.model_dir), info)
         model = model.to(device).eval()
 
-        eos: set[int] = set()
-        gen_eos = getattr(model.generation_config, "eos_token_id", None)
-        if isinstance(gen_eos, int):
-            eos.add(gen_eos)
-        elif gen_eos:
-            eos.update(int(i) for i in gen_eos)
-        if tokenizer.eos_token_id is not None:
-            eos.add(int(tokenizer.eos_token_id))
+        # The artifact's generation_config lists every turn-ending token (one source of truth).
+        eos = set(stop_token_ids(model.generation_config, tokenizer))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
         params = inspect.signature(model.forward).parameters
@@ -853,7 +848,7 @@ class TorchEngine:
             if hits:
                 reason, end = "stop", min(hits)
         if reason is None:
-            if token in self._eos_ids or token in r.stop_ids:
+            if token in self._eos_ids or token in r.stop_ids or token in r.params.stop_token_ids:
                 reason = "stop"
             elif len(r.out_ids) >= r.params.max_tokens:
                 reason = "length"

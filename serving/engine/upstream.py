@@ -44,6 +44,7 @@ from registry.errors import ErrorCode, ForgelineError, ModelNotFoundError
 from serving import request_id
 from serving.engine.base import Chunk, FinishReason, SamplingParams
 from serving.engine.pool import Outcome, PoolPolicy, Worker, WorkerPool
+from serving.engine.stop_tokens import read_stop_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ class UpstreamEngine:
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._tokenizer: Any = None
+        self._stop_token_ids: list[int] = []
         self._started = False
         self._poller: asyncio.Task[None] | None = None
 
@@ -209,6 +211,9 @@ class UpstreamEngine:
         from transformers import AutoTokenizer
 
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._tokenizer_src)
+        # The worker may stop at its tokenizer's eos only (one id); the model's turn can end with
+        # another one (Llama-3 <|eot_id|>), so every request names them all.
+        self._stop_token_ids = read_stop_token_ids(self._tokenizer_src, self._tokenizer)
         # Keep-alive connections sized to the pool, so steady load never reconnects.
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64 * max(1, len(self.pool.workers)))
         self._client = httpx.AsyncClient(timeout=self._timeout, headers=self._headers, transport=self._transport, limits=limits)
@@ -344,6 +349,9 @@ class UpstreamEngine:
         }
         if params.stop:
             body["stop"] = list(params.stop)
+        stop_ids = list(dict.fromkeys([*self._stop_token_ids, *params.stop_token_ids]))
+        if stop_ids:
+            body["stop_token_ids"] = stop_ids  # trtllm-serve's and vLLM's completions field
         if params.seed is not None:
             body["seed"] = params.seed
         return self.route_adapter(body, adapter)

@@ -50,6 +50,7 @@ async def create_completion(
             stop=body.stop_list(),
             seed=body.seed,
             defaults=run.served.sampling_defaults,
+            stop_token_ids=body.stop_token_ids,
         )
         prompt_tokens = await run_cpu(len(prompt), run.engine.count_tokens, prompt)  # large ones off the loop
         await run.admit(prompt_tokens)

@@ -68,6 +68,7 @@ def sampling_params(
     seed: int | None,
     max_tokens_field: str = "max_tokens",
     defaults: SamplingDefaults | None = None,
+    stop_token_ids: list[int] | None = None,
 ) -> SamplingParams:
     """Engine sampling parameters from wire fields, with the gateway's defaults and limits.
 
@@ -88,6 +89,7 @@ def sampling_params(
         top_p=1.0 if top_p is None else top_p,
         stop=stop,
         seed=seed,
+        stop_token_ids=list(stop_token_ids or []),
     )
 
 

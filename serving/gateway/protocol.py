@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -286,6 +286,10 @@ class CompletionRequest(_Request):
     suffix: str | None = None
     best_of: int | None = None
     logprobs: int | None = None
+    # The extension trtllm-serve and vLLM take: a gateway relaying to a `forgeline worker` sends the model's stop ids.
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(
+        default=None, max_length=64, description="Token ids that end generation, besides the model's own stop tokens."
+    )
 
     @field_validator("prompt")
     @classmethod
