@@ -5,7 +5,7 @@ base, full fine-tune and engine artifact. A turn often ends with a token that is
 tokenizer's eos (Llama-3 ``<|eot_id|>``, Gemma ``<end_of_turn>``, Phi-3 ``<|end|>``); only
 generation_config lists them all. ``training`` and ``serving`` may not import each other,
 so each side has one small reader of that data with the same rule (this module, and
-``serving.engine.stop_tokens`` for the torch engine and the upstream relay); a contract test
+``serving.stop_tokens`` for the torch engine and the upstream relay); a contract test
 checks they agree on every model family (tests/integration/conformance/test_stop_tokens.py).
 
 The rule — config list first, plus the tokenizer's eos when it is missing from the list —

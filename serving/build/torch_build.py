@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from registry.errors import ConflictError, ErrorCode, ForgelineError, MissingDependencyError, NotFoundError
-from serving.engine.stop_tokens import stop_token_ids
+from serving.stop_tokens import stop_token_ids
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from serving.cpu_pool import run_cpu
 from serving.engine.adapter_chat import BASE_CHAT, AdapterChat, read_adapter_chat
 from serving.engine.base import Chunk, FinishReason, SamplingParams
 from serving.engine.lora_routing import BASE_ADAPTER, LoraRouter, strip_lora
-from serving.engine.stop_tokens import stop_token_ids
+from serving.stop_tokens import stop_token_ids
 
 logger = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from registry.errors import ErrorCode, ForgelineError, ModelNotFoundError
 from serving import request_id
 from serving.engine.base import Chunk, FinishReason, SamplingParams
 from serving.engine.pool import Outcome, PoolPolicy, Worker, WorkerPool
-from serving.engine.stop_tokens import read_stop_token_ids
+from serving.stop_tokens import read_stop_token_ids
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from serving.engine.base import SamplingParams
-from serving.engine.stop_tokens import read_stop_token_ids
-from serving.engine.stop_tokens import stop_token_ids as serving_stop_ids
+from serving.stop_tokens import read_stop_token_ids
+from serving.stop_tokens import stop_token_ids as serving_stop_ids
 from tests.support.families import FAMILIES, family
 from tests.support.scripted import save_scripted
 from training.stop_tokens import stop_token_ids as training_stop_ids
