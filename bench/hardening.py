@@ -51,7 +51,7 @@ def setup_registry(work: Path) -> None:
     from forgeline.finetune.base_models import BaseModelStore
     from registry import lineage
     from registry.client import Registry
-    from serving.build.torch_build import build_torch_artifact
+    from serving.artifacts.torch_build import build_torch_artifact
 
     store = BaseModelStore()
     for name in ("a", "b"):

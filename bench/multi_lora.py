@@ -1,7 +1,7 @@
 """Benchmark 3: many LoRA adapters on one base against one merged model, mixed traffic.
 
 The baseline is what a team does with one fine-tune: merge the adapter into the base
-(`serving.build.torch_build.build_torch_artifact`, forgeline's torch build) and serve it
+(`serving.artifacts.torch_build.build_torch_artifact`, forgeline's torch build) and serve it
 with `TorchEngine`. The candidate serves N adapters on the unmerged base in one
 `TorchEngine` (``adapters=``, ``max_loaded_adapters=N``), each request naming a random
 adapter, so a batch mixes adapters (per-row adapter names, `LoraRouter`). Both get the same
@@ -59,7 +59,7 @@ async def closed_loop(engine: Any, texts: list[str], adapters: list[str | None],
 
 
 def run(setting: str, work: Path) -> dict[str, Any]:
-    from serving.build.torch_build import build_torch_artifact
+    from serving.artifacts.torch_build import build_torch_artifact
     from serving.engine.torch_engine import TorchEngine
 
     cfg = SETTINGS[setting]

@@ -234,7 +234,7 @@ def build(
 
     trtllm = None
     if target == "tensorrt-llm":
-        from serving.build.trtllm_build import build_options
+        from serving.artifacts.trtllm_build import build_options
 
         trtllm = build_options(quantize=quantize, tp=tp, backend=backend, multi_lora=multi_lora or bool(adapter))
     built = pipeline.build(open_registry(), ref, target=target, trtllm=trtllm, runner=runner, extra_adapters=adapter or [], finalize=finalize)

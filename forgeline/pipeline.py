@@ -27,7 +27,7 @@ from .recipe import Recipe, recipe_hash
 from .versions import VersionWeights, version_weights
 
 if TYPE_CHECKING:
-    from serving.build.trtllm_build import TrtllmBuildOptions
+    from serving.artifacts.trtllm_build import TrtllmBuildOptions
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def build(
     `_build_trtllm` (``trtllm``, ``runner``, ``extra_adapters`` and ``finalize`` apply to it).
     """
 
-    from serving.build.torch_build import build_torch_artifact
+    from serving.artifacts.torch_build import build_torch_artifact
 
     if target == "tensorrt-llm":
         return _build_trtllm(registry, ref, trtllm, runner=runner, extra_adapters=extra_adapters or [], finalize=finalize)
@@ -279,7 +279,7 @@ def _build_trtllm(
     are submitted; once they end, ``finalize=True`` checks their result and logs the artifact.
     """
 
-    from serving.build.trtllm_build import TrtllmBuildOptions, build_trtllm_artifact, finalize_trtllm_job, load_job
+    from serving.artifacts.trtllm_build import TrtllmBuildOptions, build_trtllm_artifact, finalize_trtllm_job, load_job
 
     target = "tensorrt-llm"
     if runner not in ("local", "slurm", "kubernetes", "none"):

@@ -1,7 +1,7 @@
 """Which token ids end a generation, read from the model artifact's ``generation_config.json``.
 
 The artifact's data is the single source of truth: the engine build
-(`serving.build.torch_build`) writes the base's ``generation_config.eos_token_id`` list into
+(`serving.artifacts.torch_build`) writes the base's ``generation_config.eos_token_id`` list into
 every artifact, the torch engine stops on it, and the upstream relay sends it to its worker
 as ``stop_token_ids`` (the field ``trtllm-serve`` and vLLM take), so a served answer ends
 where ``forgeline evaluate`` ends it. ``training.stop_tokens`` reads the same data with the

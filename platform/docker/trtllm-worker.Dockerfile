@@ -1,7 +1,7 @@
 # TensorRT-LLM worker: NVIDIA's release image plus forgeline's in-container entry point.
-# The base image is pinned in serving/build/trtllm_version.py only; pass it in:
+# The base image is pinned in serving/artifacts/trtllm_version.py only; pass it in:
 #   docker build -f platform/docker/trtllm-worker.Dockerfile \
-#     --build-arg TRTLLM_IMAGE=$(python -c 'from serving.build.trtllm_version import image_reference; print(image_reference())') \
+#     --build-arg TRTLLM_IMAGE=$(python -c 'from serving.artifacts.trtllm_version import image_reference; print(image_reference())') \
 #     -t forgeline/trtllm-worker:1.2.1 .
 # Run it with a built artifact mounted at /artifact (it execs the artifact's trtllm-serve argv):
 #   docker run --gpus all --ipc host --ulimit memlock=-1 --ulimit stack=67108864 \
@@ -10,7 +10,7 @@ ARG TRTLLM_IMAGE
 FROM ${TRTLLM_IMAGE}
 
 # Only the standard library and tensorrt_llm are imported by the entry point: nothing to install.
-COPY serving/build/trtllm_entry.py /opt/forgeline/trtllm_entry.py
+COPY serving/artifacts/trtllm_entry.py /opt/forgeline/trtllm_entry.py
 
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s \

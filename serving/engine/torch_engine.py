@@ -171,7 +171,7 @@ class TorchEngine:
 
     Args:
         model_dir: a folder with config, safetensors weights and tokenizer (for example an
-            artifact from `serving.build.torch_build.build_torch_artifact`).
+            artifact from `serving.artifacts.torch_build.build_torch_artifact`).
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
         max_batch_size: most requests decoded together.
         batch_window_ms: how long the worker waits after the first request to gather more.

@@ -594,8 +594,8 @@ def upstream_for_trtllm_artifact(
         NotFoundError: the artifact has no manifest (unfinished build).
         ArtifactIntegrityError: the artifact's files do not match the manifest.
     """
-    from serving.build.trtllm_config import CHECKPOINT_DIR
-    from serving.build.trtllm_manifest import load_trtllm_manifest
+    from serving.artifacts.trtllm_config import CHECKPOINT_DIR
+    from serving.artifacts.trtllm_manifest import load_trtllm_manifest
 
     local = Path(artifact_dir)
     manifest = load_trtllm_manifest(local)

@@ -157,7 +157,7 @@ def gateway_target(fuzz_home: Path, tiny_artifact_dir: Path) -> Iterator[Target]
 
 @pytest.fixture(scope="module")
 def tiny_artifact_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from serving.build.torch_build import build_torch_artifact
+    from serving.artifacts.torch_build import build_torch_artifact
     from tests.unit.serving.tiny_model import build_tiny_base
 
     folder = tmp_path_factory.mktemp("fuzz-gateway")

@@ -106,7 +106,7 @@ def test_completion_loss_scores_the_turn_end_token(scripted: Path) -> None:
 def test_build_and_torch_engine_stop_where_evaluate_does(scripted: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from serving.build.torch_build import build_torch_artifact
+    from serving.artifacts.torch_build import build_torch_artifact
     from serving.engine.torch_engine import TorchEngine
 
     artifact = tmp_path / "artifact"
@@ -131,7 +131,7 @@ def test_torch_engine_honours_request_stop_token_ids(scripted: Path, tmp_path: P
     """``stop_token_ids`` (the relay's field) ends generation on a token the model does not list."""
     from transformers import AutoTokenizer
 
-    from serving.build.torch_build import build_torch_artifact
+    from serving.artifacts.torch_build import build_torch_artifact
     from serving.engine.torch_engine import TorchEngine
 
     artifact = tmp_path / "artifact"

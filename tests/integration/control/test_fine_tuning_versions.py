@@ -18,7 +18,7 @@ from forgeline.finetune.base_models import BaseModelStore
 from forgeline.finetune.service import FineTuningSettings
 from registry import lineage
 from registry.client import Registry
-from serving.build.torch_build import load_manifest
+from serving.artifacts.torch_build import load_manifest
 from serving.config import ServeSpec
 from serving.gateway.server import serve_in_background
 from serving.registry_models import local_artifact_dir

@@ -28,7 +28,7 @@ from registry.client import Registry
 from registry.errors import PolicyRefused
 from registry.eval_samples import load_samples
 from registry.policy import PromotionPolicy
-from serving.build.torch_build import load_manifest
+from serving.artifacts.torch_build import load_manifest
 from serving.config import ServeSpec
 from serving.gateway.server import serve_in_background
 from serving.registry_models import BaseSource

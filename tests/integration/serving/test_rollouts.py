@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from registry import lineage
 from registry.audit import AuditLog
 from registry.client import Registry
-from serving.build.torch_build import build_torch_artifact
+from serving.artifacts.torch_build import build_torch_artifact
 from serving.config import CanarySLO, CanarySpec, ServeSpec
 from serving.engine.torch_engine import TorchEngine
 from serving.gateway.server import serve_in_background

@@ -27,8 +27,8 @@ import pytest
 
 from registry import lineage
 from registry.client import Registry
-from serving.build.trtllm_build import RUNTIME_ENV, build_options, build_trtllm_artifact
-from serving.build.trtllm_manifest import load_trtllm_manifest
+from serving.artifacts.trtllm_build import RUNTIME_ENV, build_options, build_trtllm_artifact
+from serving.artifacts.trtllm_manifest import load_trtllm_manifest
 from serving.config import ServeSpec
 from serving.engine.upstream import UpstreamEngine
 from serving.gateway.app import ServedModel, StaticCatalog, create_app

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.build.torch_build import build_torch_artifact
+from serving.artifacts.torch_build import build_torch_artifact
 from serving.engine.torch_engine import TorchEngine
 from tests.unit.serving.tiny_model import build_tiny_base
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.build.torch_build import build_torch_artifact
+from serving.artifacts.torch_build import build_torch_artifact
 from tests.support.families import FAMILIES
 
 ATOL = 1e-4

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from registry.errors import ConflictError, NotFoundError
-from serving.build.torch_build import (
+from serving.artifacts.torch_build import (
     MANIFEST_NAME,
     ArtifactIntegrityError,
     build_torch_artifact,

@@ -19,17 +19,17 @@ import pytest
 import yaml
 
 from registry.errors import ConfigError
-from serving.build.torch_build import ArtifactIntegrityError
-from serving.build.trtllm_build import (
+from serving.artifacts.torch_build import ArtifactIntegrityError
+from serving.artifacts.trtllm_build import (
     TrtllmJob,
     build_options,
     finalize_trtllm_job,
     prepare_trtllm_job,
     read_build_result,
 )
-from serving.build.trtllm_config import fill_argv, h200_serve_options, serve_argv_template
-from serving.build.trtllm_manifest import load_trtllm_manifest
-from serving.build.trtllm_version import TRTLLM_IMAGE, TRTLLM_VERSION
+from serving.artifacts.trtllm_config import fill_argv, h200_serve_options, serve_argv_template
+from serving.artifacts.trtllm_manifest import load_trtllm_manifest
+from serving.artifacts.trtllm_version import TRTLLM_IMAGE, TRTLLM_VERSION
 from tests.unit.serving.tiny_model import build_tiny_adapter
 
 # -- the documented API of TensorRT-LLM 1.2.1 that forgeline relies on -------------------
@@ -194,7 +194,7 @@ def _calls(log: Path) -> list[dict[str, Any]]:
 def test_entry_builds_with_documented_calls_and_manifest_records_them(
     tmp_path: Path, tiny_base: Path, adapter: Path, fake_trtllm: Path, quantize: str, multi_lora: bool, tp: int, backend: str
 ) -> None:
-    from serving.build import trtllm_entry
+    from serving.artifacts import trtllm_entry
 
     job = _prepare(tmp_path, tiny_base, adapter, quantize, multi_lora, tp, backend)
     root = Path(job.artifact)
@@ -244,7 +244,7 @@ def test_entry_builds_with_documented_calls_and_manifest_records_them(
 
 
 def test_manifest_catches_a_changed_file(tmp_path: Path, tiny_base: Path, adapter: Path, fake_trtllm: Path) -> None:
-    from serving.build import trtllm_entry
+    from serving.artifacts import trtllm_entry
 
     job = _prepare(tmp_path, tiny_base, adapter, "none", False, 1, "pytorch")
     assert trtllm_entry.main(["build", "--spec", f"{job.artifact}/job/build-spec.json"]) == 0
@@ -257,7 +257,7 @@ def test_manifest_catches_a_changed_file(tmp_path: Path, tiny_base: Path, adapte
 def test_entry_refuses_an_image_with_another_version(
     tmp_path: Path, tiny_base: Path, adapter: Path, fake_trtllm: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from serving.build import trtllm_entry
+    from serving.artifacts import trtllm_entry
 
     monkeypatch.setenv("FAKE_TRTLLM_VERSION", "1.3.0rc5")
     job = _prepare(tmp_path, tiny_base, adapter, "fp8", False, 1, "pytorch")

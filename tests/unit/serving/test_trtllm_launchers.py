@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from registry.errors import MissingDependencyError
-from serving.build.trtllm_build import (
+from serving.artifacts.trtllm_build import (
     RUNTIME_ENV,
     TrtllmBuildOptions,
     TrtllmJob,
@@ -17,7 +17,7 @@ from serving.build.trtllm_build import (
     render_kubernetes_job,
     render_sbatch,
 )
-from serving.build.trtllm_config import h200_serve_options
+from serving.artifacts.trtllm_config import h200_serve_options
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ def test_platform_files_follow_the_one_pin() -> None:
     """Templates cannot import the pin, so they are checked against it instead."""
     import re
 
-    from serving.build.trtllm_version import TRTLLM_VERSION
+    from serving.artifacts.trtllm_version import TRTLLM_VERSION
 
     platform = Path(__file__).resolve().parents[3] / "platform"
     found = {}

@@ -153,7 +153,7 @@ def build_engine(spec: dict[str, Any], artifact: Path, out: Path) -> None:
 
 
 def fill_argv(template: list[str], artifact: str, host: str, port: int) -> list[str]:
-    """Same substitution as ``serving.build.trtllm_config.fill_argv`` (this file cannot import it)."""
+    """Same substitution as ``serving.artifacts.trtllm_config.fill_argv`` (this file cannot import it)."""
     root = artifact.rstrip("/") or "/"
     return [a.replace("{artifact}", root).replace("{host}", host).replace("{port}", str(port)) for a in template]
 

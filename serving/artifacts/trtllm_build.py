@@ -4,7 +4,7 @@ The work is split by where it can run:
 
 1. here (forgeline's environment): the merged checkpoint (reusing the torch build) or the
    base with adapters kept separate for multi-LoRA, the ``trtllm-serve`` YAML and argv
-   (`serving.build.trtllm_config`), and a job description (`TrtllmJob`);
+   (`serving.artifacts.trtllm_config`), and a job description (`TrtllmJob`);
 2. in TensorRT-LLM's release container, on H200s: ``trtllm_entry.py build`` does the FP8
    quantization or engine build and a smoke test, then writes ``job/build-result.json``;
 3. here again: `finalize_trtllm_job` checks the result and writes the checksummed manifest.
