@@ -32,6 +32,7 @@ from serving.gateway.generation import (
 )
 from serving.gateway.lifecycle import RequestLifecycle
 from serving.gateway.protocol import (
+    SSE_EVENT_SCHEMA,
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -52,7 +53,7 @@ router = APIRouter()
     response_model=None,
     responses={200: {"model": ChatCompletionResponse, "description": "The completion; with `stream: true`, "
                      "server-sent `chat.completion.chunk` events ending in `data: [DONE]`.",
-                     "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+                     "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}}}},
 )
 async def create_chat_completion(
     request: Request,

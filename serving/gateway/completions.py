@@ -16,7 +16,13 @@ from serving.engine.base import Chunk
 from serving.gateway.auth import get_principal
 from serving.gateway.generation import SSE_DONE, GatewaySettings, get_settings, sampling_params, sse, sse_error
 from serving.gateway.lifecycle import RequestLifecycle
-from serving.gateway.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
+from serving.gateway.protocol import (
+    SSE_EVENT_SCHEMA,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +34,7 @@ router = APIRouter()
     response_model=None,
     responses={200: {"model": CompletionResponse, "description": "The completion; with `stream: true`, "
                      "server-sent `text_completion` events ending in `data: [DONE]`.",
-                     "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+                     "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}}}},
 )
 async def create_completion(
     request: Request,

@@ -32,6 +32,15 @@ def _set(value: Any, neutral: tuple[Any, ...] = (None,)) -> bool:
     return value not in neutral and value != [] and value != {}
 
 
+
+SSE_EVENT_SCHEMA: dict[str, object] = {
+    "type": "object",
+    "description": "One server-sent event: `data` is a JSON chunk, or `[DONE]` last.",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+    "required": ["data"],
+}
+"""The OpenAPI schema of each event of a ``stream: true`` answer (``text/event-stream``)."""
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
