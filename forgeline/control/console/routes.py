@@ -28,6 +28,7 @@ from registry.errors import ErrorCode, ForgelineError, PermissionDeniedError
 from registry.keys import KeyStore
 from registry.policy import PolicyBook, check_alias
 from registry.promotion import decide, previous_holder, promote, rollback
+from registry.refs import VersionNumber
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def model_page(request: Request, name: str, notice: str | None = None) -> HTMLRe
 
 
 @router.get("/models/{name}/versions/{version}", response_class=HTMLResponse)
-def version_page(request: Request, name: str, version: int, notice: str | None = None) -> HTMLResponse:
+def version_page(request: Request, name: str, version: VersionNumber, notice: str | None = None) -> HTMLResponse:
     session = _session(request)
     registry = _registry(request)
     try:
@@ -228,7 +229,7 @@ def audit_page(
 # ------------------------------------------------------------------ decisions
 
 
-def _decision_summary(state: views.ModelState, version: int, form: dict[str, str]) -> tuple[str, str, dict[str, str]]:
+def _decision_summary(state: views.ModelState, version: VersionNumber, form: dict[str, str]) -> tuple[str, str, dict[str, str]]:
     """(title, what will change, fields to carry) for the confirmation page."""
     action = form.get("action", "")
     info = state.version(version)
@@ -254,7 +255,7 @@ def _decision_summary(state: views.ModelState, version: int, form: dict[str, str
 
 
 @router.post("/models/{name}/versions/{version}/confirm", response_class=HTMLResponse)
-async def confirm_version_action(request: Request, name: str, version: int) -> HTMLResponse:
+async def confirm_version_action(request: Request, name: str, version: VersionNumber) -> HTMLResponse:
     session, form = await _form_session(request)
     try:
         operation = Operation.DECIDE if form.get("action") in ("approve", "reject") else Operation.PROMOTE
@@ -270,7 +271,7 @@ async def confirm_version_action(request: Request, name: str, version: int) -> H
 
 
 @router.post("/models/{name}/versions/{version}/decide")
-async def decide_version(request: Request, name: str, version: int) -> Response:
+async def decide_version(request: Request, name: str, version: VersionNumber) -> Response:
     session, form = await _form_session(request)
     registry = _registry(request)
     try:
@@ -294,7 +295,7 @@ async def decide_version(request: Request, name: str, version: int) -> Response:
 
 
 @router.post("/models/{name}/versions/{version}/promote")
-async def promote_version(request: Request, name: str, version: int) -> Response:
+async def promote_version(request: Request, name: str, version: VersionNumber) -> Response:
     session, form = await _form_session(request)
     registry = _registry(request)
     try:
