@@ -20,7 +20,7 @@ from registry.client import Registry, VersionInfo
 from registry.errors import ErrorCode, ForgelineError, ModelNotFoundError
 from registry.settings import forgeline_home, tracking_uri
 
-from .build.torch_build import MANIFEST_NAME, build_torch_artifact, load_manifest
+from .artifacts.torch_build import MANIFEST_NAME, build_torch_artifact, load_manifest
 from .config import ServeSpec
 from .engine.base import ChatRelay, Engine, SamplingDefaults
 from .engine.torch_engine import TorchEngine
@@ -179,7 +179,7 @@ def served_model(
     model_dir = path
     if spec.engine == "upstream":
         # A worker (trtllm-serve) serves the artifact; the gateway relays to it over HTTP.
-        from .build.trtllm_config import CHECKPOINT_DIR
+        from .artifacts.trtllm_config import CHECKPOINT_DIR
         from .engine.discovery import DnsDiscovery
         from .engine.upstream import upstream_for_trtllm_artifact
 

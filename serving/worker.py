@@ -16,7 +16,7 @@ from fastapi import FastAPI
 
 from registry.errors import ErrorCode, ForgelineError, NotFoundError
 
-from .build.torch_build import load_manifest
+from .artifacts.torch_build import load_manifest
 from .engine.base import SamplingDefaults
 from .engine.torch_engine import TorchEngine
 from .gateway.app import create_app
