@@ -14,13 +14,22 @@ TINY_BASE = REPO / "assets" / "tiny-base"
 SUPPORT_DATA = REPO / "recipes" / "data" / "support-tickets"
 
 
-@pytest.fixture(autouse=True)
-def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "forgeline-home"
+STATE_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "FORGELINE_DB_URL", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME")
+"""Variables that point forgeline or MLflow at a state other than ``$FORGELINE_HOME``."""
+
+
+def point_home(monkeypatch: pytest.MonkeyPatch, home: Path) -> Path:
+    """Make ``home`` the only state this process sees (in-process training sets
+    ``MLFLOW_TRACKING_URI`` for MLflow's callback; module fixtures run before the autouse one)."""
     monkeypatch.setenv("FORGELINE_HOME", str(home))
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "FORGELINE_DB_URL", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
+    for var in STATE_VARS:
         monkeypatch.delenv(var, raising=False)
     return home
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    return point_home(monkeypatch, tmp_path / "forgeline-home")
 
 
 @pytest.fixture(scope="session")

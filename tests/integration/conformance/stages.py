@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,8 +105,11 @@ def recipe_dict(cell: Cell, base: Path, data: dict[str, str]) -> dict[str, Any]:
         "adapter": adapter,
         "train": train,
         "evaluate": {"max_samples": 8, "max_new_tokens": 6, "batch_size": 8},
-        # The matrix checks code paths, not learning (random weights): the gate reads recorded metrics.
-        "promote": {"to": "production", "thresholds": {"eval_loss": {"max": 1000.0}}},
+        # The matrix checks code paths, not learning (random weights): the gate reads recorded metrics
+        # (RL versions are scored by their rewards, SFT and DPO by loss).
+        "promote": {"to": "production", "thresholds": (
+            {"reward": {"min": -1000.0}} if cell.method == "grpo" else {"eval_loss": {"max": 1000.0}}
+        )},
         "serve": {"engine": "torch", "port": 0, "auth": False, "max_new_tokens": 16},
     }
 
@@ -163,14 +166,6 @@ def cell_eval_file(cell: Cell) -> Path:
     return DATA / source / "eval.jsonl"
 
 
-Guard = Callable[[str], AbstractContextManager[object]]
-"""``guard(stage)``: a context manager around one stage (the matrix turns known gaps into xfails there)."""
-
-
-def _no_guard(stage: str) -> AbstractContextManager[object]:
-    return nullcontext()
-
-
 def run_cell(
     cell: Cell,
     base: Path,
@@ -179,52 +174,45 @@ def run_cell(
     until: str = "openai",
     overrides: dict[str, Any] | None = None,
     data: dict[str, str] | None = None,
-    guard: Guard = _no_guard,
 ) -> CellRun:
     """Run ``cell`` through the stages up to ``until``; a failing stage raises (its error, unchanged)."""
     from forgeline import pipeline
     from registry.client import Registry
 
     run = CellRun(cell)
-    with guard("validate"):
-        path = write_recipe(cell, base, folder, overrides=overrides, data=data)
-        run.recipe = recipe = validate(path)
+    path = write_recipe(cell, base, folder, overrides=overrides, data=data)
+    run.recipe = recipe = validate(path)
     run.reached.append("validate")
     if until == "validate":
         return run
     registry = Registry()
-    with guard("train"):
-        result = pipeline.train(recipe, path, registry=registry)
+    result = pipeline.train(recipe, path, registry=registry)
     run.version = result.version.version
     run.reached.append("train")
     if until == "train":
         return run
-    with guard("evaluate"):
-        report = pipeline.evaluate(registry, recipe.name, run.version, spec=recipe.evaluate)
+    report = pipeline.evaluate(registry, recipe.name, run.version, spec=recipe.evaluate)
     run.metrics, run.base_metrics = report.metrics, report.base_metrics
     run.reached.append("evaluate")
     if until == "evaluate":
         return run
-    with guard("promote"):
-        pipeline.promote_version(registry, recipe.name, run.version, recipe.promote, alias=recipe.promote.to,
-                                 actor="conformance", reason=f"conformance cell {cell.id}")
+    pipeline.promote_version(registry, recipe.name, run.version, recipe.promote, alias=recipe.promote.to,
+                             actor="conformance", reason=f"conformance cell {cell.id}")
     run.promoted = True
     run.reached.append("promote")
     if until == "promote":
         return run
-    with guard("build"):
-        built = pipeline.build(registry, f"{recipe.name}@{recipe.promote.to}")
+    built = pipeline.build(registry, f"{recipe.name}@{recipe.promote.to}")
     run.engine_dir = built.path
     run.reached.append("build")
     if until == "build":
         return run
-    with guard("serve"), served([recipe.name], recipe.serve) as base_url:
+    with served([recipe.name], recipe.serve) as base_url:
         run.reached.append("serve")
         if until == "serve":
             return run
-        with guard("openai"):
-            for ref in (recipe.name, f"{recipe.name}@{run.version}"):
-                run.replies.append(ask_raw(base_url, ref, question(cell)))
+        for ref in (recipe.name, f"{recipe.name}@{run.version}"):
+            run.replies.append(ask_raw(base_url, ref, question(cell)))
     run.reached.append("openai")
     return run
 

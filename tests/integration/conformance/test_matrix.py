@@ -8,9 +8,6 @@ path) and alternate adapter and base requests, so one request cannot poison the 
 
 A cell that forgeline does not support must be refused at ``validate`` with a clear error
 (checked through the CLI too: exit 2, one line, no traceback) — never a traceback later.
-A known gap that another branch fixes is marked ``xfail(raises=KnownGap, strict=False)``
-naming its owner: only that stage's failure is excused (any other failure fails the cell),
-and once the fix lands the cell XPASSes and the mark can go.
 
 Which cells run where
 ---------------------
@@ -22,33 +19,32 @@ code paths DEFAULT covers (same trainer, same merge, same engine) on other archi
 they are left out of CI for time. QLoRA runs only where a CUDA GPU exists (``gpu``); on CPU
 the QLoRA cell checks that validate refuses it. GPT-2 ships no chat template: its cells give
 ``model.chat_template`` in the recipe, and one cell checks validate refuses it without one.
+Qwen2-MoE cells target attention and the shared MLP by name (``all-linear`` would leave the
+fused routed experts unadapted, which validate refuses — see the refused cells).
 
 The matrix (stages: V validate, T train, E evaluate, P promote, B build, S serve + openai
 SDK, N served by name on its bare base, adapter and base requests alternating; ✓ pass,
-R refused at validate with a clear error, x(owner) known gap, — not reached), as run on this
-branch (default set: 4 passed, 6 xfailed, 1 skipped (GPU); full set: 6 passed, 27 xfailed,
-2 xpassed before the Mixtral by-name mark was dropped):
+R refused at validate with a clear error, — not applicable):
 
-=============================  ===  ===  ===========  ===  ===========  ===  ======
-cell                           V    T    E            P    B            S    N
-=============================  ===  ===  ===========  ===  ===========  ===  ======
-llama3 sft/dpo lora            ✓    ✓    ✓            ✓    ✓            ✓    ✓
-qwen2 sft/dpo lora             ✓    ✓    ✓            ✓    ✓            ✓    ✓
-qwen2_moe sft/dpo lora         ✓    ✓    ✓            ✓    ✓            ✓    x(moe)
-mixtral sft/dpo lora           ✓    ✓    ✓            ✓    ✓            ✓    ✓
-gemma2 sft/dpo lora            ✓    ✓    ✓            ✓    ✓            ✓    ✓
-phi3 sft/dpo lora              ✓    ✓    ✓            ✓    ✓            ✓    ✓
-gpt2 sft/dpo lora +template    ✓    ✓    ✓            ✓    ✓            ✓    ✓
-any family grpo lora           ✓    ✓    x(versions)  —    —            —    —
-any family sft/dpo/grpo none   ✓    ✓    x(versions)  —    x(versions)  —    —
-gpt2 sft lora, no template     x(moe): validate accepts it, train refuses (no chat template)
-qwen2_moe lora all-linear      x(moe): validate accepts it, the routed experts stay unadapted
-llama3 lora lm_head target     x(moe): validate accepts it, train refuses lm_head
+=============================  ===  ===  ===  ===  ===  ===  ===
+cell                           V    T    E    P    B    S    N
+=============================  ===  ===  ===  ===  ===  ===  ===
+llama3 sft lora                ✓    ✓    ✓    ✓    ✓    ✓    ✓
+qwen2 dpo lora                 ✓    ✓    ✓    ✓    ✓    ✓    ✓
+qwen2_moe sft lora             ✓    ✓    ✓    ✓    ✓    ✓    ✓
+mixtral grpo lora (rewards)    ✓    ✓    ✓    ✓    ✓    ✓    ✓
+gemma2 sft lora                ✓    ✓    ✓    ✓    ✓    ✓    ✓
+phi3 sft none (full weights)   ✓    ✓    ✓    ✓    ✓    ✓    —
+gpt2 sft lora +template        ✓    ✓    ✓    ✓    ✓    ✓    ✓
+gpt2 sft lora, no template     R (no chat template: set model.chat_template)
+qwen2_moe lora all-linear      R (the routed experts would stay unadapted)
+llama3 lora lm_head target     R (lm_head cannot take LoRA)
 llama3 sft qlora, CPU          R (qlora needs a CUDA GPU)
-qwen2 sft qlora, GPU           gpu: the full path where a GPU exists (not run here)
-=============================  ===  ===  ===========  ===  ===========  ===  ======
+qwen2 sft qlora, GPU           gpu: the full path where a GPU exists (not run on CPU machines)
+=============================  ===  ===  ===  ===  ===  ===  ===
 
-The x(owner) cells become ✓ (XPASS) once the owner's branch merges; then drop their gap.
+The full set (``-m conformance_full``) runs the other 35 family × method × adapter cells
+through the same stages.
 """
 
 from __future__ import annotations
@@ -58,9 +54,8 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,49 +75,27 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MOE_TARGETS = {"qwen2_moe": (*ATTENTION, "gate_proj", "up_proj", "down_proj"), "mixtral": ATTENTION}
 
 
-class KnownGap(AssertionError):
-    """A stage failed in the way a known gap, fixed on another branch, makes it fail."""
-
-
 @dataclass(frozen=True)
 class Expect:
     """What a cell should show.
 
     Attributes:
         refused: the cell is unsupported: validate must refuse it with an error matching this regex.
-        gaps: stage -> "owner: why" for stages a known gap breaks today.
         targets: LoRA target modules for the recipe.
     """
 
     refused: str | None = None
-    gaps: dict[str, str] = field(default_factory=dict)
     targets: str | tuple[str, ...] = "all-linear"
 
 
-VERSIONS_FULL = "versions: full fine-tunes (adapter kind none) are evaluated/built as PEFT adapters (Can't find adapter_config.json)"
-VERSIONS_GRPO = "versions: GRPO versions cannot be evaluated on prompt/answer rows (KeyError 'completion')"
-MOE_BY_NAME = "moe: adapters routed by name onto an MoE base break later requests (PEFT mixed-batch errors, 500s)"
-
-
 def expect_for(cell: Cell) -> Expect:
-    """The expectation of a regular cell of the matrix, from what each owner still has to fix."""
-    gaps: dict[str, str] = {}
-    if cell.adapter == "none":
-        gaps.update(evaluate=VERSIONS_FULL, build=VERSIONS_FULL)
-    elif cell.method == "grpo":
-        gaps["evaluate"] = VERSIONS_GRPO
-    if cell.family == "qwen2_moe" and cell.adapter in ("lora", "qlora"):
-        # Mixtral's only linear layers are attention (experts and router are not nn.Linear in
-        # transformers 5), so its adapters never reach the MoE block and serve fine by name.
-        gaps["by_name"] = MOE_BY_NAME
-    targets = MOE_TARGETS.get(cell.family, "all-linear")
-    return Expect(gaps=gaps, targets=targets)
+    """The expectation of a regular cell of the matrix: every stage passes."""
+    return Expect(targets=MOE_TARGETS.get(cell.family, "all-linear"))
 
 
 def _param(cell: Cell, expect: Expect | None = None, *marks: Any) -> Any:
     expect = expect or expect_for(cell)
-    owned = [pytest.mark.xfail(raises=KnownGap, strict=False, reason="; ".join(dict.fromkeys(expect.gaps.values())))]
-    return pytest.param(cell, expect, marks=[*(owned if expect.gaps else []), *marks], id=cell.id)
+    return pytest.param(cell, expect, marks=list(marks), id=cell.id)
 
 
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA needs a CUDA GPU")]
@@ -136,20 +109,10 @@ DEFAULT = [
     _param(Cell("gemma2", "sft", "lora")),
     _param(Cell("phi3", "sft", "none")),
     _param(Cell("gpt2", "sft", "lora", chat_template=True)),
-    # Refused at validate (or known gaps until validate refuses them).
-    _param(
-        Cell("gpt2", "sft", "lora"),
-        Expect(refused=r"(?i)chat template", gaps={"validate": "moe: validate must refuse a tokenizer without a chat template"}),
-    ),
-    _param(
-        Cell("qwen2_moe", "sft", "lora", variant="all-linear"),
-        Expect(refused=r"(?i)expert", gaps={"validate": "moe: validate must say all-linear leaves the MoE experts unadapted"}),
-    ),
-    _param(
-        Cell("llama3", "sft", "lora", variant="lm_head"),
-        Expect(refused=r"lm_head", targets=("q_proj", "lm_head"),
-               gaps={"validate": "moe: validate must refuse lm_head in adapter.target_modules"}),
-    ),
+    # Refused at validate with a clear error.
+    _param(Cell("gpt2", "sft", "lora"), Expect(refused=r"(?i)chat template")),
+    _param(Cell("qwen2_moe", "sft", "lora", variant="all-linear"), Expect(refused=r"(?i)expert")),
+    _param(Cell("llama3", "sft", "lora", variant="lm_head"), Expect(refused=r"lm_head", targets=("q_proj", "lm_head"))),
     _param(Cell("llama3", "sft", "qlora"), Expect(refused=r"(?i)qlora.*(gpu|cuda)|bitsandbytes"), NO_GPU),
     _param(Cell("qwen2", "sft", "qlora"), None, *GPU),
 ]
@@ -161,21 +124,6 @@ FULL = [
     for adapter in ("lora", "none")
     if (cell := Cell(name, method, adapter, chat_template=name == "gpt2")).id not in _DEFAULT_IDS
 ]
-
-
-def _guard(expect: Expect) -> Callable[[str], Any]:
-    @contextmanager
-    def guard(stage: str) -> Iterator[None]:
-        try:
-            yield
-        except KnownGap:
-            raise
-        except Exception as err:
-            if stage in expect.gaps:
-                raise KnownGap(f"{stage}: {expect.gaps[stage]} — {type(err).__name__}: {err}") from err
-            raise
-
-    return guard
 
 
 def _cli_validate(recipe: Path) -> subprocess.CompletedProcess[str]:
@@ -201,15 +149,13 @@ def test_cell(cell: Cell, expect: Expect, family_checkpoint: Callable[[str], Pat
         except ConfigError as err:
             assert re.search(expect.refused, str(err)), str(err)
         else:
-            if "validate" in expect.gaps:
-                raise KnownGap(f"validate accepted {cell.id}; {expect.gaps['validate']}")
             pytest.fail(f"validate accepted {cell.id}, which forgeline does not support")
         result = _cli_validate(recipe)
         assert result.returncode == 2, result.stdout + result.stderr
         assert "Traceback" not in result.stderr and "error" in result.stderr
         return
 
-    run = run_cell(cell, base, tmp_path, overrides=overrides, guard=_guard(expect))
+    run = run_cell(cell, base, tmp_path, overrides=overrides)
     assert run.reached[-1] == "openai"
 
     registry = Registry()
@@ -242,8 +188,7 @@ def test_cell(cell: Cell, expect: Expect, family_checkpoint: Callable[[str], Pat
     assert by_alias.choices[0].message.content == by_version.choices[0].message.content  # greedy, same weights
 
     if cell.adapter in ("lora", "qlora"):
-        with _guard(expect)("by_name"):
-            replies = serve_by_name(run, base)
+        replies = serve_by_name(run, base)
         assert [r.status_code for r in replies] == [200] * len(replies)
         adapter, bare = replies[0].headers, replies[1].headers
         assert adapter.get("x-forgeline-adapter") == f"{run.recipe.name}@{run.version}"

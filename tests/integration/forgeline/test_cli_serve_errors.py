@@ -66,7 +66,10 @@ def _register(registry: Registry, name: str, tags: dict[str, str]) -> None:
 def test_an_unknown_model_is_one_line_and_exit_2(registry: Registry) -> None:
     code, lines = _serve("--model", "no-such-model")
     assert code == 2
-    assert _one_error_line(lines) == "error: cannot serve: no model 'no-such-model': no registered model named 'no-such-model' (models: none)"
+    assert _one_error_line(lines) == (
+        "error: cannot serve: no model 'no-such-model': no registered model named 'no-such-model'; "
+        "list the models you can see with `GET /v1/models` or `forgeline models list`"
+    )
 
 
 @pytest.mark.slow  # two CLI processes

@@ -33,7 +33,7 @@ from serving.config import ServeSpec
 from serving.gateway.server import serve_in_background
 from serving.registry_models import BaseSource
 from serving.service import build_gateway
-from tests.conftest import REPO, TINY_BASE
+from tests.conftest import REPO, TINY_BASE, point_home
 from tests.unit.serving.tiny_model import build_tiny_base
 from training.config import EvaluateSpec
 
@@ -63,7 +63,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # for the module (evaluations too): on 2 shared cores spinning OpenMP threads cost more than they give
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FORGELINE_HOME", str(root / "home"))
+        point_home(mp, root / "home")
         registry = Registry()
         cold_path = _recipe("sft-cold-start", root / "cold.yaml", train={"max_steps": 60, "eval_steps": None, "save_steps": 1000})
         cold = pipeline.train(load_recipe(cold_path), cold_path, registry=registry)
@@ -82,7 +82,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture
 def registry(home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Registry]:
-    monkeypatch.setenv("FORGELINE_HOME", str(home))
+    point_home(monkeypatch, home)
     reg = Registry()
     yield reg
     reg.close()

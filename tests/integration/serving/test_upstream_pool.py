@@ -235,7 +235,8 @@ def test_a_killed_worker_fails_no_unary_request_and_rejoins_within_a_health_inte
     assert len(unary) > 50 and not failed
     # Streams the dead worker was serving end with an error event and [DONE]; none breaks.
     assert set(streams) <= {"finished", "error event"}, set(streams)
-    assert 1 <= streams.count("error event") <= timeline["in_flight_at_kill"]
+    # (how many streams the kill cut depends on timing: none, when only unary calls were on it)
+    assert streams.count("error event") <= timeline["in_flight_at_kill"]
     # Within a second of its death the pool stopped sending it requests.
     assert timeline["requests_3s_after"] == timeline["requests_1s_after"]
     # Back within one health interval (plus polling slack on two shared cores).
