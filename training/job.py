@@ -163,6 +163,20 @@ def _start_run(job: TrainJob, plan: ResumePlan, registry: Registry) -> Any:
     return mlflow.start_run(experiment_id=experiment_id, run_name=f"{job.name}-{job.method.kind}")
 
 
+def _for_inference(model: Any) -> None:
+    """Turn training-only settings off before the config is saved with full weights.
+
+    TRL turns a mixture-of-experts model's ``output_router_logits`` on for its load-balancing
+    loss; saved that way, every later forward computes that loss too, and transformers'
+    ``generate`` fails in it on batched prompts (Qwen2-MoE, transformers 5.24: a shape
+    mismatch between the attention mask and the router logits).
+    """
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "output_router_logits", False):
+        text.output_router_logits = False
+
+
 def _save_adapter(trainer: Any, tokenizer: Any, out: Path, main: bool) -> Path:
     """Save the final adapter (or model) atomically: a half-saved one is never picked up."""
     adapter_dir = out / "adapter"
@@ -170,6 +184,7 @@ def _save_adapter(trainer: Any, tokenizer: Any, out: Path, main: bool) -> Path:
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
+    _for_inference(trainer.model)
     trainer.save_model(str(tmp))  # collective under ZeRO-3 (weights are gathered); rank 0 writes
     if main:
         tokenizer.save_pretrained(str(tmp))
