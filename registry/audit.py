@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Column, Connection, Index, Integer, String, Table, Text, select
+from sqlalchemy import Column, Connection, Index, Integer, String, Table, Text, func, select
 
 from registry.db import READ_ONLY, ControlStore, UTCDateTime, lock_model, metadata, now
 
@@ -185,3 +185,19 @@ class AuditLog(ControlStore):
         with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
             return [_entry(row) for row in conn.execute(query)]
 
+    def change_mark(self) -> tuple[int, int]:
+        """``(rows, newest id)`` of the log: it changes whenever an alias move commits.
+
+        One aggregate query on a read-only connection (it never takes the write lock), cheap
+        enough for a gateway to ask twice a second whether any alias moved and only then
+        re-read the aliases from MLflow (``serving.rollout``). The row count is what makes
+        it sound: on PostgreSQL moves of different models take different locks, so a row
+        with a lower id may commit after a higher one, and the newest id alone would not
+        change; rows are never deleted, so every commit raises the count. A move's row
+        commits after MLflow's alias moved (``Registry.move_alias``), so whoever sees the
+        mark change then reads the new holder.
+        """
+        query = select(func.count(alias_events.c.id), func.max(alias_events.c.id))
+        with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
+            rows, newest = conn.execute(query).one()
+        return int(rows or 0), int(newest or 0)

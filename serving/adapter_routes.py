@@ -12,7 +12,8 @@ its name is refused with the fix — serve it as its own engine (``forgeline ser
 name@production``), where it is built, served by name and hot-swapped like any version.
 
 Resolutions (negative ones too) are cached for ``ttl_s`` so the hot path does not hit
-MLflow on every request, and a promotion (alias move) is followed within that time. A
+MLflow on every request, and a promotion (alias move) is followed within that time, or
+within a second when the gateway's alias watcher sees the move (`forget`). A
 flood of random names would miss that cache every time, so the set of registered model
 names is cached too (one listing per ``ttl_s``): a name whose model is not registered is
 answered 404 without a registry call, and the lookups that do run are bounded in number.
@@ -176,6 +177,11 @@ class AdapterRoutes:
             if _lora_on(info, candidate.base_model):  # type: ignore[arg-type]
                 return Route(candidate, info.ref, info.tags.get(lineage.ORG), info.name)
         raise model_not_found(model)
+
+    def forget(self) -> None:
+        """Drop every cached resolution (an alias moved): the next request looks its name up again."""
+        with self._cache_lock:
+            self._cache.clear()
 
     def _fresh(self, ref: str) -> bool:
         cached = self._cache.get(ref)

@@ -95,6 +95,7 @@ class ServeSpec(BaseModel):
     adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapters served as `model:name`: name -> PEFT folder.")
     max_loaded_adapters: int = Field(default=8, gt=0, description="Adapters kept loaded per engine; the least recently used is unloaded.")
     poll_interval_s: float = Field(default=10.0, ge=0, description="How often aliases are re-read for hot swaps and canaries (0: never).")
+    watch_interval_s: float = Field(default=0.5, ge=0, description="How often the audit log is asked whether any alias moved; a move re-reads aliases at once (0: only `poll_interval_s`).")
     drain_timeout_s: float = Field(default=120.0, gt=0, description="How long a replaced version may finish its requests before it is unloaded.")
     canary: CanarySpec | None = Field(default=None, description="Canary rollout with automatic return to `production` on SLO breach.")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0, description="Largest request body accepted (larger gets 413).")

@@ -1,10 +1,23 @@
 """Rollouts: a catalog that follows registry aliases, with hot swap and canary.
 
 `RegistryCatalog` serves registry refs (``quickstart``, ``quickstart@production``) and
-re-reads their aliases every ``poll_interval_s``. When an alias moves it loads the new
-version beside the old one, switches the routing table in one step (no ``await`` in
-between, so no request sees half a switch), waits for the old version's in-flight
-requests to finish, and only then unloads it: under steady load no request fails.
+follows their aliases. When an alias moves it loads the new version beside the old one,
+switches the routing table in one step (no ``await`` in between, so no request sees half
+a switch), waits for the old version's in-flight requests to finish, and only then
+unloads it: under steady load no request fails.
+
+How a move is noticed: every ``watch_interval_s`` (0.5 s) a background task asks the
+control database for the audit log's change mark (`AuditLog.change_mark`: one aggregate
+query, no MLflow call) and re-reads the aliases only when it changed, so a promotion
+answers from the new version about half an interval plus its load time after approval.
+Every alias move forgeline makes writes that log, whichever process makes it, and the
+row commits after MLflow moved, so this works across processes on SQLite and PostgreSQL
+alike and costs requests nothing. Pushing the registry's ``promoted`` webhook instead
+would need every promoting process configured with every gateway's address and a
+listener on the gateway, and a lost delivery would go unnoticed; PostgreSQL
+``LISTEN/NOTIFY`` does not exist on SQLite. The full re-read every ``poll_interval_s``
+(10 s) stays as the backstop for aliases moved outside forgeline (the MLflow UI), which
+leave no audit row. ``poll_interval_s: 0`` still means "never follow".
 
 With ``serve.canary`` set, a share of each served model's traffic goes to the version
 its canary alias (``staging``) points to. The canary's outcomes over the last
@@ -150,6 +163,7 @@ class RegistryCatalog:
         self._failed_loads: dict[_Key, float] = {}
         self._refresh_lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._metrics: Any = None
         # Names learned from the registry are trusted one poll interval (10 s by default).
@@ -205,20 +219,27 @@ class RegistryCatalog:
             if self._metrics is not None:
                 for base in self.bases:
                     self._metrics.attach_engine(base)
+        watch = self.spec.poll_interval_s > 0 and self.spec.watch_interval_s > 0
         try:
+            # Read the mark before the aliases: a move committed in between is seen as a change.
+            mark = await asyncio.to_thread(self._change_mark) if watch else None
             await self.refresh(initial=True)
         except BaseException:
             await stop_engines([b.engine for b in self.bases])
             raise
+        loop = asyncio.get_running_loop()
         if self.spec.poll_interval_s > 0:
-            self._poller = asyncio.get_running_loop().create_task(self._poll(), name="forgeline-alias-poller")
+            self._poller = loop.create_task(self._poll(), name="forgeline-alias-poller")
+        if watch:
+            self._watcher = loop.create_task(self._watch(mark), name="forgeline-alias-watcher")
 
     async def stop(self) -> None:
         """Stop following aliases and unload everything."""
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
-            self._poller = None
+        for task in (self._poller, self._watcher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._poller = self._watcher = None
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -240,6 +261,33 @@ class RegistryCatalog:
                 raise
             except Exception:  # noqa: BLE001 - a registry hiccup must not stop the poller
                 logger.warning("re-reading aliases failed; serving what is loaded", exc_info=True)
+
+    def _change_mark(self) -> tuple[int, int] | None:
+        """Blocking: the audit log's change mark; None when the control database is unreachable."""
+        try:
+            return self.registry.audit.change_mark()
+        except Exception:  # noqa: BLE001 - the poller still follows aliases meanwhile
+            logger.warning("reading the audit log's change mark failed; retrying", exc_info=True)
+            return None
+
+    async def _watch(self, mark: tuple[int, int] | None) -> None:
+        """Re-read aliases as soon as the audit log shows a move (see the module docstring)."""
+        while True:
+            await asyncio.sleep(self.spec.watch_interval_s)
+            now = await asyncio.to_thread(self._change_mark)
+            if now is None or now == mark:
+                continue
+            logger.info("alias move %d in the audit log; re-reading aliases", now[1])
+            # Registry names learned for LoRA routing may have moved too.
+            self.adapters.forget()
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - keep the old mark: the next tick tries again
+                logger.warning("re-reading aliases after a move failed; serving what is loaded", exc_info=True)
+                continue
+            mark = now
 
     def _read_registry(self) -> tuple[dict[str, VersionInfo], dict[str, VersionInfo]]:
         """Blocking: the version behind every ref, and every model's canary candidate."""

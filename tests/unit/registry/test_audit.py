@@ -1,4 +1,4 @@
-"""AuditLog on SQLite: append-only rows, order, filters, and transactional rollback."""
+"""AuditLog on SQLite: append-only rows, order, filters, transactional rollback, change mark."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from registry.audit import AuditLog
+from registry.audit import AuditLog, alias_events
+from registry.db import now
 
 
 @pytest.fixture
@@ -61,3 +62,28 @@ def test_failed_transaction_leaves_no_row(audit: AuditLog) -> None:
 def test_unknown_action_is_rejected(audit: AuditLog) -> None:
     with pytest.raises(ValueError, match="action"):
         audit.append(model="m", alias="p", from_version=None, to_version=1, actor="a", reason="", action="nope")  # type: ignore[arg-type]
+
+
+def test_change_mark_moves_with_every_commit_and_only_then(audit: AuditLog) -> None:
+    assert audit.change_mark() == (0, 0)
+    other = AuditLog(audit.url)  # another process's view of the same control database
+    try:
+        with audit.transaction("m") as tx:
+            row = tx.append(alias="p", from_version=None, to_version=1, actor="a", reason="", action="promote")
+            assert other.change_mark() == (0, 0)  # not committed yet: a gateway must not re-read now
+        assert other.change_mark() == (1, row.id)
+    finally:
+        other.dispose()
+
+
+def test_change_mark_sees_a_late_commit_with_a_lower_id(audit: AuditLog) -> None:
+    # On PostgreSQL moves of two models hold different locks, so id 2 can commit after id 3;
+    # the newest id alone would then not change. Simulate that order with explicit ids.
+    values = {"model": "m", "alias": "p", "actor": "a", "reason": "", "action": "promote", "created_at": now()}
+    with audit.engine.begin() as conn:
+        conn.execute(alias_events.insert().values(id=3, to_version=1, **values))
+    before = audit.change_mark()
+    with audit.engine.begin() as conn:
+        conn.execute(alias_events.insert().values(id=2, to_version=2, **values))
+    after = audit.change_mark()
+    assert before == (1, 3) and after == (2, 3)
