@@ -21,10 +21,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from registry.errors import ErrorCode, ForgelineError
+from serving.engine.base import TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
+
+MAX_CHOICES = 8
+"""Most choices (``n``) an engine of our own generates for one chat request."""
 
 
 def _set(value: Any, neutral: tuple[Any, ...] = (None,)) -> bool:
@@ -180,20 +184,28 @@ class ChatCompletionRequest(_Request):
     safety_identifier: str | None = None
     moderation: dict[str, Any] | None = None
 
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("`top_logprobs` requires `logprobs` to be true; set `logprobs: true`")
+        return self
+
     def unsupported_fields(self) -> list[str]:
-        """Fields an engine of our own cannot honour (see `_Request.unsupported_fields`)."""
-        fields = super().unsupported_fields()
+        """Fields an engine of our own cannot honour (see `_Request.unsupported_fields`).
+
+        Unlike completions, chat takes ``n`` up to `MAX_CHOICES` (see `refuse_unsupported`)
+        and ``logprobs`` / ``top_logprobs``.
+        """
+        fields = [f for f in super().unsupported_fields() if f != "n"]
         neutral: dict[str, tuple[Any, ...]] = {
             "tool_choice": (None, "none", "auto"),
             "function_call": (None, "none", "auto"),
-            "logprobs": (None, False),
-            "top_logprobs": (None, 0),
             "store": (None, False),
             "service_tier": (None, "auto", "default"),
             "parallel_tool_calls": (None, True, False),
         }
         for name in (
-            "tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "audio",
+            "tools", "tool_choice", "functions", "function_call", "audio",
             "prediction", "web_search_options", "store", "service_tier", "reasoning_effort",
             "verbosity", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention",
         ):
@@ -206,6 +218,31 @@ class ChatCompletionRequest(_Request):
         for i, message in enumerate(self.messages):
             fields += [f"messages[{i}].{name}" for name in message.unsupported_fields()]
         return fields
+
+    def refuse_unsupported(self, model: str) -> None:
+        """As `_Request.refuse_unsupported`, and refuse more than `MAX_CHOICES` choices.
+
+        Raises:
+            ForgelineError: ``invalid_request`` naming the first field ``model``'s engine cannot honour.
+        """
+        super().refuse_unsupported(model)
+        if self.choices > MAX_CHOICES:
+            raise ForgelineError(
+                f"n is {self.n}, but the engine serving `{model}` generates at most {MAX_CHOICES} choices "
+                "per request; lower `n` or send several requests",
+                code=ErrorCode.INVALID_REQUEST,
+                param="n",
+            )
+
+    @property
+    def choices(self) -> int:
+        """How many choices to generate (``n``, default 1)."""
+        return self.n or 1
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        """Alternatives to report per token: None without ``logprobs``, else ``top_logprobs`` (default 0)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def passthrough_body(self) -> dict[str, Any]:
         """The request as the client sent it (unset fields left out), for a worker that speaks chat."""
@@ -240,11 +277,42 @@ class ChatResponseMessage(BaseModel):
     refusal: str | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None
+
+    @classmethod
+    def of(cls, reports: list[TokenLogprobs] | None) -> ChoiceLogprobs | None:
+        """The wire form of an engine's per-token reports; None when none were asked for."""
+        if reports is None:
+            return None
+        content = [
+            ChatTokenLogprob(
+                token=r.chosen.token,
+                logprob=r.chosen.logprob,
+                bytes=r.chosen.bytes,
+                top_logprobs=[TopLogprob(token=t.token, logprob=t.logprob, bytes=t.bytes) for t in r.top],
+            )
+            for r in reports
+        ]
+        return cls(content=content)
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatResponseMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 def _new_id(prefix: str) -> str:
@@ -270,7 +338,7 @@ class ChatStreamChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
