@@ -142,6 +142,10 @@ class Engine(Protocol):
 
     model_id: str
 
+    reports_logprobs: bool
+    """Whether `generate` honours `SamplingParams.logprobs` (fills `Chunk.logprobs`); the
+    gateway refuses ``logprobs`` for an engine that would drop them."""
+
     @property
     def ready(self) -> bool:
         """True once `start` finished and until `stop` begins."""

@@ -187,6 +187,8 @@ class TorchEngine:
             unloaded to make room. Also the most distinct adapters in one batch.
     """
 
+    reports_logprobs = True  # from the decode step, see `_sample`
+
     step_listener: Callable[[int], None] | None = None
     """Called on the worker thread with the number of rows of every decode step (metrics)."""
 

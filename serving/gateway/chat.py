@@ -68,8 +68,8 @@ async def create_chat_completion(
     if run.served.chat_relay is not None:
         return await _pass_through(run, body, settings)
     try:
-        body.refuse_unsupported(body.model)
         engine = run.engine
+        body.refuse_unsupported(body.model, logprobs=engine.reports_logprobs)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         size = sum(len(m["content"]) for m in messages)
         if run.adapter is None:

@@ -6,9 +6,10 @@ accepted or refused with a message that names the field. Which fields take effec
 on the engine that answers, known only once the model is resolved: a chat request that
 passes through to workers that speak chat keeps every field (tools, JSON schema, logprobs,
 ``n``, penalties, ...); an engine of our own refuses, with a 400 naming each field, what it
-cannot honour (`unsupported_fields`): silently ignoring it would return something the
-client did not ask for. Nested objects (messages, content parts) keep extra keys, so they
-pass through too (the SDK echoes assistant messages back with ``refusal`` and the like).
+cannot honour (`unsupported_fields`; chat ``logprobs`` and ``n`` it does): silently ignoring
+it would return something the client did not ask for. Nested objects (messages, content
+parts) keep extra keys, so they pass through too (the SDK echoes assistant messages back
+with ``refusal`` and the like).
 """
 
 from __future__ import annotations
@@ -44,6 +45,18 @@ SSE_EVENT_SCHEMA: dict[str, object] = {
     "required": ["data"],
 }
 """The OpenAPI schema of each event of a ``stream: true`` answer (``text/event-stream``)."""
+
+def _refuse(fields: list[str], model: str) -> None:
+    """Raise a 400 naming ``fields``, which the engine serving ``model`` cannot honour (if any)."""
+    if fields:
+        names = ", ".join(f"`{f}`" for f in fields)
+        raise ForgelineError(
+            f"{names} {'is' if len(fields) == 1 else 'are'} not supported by the engine serving `{model}`; "
+            f"leave {'it' if len(fields) == 1 else 'them'} unset or at the default",
+            code=ErrorCode.INVALID_REQUEST,
+            param=fields[0],
+        )
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -90,15 +103,7 @@ class _Request(BaseModel):
         Raises:
             ForgelineError: ``invalid_request`` with ``param`` the first such field.
         """
-        fields = self.unsupported_fields()
-        if fields:
-            names = ", ".join(f"`{f}`" for f in fields)
-            raise ForgelineError(
-                f"{names} {'is' if len(fields) == 1 else 'are'} not supported by the engine serving `{model}`; "
-                f"leave {'it' if len(fields) == 1 else 'them'} unset or at the default",
-                code=ErrorCode.INVALID_REQUEST,
-                param=fields[0],
-            )
+        _refuse(self.unsupported_fields(), model)
 
     def stop_list(self) -> list[str]:
         """``stop`` as a list."""
@@ -190,13 +195,15 @@ class ChatCompletionRequest(_Request):
             raise ValueError("`top_logprobs` requires `logprobs` to be true; set `logprobs: true`")
         return self
 
-    def unsupported_fields(self) -> list[str]:
+    def unsupported_fields(self, *, logprobs: bool = True) -> list[str]:
         """Fields an engine of our own cannot honour (see `_Request.unsupported_fields`).
 
-        Unlike completions, chat takes ``n`` up to `MAX_CHOICES` (see `refuse_unsupported`)
-        and ``logprobs`` / ``top_logprobs``.
+        Unlike completions, chat takes ``n`` up to `MAX_CHOICES` (see `refuse_unsupported`),
+        and ``logprobs`` / ``top_logprobs`` where the engine reports them (``logprobs``).
         """
         fields = [f for f in super().unsupported_fields() if f != "n"]
+        if not logprobs:
+            fields += [f for f in ("logprobs", "top_logprobs") if _set(getattr(self, f), (None, False, 0))]
         neutral: dict[str, tuple[Any, ...]] = {
             "tool_choice": (None, "none", "auto"),
             "function_call": (None, "none", "auto"),
@@ -219,13 +226,17 @@ class ChatCompletionRequest(_Request):
             fields += [f"messages[{i}].{name}" for name in message.unsupported_fields()]
         return fields
 
-    def refuse_unsupported(self, model: str) -> None:
+    def refuse_unsupported(self, model: str, *, logprobs: bool = True) -> None:
         """As `_Request.refuse_unsupported`, and refuse more than `MAX_CHOICES` choices.
+
+        Args:
+            model: the model named in messages.
+            logprobs: whether ``model``'s engine reports log-probabilities.
 
         Raises:
             ForgelineError: ``invalid_request`` naming the first field ``model``'s engine cannot honour.
         """
-        super().refuse_unsupported(model)
+        _refuse(self.unsupported_fields(logprobs=logprobs), model)
         if self.choices > MAX_CHOICES:
             raise ForgelineError(
                 f"n is {self.n}, but the engine serving `{model}` generates at most {MAX_CHOICES} choices "
