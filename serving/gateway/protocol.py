@@ -373,7 +373,9 @@ class CompletionRequest(_Request):
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(
+        default=None, ge=0, le=5, description="Report each token's logprob and this many alternatives."
+    )
     # The extension trtllm-serve and vLLM take: a gateway relaying to a `forgeline worker` sends the model's stop ids.
     stop_token_ids: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(
         default=None, max_length=64, description="Token ids that end generation, besides the model's own stop tokens."
@@ -386,24 +388,67 @@ class CompletionRequest(_Request):
             raise ValueError("exactly one prompt is supported per request")
         return value
 
-    def unsupported_fields(self) -> list[str]:
-        """Fields our engines cannot honour on completions (see `_Request.unsupported_fields`)."""
+    def unsupported_fields(self, *, logprobs: bool = True) -> list[str]:
+        """Fields our engines cannot honour on completions (see `_Request.unsupported_fields`).
+
+        ``logprobs`` is honoured where the engine reports log-probabilities (``logprobs``).
+        """
         fields = super().unsupported_fields()
-        for name, neutral in (("echo", (None, False)), ("suffix", (None, "")), ("best_of", (None, 1)), ("logprobs", (None,))):
+        for name, neutral in (("echo", (None, False)), ("suffix", (None, "")), ("best_of", (None, 1))):
             if _set(getattr(self, name), neutral):
                 fields.append(name)
+        if not logprobs and self.logprobs is not None:
+            fields.append("logprobs")
         return fields
+
+    def refuse_unsupported(self, model: str, *, logprobs: bool = True) -> None:
+        """Raise a 400 naming every field ``model``'s engine cannot honour.
+
+        Args:
+            model: the model named in messages.
+            logprobs: whether ``model``'s engine reports log-probabilities.
+
+        Raises:
+            ForgelineError: ``invalid_request`` with ``param`` the first such field.
+        """
+        _refuse(self.unsupported_fields(logprobs=logprobs), model)
 
     def prompt_text(self) -> str:
         """The single prompt string."""
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists, one entry per generated token.
+
+    ``text_offset`` counts characters from the start of the completion (there is no echo).
+    """
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, reports: list[TokenLogprobs] | None, offset: int = 0) -> CompletionLogprobs | None:
+        """The wire form of an engine's reports, offsets starting at ``offset``; None when none were asked for."""
+        if reports is None:
+            return None
+        out = cls()
+        for r in reports:
+            out.tokens.append(r.chosen.token)
+            out.token_logprobs.append(r.chosen.logprob)
+            out.top_logprobs.append({t.token: t.logprob for t in r.top})
+            out.text_offset.append(offset)
+            offset += len(r.chosen.token)
+        return out
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):

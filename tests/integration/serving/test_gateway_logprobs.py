@@ -121,3 +121,28 @@ def test_streamed_choices_interleave_with_logprobs_in_each_delta(client: openai.
         assert text[c.index] == c.message.content
         assert logprobs[c.index] == pytest.approx([t.logprob for t in c.logprobs.content], abs=1e-5)
     assert usage is not None and usage.completion_tokens == sum(len(v) for v in logprobs.values())
+
+
+def test_completions_report_logprobs_in_the_legacy_shape(client: openai.OpenAI) -> None:
+    prompt = "The quick brown fox"
+    whole = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0, logprobs=3)
+    lp = whole.choices[0].logprobs
+    assert lp is not None
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == whole.usage.completion_tokens
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        # Greedy takes the likeliest token (the dict keeps fewer keys where two tokens spell alike).
+        assert 1 <= len(top) <= 3 and top.get(token, max(top.values())) == pytest.approx(value)
+        assert max(top.values()) == pytest.approx(value)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    streamed = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0, logprobs=3, stream=True)
+    tokens: list[str] = []
+    offsets: list[int] = []
+    for event in streamed:
+        for choice in event.choices:
+            if choice.logprobs is not None:
+                tokens += choice.logprobs.tokens
+                offsets += choice.logprobs.text_offset
+    assert tokens == lp.tokens and offsets == lp.text_offset
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=2, logprobs=6)
+    assert info.value.param == "logprobs"
