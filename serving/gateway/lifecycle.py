@@ -154,15 +154,17 @@ class RequestLifecycle:
         parts: list[list[str]] = [[] for _ in params]
         tokens = [0] * len(params)
         finish: list[FinishReason] = ["length"] * len(params)
-        logprobs: list[list[TokenLogprobs] | None] = [[] if p.logprobs is not None else None for p in params]
+        logprobs: list[list[TokenLogprobs]] = [[] for _ in params]
         async for index, chunk in await self.stream_choices(prompt, params):
             parts[index].append(chunk.text)
             tokens[index] += len(chunk.token_ids)
-            if chunk.logprobs is not None and logprobs[index] is not None:
-                logprobs[index].extend(chunk.logprobs)  # type: ignore[union-attr]
+            logprobs[index] += chunk.logprobs or []
             if chunk.finish_reason is not None:
                 finish[index] = chunk.finish_reason
-        return [Completion("".join(p), t, f, lp) for p, t, f, lp in zip(parts, tokens, finish, logprobs, strict=True)]
+        return [
+            Completion("".join(text), n, end, lp if p.logprobs is not None else None)
+            for text, n, end, lp, p in zip(parts, tokens, finish, logprobs, params, strict=True)
+        ]
 
     async def stream(self, prompt: str, params: SamplingParams) -> AsyncGenerator[Chunk, None]:
         """Start generating; errors before the first chunk raise here (proper HTTP errors)."""
