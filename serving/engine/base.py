@@ -17,6 +17,9 @@ logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
 
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives reported per token (OpenAI's bound for ``top_logprobs``)."""
+
 
 @dataclass
 class SamplingParams:
@@ -30,6 +33,8 @@ class SamplingParams:
         seed: seeds this request's own random generator, so sampling is reproducible.
         stop_token_ids: token ids that end generation besides the model's own stop tokens
             (its ``generation_config.eos_token_id`` list, which engines always honour).
+        logprobs: None reports no log-probabilities; ``k`` (0..20) reports each generated
+            token's log-probability and the ``k`` most likely tokens of the same step.
     """
 
     max_tokens: int
@@ -38,6 +43,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # Engines trust these; the gateway validates wire input earlier with better messages.
@@ -47,6 +53,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
         self.stop = [s for s in self.stop if s]
 
 
@@ -78,6 +86,36 @@ class SamplingDefaults:
         )
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """One token with its log-probability in the distribution a step sampled from.
+
+    Attributes:
+        token_id: the vocabulary id.
+        token: the token's text (U+FFFD where its bytes are only part of a character).
+        bytes: the token's exact UTF-8 bytes.
+        logprob: natural log of its probability.
+    """
+
+    token_id: int
+    token: str
+    bytes: list[int]
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """What one decode step reports: the generated token and the most likely alternatives.
+
+    Attributes:
+        chosen: the generated token.
+        top: the ``SamplingParams.logprobs`` most likely tokens, most likely first.
+    """
+
+    chosen: Logprob
+    top: list[Logprob]
+
+
 @dataclass
 class Chunk:
     """A piece of a streamed generation.
@@ -88,11 +126,14 @@ class Chunk:
             Summed over a stream they give the completion token count.
         finish_reason: ``"stop"`` (eos or a stop string), ``"length"`` (max_tokens or the
             context window), or ``None`` while streaming.
+        logprobs: with ``SamplingParams.logprobs`` set, one entry per token of ``token_ids``;
+            otherwise None.
     """
 
     text: str
     token_ids: list[int]
     finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprobs] | None = None
 
 
 @runtime_checkable
@@ -100,6 +141,10 @@ class Engine(Protocol):
     """Generates text for the gateway. One engine serves one model (plus its adapters)."""
 
     model_id: str
+
+    reports_logprobs: bool
+    """Whether `generate` honours `SamplingParams.logprobs` (fills `Chunk.logprobs`); the
+    gateway refuses ``logprobs`` for an engine that would drop them."""
 
     @property
     def ready(self) -> bool:

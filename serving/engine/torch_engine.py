@@ -39,8 +39,9 @@ from typing import Any
 from registry.errors import ConflictError, ErrorCode, ForgelineError, MissingDependencyError, ModelNotFoundError
 from serving.cpu_pool import run_cpu
 from serving.engine.adapter_chat import BASE_CHAT, AdapterChat, read_adapter_chat
-from serving.engine.base import Chunk, FinishReason, SamplingParams
+from serving.engine.base import Chunk, FinishReason, Logprob, SamplingParams, TokenLogprobs
 from serving.engine.lora_routing import BASE_ADAPTER, LoraRouter, strip_lora
+from serving.engine.token_bytes import TokenBytes
 from serving.stop_tokens import stop_token_ids
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class _Request:
     generator: Any = None  # torch.Generator, created on the worker's device
     out_ids: list[int] = field(default_factory=list)
     pending_ids: list[int] = field(default_factory=list)  # generated since the last chunk
+    pending_logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per pending id, when asked
     emitted: int = 0  # characters of text already delivered
     done: bool = False
 
@@ -185,6 +187,8 @@ class TorchEngine:
             unloaded to make room. Also the most distinct adapters in one batch.
     """
 
+    reports_logprobs = True  # from the decode step, see `_sample`
+
     step_listener: Callable[[int], None] | None = None
     """Called on the worker thread with the number of rows of every decode step (metrics)."""
 
@@ -217,6 +221,7 @@ class TorchEngine:
         self._thread: threading.Thread | None = None
         self._model: Any = None
         self._tokenizer: Any = None
+        self._token_bytes: TokenBytes | None = None
         self._device: Any = None
         self._eos_ids: set[int] = set()
         self._pad_id = 0
@@ -345,6 +350,7 @@ class TorchEngine:
             self._num_threads = self._num_threads_arg or min(torch.get_num_threads(), max(1, cores - 1))
         self._device = device
         self._tokenizer = tokenizer
+        self._token_bytes = TokenBytes(tokenizer)
         self._max_prompt_chars = _max_prompt_chars(tokenizer, self._max_context)
         self._config = model.config
         self._model = model
@@ -777,8 +783,12 @@ class TorchEngine:
         rows = list(batch)
         outbox: list[tuple[_Request, Chunk]] = []
         while True:
-            tokens = self._sample(logits, rows)
-            keep = [i for i, (r, t) in enumerate(zip(rows, tokens, strict=True)) if not self._advance(r, t, outbox)]
+            tokens, reports = self._sample(logits, rows)
+            keep = [
+                i
+                for i, (r, t, lp) in enumerate(zip(rows, tokens, reports, strict=True))
+                if not self._advance(r, t, outbox, lp)
+            ]
             _flush(outbox)
             keep = [i for i in keep if not rows[i].cancelled.is_set()]
             if not keep:
@@ -812,15 +822,27 @@ class TorchEngine:
             except Exception:  # noqa: BLE001 - metrics must never break decoding
                 logger.debug("step listener failed", exc_info=True)
 
-    def _sample(self, logits: Any, rows: list[_Request]) -> list[int]:
+    def _sample(self, logits: Any, rows: list[_Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """Pick each row's next token; report log-probabilities for the rows that asked.
+
+        The reported distribution is the one sampled from: the model's own (log-softmax of
+        its logits) at temperature 0, else that of the logits divided by the temperature.
+        Under ``top_p`` the values are those of the temperature-scaled distribution *before*
+        the nucleus cut (as vLLM and OpenAI report them): tokens outside the nucleus keep
+        their probability, so an alternative may be listed that could not have been drawn.
+        """
         import torch
 
         tokens: list[int] = logits.argmax(dim=-1).tolist()
+        reports: list[TokenLogprobs | None] = [None] * len(rows)
         for i, r in enumerate(rows):
             p = r.params
             if p.temperature == 0:
+                if p.logprobs is not None:
+                    reports[i] = self._report(torch.log_softmax(logits[i], dim=-1), tokens[i], p.logprobs)
                 continue
-            probs = torch.softmax(logits[i] / p.temperature, dim=-1)
+            scaled = logits[i] / p.temperature
+            probs = torch.softmax(scaled, dim=-1)
             if p.top_p < 1.0:
                 sorted_probs, order = torch.sort(probs, descending=True)
                 # Keep the smallest prefix whose mass reaches top_p (always at least one token).
@@ -831,12 +853,36 @@ class TorchEngine:
                 tokens[i] = int(order[choice].item())
             else:
                 tokens[i] = int(torch.multinomial(probs, 1, generator=r.generator).item())
-        return tokens
+            if p.logprobs is not None:
+                reports[i] = self._report(torch.log_softmax(scaled, dim=-1), tokens[i], p.logprobs)
+        return tokens, reports
 
-    def _advance(self, r: _Request, token: int, outbox: list[tuple[_Request, Chunk]]) -> bool:
+    def _report(self, logprobs: Any, token: int, top: int) -> TokenLogprobs:
+        """``token``'s entry of one row's log-probabilities and the ``top`` largest ones."""
+        import torch
+
+        assert self._token_bytes is not None
+        spell = self._token_bytes.of
+
+        def entry(token_id: int, value: float) -> Logprob:
+            text, raw = spell(token_id)
+            return Logprob(token_id=token_id, token=text, bytes=raw, logprob=value)
+
+        best: list[Logprob] = []
+        if top:
+            values, ids = torch.topk(logprobs, min(top, logprobs.shape[-1]))
+            best = [entry(t, v) for t, v in zip(ids.tolist(), values.tolist(), strict=True)]
+        return TokenLogprobs(chosen=entry(token, float(logprobs[token].item())), top=best)
+
+    def _advance(
+        self, r: _Request, token: int, outbox: list[tuple[_Request, Chunk]], report: TokenLogprobs | None = None
+    ) -> bool:
         """Record ``token`` for ``r``, queue any safe new text in ``outbox``; True when ``r`` finished."""
         r.out_ids.append(token)
         r.pending_ids.append(token)
+        if report is not None:
+            r.pending_logprobs.append(report)
+        logprobs = r.pending_logprobs if r.params.logprobs is not None else None
         # Decode everything generated so far and emit the new suffix: byte-level BPE tokens
         # are not valid UTF-8 on their own, so per-token decoding would garble characters.
         text = self._tokenizer.decode(r.out_ids, skip_special_tokens=True)
@@ -856,14 +902,15 @@ class TorchEngine:
                 reason = "length"
         if reason is not None:
             r.done = True
-            outbox.append((r, Chunk(text[r.emitted : max(end, r.emitted)], r.pending_ids, reason)))
+            outbox.append((r, Chunk(text[r.emitted : max(end, r.emitted)], r.pending_ids, reason, logprobs)))
             return True
         # Hold back an incomplete character and anything that may grow into a stop string.
         safe = len(text.rstrip("\ufffd"))
         if stops:
             safe -= _stop_holdback(text[:safe], stops)
         if safe > r.emitted:
-            outbox.append((r, Chunk(text[r.emitted : safe], r.pending_ids)))
+            outbox.append((r, Chunk(text[r.emitted : safe], r.pending_ids, logprobs=logprobs)))
             r.pending_ids = []
+            r.pending_logprobs = []
             r.emitted = safe
         return False

@@ -124,6 +124,9 @@ class UpstreamEngine:
         transport: an httpx transport (tests).
     """
 
+    # `/v1/completions` answers carry logprobs in another shape; chat that wants them passes through.
+    reports_logprobs = False
+
     def __init__(
         self,
         base_url: str | Sequence[str],

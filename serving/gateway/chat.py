@@ -25,6 +25,7 @@ from serving.gateway.generation import (
     SSE_DONE,
     GatewaySettings,
     check_max_tokens,
+    choice_params,
     get_settings,
     sampling_params,
     sse,
@@ -39,6 +40,7 @@ from serving.gateway.protocol import (
     ChatCompletionResponse,
     ChatResponseMessage,
     ChatStreamChoice,
+    ChoiceLogprobs,
     DeltaMessage,
     UsageInfo,
 )
@@ -66,8 +68,8 @@ async def create_chat_completion(
     if run.served.chat_relay is not None:
         return await _pass_through(run, body, settings)
     try:
-        body.refuse_unsupported(body.model)
         engine = run.engine
+        body.refuse_unsupported(body.model, logprobs=engine.reports_logprobs)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         size = sum(len(m["content"]) for m in messages)
         if run.adapter is None:
@@ -86,24 +88,37 @@ async def create_chat_completion(
             stop=body.stop_list(),
             seed=body.seed,
             defaults=run.served.sampling_defaults,
+            logprobs=body.top_logprobs_wanted,
         )
+        # As at OpenAI: the prompt counts once, completion tokens are summed over the choices.
+        per_choice = choice_params(params, body.choices)
         prompt_tokens = await run_cpu(len(prompt), engine.count_tokens, prompt)
         await run.admit(prompt_tokens)
 
         if not body.stream:
-            done = await run.complete(prompt, params)
+            done = await run.complete_choices(prompt, per_choice)
             response = ChatCompletionResponse(
                 model=body.model,
-                choices=[ChatChoice(message=ChatResponseMessage(content=done.text), finish_reason=done.finish_reason)],
-                usage=UsageInfo.of(prompt_tokens, done.completion_tokens),
+                choices=[
+                    ChatChoice(
+                        index=i,
+                        message=ChatResponseMessage(content=d.text),
+                        finish_reason=d.finish_reason,
+                        logprobs=ChoiceLogprobs.of(d.logprobs),
+                    )
+                    for i, d in enumerate(done)
+                ],
+                usage=UsageInfo.of(prompt_tokens, sum(d.completion_tokens for d in done)),
             )
             return JSONResponse(response.model_dump(mode="json"), headers=run.headers)
 
-        chunks = await run.stream(prompt, params)
+        chunks = await run.stream_choices(prompt, per_choice)
     except BaseException as exc:
         run.fail(exc)
         raise
-    events = _chat_events(chunks, model=body.model, prompt_tokens=prompt_tokens, include_usage=body.include_usage)
+    events = _chat_events(
+        chunks, choices=body.choices, model=body.model, prompt_tokens=prompt_tokens, include_usage=body.include_usage
+    )
     return StreamingResponse(events, media_type="text/event-stream", headers=run.headers)
 
 
@@ -148,30 +163,34 @@ async def _relayed_events(
 
 
 async def _chat_events(
-    chunks: AsyncGenerator[Chunk, None], *, model: str, prompt_tokens: int, include_usage: bool
+    chunks: AsyncGenerator[tuple[int, Chunk], None],
+    *,
+    choices: int,
+    model: str,
+    prompt_tokens: int,
+    include_usage: bool,
 ) -> AsyncIterator[str]:
+    """SSE events for ``choices`` interleaved choices; each event carries one choice's delta."""
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
 
-    def event(delta: DeltaMessage, finish: str | None = None) -> str:
-        chunk = ChatCompletionChunk(
-            id=completion_id,
-            created=created,
-            model=model,
-            choices=[ChatStreamChoice(delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
-        )
+    def event(index: int, delta: DeltaMessage, finish: str | None = None, logprobs: ChoiceLogprobs | None = None) -> str:
+        choice = ChatStreamChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
+        chunk = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[choice])
         return sse(chunk.model_dump(mode="json"))
 
     completion_tokens = 0
     try:
-        # OpenAI's first chunk carries the role and empty content.
-        yield event(DeltaMessage(role="assistant", content=""))
-        async for chunk in chunks:
+        # OpenAI's first chunk of each choice carries the role and empty content.
+        for index in range(choices):
+            yield event(index, DeltaMessage(role="assistant", content=""))
+        async for index, chunk in chunks:
             completion_tokens += len(chunk.token_ids)
-            if chunk.text:
-                yield event(DeltaMessage(content=chunk.text))
+            # Tokens without text of their own (a stop token, half a character) still report their logprobs.
+            if chunk.text or chunk.logprobs:
+                yield event(index, DeltaMessage(content=chunk.text), logprobs=ChoiceLogprobs.of(chunk.logprobs))
             if chunk.finish_reason is not None:
-                yield event(DeltaMessage(), chunk.finish_reason)
+                yield event(index, DeltaMessage(), chunk.finish_reason)
         if include_usage:
             usage = UsageInfo.of(prompt_tokens, completion_tokens)
             final = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[], usage=usage)

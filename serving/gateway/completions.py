@@ -19,6 +19,7 @@ from serving.gateway.lifecycle import RequestLifecycle
 from serving.gateway.protocol import (
     SSE_EVENT_SCHEMA,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     UsageInfo,
@@ -45,7 +46,7 @@ async def create_completion(
     """Create a text completion (OpenAI ``completions.create``)."""
     run = await RequestLifecycle.begin(request, body.model, principal)
     try:
-        body.refuse_unsupported(body.model)
+        body.refuse_unsupported(body.model, logprobs=run.engine.reports_logprobs)
         prompt = body.prompt_text()
         params = sampling_params(
             max_tokens=body.max_tokens,
@@ -57,6 +58,7 @@ async def create_completion(
             seed=body.seed,
             defaults=run.served.sampling_defaults,
             stop_token_ids=body.stop_token_ids,
+            logprobs=body.logprobs,
         )
         prompt_tokens = await run_cpu(len(prompt), run.engine.count_tokens, prompt)  # large ones off the loop
         await run.admit(prompt_tokens)
@@ -65,7 +67,11 @@ async def create_completion(
             done = await run.complete(prompt, params)
             response = CompletionResponse(
                 model=body.model,
-                choices=[CompletionChoice(text=done.text, finish_reason=done.finish_reason)],
+                choices=[
+                    CompletionChoice(
+                        text=done.text, finish_reason=done.finish_reason, logprobs=CompletionLogprobs.of(done.logprobs)
+                    )
+                ],
                 usage=UsageInfo.of(prompt_tokens, done.completion_tokens),
             )
             return JSONResponse(response.model_dump(mode="json"), headers=run.headers)
@@ -84,16 +90,16 @@ async def _completion_events(
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     completion_tokens = 0
+    offset = 0  # characters of token text reported so far: each chunk's text_offset continues it
     try:
         async for chunk in chunks:
             completion_tokens += len(chunk.token_ids)
-            if chunk.text or chunk.finish_reason is not None:
-                event = CompletionResponse(
-                    id=completion_id,
-                    created=created,
-                    model=model,
-                    choices=[CompletionChoice(text=chunk.text, finish_reason=chunk.finish_reason)],
-                )
+            if chunk.text or chunk.logprobs or chunk.finish_reason is not None:
+                logprobs = CompletionLogprobs.of(chunk.logprobs, offset)
+                if logprobs is not None:
+                    offset += sum(len(t) for t in logprobs.tokens)
+                choice = CompletionChoice(text=chunk.text, finish_reason=chunk.finish_reason, logprobs=logprobs)
+                event = CompletionResponse(id=completion_id, created=created, model=model, choices=[choice])
                 yield sse(event.model_dump(mode="json"))
         if include_usage:
             usage = UsageInfo.of(prompt_tokens, completion_tokens)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import Request
 
 from registry.errors import ErrorCode, ForgelineError
-from serving.engine.base import Chunk, SamplingDefaults, SamplingParams
+from serving.engine.base import Chunk, SamplingDefaults, SamplingParams, TokenLogprobs
 from serving.gateway.catalog import ModelCatalog, ServedModel, split_adapter
 from serving.gateway.errors import error_body, forgeline_error_body
 from serving.gateway.protocol import FinishReason
@@ -69,12 +70,14 @@ def sampling_params(
     max_tokens_field: str = "max_tokens",
     defaults: SamplingDefaults | None = None,
     stop_token_ids: list[int] | None = None,
+    logprobs: int | None = None,
 ) -> SamplingParams:
     """Engine sampling parameters from wire fields, with the gateway's defaults and limits.
 
     ``max_tokens_field`` is the name the client used (chat: ``max_completion_tokens`` or
     ``max_tokens``), so an error names what the client actually sent. Unset ``temperature``
     and ``top_p`` take the model's ``defaults`` (its ``generation_config``), else 1.0.
+    ``logprobs``: None for no log-probabilities, else how many alternatives per token.
     """
     defaults = defaults or SamplingDefaults()
     if temperature is None:
@@ -90,7 +93,20 @@ def sampling_params(
         stop=stop,
         seed=seed,
         stop_token_ids=list(stop_token_ids or []),
+        logprobs=logprobs,
     )
+
+
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """One `SamplingParams` per choice of an ``n``-choice request.
+
+    With a seed, choice ``i`` is seeded ``seed + i``: reproducible, yet the choices differ
+    (one seed for all would sample ``n`` identical answers). Without one each choice draws
+    its own random seed.
+    """
+    if params.seed is None:
+        return [params] * n
+    return [params if i == 0 else replace(params, seed=params.seed + i) for i in range(n)]
 
 
 def check_max_tokens(wanted: int | None, settings: GatewaySettings, field: str) -> None:
@@ -105,11 +121,56 @@ def check_max_tokens(wanted: int | None, settings: GatewaySettings, field: str) 
 
 @dataclass
 class Completion:
-    """A finished, non-streamed generation."""
+    """A finished, non-streamed generation (one choice).
+
+    Attributes:
+        logprobs: one report per generated token when they were asked for, else None.
+    """
 
     text: str
     completion_tokens: int
     finish_reason: FinishReason
+    logprobs: list[TokenLogprobs] | None = None
+
+
+async def open_streams(
+    served: ServedModel, prompt: str, params: list[SamplingParams], adapter: str | None
+) -> list[AsyncGenerator[Chunk, None]]:
+    """`open_stream` for each choice at once, so the engine batches them together.
+
+    If any fails up front, the others are closed and the first error raises.
+    """
+    opened = await asyncio.gather(*(open_stream(served, prompt, p, adapter) for p in params), return_exceptions=True)
+    streams = [s for s in opened if not isinstance(s, BaseException)]
+    failure = next((s for s in opened if isinstance(s, BaseException)), None)
+    if failure is not None:
+        for stream in streams:
+            await stream.aclose()
+        raise failure
+    return streams
+
+
+async def interleave(streams: list[AsyncGenerator[Chunk, None]]) -> AsyncGenerator[tuple[int, Chunk], None]:
+    """``(choice index, chunk)`` from each stream in index order, round after round, until all finish.
+
+    The engine decodes a request's choices in one batch, so taking one chunk of each in
+    turn waits on none for long, and a client reads the choices in step.
+    """
+    active = list(enumerate(streams))
+    try:
+        while active:
+            still: list[tuple[int, AsyncGenerator[Chunk, None]]] = []
+            for index, stream in active:
+                chunk = await anext(stream, None)
+                if chunk is None:
+                    continue
+                yield index, chunk
+                if chunk.finish_reason is None:
+                    still.append((index, stream))
+            active = still
+    finally:
+        for stream in streams:
+            await stream.aclose()
 
 
 async def open_stream(

@@ -17,10 +17,10 @@ from fastapi import Request
 
 from registry.errors import ForgelineError
 from registry.keys import KeyRecord
-from serving.engine.base import ChatRelay, Chunk, Engine, SamplingParams
+from serving.engine.base import ChatRelay, Chunk, Engine, SamplingParams, TokenLogprobs
 from serving.gateway.auth import check_model_allowed, may_route
 from serving.gateway.catalog import Lease, ModelCatalog, Route, ServedModel, model_not_found
-from serving.gateway.generation import Completion, lineage_headers, open_stream
+from serving.gateway.generation import Completion, interleave, lineage_headers, open_streams
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.protocol import FinishReason
 from serving.gateway.quota import Limiter, Limits, QuotaState
@@ -29,6 +29,15 @@ logger = logging.getLogger(__name__)
 
 CLIENT_CLOSED = 499  # nginx's status for "the client went away"; not a server failure
 _background: set[asyncio.Task[Any]] = set()
+
+
+async def _chunks_only(pairs: AsyncGenerator[tuple[int, Chunk], None]) -> AsyncGenerator[Chunk, None]:
+    """The chunks of a one-choice stream, without their index."""
+    try:
+        async for _, chunk in pairs:
+            yield chunk
+    finally:
+        await pairs.aclose()
 
 
 def _has_output(choice: dict[str, Any]) -> bool:
@@ -138,41 +147,63 @@ class RequestLifecycle:
 
     async def complete(self, prompt: str, params: SamplingParams) -> Completion:
         """Generate to the end (non-streaming) and account for it."""
-        stream = await self.stream(prompt, params)
-        parts: list[str] = []
-        finish: FinishReason = "length"
-        async for chunk in stream:
-            parts.append(chunk.text)
+        return (await self.complete_choices(prompt, [params]))[0]
+
+    async def complete_choices(self, prompt: str, params: list[SamplingParams]) -> list[Completion]:
+        """Generate one choice per entry of ``params`` to the end; usage sums them all."""
+        parts: list[list[str]] = [[] for _ in params]
+        tokens = [0] * len(params)
+        finish: list[FinishReason] = ["length"] * len(params)
+        logprobs: list[list[TokenLogprobs]] = [[] for _ in params]
+        async for index, chunk in await self.stream_choices(prompt, params):
+            parts[index].append(chunk.text)
+            tokens[index] += len(chunk.token_ids)
+            logprobs[index] += chunk.logprobs or []
             if chunk.finish_reason is not None:
-                finish = chunk.finish_reason
-        return Completion("".join(parts), self.completion_tokens, finish)
+                finish[index] = chunk.finish_reason
+        return [
+            Completion("".join(text), n, end, lp if p.logprobs is not None else None)
+            for text, n, end, lp, p in zip(parts, tokens, finish, logprobs, params, strict=True)
+        ]
 
     async def stream(self, prompt: str, params: SamplingParams) -> AsyncGenerator[Chunk, None]:
         """Start generating; errors before the first chunk raise here (proper HTTP errors)."""
-        chunks = await open_stream(self.served, prompt, params, self.adapter)
-        return self._timed(chunks)
+        return _chunks_only(await self.stream_choices(prompt, [params]))
 
-    async def _timed(self, chunks: AsyncGenerator[Chunk, None]) -> AsyncGenerator[Chunk, None]:
-        last = self.started
+    async def stream_choices(
+        self, prompt: str, params: list[SamplingParams]
+    ) -> AsyncGenerator[tuple[int, Chunk], None]:
+        """Start one generation per choice (batched together); ``(index, chunk)`` interleaved by index.
+
+        Errors before any choice's first chunk raise here (proper HTTP errors).
+        """
+        streams = await open_streams(self.served, prompt, params, self.adapter)
+        return self._timed(interleave(streams))
+
+    async def _timed(
+        self, chunks: AsyncGenerator[tuple[int, Chunk], None]
+    ) -> AsyncGenerator[tuple[int, Chunk], None]:
+        last: dict[int, float] = {}  # per choice: choices decode side by side, not one after another
         status = 200
         try:
-            async for chunk in chunks:
+            async for index, chunk in chunks:
                 now = time.perf_counter()
                 n = len(chunk.token_ids)
                 if n:
                     if self.first_token_at is None:
                         self.first_token_at = now
                         self._metrics.ttft.labels(*self._labels).observe(now - self.started)
+                    if index not in last:
                         # A first chunk of several tokens: the rest arrived with it.
                         n_gaps, gap = n - 1, 0.0
                     else:
-                        n_gaps, gap = n, (now - last) / n
+                        n_gaps, gap = n, (now - last[index]) / n
                     itl = self._metrics.itl.labels(*self._labels)
                     for _ in range(n_gaps):
                         itl.observe(gap)
-                    last = now
+                    last[index] = now
                     self.completion_tokens += n
-                yield chunk
+                yield index, chunk
         except BaseException as exc:
             status = _status_of(exc)
             raise

@@ -6,9 +6,10 @@ accepted or refused with a message that names the field. Which fields take effec
 on the engine that answers, known only once the model is resolved: a chat request that
 passes through to workers that speak chat keeps every field (tools, JSON schema, logprobs,
 ``n``, penalties, ...); an engine of our own refuses, with a 400 naming each field, what it
-cannot honour (`unsupported_fields`): silently ignoring it would return something the
-client did not ask for. Nested objects (messages, content parts) keep extra keys, so they
-pass through too (the SDK echoes assistant messages back with ``refusal`` and the like).
+cannot honour (`unsupported_fields`; chat ``logprobs`` and ``n`` it does): silently ignoring
+it would return something the client did not ask for. Nested objects (messages, content
+parts) keep extra keys, so they pass through too (the SDK echoes assistant messages back
+with ``refusal`` and the like).
 """
 
 from __future__ import annotations
@@ -21,10 +22,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from registry.errors import ErrorCode, ForgelineError
+from serving.engine.base import TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
+
+MAX_CHOICES = 8
+"""Most choices (``n``) an engine of our own generates for one chat request."""
 
 
 def _set(value: Any, neutral: tuple[Any, ...] = (None,)) -> bool:
@@ -40,6 +45,18 @@ SSE_EVENT_SCHEMA: dict[str, object] = {
     "required": ["data"],
 }
 """The OpenAPI schema of each event of a ``stream: true`` answer (``text/event-stream``)."""
+
+def _refuse(fields: list[str], model: str) -> None:
+    """Raise a 400 naming ``fields``, which the engine serving ``model`` cannot honour (if any)."""
+    if fields:
+        names = ", ".join(f"`{f}`" for f in fields)
+        raise ForgelineError(
+            f"{names} {'is' if len(fields) == 1 else 'are'} not supported by the engine serving `{model}`; "
+            f"leave {'it' if len(fields) == 1 else 'them'} unset or at the default",
+            code=ErrorCode.INVALID_REQUEST,
+            param=fields[0],
+        )
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -86,15 +103,7 @@ class _Request(BaseModel):
         Raises:
             ForgelineError: ``invalid_request`` with ``param`` the first such field.
         """
-        fields = self.unsupported_fields()
-        if fields:
-            names = ", ".join(f"`{f}`" for f in fields)
-            raise ForgelineError(
-                f"{names} {'is' if len(fields) == 1 else 'are'} not supported by the engine serving `{model}`; "
-                f"leave {'it' if len(fields) == 1 else 'them'} unset or at the default",
-                code=ErrorCode.INVALID_REQUEST,
-                param=fields[0],
-            )
+        _refuse(self.unsupported_fields(), model)
 
     def stop_list(self) -> list[str]:
         """``stop`` as a list."""
@@ -180,20 +189,30 @@ class ChatCompletionRequest(_Request):
     safety_identifier: str | None = None
     moderation: dict[str, Any] | None = None
 
-    def unsupported_fields(self) -> list[str]:
-        """Fields an engine of our own cannot honour (see `_Request.unsupported_fields`)."""
-        fields = super().unsupported_fields()
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("`top_logprobs` requires `logprobs` to be true; set `logprobs: true`")
+        return self
+
+    def unsupported_fields(self, *, logprobs: bool = True) -> list[str]:
+        """Fields an engine of our own cannot honour (see `_Request.unsupported_fields`).
+
+        Unlike completions, chat takes ``n`` up to `MAX_CHOICES` (see `refuse_unsupported`),
+        and ``logprobs`` / ``top_logprobs`` where the engine reports them (``logprobs``).
+        """
+        fields = [f for f in super().unsupported_fields() if f != "n"]
+        if not logprobs:
+            fields += [f for f in ("logprobs", "top_logprobs") if _set(getattr(self, f), (None, False, 0))]
         neutral: dict[str, tuple[Any, ...]] = {
             "tool_choice": (None, "none", "auto"),
             "function_call": (None, "none", "auto"),
-            "logprobs": (None, False),
-            "top_logprobs": (None, 0),
             "store": (None, False),
             "service_tier": (None, "auto", "default"),
             "parallel_tool_calls": (None, True, False),
         }
         for name in (
-            "tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "audio",
+            "tools", "tool_choice", "functions", "function_call", "audio",
             "prediction", "web_search_options", "store", "service_tier", "reasoning_effort",
             "verbosity", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention",
         ):
@@ -206,6 +225,35 @@ class ChatCompletionRequest(_Request):
         for i, message in enumerate(self.messages):
             fields += [f"messages[{i}].{name}" for name in message.unsupported_fields()]
         return fields
+
+    def refuse_unsupported(self, model: str, *, logprobs: bool = True) -> None:
+        """As `_Request.refuse_unsupported`, and refuse more than `MAX_CHOICES` choices.
+
+        Args:
+            model: the model named in messages.
+            logprobs: whether ``model``'s engine reports log-probabilities.
+
+        Raises:
+            ForgelineError: ``invalid_request`` naming the first field ``model``'s engine cannot honour.
+        """
+        _refuse(self.unsupported_fields(logprobs=logprobs), model)
+        if self.choices > MAX_CHOICES:
+            raise ForgelineError(
+                f"n is {self.n}, but the engine serving `{model}` generates at most {MAX_CHOICES} choices "
+                "per request; lower `n` or send several requests",
+                code=ErrorCode.INVALID_REQUEST,
+                param="n",
+            )
+
+    @property
+    def choices(self) -> int:
+        """How many choices to generate (``n``, default 1)."""
+        return self.n or 1
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        """Alternatives to report per token: None without ``logprobs``, else ``top_logprobs`` (default 0)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def passthrough_body(self) -> dict[str, Any]:
         """The request as the client sent it (unset fields left out), for a worker that speaks chat."""
@@ -240,11 +288,42 @@ class ChatResponseMessage(BaseModel):
     refusal: str | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None
+
+    @classmethod
+    def of(cls, reports: list[TokenLogprobs] | None) -> ChoiceLogprobs | None:
+        """The wire form of an engine's per-token reports; None when none were asked for."""
+        if reports is None:
+            return None
+        content = [
+            ChatTokenLogprob(
+                token=r.chosen.token,
+                logprob=r.chosen.logprob,
+                bytes=r.chosen.bytes,
+                top_logprobs=[TopLogprob(token=t.token, logprob=t.logprob, bytes=t.bytes) for t in r.top],
+            )
+            for r in reports
+        ]
+        return cls(content=content)
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatResponseMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 def _new_id(prefix: str) -> str:
@@ -270,7 +349,7 @@ class ChatStreamChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -294,7 +373,9 @@ class CompletionRequest(_Request):
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(
+        default=None, ge=0, le=5, description="Report each token's logprob and this many alternatives."
+    )
     # The extension trtllm-serve and vLLM take: a gateway relaying to a `forgeline worker` sends the model's stop ids.
     stop_token_ids: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(
         default=None, max_length=64, description="Token ids that end generation, besides the model's own stop tokens."
@@ -307,24 +388,67 @@ class CompletionRequest(_Request):
             raise ValueError("exactly one prompt is supported per request")
         return value
 
-    def unsupported_fields(self) -> list[str]:
-        """Fields our engines cannot honour on completions (see `_Request.unsupported_fields`)."""
+    def unsupported_fields(self, *, logprobs: bool = True) -> list[str]:
+        """Fields our engines cannot honour on completions (see `_Request.unsupported_fields`).
+
+        ``logprobs`` is honoured where the engine reports log-probabilities (``logprobs``).
+        """
         fields = super().unsupported_fields()
-        for name, neutral in (("echo", (None, False)), ("suffix", (None, "")), ("best_of", (None, 1)), ("logprobs", (None,))):
+        for name, neutral in (("echo", (None, False)), ("suffix", (None, "")), ("best_of", (None, 1))):
             if _set(getattr(self, name), neutral):
                 fields.append(name)
+        if not logprobs and self.logprobs is not None:
+            fields.append("logprobs")
         return fields
+
+    def refuse_unsupported(self, model: str, *, logprobs: bool = True) -> None:
+        """Raise a 400 naming every field ``model``'s engine cannot honour.
+
+        Args:
+            model: the model named in messages.
+            logprobs: whether ``model``'s engine reports log-probabilities.
+
+        Raises:
+            ForgelineError: ``invalid_request`` with ``param`` the first such field.
+        """
+        _refuse(self.unsupported_fields(logprobs=logprobs), model)
 
     def prompt_text(self) -> str:
         """The single prompt string."""
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists, one entry per generated token.
+
+    ``text_offset`` counts characters from the start of the completion (there is no echo).
+    """
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, reports: list[TokenLogprobs] | None, offset: int = 0) -> CompletionLogprobs | None:
+        """The wire form of an engine's reports, offsets starting at ``offset``; None when none were asked for."""
+        if reports is None:
+            return None
+        out = cls()
+        for r in reports:
+            out.tokens.append(r.chosen.token)
+            out.token_logprobs.append(r.chosen.logprob)
+            out.top_logprobs.append({t.token: t.logprob for t in r.top})
+            out.text_offset.append(offset)
+            offset += len(r.chosen.token)
+        return out
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -271,6 +271,7 @@ class EchoEngine:
     """Answers every prompt with one fixed chunk; records the adapter it ran."""
 
     model_id = "echo"
+    reports_logprobs = False
     ready = True
 
     def __init__(self) -> None:

@@ -18,6 +18,7 @@ class Clock:
 
 class NullEngine:
     model_id = "null"
+    reports_logprobs = False
     ready = True
 
     async def start(self) -> None: ...

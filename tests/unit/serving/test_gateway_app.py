@@ -25,6 +25,7 @@ class ScriptedEngine:
 
     def __init__(self, chunks: list[Chunk], fail_with: Exception | None = None) -> None:
         self.model_id = "scripted"
+        self.reports_logprobs = False
         self.ready = True
         self.chunks = chunks
         self.fail_with = fail_with
@@ -107,6 +108,21 @@ def test_request_fields_reach_the_engine() -> None:
     assert prompt == "user: hi there\nassistant: "
     assert (params.max_tokens, params.temperature, params.stop, params.seed) == (5, 0, ["END"], 5)
     assert adapter == "support"
+
+
+def test_logprobs_are_refused_by_name_when_the_engine_cannot_report_them() -> None:
+    engine = ScriptedEngine([Chunk("Hello", [1], "stop")])
+    app = create_app(StaticCatalog([ServedModel(name="m", version="1", engine=engine)]))
+    response = _post(app, "/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 2})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "logprobs" and "`logprobs`, `top_logprobs` are not supported" in error["message"]
+    assert engine.calls == []
+    # n needs nothing of the engine: each choice is one more generation.
+    response = _post(app, "/v1/chat/completions", {**CHAT, "n": 2})
+    assert response.status_code == 200, response.text
+    assert [c["index"] for c in response.json()["choices"]] == [0, 1]
+    assert response.json()["usage"]["completion_tokens"] == 2
 
 
 def test_the_models_generation_config_supplies_unset_sampling_defaults(tmp_path: Path) -> None:
