@@ -9,7 +9,6 @@ A hot swap between two full-weight versions under load fails no request.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +33,7 @@ from serving.gateway.server import serve_in_background
 from serving.registry_models import BaseSource
 from serving.service import build_gateway
 from tests.conftest import REPO, TINY_BASE, point_home
+from tests.support.swap_load import SwapLoad
 from tests.unit.serving.tiny_model import build_tiny_base
 from training.config import EvaluateSpec
 
@@ -204,51 +204,20 @@ def test_full_fine_tunes_hot_swap_when_the_alias_moves_and_no_request_fails(
     spec = ServeSpec(auth=False, device="cpu", poll_interval_s=0.2, max_new_tokens=16)
     app = build_gateway(registry, ["swapfull"], spec)
     base_url, stop_server = serve_in_background(app)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-    seen: list[str] = []
-    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=60)
-
-    def load(worker: int) -> None:
-        n = 0
-        while not stop.is_set():
-            n += 1
-            try:
-                if (worker + n) % 2:
-                    raw = client.chat.completions.with_raw_response.create(
-                        model="swapfull", messages=QUESTION, max_tokens=6, temperature=0
-                    )
-                    assert raw.parse().choices[0].finish_reason in ("length", "stop")
-                    seen.append(raw.headers["x-forgeline-model-version"])
-                else:
-                    with client.chat.completions.with_streaming_response.create(
-                        model="swapfull", messages=QUESTION, max_tokens=6, temperature=0, stream=True
-                    ) as response:
-                        lines = [line for line in response.iter_lines() if line]
-                        assert lines[-1] == "data: [DONE]" and '"error"' not in "".join(lines)
-                        seen.append(response.headers["x-forgeline-model-version"])
-            except BaseException as exc:  # noqa: BLE001 - every failure is the finding
-                errors.append(exc)
-
-    threads = [threading.Thread(target=load, args=(i,)) for i in range(3)]
+    load = SwapLoad(base_url, "swapfull", QUESTION, max_tokens=6, threads=3)
     try:
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 30
-        while len(seen) < 4 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert seen and set(seen) == {"swapfull/1"}, (seen, errors[:3])
-        registry.move_alias("swapfull", "production", 2, actor="test", reason="new release")
-        deadline = time.monotonic() + 30
-        while "swapfull/2" not in seen[-3:] and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(0.5)
+        with load:
+            deadline = time.monotonic() + 30
+            while len(load.answers) < 4 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert load.versions and set(load.versions) == {"swapfull/1"}, (load.versions, load.errors[:3])
+            registry.move_alias("swapfull", "production", 2, actor="test", reason="new release")
+            load.wait_for("swapfull/2", recent=3)
+            time.sleep(0.5)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
         stop_server()
         registry.close()
+    errors, seen = load.errors, load.versions
     assert errors == [], errors[:3]
     assert set(seen) == {"swapfull/1", "swapfull/2"} and seen[-1] == "swapfull/2"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from serving.engine.torch_engine import TorchEngine
 from serving.gateway.server import serve_in_background
 from serving.registry_models import torch_engine
 from serving.service import build_gateway
+from tests.support.swap_load import SwapLoad
 from tests.unit.serving.tiny_model import build_tiny_base
 
 pytestmark = pytest.mark.integration
@@ -82,45 +82,14 @@ def test_hot_swap_under_load_fails_no_request(store: tuple[str, str], artifacts:
     base_url, catalog = next(served)
     try:
         client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=60)
-        stop = threading.Event()
-        errors: list[BaseException] = []
-        seen: list[str] = []
-
-        def load(worker: int) -> None:
-            n = 0
-            while not stop.is_set():
-                n += 1
-                try:
-                    if (worker + n) % 2:
-                        raw = client.chat.completions.with_raw_response.create(
-                            model="swap", messages=MESSAGES, max_tokens=8, temperature=0
-                        )
-                        assert raw.parse().choices[0].finish_reason in ("length", "stop")
-                        seen.append(raw.headers["x-forgeline-model-version"])
-                    else:
-                        with client.chat.completions.with_streaming_response.create(
-                            model="swap", messages=MESSAGES, max_tokens=8, temperature=0, stream=True
-                        ) as response:
-                            lines = [line for line in response.iter_lines() if line]
-                            assert lines[-1] == "data: [DONE]" and '"error"' not in "".join(lines)
-                            seen.append(response.headers["x-forgeline-model-version"])
-                except BaseException as exc:  # noqa: BLE001 - every failure is the finding
-                    errors.append(exc)
-
-        threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        time.sleep(1.5)
-        assert seen and set(seen) == {"swap/1"}
-        registry.move_alias("swap", "production", 2, actor="test", reason="new release")
-        deadline = time.monotonic() + 30
-        while "swap/2" not in seen[-4:] and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(1.0)
-        stop.set()
-        for t in threads:
-            t.join(60)
-        assert errors == [], errors[:3]
+        with SwapLoad(base_url, "swap", MESSAGES, max_tokens=8, threads=4) as load:
+            time.sleep(1.5)
+            assert load.versions and set(load.versions) == {"swap/1"}
+            registry.move_alias("swap", "production", 2, actor="test", reason="new release")
+            load.wait_for("swap/2")
+            time.sleep(1.0)
+        seen = load.versions
+        assert load.errors == [], load.errors[:3]
         assert set(seen) == {"swap/1", "swap/2"}
         assert seen[-1] == "swap/2"
         # The old version drained and was unloaded; only v2 is loaded and listed.
@@ -226,37 +195,9 @@ def test_gateway_follows_a_promotion_by_another_process_within_a_second(
     try:
         assert promoter.stdout is not None and promoter.stdin is not None
         assert promoter.stdout.readline().strip() == "ready"
-        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=60)
-        stop = threading.Event()
-        errors: list[BaseException] = []
-        answers: list[tuple[float, str]] = []  # (wall clock when the answer arrived, version)
-
-        def load(worker: int) -> None:
-            n = 0
-            while not stop.is_set():
-                n += 1
-                try:
-                    if (worker + n) % 2:
-                        raw = client.chat.completions.with_raw_response.create(
-                            model="follow@production", messages=MESSAGES, max_tokens=4, temperature=0
-                        )
-                        assert raw.parse().choices[0].finish_reason in ("length", "stop")
-                        answers.append((time.time(), raw.headers["x-forgeline-model-version"]))
-                    else:
-                        with client.chat.completions.with_streaming_response.create(
-                            model="follow@production", messages=MESSAGES, max_tokens=4, temperature=0, stream=True
-                        ) as response:
-                            lines = [line for line in response.iter_lines() if line]
-                            assert lines[-1] == "data: [DONE]" and '"error"' not in "".join(lines)
-                            answers.append((time.time(), response.headers["x-forgeline-model-version"]))
-                except BaseException as exc:  # noqa: BLE001 - every failure is the finding
-                    errors.append(exc)
-
-        threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
         lags: list[float] = []
-        try:
+        with SwapLoad(base_url, "follow@production", MESSAGES, max_tokens=4, threads=2) as load:
+            answers = load.answers
             for version in (2, 1, 2):
                 time.sleep(1.0)
                 assert answers and answers[-1][1] == f"follow/{3 - version}"
@@ -273,10 +214,7 @@ def test_gateway_follows_a_promotion_by_another_process_within_a_second(
                 else:
                     pytest.fail(f"the gateway still answers with the old version 30 s after promoting v{version}")
             time.sleep(0.5)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(60)
+        errors = load.errors
         p50 = statistics.median(lags)
         print(f"promotion -> first answer from the new version: {[round(lag, 2) for lag in lags]} s, p50 {p50:.2f} s")
         assert errors == [], errors[:3]
