@@ -88,8 +88,9 @@ class _Request(BaseModel):
             raise ValueError("`stream_options` is only allowed when `stream` is true")
         return self
 
-    def unsupported_fields(self) -> list[str]:
-        """Fields set to something an engine of our own cannot do (it generates one plain choice)."""
+    def unsupported_fields(self, *, logprobs: bool = True) -> list[str]:
+        """Fields set to something an engine of our own cannot do (it generates one plain choice);
+        ``logprobs``: whether the engine reports log-probabilities (subclasses that accept them)."""
         fields = [name for name in ("frequency_penalty", "presence_penalty") if _set(getattr(self, name), (None, 0, 0.0))]
         if _set(self.n, (None, 1)):
             fields.insert(0, "n")
@@ -97,13 +98,17 @@ class _Request(BaseModel):
             fields.append("logit_bias")
         return fields
 
-    def refuse_unsupported(self, model: str) -> None:
+    def refuse_unsupported(self, model: str, *, logprobs: bool = True) -> None:
         """Raise a 400 naming every field ``model``'s engine cannot honour.
+
+        Args:
+            model: the model named in messages.
+            logprobs: whether ``model``'s engine reports log-probabilities.
 
         Raises:
             ForgelineError: ``invalid_request`` with ``param`` the first such field.
         """
-        _refuse(self.unsupported_fields(), model)
+        _refuse(self.unsupported_fields(logprobs=logprobs), model)
 
     def stop_list(self) -> list[str]:
         """``stop`` as a list."""
@@ -236,7 +241,7 @@ class ChatCompletionRequest(_Request):
         Raises:
             ForgelineError: ``invalid_request`` naming the first field ``model``'s engine cannot honour.
         """
-        _refuse(self.unsupported_fields(logprobs=logprobs), model)
+        super().refuse_unsupported(model, logprobs=logprobs)
         if self.choices > MAX_CHOICES:
             raise ForgelineError(
                 f"n is {self.n}, but the engine serving `{model}` generates at most {MAX_CHOICES} choices "
@@ -400,18 +405,6 @@ class CompletionRequest(_Request):
         if not logprobs and self.logprobs is not None:
             fields.append("logprobs")
         return fields
-
-    def refuse_unsupported(self, model: str, *, logprobs: bool = True) -> None:
-        """Raise a 400 naming every field ``model``'s engine cannot honour.
-
-        Args:
-            model: the model named in messages.
-            logprobs: whether ``model``'s engine reports log-probabilities.
-
-        Raises:
-            ForgelineError: ``invalid_request`` with ``param`` the first such field.
-        """
-        _refuse(self.unsupported_fields(logprobs=logprobs), model)
 
     def prompt_text(self) -> str:
         """The single prompt string."""
