@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -19,6 +19,22 @@ FinishReason = Literal["stop", "length"]
 
 MAX_TOP_LOGPROBS = 20
 """Most alternatives reported per token (OpenAI's bound for ``top_logprobs``)."""
+
+
+class TokenGuide(Protocol):
+    """Constrains one generated sequence token by token (a grammar, a JSON schema, a tool call).
+
+    Engines call ``mask`` on the row's next-token logits before sampling and ``accept``
+    with the token chosen; a guide that has reached an accepting end allows only stop tokens.
+    """
+
+    def mask(self, logits: Any) -> None:
+        """Set the logits of every token not allowed next to ``-inf``, in place (one row, vocab-sized)."""
+        ...
+
+    def accept(self, token: int) -> None:
+        """Advance past ``token``, which the engine sampled from the masked logits."""
+        ...
 
 
 @dataclass
@@ -35,6 +51,8 @@ class SamplingParams:
             (its ``generation_config.eos_token_id`` list, which engines always honour).
         logprobs: None reports no log-probabilities; ``k`` (0..20) reports each generated
             token's log-probability and the ``k`` most likely tokens of the same step.
+        guide: makes a fresh `TokenGuide` per generated sequence (guides hold state, and
+            ``n`` > 1 decodes several sequences from one request), or None for free text.
     """
 
     max_tokens: int
@@ -44,6 +62,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None
+    guide: Callable[[], TokenGuide] | None = None
 
     def __post_init__(self) -> None:
         # Engines trust these; the gateway validates wire input earlier with better messages.

@@ -39,7 +39,7 @@ from typing import Any
 from registry.errors import ConflictError, ErrorCode, ForgelineError, MissingDependencyError, ModelNotFoundError
 from serving.cpu_pool import run_cpu
 from serving.engine.adapter_chat import BASE_CHAT, AdapterChat, read_adapter_chat
-from serving.engine.base import Chunk, FinishReason, Logprob, SamplingParams, TokenLogprobs
+from serving.engine.base import Chunk, FinishReason, Logprob, SamplingParams, TokenGuide, TokenLogprobs
 from serving.engine.lora_routing import BASE_ADAPTER, LoraRouter, strip_lora
 from serving.engine.token_bytes import TokenBytes
 from serving.stop_tokens import stop_token_ids
@@ -121,6 +121,7 @@ class _Request:
     stop_ids: frozenset[int] = frozenset()  # the adapter's end-of-turn tokens, besides the base's
     cancelled: threading.Event = field(default_factory=threading.Event)
     generator: Any = None  # torch.Generator, created on the worker's device
+    guide: TokenGuide | None = None  # this sequence's own constraint, from params.guide
     out_ids: list[int] = field(default_factory=list)
     pending_ids: list[int] = field(default_factory=list)  # generated since the last chunk
     pending_logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per pending id, when asked
@@ -452,6 +453,7 @@ class TorchEngine:
             adapter=adapter,
             adapter_path=adapter_path,
             stop_ids=chat.stop_ids,
+            guide=params.guide() if params.guide is not None else None,
         )
         self._inbox.put(request)
         try:
@@ -833,6 +835,9 @@ class TorchEngine:
         """
         import torch
 
+        for i, r in enumerate(rows):
+            if r.guide is not None:
+                r.guide.mask(logits[i])
         tokens: list[int] = logits.argmax(dim=-1).tolist()
         reports: list[TokenLogprobs | None] = [None] * len(rows)
         for i, r in enumerate(rows):
@@ -855,6 +860,9 @@ class TorchEngine:
                 tokens[i] = int(torch.multinomial(probs, 1, generator=r.generator).item())
             if p.logprobs is not None:
                 reports[i] = self._report(torch.log_softmax(scaled, dim=-1), tokens[i], p.logprobs)
+        for r, token in zip(rows, tokens, strict=True):
+            if r.guide is not None:
+                r.guide.accept(token)
         return tokens, reports
 
     def _report(self, logprobs: Any, token: int, top: int) -> TokenLogprobs:
