@@ -232,6 +232,13 @@ class FineTuningStore(ControlStore):
         with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
             return [JobRow.from_row(r) for r in conn.execute(query)]
 
+    def orgs_registering(self, registered_name: str) -> set[str]:
+        """The organisations whose jobs register versions into ``registered_name``."""
+        c = fine_tuning_jobs.c
+        query = select(c.org).where(c.registered_name == registered_name).distinct()
+        with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
+            return {row.org for row in conn.execute(query)}
+
     def transition(self, job_id: str, *, from_status: tuple[str, ...], **values: Any) -> bool:
         """Set ``values`` only while the job is in one of ``from_status`` (compare-and-set).
 

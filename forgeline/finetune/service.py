@@ -24,6 +24,7 @@ from registry.errors import (
     ErrorCode,
     FieldProblem,
     ForgelineError,
+    ModelNotFoundError,
     NotFoundError,
     PermissionDeniedError,
 )
@@ -165,6 +166,7 @@ class FineTuning:
                 f"register {train_job.name!r}; fix: use a suffix your key covers, or a key for that model",
                 param="suffix",
             )
+        self._check_name_free(train_job.name, key.org)
         method = request.resolved_method()
         stored_method = {"type": method.type, method.type: {"hyperparameters": hyperparameters}}
         if method.type == "reinforcement":
@@ -188,6 +190,25 @@ class FineTuning:
         )
         log.info("fine-tuning job %s queued for %s (%s, org %s)", job_id, train_job.name, method.type, key.org)
         return job
+
+    def _check_name_free(self, name: str, org: str) -> None:
+        """Refuse a registered-model name another owner already uses.
+
+        ``ft-<org>-<base>-<suffix>`` is not injective (org ``a-b`` on base ``c`` and org ``a``
+        on base ``b-c`` meet), and a job must never add versions to another org's model.
+        """
+        owners = self.store.orgs_registering(name)
+        try:
+            # Untagged versions are skipped: the supervisor tags a version only after training registers it.
+            owners |= {tag for tag in self.registry.version_orgs(name).values() if tag}
+        except ModelNotFoundError:
+            pass
+        if owners - {org}:
+            raise ConflictError(
+                f"suffix: the fine-tuned model name {name!r} is already used by another owner; "
+                "fix: choose a different `suffix`",
+                param="suffix",
+            )
 
     def _file(self, org: str, file_id: str | None, param: str) -> tuple[Path, FileSummary]:
         assert file_id is not None
