@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from registry import lineage
+from registry.aliases import NO_HOLDER
 from registry.approvals import Approval, Decision, standing
 from registry.audit import AuditEntry
 from registry.authz import person
-from registry.client import NO_HOLDER, Registry, VersionInfo
+from registry.client import Registry, VersionInfo
 from registry.errors import (
     ConflictError,
     ErrorCode,

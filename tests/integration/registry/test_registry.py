@@ -13,7 +13,8 @@ from mlflow import MlflowClient
 from sqlalchemy import event
 
 from registry import lineage
-from registry.client import NO_HOLDER, Registry, VersionInfo
+from registry.aliases import NO_HOLDER
+from registry.client import Registry, VersionInfo
 from registry.errors import ConflictError, ModelNotFoundError, NotFoundError, PolicyRefused
 from registry.policy import PromotionPolicy, Threshold
 from registry.promotion import promote, rollback
