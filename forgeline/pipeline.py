@@ -15,9 +15,10 @@ from registry import lineage
 from registry.client import Registry, VersionInfo
 from registry.errors import ConfigError, ErrorCode, ForgelineError
 from registry.eval_samples import record_samples
+from registry.gates import PolicyResult
 from registry.policy import PromotionPolicy
-from registry.promotion import PolicyResult, promote
 from registry.promotion import check as check_gates
+from registry.promotion import promote
 from registry.settings import forgeline_home, tracking_uri
 from training.config import EvaluateSpec, GRPOMethod, ModelSpec
 from training.job import TrainJob, TrainResult
