@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from serving.canary import Canary
 from serving.config import CanarySLO, CanarySpec
 from serving.engine.base import SamplingParams
 from serving.gateway.catalog import ServedModel
-from serving.rollout import Canary
 
 
 class Clock:
