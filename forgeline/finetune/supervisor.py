@@ -200,7 +200,7 @@ class Supervisor:
         run = self._run(job)
         if run is not None:
             client = self.ft.registry.client
-            planned = run.data.tags.get("forgeline.total_steps", "")
+            planned = run.data.tags.get(lineage.TOTAL_STEPS, "")
             total = int(planned) if planned.isdigit() else None
             for metric, label, kind in (("loss", "training loss", "train_loss"), ("eval_loss", "validation loss", "valid_loss")):
                 for point in client.get_metric_history(run.info.run_id, metric):
