@@ -4,7 +4,8 @@ MLflow stays the source of truth for experiments, runs, model versions, tags and
 aliases; this class turns its loosely typed entities into :class:`VersionInfo`, its
 exceptions into the ``ForgelineError`` family (`registry.mlflow_errors`), and inherits
 the audited alias moves (`registry.aliases`), so :meth:`Registry.move_alias` is the one
-way an alias moves.
+way an alias moves, and the run, metric and artifact verbs (`registry.runs`), so nothing
+above ``registry/`` needs the raw client.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from registry.errors import ConflictError, ErrorCode, ForgelineError, ModelNotFo
 from registry.events import WebhookDispatcher
 from registry.mlflow_errors import error_code, is_missing, translate
 from registry.refs import is_version_number, version_in_range
+from registry.runs import RunRecords
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +135,7 @@ def _safe_dirname(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
 
 
-class Registry(AuditedAliases):
+class Registry(AuditedAliases, RunRecords):
     """Typed access to MLflow's tracking store and model registry, with audited aliases.
 
     Args:
@@ -148,7 +150,8 @@ class Registry(AuditedAliases):
             the audit log's database.
 
     Attributes:
-        client: the underlying ``MlflowClient``, for the few callers that need raw MLflow.
+        client: the underlying ``MlflowClient``; only ``registry/`` uses it (runs, metrics
+            and artifacts are the verbs of `registry.runs.RunRecords`).
         audit: the :class:`~registry.audit.AuditLog` every alias move is written to.
         approvals: the :class:`~registry.approvals.ApprovalStore`.
         events: the :class:`~registry.events.WebhookDispatcher`.
@@ -487,23 +490,6 @@ class Registry(AuditedAliases):
             if org and orgs.get(mv.name) is None:
                 orgs[mv.name] = org
         return orgs
-
-    def metric_history(self, run_id: str) -> dict[str, list[tuple[int, float]]]:
-        """Every metric a run logged, as ``(step, value)`` pairs in step order.
-
-        Raises:
-            NotFoundError: there is no run ``run_id``.
-        """
-        try:
-            run = self.client.get_run(run_id)
-            return {
-                key: sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, key))
-                for key in run.data.metrics
-            }
-        except MlflowException as exc:
-            if is_missing(exc):
-                raise NotFoundError(f"no MLflow run {run_id!r}", param="run_id") from exc
-            raise translate(exc, f"could not read the metrics of run {run_id!r}", param="run_id") from exc
 
     def list_models(self) -> list[str]:
         """Names of every registered model, sorted."""

@@ -155,7 +155,7 @@ def _start_run(job: TrainJob, plan: ResumePlan, registry: Registry) -> Any:
     experiment_id = registry.ensure_experiment(job.experiment)
     if plan.stale_run_id:
         try:
-            registry.client.set_terminated(plan.stale_run_id, status="KILLED")
+            registry.end_run(plan.stale_run_id, status="KILLED")
         except Exception as err:  # best effort: the stale run may have been deleted by hand
             log.debug("could not mark run %s killed: %s", plan.stale_run_id, err)
     if plan.run_id:
