@@ -19,6 +19,8 @@ class Clock:
 class NullEngine:
     model_id = "null"
     reports_logprobs = False
+    serves_adapters = False
+    step_listener = None
     ready = True
 
     async def start(self) -> None: ...
@@ -30,6 +32,9 @@ class NullEngine:
 
     def count_tokens(self, text: str) -> int:
         return 0
+
+    def stats(self) -> None:
+        return None
 
     async def generate(self, prompt: str, params: SamplingParams, *, adapter: str | None = None):  # noqa: ANN201
         if False:
