@@ -30,7 +30,7 @@ from registry.keys import KeyStore
 from registry.policy import PolicyBook
 from registry.promotion import promote
 from serving.gateway.server import serve_in_background
-from tests.integration.registry.backends import TRAINER, sqlite_backend, trained_version, unique_name
+from tests.support.backends import TRAINER, sqlite_backend, trained_version, unique_name
 
 pytestmark = pytest.mark.integration
 
