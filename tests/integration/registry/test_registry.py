@@ -19,6 +19,7 @@ from registry.errors import ConflictError, ModelNotFoundError, NotFoundError, Po
 from registry.policy import PromotionPolicy, Threshold
 from registry.promotion import promote, rollback
 from registry.runs import download_artifact_uri
+from tests.support import backends
 
 pytestmark = pytest.mark.integration
 
@@ -44,25 +45,9 @@ def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_mlflow_db
     reg.close()
 
 
-def trained_version(
-    registry: Registry, name: str = "tiny", *, accuracy: float = 0.9, loss: float = 1.0, base_loss: float = 2.0
-) -> VersionInfo:
-    """A run with a tiny artifact, registered and evaluated like the pipeline does."""
-    experiment_id = registry.ensure_experiment("forgeline-tests")
-    run = registry.client.create_run(experiment_id)
-    run_id = run.info.run_id
-    registry.client.log_text(run_id, '{"model_type": "tiny"}', "model/config.json")
-    registry.client.set_terminated(run_id)
-    version = registry.create_version(
-        name,
-        source=f"runs:/{run_id}/model",
-        run_id=run_id,
-        tags={lineage.BASE_MODEL: "tiny-base", lineage.METHOD: "sft", lineage.RUN_ID: run_id},
-    )
-    registry.record_evaluation(
-        name, version.version, {"accuracy": accuracy, "eval_loss": loss}, base_metrics={"eval_loss": base_loss}
-    )
-    return registry.get_version(name, version.version)
+def trained_version(registry: Registry, name: str = "tiny", **evaluation: float) -> VersionInfo:
+    """A registered, evaluated version of ``name`` (tests/support/backends.py)."""
+    return backends.trained_version(registry, name, **evaluation)
 
 
 def test_create_version_carries_lineage_and_artifacts_live_under_home(registry: Registry, tmp_path: Path) -> None:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from serving.engine.base import Chunk, Engine, EngineStats, SamplingParams
+from serving.engine.base import Engine, EngineStats
 from serving.engine.torch_engine import TorchEngine
 from serving.engine.upstream import UpstreamEngine
 from serving.gateway.catalog import ServedModel, StaticCatalog
 from serving.gateway.metrics import GatewayMetrics
+from tests.support.engines import StubEngine
 
 
 def _members() -> set[str]:
@@ -40,30 +40,11 @@ def test_each_engine_has_every_member(make, tmp_path: Path) -> None:  # noqa: AN
     assert isinstance(engine, Engine)
 
 
-class _CountingEngine:
+class _CountingEngine(StubEngine):
     """Runs its own decode steps, like the PyTorch engine."""
-
-    model_id = "counting"
-    reports_logprobs = False
-    serves_adapters = False
-    step_listener = None
-    ready = True
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    def render_chat(self, messages: list[dict[str, str]], *, adapter: str | None = None) -> str:
-        return ""
-
-    def count_tokens(self, text: str) -> int:
-        return 0
 
     def stats(self) -> EngineStats:
         return EngineStats(waiting=3, running=2, loaded_adapters=("a",))
-
-    async def generate(self, prompt: str, params: SamplingParams, *, adapter: str | None = None) -> AsyncIterator[Chunk]:
-        yield Chunk(text="", token_ids=[], finish_reason="stop")
 
 
 def test_metrics_read_stats_and_listen_to_steps_only_where_the_engine_decodes() -> None:
