@@ -44,9 +44,10 @@ def _populate(registry: Any, name: str, count: int) -> None:
 def run(setting: str, work: Path) -> dict[str, Any]:
     from forgeline.control import create_control_app
     from registry.client import Registry
+    from registry.decisions import decide
     from registry.keys import KeyStore
     from registry.policy import PolicyBook
-    from registry.promotion import decide, promote
+    from registry.promotion import promote
     from serving.gateway.server import serve_in_background
 
     registry = Registry()

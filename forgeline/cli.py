@@ -16,6 +16,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from registry import lineage
 from registry.errors import ErrorCode, ForgelineError
 
 from .cli_bases import bases_app
@@ -319,7 +320,7 @@ def models_list() -> None:
     for name in registry.list_models():
         for info in registry.list_versions(name):
             m = info.metrics()
-            table.add_row(name, str(info.version), ",".join(info.aliases), _fmt(m.get("accuracy")), info.tags.get("forgeline.base_model", ""))
+            table.add_row(name, str(info.version), ",".join(info.aliases), _fmt(m.get("accuracy")), info.tags.get(lineage.BASE_MODEL, ""))
     console.print(table)
 
 

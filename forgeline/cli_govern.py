@@ -88,8 +88,8 @@ def approve(
         recorded = response.json()
         approver, role = recorded["approver"], recorded["role"]
     else:
+        from registry.decisions import decide
         from registry.keys import KeyStore
-        from registry.promotion import decide
 
         registry = open_registry()
         if secret:

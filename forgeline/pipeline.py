@@ -15,9 +15,11 @@ from registry import lineage
 from registry.client import Registry, VersionInfo
 from registry.errors import ConfigError, ErrorCode, ForgelineError
 from registry.eval_samples import record_samples
+from registry.gates import PolicyResult
 from registry.policy import PromotionPolicy
-from registry.promotion import PolicyResult, promote
 from registry.promotion import check as check_gates
+from registry.promotion import promote
+from registry.runs import download_artifact_uri
 from registry.settings import forgeline_home, tracking_uri
 from training.config import EvaluateSpec, GRPOMethod, ModelSpec
 from training.job import TrainJob, TrainResult
@@ -59,14 +61,11 @@ def train(recipe: Recipe, recipe_file: str | Path | None, *, registry: Registry)
 
 def download_artifacts(uri: str, kind: str, name: str, version: int) -> Path:
     """A local copy of a version's artifact folder (a no-op copy on the embedded store)."""
-    import mlflow
-
     dst = forgeline_home() / "cache" / name / str(version) / kind
     if (dst / ".complete").exists():
         return dst / Path(uri.rstrip("/")).name
     dst.mkdir(parents=True, exist_ok=True)
-    # Explicit tracking URI: `mlflow-artifacts:` URIs resolve through it, and long-running callers never set it globally.
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri()))
+    local = download_artifact_uri(uri, dst, tracking_uri=tracking_uri())
     (dst / ".complete").touch()
     return local
 
@@ -96,18 +95,16 @@ def recorded_grpo_method(registry: Registry, info: VersionInfo) -> tuple[GRPOMet
     import json
     import tempfile
 
-    from mlflow.exceptions import MlflowException
-
     fix = "fix: pass the recipe (`forgeline evaluate NAME VERSION --recipe RECIPE.yaml`)"
     if not info.run_id:
         raise ForgelineError(f"{info.ref} is a GRPO version without a training run to read its rewards from; {fix}",
                              code=ErrorCode.INVALID_REQUEST, param="recipe")
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = registry.client.download_artifacts(info.run_id, "recipe/resolved.json", tmp)
+            path = registry.download_run_artifact(info.run_id, "recipe/resolved.json", tmp)
             resolved = json.loads(Path(path).read_text())
             method = GRPOMethod.model_validate(resolved["method"])
-        except (MlflowException, OSError, KeyError, ValueError) as err:  # no such artifact, or a run from another tool
+        except (ForgelineError, OSError, KeyError, ValueError) as err:  # no such artifact, or a run from another tool
             raise ForgelineError(f"{info.ref}: cannot read the GRPO rewards from run {info.run_id} ({err}); {fix}",
                                  code=ErrorCode.INVALID_REQUEST, param="recipe") from err
     recipe_file = resolved.get("recipe_file")
@@ -192,12 +189,10 @@ def _log_metrics_on_run(registry: Registry, run_id: str | None, metrics: dict[st
     """Evaluation results also go on the training run, so MLflow's UI compares runs."""
     if not run_id:
         return
-    # The registry's client, not a default MlflowClient(): a long-running process (the control
+    # The registry's verbs, not MLflow's fluent API: a long-running process (the control
     # plane) never set MLflow's global tracking URI.
-    for key, value in metrics.items():
-        registry.client.log_metric(run_id, f"final_{key}", value)
-    for key, value in base.items():
-        registry.client.log_metric(run_id, f"base_{key}", value)
+    registry.log_metrics(run_id, {f"final_{key}": value for key, value in metrics.items()})
+    registry.log_metrics(run_id, {f"base_{key}": value for key, value in base.items()})
 
 
 def check(registry: Registry, name: str, version: int, policy: PromotionPolicy, alias: str | None = None) -> PolicyResult:
@@ -255,9 +250,7 @@ def build(
         build_torch_artifact(weights.base_model, None, out, full_weights=weights.path)
     artifact_uri = str(out)
     if info.run_id:
-        client = registry.client
-        client.log_artifacts(info.run_id, str(out), artifact_path=f"engine/{target}")
-        artifact_uri = f"{client.get_run(info.run_id).info.artifact_uri}/engine/{target}"
+        artifact_uri = registry.upload_artifacts(info.run_id, out, f"engine/{target}")
     registry.set_tags(info.name, info.version, {f"{lineage.ENGINE_PREFIX}{target}": artifact_uri})
     log.info("built %s engine for %s v%s at %s", target, info.name, info.version, out)
     return BuiltEngine(registry.get_version(info.name, info.version), out, artifact_uri)
@@ -326,9 +319,7 @@ def _build_trtllm(
         return BuiltEngine(info, out, "", pending=True)
     artifact_uri = str(out)
     if info.run_id:
-        client = registry.client
-        client.log_artifacts(info.run_id, str(out), artifact_path=f"engine/{target}")
-        artifact_uri = f"{client.get_run(info.run_id).info.artifact_uri}/engine/{target}"
+        artifact_uri = registry.upload_artifacts(info.run_id, out, f"engine/{target}")
     registry.set_tags(info.name, info.version, {lineage.engine_tag(target): artifact_uri})
     log.info("built %s engine for %s v%s at %s", target, info.name, info.version, out)
     return BuiltEngine(registry.get_version(info.name, info.version), out, artifact_uri)

@@ -4,7 +4,7 @@ MLflow has no approvals, so they live next to the audit log in forgeline's contr
 database. Rows are only ever inserted: changing one's mind is a new row, and the
 *standing* decision of each person is their latest one (:func:`standing`). Who may
 decide, and the no-self-approval rule, are enforced by
-:func:`registry.promotion.decide`, which also checks the version exists.
+:func:`registry.decisions.decide`, which also checks the version exists.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class ApprovalStore(ControlStore):
     def append(
         self, *, model: str, version: int, approver: str, role: str, decision: Decision, comment: str
     ) -> Approval:
-        """Insert one decision and return it (no checks beyond the decision kind; see ``promotion.decide``)."""
+        """Insert one decision and return it (no checks beyond the decision kind; see ``decisions.decide``)."""
         if decision not in DECISIONS:
             raise ValueError(f"decision must be one of {DECISIONS}, got {decision!r}")
         values = {

@@ -2,8 +2,10 @@
 
 MLflow stays the source of truth for experiments, runs, model versions, tags and
 aliases; this class turns its loosely typed entities into :class:`VersionInfo`, its
-exceptions into the ``ForgelineError`` family, and makes :meth:`Registry.move_alias`
-the one way an alias moves (so every move is audited).
+exceptions into the ``ForgelineError`` family (`registry.mlflow_errors`), and inherits
+the audited alias moves (`registry.aliases`), so :meth:`Registry.move_alias` is the one
+way an alias moves, and the run, metric and artifact verbs (`registry.runs`), so nothing
+above ``registry/`` needs the raw client.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,19 +23,19 @@ from mlflow.exceptions import MlflowException
 from sqlalchemy.engine import make_url
 
 from registry import lineage, settings
+from registry.aliases import AuditedAliases
 from registry.approvals import ApprovalStore
-from registry.audit import Action, AuditEntry, AuditLog
+from registry.audit import AuditLog
 from registry.errors import ConflictError, ErrorCode, ForgelineError, ModelNotFoundError, NotFoundError
 from registry.events import WebhookDispatcher
+from registry.mlflow_errors import error_code, is_missing, translate
 from registry.refs import is_version_number, version_in_range
+from registry.runs import RunRecords
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ALIAS = "production"
 """Alias a bare model name (``"my-model"``) resolves to."""
-
-NO_HOLDER = 0
-"""``expected_from`` value meaning "the alias must not be set yet" (versions start at 1)."""
 
 _READY = "READY"
 _FAILED = "FAILED_REGISTRATION"
@@ -95,29 +96,6 @@ def _parse_metrics(tags: dict[str, str], prefix: str) -> dict[str, float]:
     return metrics
 
 
-def _error_code(exc: MlflowException) -> str:
-    return str(getattr(exc, "error_code", ""))
-
-
-def _is_missing(exc: MlflowException) -> bool:
-    return _error_code(exc) == "RESOURCE_DOES_NOT_EXIST"
-
-
-def _translate(exc: MlflowException, context: str, *, param: str | None = None) -> ForgelineError:
-    """Map an MLflow exception onto the forgeline error family (one table, like MLflow's)."""
-    code = _error_code(exc)
-    message = f"{context}: {exc.message if hasattr(exc, 'message') else exc}"
-    if code == "RESOURCE_DOES_NOT_EXIST":
-        return NotFoundError(message, param=param)
-    if code == "RESOURCE_ALREADY_EXISTS":
-        return ConflictError(message, param=param)
-    if code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE"):
-        return ForgelineError(message, code=ErrorCode.INVALID_REQUEST, param=param)
-    if code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"):
-        return ForgelineError(message, code=ErrorCode.UNAVAILABLE, param=param)
-    return ForgelineError(message, code=ErrorCode.INTERNAL, param=param)
-
-
 def _short_list(items: list[str]) -> str:
     if not items:
         return "none"
@@ -157,7 +135,7 @@ def _safe_dirname(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
 
 
-class Registry:
+class Registry(AuditedAliases, RunRecords):
     """Typed access to MLflow's tracking store and model registry, with audited aliases.
 
     Args:
@@ -172,7 +150,8 @@ class Registry:
             the audit log's database.
 
     Attributes:
-        client: the underlying ``MlflowClient``, for the few callers that need raw MLflow.
+        client: the underlying ``MlflowClient``; only ``registry/`` uses it (runs, metrics
+            and artifacts are the verbs of `registry.runs.RunRecords`).
         audit: the :class:`~registry.audit.AuditLog` every alias move is written to.
         approvals: the :class:`~registry.approvals.ApprovalStore`.
         events: the :class:`~registry.events.WebhookDispatcher`.
@@ -225,12 +204,12 @@ class Registry:
         try:
             experiment_id = self.client.create_experiment(name, artifact_location=artifact_location)
         except MlflowException as exc:
-            if _error_code(exc) != "RESOURCE_ALREADY_EXISTS":
-                raise _translate(exc, f"could not create experiment {name!r}", param="experiment") from exc
+            if error_code(exc) != "RESOURCE_ALREADY_EXISTS":
+                raise translate(exc, f"could not create experiment {name!r}", param="experiment") from exc
             # Another process created it between our lookup and create.
             raced = self.client.get_experiment_by_name(name)
             if raced is None:
-                raise _translate(exc, f"could not create experiment {name!r}", param="experiment") from exc
+                raise translate(exc, f"could not create experiment {name!r}", param="experiment") from exc
             return self._live_experiment_id(raced)
         logger.info(
             "created experiment %s (id %s, artifacts %s)", name, experiment_id, artifact_location or "server default"
@@ -283,7 +262,7 @@ class Registry:
                 await_creation_for=wait_s,
             )
         except MlflowException as exc:
-            raise _translate(exc, f"could not register a version of {name!r} from {source}", param="source") from exc
+            raise translate(exc, f"could not register a version of {name!r} from {source}", param="source") from exc
         if mv.status != _READY:
             # create_model_version returns the entity as first stored; MLflow already
             # waited for READY (and raised on failure or timeout), so fetch it again.
@@ -309,23 +288,23 @@ class Registry:
             self.client.get_registered_model(name)
             return
         except MlflowException as exc:
-            if not _is_missing(exc):
-                raise _translate(exc, f"could not look up model {name!r}", param="name") from exc
+            if not is_missing(exc):
+                raise translate(exc, f"could not look up model {name!r}", param="name") from exc
         try:
             self.client.create_registered_model(name)
             logger.info("created registered model %s", name)
         except MlflowException as exc:
             # Losing a creation race to another process is fine: the model exists.
-            if _error_code(exc) != "RESOURCE_ALREADY_EXISTS":
-                raise _translate(exc, f"could not create model {name!r}", param="name") from exc
+            if error_code(exc) != "RESOURCE_ALREADY_EXISTS":
+                raise translate(exc, f"could not create model {name!r}", param="name") from exc
 
     def _registered_model(self, name: str) -> RegisteredModel:
         try:
             return self.client.get_registered_model(name)
         except MlflowException as exc:
-            if _is_missing(exc):
+            if is_missing(exc):
                 raise ModelNotFoundError(missing_model_message(name), param="model") from exc
-            raise _translate(exc, f"could not look up model {name!r}", param="model") from exc
+            raise translate(exc, f"could not look up model {name!r}", param="model") from exc
 
     def get_version(self, name: str, version: int) -> VersionInfo:
         """Fetch one version.
@@ -339,8 +318,8 @@ class Registry:
         try:
             mv = self.client.get_model_version(name, str(version))
         except MlflowException as exc:
-            if not _is_missing(exc):
-                raise _translate(exc, f"could not fetch version {version} of {name!r}", param="version") from exc
+            if not is_missing(exc):
+                raise translate(exc, f"could not fetch version {version} of {name!r}", param="version") from exc
             raise NotFoundError(self._missing_version_message(name, version), param="version") from exc
         return VersionInfo.from_mlflow(mv)
 
@@ -417,9 +396,9 @@ class Registry:
             try:
                 self.client.set_model_version_tag(name, str(version), key, str(value))
             except MlflowException as exc:
-                if _is_missing(exc):
+                if is_missing(exc):
                     raise NotFoundError(self._missing_version_message(name, version), param="version") from exc
-                raise _translate(exc, f"could not tag {name}@{version} with {key!r}", param="tags") from exc
+                raise translate(exc, f"could not tag {name}@{version} with {key!r}", param="tags") from exc
 
     def record_evaluation(
         self,
@@ -512,23 +491,6 @@ class Registry:
                 orgs[mv.name] = org
         return orgs
 
-    def metric_history(self, run_id: str) -> dict[str, list[tuple[int, float]]]:
-        """Every metric a run logged, as ``(step, value)`` pairs in step order.
-
-        Raises:
-            NotFoundError: there is no run ``run_id``.
-        """
-        try:
-            run = self.client.get_run(run_id)
-            return {
-                key: sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, key))
-                for key in run.data.metrics
-            }
-        except MlflowException as exc:
-            if _is_missing(exc):
-                raise NotFoundError(f"no MLflow run {run_id!r}", param="run_id") from exc
-            raise _translate(exc, f"could not read the metrics of run {run_id!r}", param="run_id") from exc
-
     def list_models(self) -> list[str]:
         """Names of every registered model, sorted."""
         names: list[str] = []
@@ -540,225 +502,6 @@ class Registry:
             if not token:
                 break
         return sorted(names)
-
-    # -------------------------------------------------------------------- aliases
-
-    def move_alias(
-        self,
-        name: str,
-        alias: str,
-        version: int,
-        *,
-        actor: str,
-        reason: str,
-        policy_result: dict[str, Any] | None = None,
-        action: Action = "promote",
-        expected_from: int | None = None,
-        guard: Callable[[int | None], None] | None = None,
-    ) -> AuditEntry:
-        """Point ``alias`` at ``version`` and audit it; the only way forgeline moves aliases.
-
-        All or nothing: either MLflow's alias moved *and* the audit row is committed, or
-        neither happened.
-
-        Args:
-            name: registered model name.
-            alias: alias to move (e.g. ``production``).
-            version: the version it should point to.
-            actor: who moves it (a user or a service); required.
-            reason: why, for the audit log.
-            policy_result: the promotion gates' outcome, stored with the row.
-            action: ``promote`` or ``rollback`` (``delete`` is :meth:`delete_alias`).
-            expected_from: compare-and-set: the version the caller saw holding the alias
-                (:data:`NO_HOLDER` for "not set"); ``None`` skips the check.
-            guard: called with the current holder while the writer lock is held, before
-                anything is written; raising aborts the move (promotion re-checks
-                approvals here so a rejection recorded meanwhile still blocks it).
-
-        Raises:
-            NotFoundError: the version does not exist.
-            ConflictError: the alias holder is not ``expected_from`` any more.
-        """
-        if action not in ("promote", "rollback"):
-            raise ValueError(f"move_alias records promote or rollback, not {action!r} (see delete_alias, reconcile)")
-        return self._move(
-            name,
-            alias,
-            version,
-            actor=actor,
-            reason=reason,
-            policy_result=policy_result,
-            action=action,
-            expected_from=expected_from,
-            guard=guard,
-        )
-
-    def delete_alias(
-        self, name: str, alias: str, *, actor: str, reason: str, expected_from: int | None = None
-    ) -> AuditEntry:
-        """Remove ``alias`` from ``name`` and audit it (action ``delete``).
-
-        Raises:
-            NotFoundError: the alias is not set.
-            ConflictError: the alias holder is not ``expected_from`` any more.
-        """
-        return self._move(
-            name,
-            alias,
-            None,
-            actor=actor,
-            reason=reason,
-            policy_result=None,
-            action="delete",
-            expected_from=expected_from,
-            guard=None,
-        )
-
-    def _move(
-        self,
-        name: str,
-        alias: str,
-        version: int | None,
-        *,
-        actor: str,
-        reason: str,
-        policy_result: dict[str, Any] | None,
-        action: Action,
-        expected_from: int | None,
-        guard: Callable[[int | None], None] | None,
-    ) -> AuditEntry:
-        if not actor or not actor.strip():
-            raise ForgelineError(
-                "an alias move needs an actor (who is moving it)", code=ErrorCode.INVALID_REQUEST, param="actor"
-            )
-        if version is not None:
-            self.get_version(name, version)  # fail fast, before taking the writer lock
-
-        # Order matters. MLflow keeps no alias history and has no transaction we can join,
-        # so the audit DB transaction is the serialisation point: take its writer lock,
-        # read the holder from MLflow under it, insert the row, move the alias in MLflow,
-        # then commit. If the MLflow call or the commit fails, the rollback drops the row
-        # and we put the alias back. Only a process killed between the MLflow call and the
-        # commit can leave them apart; `audit_drift` finds that and `reconcile` records it.
-        moved = False
-        previous: int | None = None
-        try:
-            with self.audit.transaction(name) as tx:
-                holder = self.alias_holder(name, alias)
-                previous = holder.version if holder else None
-                if expected_from is not None and (previous or NO_HOLDER) != expected_from:
-                    seen = "unset" if expected_from == NO_HOLDER else f"version {expected_from}"
-                    now = "unset" if previous is None else f"version {previous}"
-                    raise ConflictError(
-                        f"{name}@{alias} changed meanwhile: expected {seen}, found {now}; re-check and retry",
-                        param="alias",
-                    )
-                if version is None and previous is None:
-                    raise NotFoundError(f"{name!r} has no alias {alias!r} to delete", param="alias")
-                if guard is not None:
-                    guard(previous)
-                entry = tx.append(
-                    alias=alias,
-                    from_version=previous,
-                    to_version=version,
-                    actor=actor,
-                    reason=reason,
-                    action=action,
-                    policy_result=policy_result,
-                )
-                # From here MLflow may have moved even if the call raises (a timeout after
-                # the server applied it), so a failure undoes the move either way.
-                moved = True
-                self._set_alias(name, alias, version)
-        except BaseException:
-            if moved:
-                self._undo_move(name, alias, previous, version)
-            raise
-        logger.info("%s: %s@%s %s -> %s by %s (%s)", action, name, alias, previous, version, actor, reason)
-        if action in ("promote", "rollback"):
-            self.events.publish(
-                "promoted" if action == "promote" else "rolled_back",
-                model=name,
-                version=version,
-                alias=alias,
-                actor=actor,
-                data={"from_version": previous, "reason": reason, "audit_id": entry.id, "policy_result": policy_result},
-            )
-        return entry
-
-    def _set_alias(self, name: str, alias: str, version: int | None) -> None:
-        try:
-            if version is None:
-                self.client.delete_registered_model_alias(name, alias)
-            else:
-                self.client.set_registered_model_alias(name, alias, str(version))
-        except MlflowException as exc:
-            raise _translate(exc, f"MLflow refused to move {name}@{alias}", param="alias") from exc
-
-    def _undo_move(self, name: str, alias: str, previous: int | None, attempted: int | None) -> None:
-        try:
-            if self.aliases(name).get(alias) == previous:
-                logger.error("alias move of %s@%s failed; MLflow still has %s", name, alias, previous)
-                return
-            self._set_alias(name, alias, previous)
-            logger.error("alias move or audit commit failed; moved %s@%s back to %s", name, alias, previous)
-        except Exception:
-            logger.critical(
-                "audit commit failed and %s@%s could not be moved back: MLflow says %s, the audit log says %s",
-                name,
-                alias,
-                attempted,
-                previous,
-                exc_info=True,
-            )
-
-    def audit_drift(self, name: str) -> dict[str, tuple[int | None, int | None]]:
-        """Aliases where MLflow and the audit log disagree.
-
-        Returns:
-            ``{alias: (version in MLflow, version per the last audit row)}`` for every alias
-            that differs: moved outside forgeline, or a process died mid-move. Empty when
-            they agree.
-        """
-        in_mlflow = {alias: int(version) for alias, version in (self._registered_model(name).aliases or {}).items()}
-        audited: dict[str, int | None] = {}
-        for entry in self.audit.history(name):
-            audited[entry.alias] = entry.to_version
-        drift: dict[str, tuple[int | None, int | None]] = {}
-        for alias in sorted(set(in_mlflow) | set(audited)):
-            if in_mlflow.get(alias) != audited.get(alias):
-                drift[alias] = (in_mlflow.get(alias), audited.get(alias))
-        return drift
-
-    def reconcile(self, name: str, *, actor: str, reason: str = "") -> list[AuditEntry]:
-        """Record MLflow's alias state in the audit log wherever the two disagree.
-
-        Drift happens when an alias is moved outside forgeline (MLflow UI, raw client) or
-        a process is killed between the MLflow call and the audit commit. MLflow is what
-        serving follows, so its state is taken as the truth and written down as one
-        ``reconcile`` row per drifted alias; history and rollback work again afterwards.
-
-        Returns:
-            The rows appended (empty when nothing drifted).
-        """
-        if not actor or not actor.strip():
-            raise ForgelineError("reconcile needs an actor", code=ErrorCode.INVALID_REQUEST, param="actor")
-        entries: list[AuditEntry] = []
-        with self.audit.transaction(name) as tx:
-            for alias, (in_mlflow, audited) in self.audit_drift(name).items():
-                entries.append(
-                    tx.append(
-                        alias=alias,
-                        from_version=audited,
-                        to_version=in_mlflow,
-                        actor=actor,
-                        reason=reason or "recorded MLflow's alias after a move outside forgeline or an interrupted one",
-                        action="reconcile",
-                    )
-                )
-        for entry in entries:
-            logger.warning("reconciled %s@%s: audit log now says %s", name, entry.alias, entry.to_version)
-        return entries
 
     def close(self) -> None:
         """Deliver queued events and release database connections."""

@@ -14,8 +14,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlflow.exceptions import MlflowException
-
 from registry import lineage
 from registry.client import Registry, VersionInfo
 from registry.errors import ErrorCode, ForgelineError
@@ -58,7 +56,7 @@ def record_samples(
                     f"{metric}: {len(values)} scores for {len(items)} items", code=ErrorCode.INVALID_REQUEST, param="samples"
                 )
             table[prefix + metric] = [float(v) for v in values]
-    registry.client.log_table(run_id, data=table, artifact_file=SAMPLES_FILE)
+    registry.log_table(run_id, data=table, artifact_file=SAMPLES_FILE)
     registry.set_tags(info.name, info.version, {lineage.EVAL_SAMPLES: SAMPLES_FILE})
 
 
@@ -71,9 +69,9 @@ def load_samples(registry: Registry, info: VersionInfo | None) -> EvalSamples | 
         return None
     with tempfile.TemporaryDirectory(prefix="forgeline-samples-") as tmp:
         try:
-            path = registry.client.download_artifacts(run_id, info.tags[lineage.EVAL_SAMPLES], tmp)
+            path = registry.download_run_artifact(run_id, info.tags[lineage.EVAL_SAMPLES], tmp)
             table = json.loads(Path(path).read_text())
-        except (MlflowException, OSError, ValueError):
+        except (ForgelineError, OSError, ValueError):
             return None
     columns, rows = table.get("columns", []), table.get("data", [])
     if "item" not in columns:

@@ -54,6 +54,18 @@ EVAL_PREFIX = "forgeline.eval."
 BASE_EVAL_PREFIX = "forgeline.base_eval."
 """``forgeline.base_eval.<metric>`` = the base model's score on the same evaluation."""
 
+# Tags on the training run (MLflow run tags, not version tags).
+RUN_NAME = "forgeline.name"
+"""The job's name (the recipe's ``name``)."""
+TOTAL_STEPS = "forgeline.total_steps"
+"""Optimizer steps the trainer plans (the fine-tuning supervisor reports progress against it)."""
+BEST_CHECKPOINT = "forgeline.best_checkpoint"
+"""Folder name of the checkpoint the trainer judged best."""
+RESUMED_FROM_STEP = "forgeline.resumed_from_step"
+"""The step a resumed run continued from."""
+BASE_MODEL_NAME = "forgeline.base_model_name"
+"""The fine-tuning API's name for the base model (``BASE_MODEL`` holds its hub id or path)."""
+
 
 def is_full_fine_tune(tags: Mapping[str, str]) -> bool:
     """Whether a version's artifact is a whole model (``adapter: {kind: none}``), not a PEFT adapter."""

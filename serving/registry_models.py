@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlparse
 from registry import lineage
 from registry.client import Registry, VersionInfo
 from registry.errors import ErrorCode, ForgelineError, ModelNotFoundError
+from registry.runs import download_artifact_uri
 from registry.settings import forgeline_home, tracking_uri
 
 from .artifacts.torch_build import MANIFEST_NAME, build_torch_artifact, load_manifest
@@ -36,13 +37,11 @@ def local_artifact_dir(uri: str, info: VersionInfo, target: str, *, kind: str = 
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         return Path(unquote(parsed.path) if parsed.scheme else uri)
-    import mlflow
-
     dst = forgeline_home() / "cache" / info.name / str(info.version) / (f"{kind}-{target}" if target else kind)
     done = dst / ".complete"
     if not done.exists():
         dst.mkdir(parents=True, exist_ok=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri())
+        download_artifact_uri(uri, dst, tracking_uri=tracking_uri())
         done.touch()
     return dst / Path(parsed.path.rstrip("/")).name
 

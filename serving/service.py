@@ -17,8 +17,8 @@ from registry.keys import KeyStore
 from serving.config import ServeSpec
 from serving.gateway.app import create_app
 from serving.gateway.quota import create_limiter
+from serving.registry_catalog import RegistryCatalog
 from serving.registry_models import BaseSource, EngineFactory, served_base, torch_engine
-from serving.rollout import RegistryCatalog
 
 logger = logging.getLogger(__name__)
 

@@ -42,3 +42,21 @@ def family_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str
     """``family_checkpoint("gemma2")``: the folder of that family's tiny checkpoint, built once per session."""
     root = tmp_path_factory.mktemp("families")
     return lambda name: build_family(name, root)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved 2-layer random Llama with a tokenizer that has a chat template (the one tiny base)."""
+    from tests.support.tiny_model import build_tiny_base
+
+    return build_tiny_base(tmp_path_factory.mktemp("tiny") / "base")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_base: Path) -> Path:
+    """A torch engine artifact built from `tiny_base` (no adapter)."""
+    from serving.artifacts.torch_build import build_torch_artifact
+
+    out = tiny_base.parent / "artifact"
+    build_torch_artifact(str(tiny_base), None, out)
+    return out

@@ -155,7 +155,7 @@ def _start_run(job: TrainJob, plan: ResumePlan, registry: Registry) -> Any:
     experiment_id = registry.ensure_experiment(job.experiment)
     if plan.stale_run_id:
         try:
-            registry.client.set_terminated(plan.stale_run_id, status="KILLED")
+            registry.end_run(plan.stale_run_id, status="KILLED")
         except Exception as err:  # best effort: the stale run may have been deleted by hand
             log.debug("could not mark run %s killed: %s", plan.stale_run_id, err)
     if plan.run_id:
@@ -202,7 +202,7 @@ def total_steps_callback() -> Any:
     class TotalSteps(TrainerCallback):  # type: ignore[misc]
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.is_world_process_zero and mlflow.active_run() is not None:
-                mlflow.set_tag("forgeline.total_steps", str(state.max_steps))
+                mlflow.set_tag(lineage.TOTAL_STEPS, str(state.max_steps))
 
     return TotalSteps()
 
@@ -212,7 +212,7 @@ def _log_best(trainer: Any) -> None:
 
     state = trainer.state
     if state.best_model_checkpoint:
-        mlflow.set_tag("forgeline.best_checkpoint", Path(state.best_model_checkpoint).name)
+        mlflow.set_tag(lineage.BEST_CHECKPOINT, Path(state.best_model_checkpoint).name)
         mlflow.log_metric(f"best_{trainer.args.metric_for_best_model}".replace("/", "_"), float(state.best_metric))
 
 
@@ -266,9 +266,9 @@ def run_job(job: TrainJob, *, registry: Registry | None = None, callbacks: list[
         run_id = run.info.run_id if run is not None else ""
         if main:
             write_state(out, JobState(run_id=run_id, recipe_hash=job.recipe_hash, data_digest=data.digest))
-            mlflow.set_tags({"forgeline.name": job.name, "forgeline.recipe_hash": job.recipe_hash, **job.run_tags})
+            mlflow.set_tags({lineage.RUN_NAME: job.name, lineage.RECIPE_HASH: job.recipe_hash, **job.run_tags})
             if plan.checkpoint:
-                mlflow.set_tag("forgeline.resumed_from_step", str(plan.step))
+                mlflow.set_tag(lineage.RESUMED_FROM_STEP, str(plan.step))
             else:
                 _log_inputs(job, data, out)
         result = trainer.train(resume_from_checkpoint=plan.checkpoint)

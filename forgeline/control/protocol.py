@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from registry.approvals import Approval
 from registry.audit import AuditEntry
 from registry.client import VersionInfo
-from registry.promotion import PolicyResult
+from registry.gates import PolicyResult
 from registry.refs import AliasName, VersionNumber
 
 

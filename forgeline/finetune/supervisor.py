@@ -21,10 +21,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from mlflow.exceptions import MlflowException
-
 from registry import lineage
 from registry.errors import ForgelineError, ModelNotFoundError, NotFoundError, PolicyRefused
+from registry.runs import RunInfo
 from training.checkpoints import checkpoint_step, complete_checkpoints
 from training.job import TrainJob
 from training.launchers import jobs as launcher_jobs
@@ -175,23 +174,19 @@ class Supervisor:
 
     # -- progress -----------------------------------------------------------------------------
 
-    def _run(self, job: JobRow) -> Any | None:
+    def _run(self, job: JobRow) -> RunInfo | None:
         """The job's MLflow run (found by its tag; remembered once found)."""
-        client = self.ft.registry.client
+        registry = self.ft.registry
         if job.run_id:
             try:
-                return client.get_run(job.run_id)
-            except MlflowException:  # tracked somewhere this control plane does not read
+                return registry.get_run(job.run_id)
+            except ForgelineError:  # tracked somewhere this control plane does not read
                 return None
-        experiment = client.get_experiment_by_name(job.train_job.get("experiment", "forgeline"))
-        if experiment is None:
+        run = registry.find_run(job.train_job.get("experiment", "forgeline"), tag=JOB_TAG, value=job.id)
+        if run is None:
             return None
-        runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{job.id}'",
-                                  max_results=1)
-        if not runs:
-            return None
-        self.ft.store.transition(job.id, from_status=ACTIVE, run_id=runs[0].info.run_id)
-        return runs[0]
+        self.ft.store.transition(job.id, from_status=ACTIVE, run_id=run.run_id)
+        return run
 
     def _report_progress(self, job: JobRow, output_dir: Path) -> None:
         """Metrics logged on the run and checkpoints written so far, as events (each once)."""
@@ -199,15 +194,14 @@ class Supervisor:
         known = store.event_keys(job.id)
         run = self._run(job)
         if run is not None:
-            client = self.ft.registry.client
-            planned = run.data.tags.get("forgeline.total_steps", "")
+            planned = run.tags.get(lineage.TOTAL_STEPS, "")
             total = int(planned) if planned.isdigit() else None
             for metric, label, kind in (("loss", "training loss", "train_loss"), ("eval_loss", "validation loss", "valid_loss")):
-                for point in client.get_metric_history(run.info.run_id, metric):
-                    key = f"{kind}-{point.step}"
+                for step, value in self.ft.registry.metric_points(run.run_id, metric):
+                    key = f"{kind}-{step}"
                     if key not in known:
-                        store.add_event(job.id, key, f"Step {point.step}/{total or '?'}: {label}={point.value:.4f}",
-                                        type="metrics", data={"step": point.step, kind: point.value, "total_steps": total})
+                        store.add_event(job.id, key, f"Step {step}/{total or '?'}: {label}={value:.4f}",
+                                        type="metrics", data={"step": step, kind: value, "total_steps": total})
         for path in complete_checkpoints(output_dir / "checkpoints"):
             step = checkpoint_step(path)
             if f"checkpoint-{step}" not in known:

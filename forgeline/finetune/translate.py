@@ -198,7 +198,7 @@ def build_train_job(
         experiment=experiment,
         actor=actor,
         output_dir=str(job_root / "output"),
-        run_tags={JOB_TAG: job_id, lineage.ORG: org, "forgeline.base_model_name": base.name},
+        run_tags={JOB_TAG: job_id, lineage.ORG: org, lineage.BASE_MODEL_NAME: base.name},
     )
     # The checks training runs first, now: a bad combination is a 400 here, not a failed job later.
     problems = check_training(job.method, job.adapter, job.train, job.distributed, local=local)

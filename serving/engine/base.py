@@ -1,7 +1,9 @@
 """The Engine seam: what the gateway needs from anything that generates text.
 
-Implementations: `serving.engine.torch_engine.TorchEngine` (transformers, batched) and,
-later, an upstream OpenAI-compatible worker (``trtllm-serve``, vLLM, SGLang).
+Implementations: `serving.engine.torch_engine.TorchEngine` (transformers, batched) and
+`serving.engine.upstream.UpstreamEngine` (a pool of OpenAI-compatible workers:
+``trtllm-serve``, vLLM, SGLang, ``forgeline worker``). Every capability the gateway asks
+an engine about is a member of `Engine`, so the gateway never sniffs with ``getattr``.
 """
 
 from __future__ import annotations
@@ -155,6 +157,15 @@ class Chunk:
     logprobs: list[TokenLogprobs] | None = None
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for metrics: what waits, what runs, which adapters are loaded."""
+
+    waiting: int
+    running: int
+    loaded_adapters: tuple[str, ...]
+
+
 @runtime_checkable
 class Engine(Protocol):
     """Generates text for the gateway. One engine serves one model (plus its adapters)."""
@@ -165,9 +176,23 @@ class Engine(Protocol):
     """Whether `generate` honours `SamplingParams.logprobs` (fills `Chunk.logprobs`); the
     gateway refuses ``logprobs`` for an engine that would drop them."""
 
+    step_listener: Callable[[int], None] | None
+    """Set by the gateway's metrics; called with the number of rows of every decode step the
+    engine runs itself. Engines whose workers decode (upstream pools) never call it."""
+
     @property
     def ready(self) -> bool:
         """True once `start` finished and until `stop` begins."""
+        ...
+
+    @property
+    def serves_adapters(self) -> bool:
+        """Whether requests may name an adapter (``name:adapter``) on this engine."""
+        ...
+
+    def stats(self) -> EngineStats | None:
+        """What waits, what runs and which adapters are loaded, right now; None for an engine
+        whose queues live in its workers (an upstream pool reports them per worker)."""
         ...
 
     async def start(self) -> None:

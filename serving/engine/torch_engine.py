@@ -39,7 +39,7 @@ from typing import Any
 from registry.errors import ConflictError, ErrorCode, ForgelineError, MissingDependencyError, ModelNotFoundError
 from serving.cpu_pool import run_cpu
 from serving.engine.adapter_chat import BASE_CHAT, AdapterChat, read_adapter_chat
-from serving.engine.base import Chunk, FinishReason, Logprob, SamplingParams, TokenGuide, TokenLogprobs
+from serving.engine.base import Chunk, EngineStats, FinishReason, Logprob, SamplingParams, TokenGuide, TokenLogprobs
 from serving.engine.lora_routing import BASE_ADAPTER, LoraRouter, strip_lora
 from serving.engine.token_bytes import TokenBytes
 from serving.stop_tokens import stop_token_ids
@@ -97,15 +97,6 @@ def check_loading_info(source: str, info: Mapping[str, Any]) -> None:
             "random model; fix: rebuild the engine artifact (`forgeline build`) and check it matches its config",
             code=ErrorCode.UNAVAILABLE,
         )
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot for metrics: what waits, what runs, which adapters are loaded."""
-
-    waiting: int
-    running: int
-    loaded_adapters: tuple[str, ...]
 
 
 @dataclass(eq=False)

@@ -127,6 +127,9 @@ class UpstreamEngine:
     # `/v1/completions` answers carry logprobs in another shape; chat that wants them passes through.
     reports_logprobs = False
 
+    step_listener: Callable[[int], None] | None = None
+    """Never called: the workers run the decode steps (their metrics say how)."""
+
     def __init__(
         self,
         base_url: str | Sequence[str],
@@ -187,6 +190,15 @@ class UpstreamEngine:
     def ready(self) -> bool:
         """True while started and at least one worker's last ``/health`` answered 200."""
         return self._started and any(w.healthy and not w.draining for w in self.pool.workers)
+
+    @property
+    def serves_adapters(self) -> bool:
+        """Whether requests may name an adapter (see ``adapter_mode``)."""
+        return self.adapter_mode == "model" or (self.adapter_mode == "lora_request" and self.adapters is not None)
+
+    def stats(self) -> None:
+        """None: the queues live in the workers (the pool's metrics report them per worker)."""
+        return None
 
     @property
     def chat_relay(self) -> UpstreamEngine | None:

@@ -59,9 +59,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        bind = getattr(catalog, "bind_metrics", None)
-        if bind is not None:
-            bind(gateway_metrics)
+        catalog.bind_metrics(gateway_metrics)
         try:
             await catalog.start()
         except BaseException as exc:

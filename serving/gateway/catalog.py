@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from registry.errors import ConflictError, ModelNotFoundError
 from serving.engine.base import ChatRelay, Engine, SamplingDefaults
@@ -145,6 +145,15 @@ class ModelCatalog(Protocol):
         """Every served model, once each."""
         ...
 
+    def loaded(self) -> list[ServedModel]:
+        """Every loaded model, including those nothing routes to (canaries, draining versions)."""
+        ...
+
+    def bind_metrics(self, metrics: Any) -> None:
+        """Called once before `start` with the gateway's metrics, for a catalog that reports
+        its own events (swaps, canaries) or attaches models it loads later."""
+        ...
+
     def acquire(self, model: str) -> Lease:
         """Route ``model`` (``name`` or ``name:adapter``) and hold the served model; see `Lease`."""
         ...
@@ -199,6 +208,13 @@ class StaticCatalog:
     def list(self) -> list[ServedModel]:
         """Every served model, once each, in the order added."""
         return list(self._models)
+
+    def loaded(self) -> list[ServedModel]:
+        """The served models: a fixed catalog loads nothing else."""
+        return self.list()
+
+    def bind_metrics(self, metrics: Any) -> None:
+        """Nothing to report: the gateway attaches every model after `start`."""
 
     async def prepare(self, model: str) -> None:
         """Nothing to look up: every name is known from the start."""

@@ -66,10 +66,9 @@ class _EngineCollector(Collector):
             if id(served.engine) in seen:
                 continue
             seen.add(id(served.engine))
-            stats = getattr(served.engine, "stats", None)
-            if stats is None:
+            snapshot = served.engine.stats()
+            if snapshot is None:  # an upstream pool: _PoolCollector reports its workers
                 continue
-            snapshot = stats()
             waiting.add_metric(labels, snapshot.waiting)
             running.add_metric(labels, snapshot.running)
             adapters.add_metric(labels, len(snapshot.loaded_adapters))
@@ -169,15 +168,15 @@ class GatewayMetrics:
     def watch(self, catalog: ModelCatalog) -> None:
         """Export engine gauges for ``catalog``'s models and count their decode batch sizes."""
         # A rolling catalog also has versions that are loaded but not routed (canaries, draining).
-        models = getattr(catalog, "loaded", catalog.list)
+        models = catalog.loaded
         self.registry.register(_EngineCollector(models))
         self.registry.register(_PoolCollector(models))
 
     def attach_engine(self, served: ServedModel) -> None:
-        """Observe the batch size of every decode step of ``served``'s engine (when it supports it)."""
-        if hasattr(served.engine, "step_listener"):
-            child = self.batch_size.labels(served.model, served.version)
-            served.engine.step_listener = child.observe  # type: ignore[attr-defined]
+        """Observe the batch size of every decode step of ``served``'s engine (when it runs them itself)."""
+        if served.engine.stats() is None:  # its workers decode; no step of its own to observe
+            return
+        served.engine.step_listener = self.batch_size.labels(served.model, served.version).observe
 
     def render(self) -> bytes:
         """The text exposition format."""

@@ -28,7 +28,7 @@ PROMPTS = ["Hello, world!", "The quick brown fox", "Numbers: 0 1 2", "Serving en
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from serving.artifacts.torch_build import build_torch_artifact
-    from tests.unit.serving.tiny_model import build_tiny_adapter, build_tiny_base
+    from tests.support.tiny_model import build_tiny_adapter, build_tiny_base
 
     root = tmp_path_factory.mktemp("gpu")
     base = build_tiny_base(root / "base")

@@ -2,7 +2,8 @@
 
 The rules themselves are import contracts in ``pyproject.toml`` (``[tool.importlinter]``):
 layers (forgeline above training | serving above registry, the middle two independent),
-registry importing none of ours, and no import cycles between sibling modules.
+registry importing none of ours, serving and forgeline importing no mlflow (the registry
+facade does), and no import cycles between sibling modules.
 """
 
 from __future__ import annotations

@@ -272,6 +272,8 @@ class EchoEngine:
 
     model_id = "echo"
     reports_logprobs = False
+    serves_adapters = True
+    step_listener = None
     ready = True
 
     def __init__(self) -> None:
@@ -286,6 +288,9 @@ class EchoEngine:
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())
+
+    def stats(self) -> None:
+        return None
 
     async def generate(self, prompt: str, params: SamplingParams, *, adapter: str | None = None) -> AsyncIterator[Chunk]:
         self.adapters.append(adapter)

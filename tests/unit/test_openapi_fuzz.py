@@ -139,31 +139,20 @@ def control_target(fuzz_home: Path) -> Iterator[Target]:
 
 
 @pytest.fixture(scope="module")
-def gateway_target(fuzz_home: Path, tiny_artifact_dir: Path) -> Iterator[Target]:
+def gateway_target(fuzz_home: Path, tiny_artifact: Path) -> Iterator[Target]:
     from registry.keys import KeyStore
     from serving.engine.torch_engine import TorchEngine
     from serving.gateway.app import ServedModel, StaticCatalog, create_app
 
     keys = KeyStore()
     secret = keys.create("fuzz-user", roles=("user",))[0]
-    engine = TorchEngine(tiny_artifact_dir, device="cpu", model_id="tiny")
+    engine = TorchEngine(tiny_artifact, device="cpu", model_id="tiny")
     app = create_app(StaticCatalog([ServedModel("tiny", "1", engine)]), max_new_tokens=16, keys=keys)
     yield Target(app, secret, {"model": "tiny"})
     _shutdown_lifespans()
     keys.dispose()
     if engine.ready:
         asyncio.run(engine.stop())
-
-
-@pytest.fixture(scope="module")
-def tiny_artifact_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from serving.artifacts.torch_build import build_torch_artifact
-    from tests.unit.serving.tiny_model import build_tiny_base
-
-    folder = tmp_path_factory.mktemp("fuzz-gateway")
-    base = build_tiny_base(folder / "base")
-    build_torch_artifact(str(base), None, folder / "artifact")
-    return folder / "artifact"
 
 
 @pytest.mark.parametrize("seed", SEEDS, ids=lambda s: f"seed{s}")

@@ -24,10 +24,11 @@ from forgeline.control.console.session import COOKIE, Session, Sessions
 from forgeline.finetune.service import FineTuning
 from registry.authz import Kind, Operation
 from registry.client import Registry
+from registry.decisions import decide
 from registry.errors import ErrorCode, ForgelineError, PermissionDeniedError
 from registry.keys import KeyStore
 from registry.policy import PolicyBook, check_alias
-from registry.promotion import decide, previous_holder, promote, rollback
+from registry.promotion import previous_holder, promote, rollback
 from registry.refs import VersionNumber
 
 logger = logging.getLogger(__name__)

@@ -17,10 +17,11 @@ from registry.approvals import Approval, standing
 from registry.audit import AuditEntry
 from registry.authz import Kind, Operation, Rule, Scope, Verdict, decide, enforce, owner_org, person
 from registry.client import Registry, VersionInfo, missing_model_message
+from registry.decisions import lifecycle_state
 from registry.errors import ForgelineError, ModelNotFoundError
+from registry.gates import PolicyResult, check_policy
 from registry.keys import KeyRecord
 from registry.policy import PolicyBook, PromotionPolicy
-from registry.promotion import PolicyResult, check_policy, lifecycle_state
 
 
 def allowed(key: KeyRecord, operation: Operation, kind: Kind, model: str | None = None) -> bool:
@@ -47,7 +48,7 @@ def may_see(key: KeyRecord, name: str, versions: list[VersionInfo]) -> bool:
 
 def can_decide(key: KeyRecord, policy: PromotionPolicy, version: VersionInfo) -> bool:
     """Whether ``key`` may approve or reject ``version``: the decide role, and never the
-    version's own trainer (``registry.promotion.decide`` refuses that too)."""
+    version's own trainer (``registry.decisions.decide`` refuses that too)."""
     trainer = person(version.tags.get(lineage.TRAINED_BY, ""))
     return allowed(key, Operation.DECIDE, Kind.VERSION, version.name) and trainer != key.name
 

@@ -7,8 +7,8 @@ from fastapi import APIRouter, Depends, Request
 from forgeline.control.auth import caller
 from forgeline.control.protocol import ApprovalList, ApprovalOut, DecisionRequest
 from forgeline.control.routers.models import registry_of
+from registry.decisions import decide
 from registry.keys import KeyRecord
-from registry.promotion import decide
 from registry.refs import VersionNumber
 
 router = APIRouter(prefix="/v1/models/{name}/versions/{version}/approvals", tags=["approvals"])

@@ -10,8 +10,8 @@ from forgeline.control.auth import caller, owns_version, visible_models
 from forgeline.control.protocol import ApprovalOut, ModelList, VersionDetailOut, VersionList, VersionOut
 from registry import lineage
 from registry.client import Registry
+from registry.decisions import lifecycle_state
 from registry.keys import KeyRecord
-from registry.promotion import lifecycle_state
 from registry.refs import VersionNumber
 
 router = APIRouter(prefix="/v1/models", tags=["models"])

@@ -2,13 +2,13 @@
 
 import pytest
 
-from tests.integration.control.finetune_client import Org, add_tiny_base, make_org
-from tests.integration.registry.backends import (  # noqa: F401
+from tests.support.backends import (  # noqa: F401
     backend,
     migrated_mlflow_db,
     mlflow_server,
     postgres_server,
 )
+from tests.support.finetune_client import Org, add_tiny_base, make_org
 
 
 @pytest.fixture

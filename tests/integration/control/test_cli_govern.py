@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from forgeline.cli import app
 from registry.client import Registry
 from registry.keys import KeyStore
-from tests.integration.registry.backends import Backend, free_port, trained_version, unique_name
+from tests.support.backends import Backend, free_port, trained_version, unique_name
 
 pytestmark = pytest.mark.integration
 

@@ -25,11 +25,12 @@ import pytest
 from forgeline.control import create_control_app
 from registry import lineage
 from registry.client import Registry, missing_model_message
+from registry.decisions import decide
 from registry.keys import KeyStore
 from registry.policy import PolicyBook
-from registry.promotion import decide, promote
+from registry.promotion import promote
 from serving.gateway.server import serve_in_background
-from tests.integration.registry.backends import TRAINER, sqlite_backend, trained_version, unique_name
+from tests.support.backends import TRAINER, sqlite_backend, trained_version, unique_name
 
 pytestmark = pytest.mark.integration
 

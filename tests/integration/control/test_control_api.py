@@ -16,7 +16,7 @@ from registry.client import Registry
 from registry.keys import KeyStore
 from registry.policy import PolicyBook
 from serving.gateway.server import serve_in_background
-from tests.integration.registry.backends import TRAINER, Backend, trained_version, unique_name
+from tests.support.backends import TRAINER, Backend, trained_version, unique_name
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ from forgeline.finetune.service import FineTuning, FineTuningSettings
 from forgeline.finetune.supervisor import Supervisor
 from serving.gateway.server import serve_in_background
 from tests.conftest import SUPPORT_DATA
-from tests.integration.control.finetune_client import Org, chat_file
+from tests.support.finetune_client import Org, chat_file
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from forgeline.finetune.files import FileStore
 from registry.client import Registry
 from registry.keys import KeyStore
 from serving.gateway.server import serve_in_background
-from tests.integration.registry.backends import sqlite_backend
+from tests.support.backends import sqlite_backend
 
 pytestmark = pytest.mark.integration
 

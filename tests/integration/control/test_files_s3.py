@@ -27,7 +27,7 @@ from registry.client import Registry
 from registry.errors import ForgelineError
 from registry.keys import KeyStore
 from serving.gateway.server import serve_in_background
-from tests.integration.registry.backends import sqlite_backend
+from tests.support.backends import sqlite_backend
 
 pytestmark = pytest.mark.integration
 

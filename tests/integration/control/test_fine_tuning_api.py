@@ -28,7 +28,7 @@ from registry.client import Registry
 from registry.keys import KeyStore
 from serving.gateway.server import serve_in_background
 from tests.conftest import REPO, SUPPORT_DATA
-from tests.integration.control.finetune_client import Org, all_events, chat_file, wait_for
+from tests.support.finetune_client import Org, all_events, chat_file, wait_for
 from training.launchers.local import PROCESS_FILE, ProcessRecord, process_alive
 from training.launchers.store import JobStore
 

@@ -27,7 +27,7 @@ from forgeline.finetune.service import FineTuningSettings
 from registry.client import Registry
 from serving.gateway.server import serve_in_background
 from tests.conftest import REPO, SUPPORT_DATA
-from tests.integration.control.finetune_client import Org, add_tiny_base, all_events, chat_file, make_org, wait_for
+from tests.support.finetune_client import Org, add_tiny_base, all_events, chat_file, make_org, wait_for
 from tests.unit.training.launchers.fake_kube import FakeKubeCluster, api_client
 from training.job import TrainJob
 from training.launchers import kubernetes as kubernetes_launcher

@@ -1,4 +1,4 @@
-"""FineTuningStore on PostgreSQL: the SQLite tests of tests/unit/finetune/test_jobs_store.py,
+"""FineTuningStore on PostgreSQL: the SQLite tests of tests/unit/forgeline/finetune/test_jobs_store.py,
 run against a fresh database (skipped when PostgreSQL is not installed)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from forgeline.finetune.jobs import FineTuningStore
-from tests.integration.registry.backends import fresh_database
-from tests.unit.finetune.test_jobs_store import (  # noqa: F401  (collected here, with the PostgreSQL store below)
+from tests.support.backends import fresh_database
+from tests.unit.forgeline.finetune.test_jobs_store import (  # noqa: F401  (collected here, with the PostgreSQL store below)
     test_active_lists_queued_and_running_oldest_first,
     test_add_event_is_idempotent_by_key,
     test_another_organisation_sees_no_job,

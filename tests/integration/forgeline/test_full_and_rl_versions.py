@@ -34,7 +34,7 @@ from serving.registry_models import BaseSource
 from serving.service import build_gateway
 from tests.conftest import REPO, TINY_BASE, point_home
 from tests.support.swap_load import SwapLoad
-from tests.unit.serving.tiny_model import build_tiny_base
+from tests.support.tiny_model import build_tiny_base
 from training.config import EvaluateSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.registry.backends import (  # noqa: F401
+from tests.support.backends import (  # noqa: F401
     backend,
     fresh_database,
     migrated_mlflow_db,

@@ -15,7 +15,7 @@ from datetime import timedelta
 import pytest
 
 from registry.audit import AuditLog
-from tests.integration.registry.backends import fresh_database
+from tests.support.backends import fresh_database
 
 pytestmark = pytest.mark.integration
 

@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 
 from registry import lineage
 from registry.client import Registry
+from registry.decisions import decide, lifecycle_state
 from registry.errors import ForgelineError, PermissionDeniedError, PolicyRefused
 from registry.policy import PromotionPolicy
-from registry.promotion import check, decide, lifecycle_state, promote, rollback
-from tests.integration.registry.backends import TRAINER, Backend, promote_in_child, trained_version, unique_name
+from registry.promotion import check, promote, rollback
+from tests.support.backends import TRAINER, Backend, promote_in_child, trained_version, unique_name
 
 pytestmark = pytest.mark.integration
 

@@ -13,10 +13,13 @@ from mlflow import MlflowClient
 from sqlalchemy import event
 
 from registry import lineage
-from registry.client import NO_HOLDER, Registry, VersionInfo
+from registry.aliases import NO_HOLDER
+from registry.client import Registry, VersionInfo
 from registry.errors import ConflictError, ModelNotFoundError, NotFoundError, PolicyRefused
 from registry.policy import PromotionPolicy, Threshold
 from registry.promotion import promote, rollback
+from registry.runs import download_artifact_uri
+from tests.support import backends
 
 pytestmark = pytest.mark.integration
 
@@ -42,25 +45,9 @@ def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_mlflow_db
     reg.close()
 
 
-def trained_version(
-    registry: Registry, name: str = "tiny", *, accuracy: float = 0.9, loss: float = 1.0, base_loss: float = 2.0
-) -> VersionInfo:
-    """A run with a tiny artifact, registered and evaluated like the pipeline does."""
-    experiment_id = registry.ensure_experiment("forgeline-tests")
-    run = registry.client.create_run(experiment_id)
-    run_id = run.info.run_id
-    registry.client.log_text(run_id, '{"model_type": "tiny"}', "model/config.json")
-    registry.client.set_terminated(run_id)
-    version = registry.create_version(
-        name,
-        source=f"runs:/{run_id}/model",
-        run_id=run_id,
-        tags={lineage.BASE_MODEL: "tiny-base", lineage.METHOD: "sft", lineage.RUN_ID: run_id},
-    )
-    registry.record_evaluation(
-        name, version.version, {"accuracy": accuracy, "eval_loss": loss}, base_metrics={"eval_loss": base_loss}
-    )
-    return registry.get_version(name, version.version)
+def trained_version(registry: Registry, name: str = "tiny", **evaluation: float) -> VersionInfo:
+    """A registered, evaluated version of ``name`` (tests/support/backends.py)."""
+    return backends.trained_version(registry, name, **evaluation)
 
 
 def test_create_version_carries_lineage_and_artifacts_live_under_home(registry: Registry, tmp_path: Path) -> None:
@@ -253,3 +240,54 @@ def test_delete_alias_is_audited_and_outside_moves_show_as_drift(registry: Regis
     assert registry.audit_drift("tiny") == {} and registry.reconcile("tiny", actor="oncall") == []
     promote(registry, "tiny", 1, policy=PromotionPolicy(), actor="ana")
     assert rollback(registry, "tiny", actor="oncall").to_version == 2
+
+
+# -- runs, metrics and artifacts (registry.runs) ----------------------------------------
+
+
+def _run(registry: Registry, tags: dict[str, str] | None = None) -> str:
+    experiment_id = registry.ensure_experiment("forgeline-runs")
+    return registry.client.create_run(experiment_id, tags=tags or {}).info.run_id
+
+
+def test_metrics_round_trip_in_step_order(registry: Registry) -> None:
+    run_id = _run(registry)
+    for step in (3, 1, 2):
+        registry.log_metrics(run_id, {"loss": 1.0 / step, "lr": 0.1}, step=step)
+    assert registry.metric_points(run_id, "loss") == [(1, 1.0), (2, 0.5), (3, 1.0 / 3)]
+    assert registry.metric_points(run_id, "never_logged") == []
+    assert set(registry.metric_history(run_id)) == {"loss", "lr"}
+    run = registry.get_run(run_id)
+    assert run.run_id == run_id and run.metrics["loss"] == pytest.approx(1.0 / 3)
+
+
+def test_find_run_by_tag_and_end_it(registry: Registry) -> None:
+    run_id = _run(registry, {"forgeline.test_tag": "job-1"})
+    _run(registry, {"forgeline.test_tag": "job-2"})
+    found = registry.find_run("forgeline-runs", tag="forgeline.test_tag", value="job-1")
+    assert found is not None and found.run_id == run_id
+    assert registry.find_run("forgeline-runs", tag="forgeline.test_tag", value="job-3") is None
+    assert registry.find_run("no-such-experiment", tag="forgeline.test_tag", value="job-1") is None
+    registry.end_run(run_id, status="KILLED")
+    assert registry.get_run(run_id).status == "KILLED"
+
+
+def test_artifacts_upload_download_and_tables(registry: Registry, tmp_path: Path) -> None:
+    run_id = _run(registry)
+    src = tmp_path / "engine"
+    src.mkdir()
+    (src / "manifest.json").write_text('{"ok": true}')
+    uri = registry.upload_artifacts(run_id, src, "engine/torch")
+    assert uri.endswith("/engine/torch")
+    local = download_artifact_uri(uri, tmp_path / "copy", tracking_uri=registry.tracking_uri)
+    assert (local / "manifest.json").read_text() == '{"ok": true}'
+    registry.log_table(run_id, {"item": ["a", "b"], "score": [1.0, 0.0]}, "tables/t.json")
+    path = registry.download_run_artifact(run_id, "tables/t.json", tmp_path / "t")
+    assert '"item"' in path.read_text()
+
+
+def test_a_missing_run_is_a_forgeline_not_found(registry: Registry, tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match="no MLflow run"):
+        registry.get_run("0" * 32)
+    with pytest.raises(NotFoundError, match="no MLflow run"):
+        registry.metric_history("0" * 32)

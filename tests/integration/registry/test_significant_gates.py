@@ -13,7 +13,7 @@ from registry.errors import PolicyRefused
 from registry.eval_samples import load_samples, record_samples
 from registry.policy import PromotionPolicy
 from registry.promotion import check, promote
-from tests.integration.registry.backends import sqlite_backend, trained_version, unique_name
+from tests.support.backends import sqlite_backend, trained_version, unique_name
 
 pytestmark = pytest.mark.integration
 

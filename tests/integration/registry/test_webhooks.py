@@ -10,10 +10,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from registry.client import Registry
+from registry.decisions import decide
 from registry.events import EVENT_HEADER, ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
 from registry.policy import PromotionPolicy
-from registry.promotion import decide, promote, rollback
-from tests.integration.registry.backends import Backend, trained_version, unique_name
+from registry.promotion import promote, rollback
+from tests.support.backends import Backend, trained_version, unique_name
 
 pytestmark = pytest.mark.integration
 

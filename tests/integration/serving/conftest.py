@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from serving.artifacts.torch_build import build_torch_artifact
 from serving.engine.torch_engine import TorchEngine
 from serving.gateway.app import ServedModel, StaticCatalog, create_app
 from serving.gateway.server import serve_in_background
-from tests.unit.serving.tiny_model import build_tiny_base
 
 
 @dataclass
@@ -23,26 +21,12 @@ class Gateway:
 
 
 @pytest.fixture(scope="session")
-def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama with a tokenizer (the base the adapters are trained on)."""
-    return build_tiny_base(tmp_path_factory.mktemp("serving-integration") / "base")
-
-
-@pytest.fixture(scope="session")
-def tiny_artifact(tiny_base_dir: Path) -> Path:
-    """A torch engine artifact built from a tiny random Llama."""
-    out = tiny_base_dir.parent / "artifact"
-    build_torch_artifact(str(tiny_base_dir), None, out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_adapters(tiny_base_dir: Path) -> dict[str, Path]:
+def tiny_adapters(tiny_base: Path) -> dict[str, Path]:
     """Two LoRA adapters on the tiny base that steer it differently."""
-    from tests.unit.serving.tiny_model import build_tiny_adapter
+    from tests.support.tiny_model import build_tiny_adapter
 
-    root = tiny_base_dir.parent
-    return {name: build_tiny_adapter(tiny_base_dir, root / f"adapter-{name}", seed=seed) for name, seed in (("a", 1), ("b", 2))}
+    root = tiny_base.parent / "gateway-adapters"
+    return {name: build_tiny_adapter(tiny_base, root / f"adapter-{name}", seed=seed) for name, seed in (("a", 1), ("b", 2))}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from serving.engine.torch_engine import TorchEngine
 from serving.gateway.app import ServedModel, StaticCatalog, create_app
 from serving.gateway.server import serve_in_background
-from tests.unit.serving.tiny_model import build_tiny_adapter
+from tests.support.tiny_model import build_tiny_adapter
 
 pytestmark = pytest.mark.integration
 
@@ -24,17 +24,17 @@ MESSAGES = [{"role": "user", "content": "Where is my order?"}]
 
 
 @pytest.fixture(scope="module")
-def client(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+def client(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
     from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("adapter-chat")
-    plain = build_tiny_adapter(tiny_base_dir, root / "plain", seed=1)
+    plain = build_tiny_adapter(tiny_base, root / "plain", seed=1)
     own = root / "own"
     shutil.copytree(plain, own)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     tokenizer.chat_template = OWN_TEMPLATE
     tokenizer.save_pretrained(own)
-    engine = TorchEngine(tiny_base_dir, device="cpu", model_id="tiny", adapters={"plain": plain, "own": own})
+    engine = TorchEngine(tiny_base, device="cpu", model_id="tiny", adapters={"plain": plain, "own": own})
     app = create_app(StaticCatalog([ServedModel(name="tiny", version="1", engine=engine)]), max_new_tokens=8)
     base_url, stop = serve_in_background(app)
     try:
@@ -43,10 +43,10 @@ def client(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         stop()
 
 
-def test_the_adapters_own_template_renders_its_chats(client: openai.OpenAI, tiny_base_dir: Path) -> None:
+def test_the_adapters_own_template_renders_its_chats(client: openai.OpenAI, tiny_base: Path) -> None:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
 
     def prompt_tokens(model: str) -> int:
         reply = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=2, temperature=0)  # type: ignore[arg-type]

@@ -39,12 +39,12 @@ class Prod:
 
 
 @pytest.fixture(scope="module")
-def prod(tiny_base_dir: Path, tiny_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prod]:
+def prod(tiny_base: Path, tiny_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prod]:
     keys = KeyStore(f"sqlite:///{tmp_path_factory.mktemp('keys') / 'control.db'}")
     engine = TorchEngine(
-        tiny_base_dir, device="cpu", model_id="tiny", batch_window_ms=150, adapters=tiny_adapters, max_loaded_adapters=4
+        tiny_base, device="cpu", model_id="tiny", batch_window_ms=150, adapters=tiny_adapters, max_loaded_adapters=4
     )
-    served = ServedModel(name="tiny", version="1", engine=engine, aliases=("tiny@production",), artifact=str(tiny_base_dir))
+    served = ServedModel(name="tiny", version="1", engine=engine, aliases=("tiny@production",), artifact=str(tiny_base))
     owned = ServedModel(name="ft-acme-tiny", version="1", engine=engine, org="acme")  # a fine-tuned version of org acme
     app = create_app(StaticCatalog([served, owned]), max_new_tokens=64, keys=keys, key_cache_s=0.2, max_body_bytes=MAX_BODY)
     base_url, stop = serve_in_background(app)
@@ -155,16 +155,16 @@ def test_tpm_quota_counts_prompt_and_completion_tokens(prod: Prod) -> None:
     assert int(info.value.response.headers["retry-after"]) >= 1
 
 
-def test_two_adapters_answer_differently_in_one_batch(prod: Prod, tiny_base_dir: Path, tiny_adapters: dict[str, Path]) -> None:
+def test_two_adapters_answer_differently_in_one_batch(prod: Prod, tiny_base: Path, tiny_adapters: dict[str, Path]) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     prompt = "The quick brown fox"
-    tokenizer = AutoTokenizer.from_pretrained(tiny_base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     enc = tokenizer(prompt, return_tensors="pt")
     expected = {}
     for name, path in tiny_adapters.items():
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base_dir), str(path)).eval()
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(path)).eval()
         ids = model.generate(**enc, do_sample=False, max_new_tokens=6)
         expected[f"tiny:{name}"] = tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert expected["tiny:a"] != expected["tiny:b"]

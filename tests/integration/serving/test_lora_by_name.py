@@ -59,7 +59,7 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def setup(
-    tiny_base_dir: Path, tiny_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+    tiny_base: Path, tiny_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Setup]:
     root = tmp_path_factory.mktemp("lora-by-name")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -70,10 +70,10 @@ def setup(
     with pytest.MonkeyPatch.context() as mp:
         # Module-scoped, so the per-test $FORGELINE_HOME is not there yet: give the base cache its own.
         mp.setenv("FORGELINE_HOME", str(root / "home"))
-        app = build_gateway(registry, [], spec, keys=keys, bases=[BaseSource(BASE, str(tiny_base_dir))])
+        app = build_gateway(registry, [], spec, keys=keys, bases=[BaseSource(BASE, str(tiny_base))])
         base_url, stop = serve_in_background(app)
         try:
-            yield Setup(base_url, registry, keys, tiny_base_dir, tiny_adapters, root / "home")
+            yield Setup(base_url, registry, keys, tiny_base, tiny_adapters, root / "home")
         finally:
             stop()
             keys.dispose()

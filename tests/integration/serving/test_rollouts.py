@@ -25,7 +25,7 @@ from serving.gateway.server import serve_in_background
 from serving.registry_models import torch_engine
 from serving.service import build_gateway
 from tests.support.swap_load import SwapLoad
-from tests.unit.serving.tiny_model import build_tiny_base
+from tests.support.tiny_model import build_tiny_base
 
 pytestmark = pytest.mark.integration
 

@@ -65,10 +65,10 @@ def stack(tmp_path: Path) -> Iterator[ExitStack]:
         yield stack
 
 
-def test_sdk_gets_tools_json_schema_logprobs_and_n_from_a_chat_worker(tmp_path: Path, tiny_base_dir: Path, stack: ExitStack) -> None:
+def test_sdk_gets_tools_json_schema_logprobs_and_n_from_a_chat_worker(tmp_path: Path, tiny_base: Path, stack: ExitStack) -> None:
     worker = _worker(tmp_path, "w0")
     stack.callback(worker.stop)
-    url, stop = serve_in_background(create_app(StaticCatalog([_served([worker.base_url], "pool", tiny_base_dir)])))
+    url, stop = serve_in_background(create_app(StaticCatalog([_served([worker.base_url], "pool", tiny_base)])))
     stack.callback(stop)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
     messages = [{"role": "user", "content": "What is the weather in Paris?", "name": "ann"}]
@@ -188,12 +188,12 @@ async def _streams(client: httpx.AsyncClient, model: str, outcomes: list[str], u
 
 @pytest.mark.slow
 def test_a_killed_worker_fails_no_unary_request_and_rejoins_within_a_health_interval(
-    tmp_path: Path, tiny_base_dir: Path, stack: ExitStack
+    tmp_path: Path, tiny_base: Path, stack: ExitStack
 ) -> None:
     workers = [_worker(tmp_path, f"w{i}", delay_ms=10, tokens=40) for i in range(3)]
     for w in workers:
         stack.callback(w.stop)
-    served = _served([w.base_url for w in workers], "pool", tiny_base_dir)
+    served = _served([w.base_url for w in workers], "pool", tiny_base)
     url, stop = serve_in_background(create_app(StaticCatalog([served])))
     stack.callback(stop)
     pool = served.engine.pool  # type: ignore[attr-defined]
@@ -249,13 +249,13 @@ def _p99(latencies: list[float]) -> float:
 
 
 @pytest.mark.slow
-def test_a_3x_slower_worker_gets_little_traffic_and_barely_moves_p99(tmp_path: Path, tiny_base_dir: Path, stack: ExitStack) -> None:
+def test_a_3x_slower_worker_gets_little_traffic_and_barely_moves_p99(tmp_path: Path, tiny_base: Path, stack: ExitStack) -> None:
     fast = [_worker(tmp_path, f"fast{i}", delay_ms=10) for i in range(2)]
     slow = _worker(tmp_path, "slow", delay_ms=30)
     for w in [*fast, slow]:
         stack.callback(w.stop)
-    three = _served([w.base_url for w in [*fast, slow]], "three", tiny_base_dir)
-    two = _served([w.base_url for w in fast], "two", tiny_base_dir)
+    three = _served([w.base_url for w in [*fast, slow]], "three", tiny_base)
+    two = _served([w.base_url for w in fast], "two", tiny_base)
     url, stop = serve_in_background(create_app(StaticCatalog([three, two])))
     stack.callback(stop)
 

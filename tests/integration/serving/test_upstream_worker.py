@@ -5,7 +5,7 @@ a TensorRT-LLM artifact under the name ``trtllm-serve`` would give it (the path 
 MODEL argument), so the gateway's `UpstreamEngine` talks to it exactly as it would to an
 H200 worker. The artifact itself is built through the real pipeline with a stand-in
 container runtime that runs the real in-container entry point against the ``tensorrt_llm``
-test double (tests/unit/serving/trtllm_fake): TensorRT-LLM itself is not available here.
+test double (tests/support/trtllm_fake): TensorRT-LLM itself is not available here.
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ from serving.engine.upstream import UpstreamEngine
 from serving.gateway.app import ServedModel, StaticCatalog, create_app
 from serving.gateway.server import serve_in_background
 from serving.registry_models import registry_catalog
-from tests.unit.serving.tiny_model import build_tiny_adapter, build_tiny_base
+from tests.support.tiny_model import build_tiny_adapter, build_tiny_base
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[3]
-FAKE_TRTLLM = REPO / "tests/unit/serving/trtllm_fake"
+FAKE_TRTLLM = REPO / "tests/support/trtllm_fake"
 FAKE_DIGEST = "sha256:" + "cd" * 32
 MAX_NEW = 400
 

@@ -11,9 +11,10 @@ import yaml
 from registry import lineage
 from registry.approvals import Approval, ApprovalStore, standing
 from registry.client import VersionInfo
+from registry.decisions import lifecycle_state
 from registry.errors import ConfigError
+from registry.gates import check_policy
 from registry.policy import PolicyBook, PromotionPolicy
-from registry.promotion import check_policy, lifecycle_state
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -9,8 +9,9 @@ import pytest
 from registry import lineage
 from registry.audit import AuditEntry
 from registry.client import VersionInfo
+from registry.gates import check_policy
 from registry.policy import PromotionPolicy, Threshold
-from registry.promotion import check_policy, previous_holder
+from registry.promotion import previous_holder
 
 
 def version(

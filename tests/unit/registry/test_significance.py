@@ -9,8 +9,8 @@ import pytest
 from registry import lineage
 from registry.client import VersionInfo
 from registry.eval_samples import EvalSamples
+from registry.gates import check_policy
 from registry.policy import PromotionPolicy
-from registry.promotion import check_policy
 from registry.significance import difference
 
 ALPHA = 0.05

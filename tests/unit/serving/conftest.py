@@ -1,4 +1,4 @@
-"""Fixtures for the serving unit tests: a tiny base model and its torch engine artifact."""
+"""Fixtures for the serving unit tests: a started engine on the tiny artifact (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,23 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.artifacts.torch_build import build_torch_artifact
 from serving.engine.torch_engine import TorchEngine
-from tests.unit.serving.tiny_model import build_tiny_base
-
-
-@pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A saved 2-layer random Llama with a tokenizer that has a chat template."""
-    return build_tiny_base(tmp_path_factory.mktemp("serving-unit") / "base")
-
-
-@pytest.fixture(scope="session")
-def tiny_artifact(tiny_base: Path) -> Path:
-    """A torch engine artifact built from `tiny_base` (no adapter)."""
-    out = tiny_base.parent / "artifact"
-    build_torch_artifact(str(tiny_base), None, out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from registry.errors import ConflictError
 from serving.engine.base import SamplingParams
 from serving.engine.torch_engine import TorchEngine, _Request
-from tests.unit.serving.tiny_model import build_tiny_adapter
+from tests.support.tiny_model import build_tiny_adapter
 
 OWN_TEMPLATE = (
     "{%- for m in messages -%}{{- '### ' + m['role'] + ': ' + m['content'] + '\\n' -}}{%- endfor -%}"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from serving.canary import Canary
 from serving.config import CanarySLO, CanarySpec
-from serving.engine.base import SamplingParams
 from serving.gateway.catalog import ServedModel
-from serving.rollout import Canary
+from tests.support.engines import StubEngine
 
 
 class Clock:
@@ -16,29 +16,9 @@ class Clock:
         return self.now
 
 
-class NullEngine:
-    model_id = "null"
-    reports_logprobs = False
-    ready = True
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    def render_chat(self, messages: list[dict[str, str]], *, adapter: str | None = None) -> str:
-        return ""
-
-    def count_tokens(self, text: str) -> int:
-        return 0
-
-    async def generate(self, prompt: str, params: SamplingParams, *, adapter: str | None = None):  # noqa: ANN201
-        if False:
-            yield
-
-
 def _canary(percent: float, slo: CanarySLO, clock: Clock) -> Canary:
-    base = ServedModel(name="m", version="1", engine=NullEngine())
-    cand = ServedModel(name="m@staging", version="2", engine=NullEngine())
+    base = ServedModel(name="m", version="1", engine=StubEngine())
+    cand = ServedModel(name="m@staging", version="2", engine=StubEngine())
     return Canary("m", cand, base, CanarySpec(percent=percent, slo=slo), clock)
 
 

@@ -9,7 +9,7 @@ import pytest
 from registry.errors import ForgelineError, NotFoundError
 from serving.artifacts.torch_build import build_torch_artifact, load_manifest
 from serving.artifacts.trtllm_build import CHECKPOINT_DIR, TrtllmBuildOptions, TrtllmConfigError, prepare_trtllm_job
-from tests.unit.serving.tiny_model import build_tiny_adapter, build_tiny_base
+from tests.support.tiny_model import build_tiny_adapter, build_tiny_base
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from registry.errors import ConflictError, ErrorCode, ForgelineError, ModelNotFoundError
-from serving.engine.base import Chunk, SamplingDefaults, SamplingParams
+from serving.engine.base import Chunk, EngineStats, SamplingDefaults, SamplingParams
 from serving.engine.torch_engine import TorchEngine
 from serving.gateway.app import ServedModel, StaticCatalog, create_app
 from serving.gateway.generation import resolve_model
@@ -26,6 +26,8 @@ class ScriptedEngine:
     def __init__(self, chunks: list[Chunk], fail_with: Exception | None = None) -> None:
         self.model_id = "scripted"
         self.reports_logprobs = False
+        self.serves_adapters = True
+        self.step_listener = None
         self.ready = True
         self.chunks = chunks
         self.fail_with = fail_with
@@ -42,6 +44,9 @@ class ScriptedEngine:
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())
+
+    def stats(self) -> EngineStats:
+        return EngineStats(waiting=0, running=len(self.calls), loaded_adapters=())
 
     async def generate(
         self, prompt: str, params: SamplingParams, *, adapter: str | None = None

@@ -10,7 +10,7 @@ import pytest
 from registry.errors import ConflictError, ErrorCode, ForgelineError, ModelNotFoundError
 from serving.engine.base import SamplingParams
 from serving.engine.torch_engine import BASE_ADAPTER, TorchEngine
-from tests.unit.serving.tiny_model import build_tiny_adapter
+from tests.support.tiny_model import build_tiny_adapter
 
 PROMPT = "Hello world"
 GREEDY = SamplingParams(max_tokens=6, temperature=0)

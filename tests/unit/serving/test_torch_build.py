@@ -14,7 +14,7 @@ from serving.artifacts.torch_build import (
     build_torch_artifact,
     load_manifest,
 )
-from tests.unit.serving.tiny_model import build_tiny_adapter
+from tests.support.tiny_model import build_tiny_adapter
 
 
 def test_artifact_has_weights_tokenizer_generation_config_and_manifest(tiny_base: Path, tiny_artifact: Path) -> None:

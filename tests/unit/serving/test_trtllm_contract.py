@@ -30,7 +30,7 @@ from serving.artifacts.trtllm_build import (
 from serving.artifacts.trtllm_config import fill_argv, h200_serve_options, serve_argv_template
 from serving.artifacts.trtllm_manifest import load_trtllm_manifest
 from serving.artifacts.trtllm_version import TRTLLM_IMAGE, TRTLLM_VERSION
-from tests.unit.serving.tiny_model import build_tiny_adapter
+from tests.support.tiny_model import build_tiny_adapter
 
 # -- the documented API of TensorRT-LLM 1.2.1 that forgeline relies on -------------------
 SERVE_PAGE = "https://nvidia.github.io/TensorRT-LLM/commands/trtllm-serve/trtllm-serve.html (click options of tensorrt_llm/commands/serve.py)"
@@ -75,7 +75,7 @@ DOCUMENTED_LORA_MODULES = {"attn_q", "attn_k", "attn_v", "attn_dense", "mlp_h_to
 # Manifest fields the issue asks for: version + image digest, GPU, parallelism, input checksums, backend.
 REQUIRED_MANIFEST_FIELDS = {"tensorrt_llm", "gpu", "parallelism", "inputs", "backend", "quantization", "serve", "files"}
 
-FAKE = Path(__file__).with_name("trtllm_fake")
+FAKE = Path(__file__).resolve().parents[2] / "support" / "trtllm_fake"
 
 CASES = [
     pytest.param("none", False, 1, "pytorch", id="bf16-tp1"),

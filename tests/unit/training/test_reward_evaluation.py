@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tests.unit.serving.tiny_model import build_tiny_base
+from tests.support.tiny_model import build_tiny_base
 from training.config import EvaluateSpec, GRPOMethod, RewardSpec
 from training.evaluation import to_examples
 from training.reward_evaluation import evaluate_rewards, pass_at_k

@@ -15,7 +15,7 @@ from registry import lineage
 from registry.client import Registry
 from registry.errors import ConflictError
 from tests.conftest import REPO
-from tests.unit.finetune.test_jobs_store import new_job
+from tests.unit.forgeline.finetune.test_jobs_store import new_job
 
 
 @pytest.fixture

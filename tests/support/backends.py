@@ -31,7 +31,7 @@ from mlflow import MlflowClient
 from registry import lineage
 from registry.client import Registry, VersionInfo
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 PG_SCRIPT = REPO / ".ci" / "services" / "postgres.sh"
 TRAINER = "trainer-tess"
 

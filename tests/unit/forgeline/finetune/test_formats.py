@@ -177,7 +177,7 @@ def test_conversations_keep_every_turn_weight_and_tool(tmp_path: Path) -> None:
     # Weights, several assistant turns, tools: trained turn by turn (training.conversations).
     rows = training_rows(write(tmp_path, [CHAT]), "supervised")
     assert rows == [{"messages": CHAT["messages"]}] and check_sft_row(rows[0]) is None
-    tool_row = json.loads((Path(__file__).resolve().parents[3] / "recipes/data/tool-use/train.jsonl").read_text().splitlines()[0])
+    tool_row = json.loads((Path(__file__).resolve().parents[4] / "recipes/data/tool-use/train.jsonl").read_text().splitlines()[0])
     assert inspect_jsonl(write(tmp_path, [tool_row])).format is FileFormat.CHAT
     rows = training_rows(write(tmp_path, [tool_row]), "supervised")
     assert rows == [{"messages": tool_row["messages"], "tools": tool_row["tools"]}] and check_sft_row(rows[0]) is None

@@ -1,4 +1,4 @@
-"""Tiny causal LMs built from config, shared by the serving unit and integration tests.
+"""Tiny causal LMs built from config, shared by every test tree (serving, training, forgeline, gpu).
 
 Uses the project's tokenizer in ``assets/tiny-base`` when it exists; otherwise trains a
 small byte-level BPE so the tests need no model hub.
@@ -12,7 +12,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-PROJECT_TOKENIZER = Path(__file__).resolve().parents[3] / "assets" / "tiny-base"
+PROJECT_TOKENIZER = Path(__file__).resolve().parents[2] / "assets" / "tiny-base"
 
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
