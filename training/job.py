@@ -19,6 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from jobs.outcome import RESULT_FILE
+from jobs.outcome import JobOutcome as _JobOutcome
 from registry import lineage
 from registry.client import Registry, VersionInfo
 from registry.errors import ConfigError, ModelNotFoundError, NotFoundError
@@ -43,7 +45,6 @@ from .preflight import check_training
 
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "result.json"
 
 
 class TrainJob(BaseModel):
@@ -76,12 +77,10 @@ class TrainJob(BaseModel):
         return Path(self.recipe_file).parent if self.recipe_file else None
 
 
-class JobOutcome(BaseModel):
+class JobOutcome(_JobOutcome):
     """What rank 0 leaves in ``result.json`` for the launcher that started the job."""
 
     run_id: str
-    name: str
-    version: int
     adapter_dir: str
     train_loss: float | None = None
     resumed_from_step: int = 0

@@ -17,6 +17,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from jobs import submission as launcher_jobs
+from jobs.base import job_root
+from jobs.config import ClusterSpec
+from jobs.store import JobStore
 from registry.client import Registry
 from registry.errors import (
     ConfigError,
@@ -31,11 +35,8 @@ from registry.keys import KeyRecord
 from registry.policy import PolicyBook
 from registry.settings import forgeline_home, tracking_uri
 from training.checkpoints import checkpoint_step, complete_checkpoints
+from training.cluster_job import check_cluster
 from training.config import DistributedSpec
-from training.launchers import jobs as launcher_jobs
-from training.launchers.base import job_root
-from training.launchers.config import ClusterSpec, check_cluster
-from training.launchers.store import JobStore
 
 from .base_models import BaseModelStore
 from .files import FileRecord, FileStore

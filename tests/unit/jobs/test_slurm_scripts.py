@@ -2,7 +2,7 @@
 
 The scripts are run here with stand-ins for Slurm's commands (`scontrol`, `srun`) and for
 Python, so their shell logic (rendezvous address, requeue decisions, torchrun flags) is
-exercised; tests/integration/launchers runs them on a real Slurm.
+exercised; tests/integration/jobs runs them on a real Slurm.
 """
 
 from __future__ import annotations
@@ -15,16 +15,23 @@ from pathlib import Path
 
 import pytest
 
+from jobs.base import JobHandle, JobPhase, JobSpec
+from jobs.config import ClusterSpec
+from jobs.slurm import SlurmLauncher, _exit_code, _phase, render_scripts
+from training.cluster_job import train_spec
 from training.job import TrainJob
-from training.launchers.base import JobPhase, LaunchSpec
-from training.launchers.config import ClusterSpec
-from training.launchers.slurm import SlurmLauncher, _exit_code, _phase, render_scripts
+
+
+def _render_spec(spec: JobSpec, tmp_path: Path) -> dict[str, str]:
+    handle = JobHandle(id=spec.id, kind="slurm", backend_id="", name=spec.name, job_dir=str(tmp_path / "launches" / spec.id),
+                       output_dir=spec.output_dir or "", cluster=spec.cluster, stage=spec.stage)
+    return render_scripts(spec, handle, root=tmp_path)
 
 
 def _render(job: TrainJob, tmp_path: Path, **cluster: object) -> tuple[str, str]:
-    spec = ClusterSpec(kind="slurm", **cluster)
     job = job.model_copy(update={"output_dir": str(tmp_path / "jobs" / "x")})
-    return render_scripts(job, spec, job_id="fl-test-1", job_dir=tmp_path / "launches" / "fl-test-1", root=tmp_path)
+    scripts = _render_spec(train_spec(job, ClusterSpec(kind="slurm", **cluster), job_id="fl-test-1"), tmp_path)
+    return scripts["train-node.sh"], scripts["train.sbatch"]
 
 
 def _directives(script: str) -> list[str]:
@@ -153,13 +160,42 @@ def test_a_successful_attempt_ends_the_job(train_job: TrainJob, tmp_path: Path) 
 
 def test_prepare_writes_the_job_where_every_node_reads_it(train_job: TrainJob, tmp_path: Path) -> None:
     cluster = ClusterSpec(kind="slurm", shared_dir=str(tmp_path / "shared"), nodes=2, gpus_per_node=0)
-    handle, job = SlurmLauncher().prepare(LaunchSpec(job=train_job, cluster=cluster, job_id="fl-test-2"))
+    handle = SlurmLauncher().prepare(train_spec(train_job, cluster, job_id="fl-test-2"))
     job_dir = Path(handle.job_dir)
     assert job_dir == tmp_path / "shared" / "launches" / "fl-test-2"
     assert handle.output_dir == str(tmp_path / "shared" / "jobs" / "support-router" / "0123456789abcdef")
     assert TrainJob.model_validate_json((job_dir / "job.json").read_text()).output_dir == handle.output_dir
     assert f"export FORGELINE_HOME={tmp_path}/shared" in (job_dir / "train.sbatch").read_text()
     assert (job_dir / "train-node.sh").is_file()
+
+
+def test_an_evaluation_job_is_one_task_running_the_plain_command(tmp_path: Path) -> None:
+    spec = JobSpec(id="fl-eval-1", stage="evaluate", name="m", command=["-m", "forgeline", "evaluate", "m", "3"],
+                   cluster=ClusterSpec(kind="slurm", gpus_per_node=1, partition="h200", setup=["module load cuda"]))
+    (name, sbatch), = _render_spec(spec, tmp_path).items()
+    assert name == "evaluate.sbatch"
+    directives = _directives(sbatch)
+    for expected in ("--nodes=1", "--ntasks=1", "--gres=gpu:1", "--partition=h200", "--no-requeue", "--job-name=fl-eval-1",
+                     f"--output={tmp_path}/launches/fl-eval-1/evaluate.log"):
+        assert expected in directives, expected
+    lines = sbatch.splitlines()
+    assert lines[-1].endswith("-m forgeline evaluate m 3") and "module load cuda" in lines
+    assert "torch.distributed.run" not in sbatch and "requeue" not in sbatch.replace("--no-requeue", "")
+    subprocess.run(["bash", "-n"], input=sbatch, text=True, check=True)
+
+
+def test_a_container_job_runs_through_pyxis_with_its_own_image_and_gpus(tmp_path: Path) -> None:
+    art = tmp_path / "engines" / "m" / "1"
+    spec = JobSpec(id="fl-build-1", stage="build", name="m", python=False, command=["python3", f"{art}/entry.py", "build"],
+                   cluster=ClusterSpec(kind="slurm", gpus_per_node=0), container_image="nvcr.io#nvidia/tensorrt-llm/release:1",
+                   gpus=8, mounts=[str(art)])
+    sbatch = _render_spec(spec, tmp_path)["build.sbatch"]
+    assert "--gres=gpu:8" in _directives(sbatch)
+    srun = sbatch[sbatch.index("srun "):]
+    assert "--container-image='nvcr.io#nvidia/tensorrt-llm/release:1'" in srun
+    assert f"--container-mounts={tmp_path}:{tmp_path},{art}:{art}" in srun
+    assert srun.rstrip().endswith(f"python3 {art}/entry.py build")
+    subprocess.run(["bash", "-n"], input=sbatch, text=True, check=True)
 
 
 @pytest.mark.parametrize(

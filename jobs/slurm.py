@@ -1,10 +1,12 @@
 """Slurm: render an sbatch script, submit it with ``sbatch``, follow it, cancel it.
 
-The script (``platform/slurm/train.sbatch.j2``) asks for N nodes with one task each and
-starts ``platform/slurm/train-node.sh.j2`` on every node with ``srun``; each node runs
-``torchrun`` with the c10d rendezvous on the first node's address. A failed attempt
+A torchrun job (training) renders ``platform/slurm/train.sbatch.j2``: N nodes with one task
+each, starting ``platform/slurm/train-node.sh.j2`` on every node with ``srun``; each node
+runs ``torchrun`` with the c10d rendezvous on the first node's address. A failed attempt
 requeues the job (``scontrol requeue``), and ``train.resume: auto`` makes the next attempt
-continue from the newest complete checkpoint in the same MLflow run.
+continue from the newest complete checkpoint in the same MLflow run. Any other job
+(evaluation, a build) renders ``platform/slurm/job.sbatch.j2``: one task on one node, in a
+container (pyxis ``--container-image``) when the job or the cluster names an image.
 
 Tracking: ``squeue`` while Slurm's controller remembers the job (``MinJobAge``), with
 ``scontrol show job`` for requeues and the exit code; ``sacct`` after that when the cluster
@@ -24,31 +26,26 @@ from pathlib import Path
 from registry.errors import MissingDependencyError
 from registry.settings import private_dir
 
-from ..checkpoints import write_atomic
-from ..job import RESULT_FILE, TrainJob
 from .base import (
-    JOB_FILE,
     JobHandle,
     JobPhase,
+    JobSpec,
     JobStatus,
     LaunchError,
-    LaunchSpec,
     forwarded_env,
-    job_json,
+    job_command,
     job_root,
-    output_dir_for,
     read_log,
     shell_exports,
-    with_outcome,
+    write_files,
 )
 from .config import ClusterSpec, time_limit_seconds
+from .outcome import RESULT_FILE, with_outcome
 from .templates import render
 
 log = logging.getLogger(__name__)
 
-SBATCH_FILE = "train.sbatch"
 NODE_FILE = "train-node.sh"
-LOG_FILE = "train.log"
 
 _STATES: dict[str, JobPhase] = {
     "PENDING": JobPhase.PENDING,
@@ -96,7 +93,7 @@ def _exit_code(value: str | None) -> int | None:
 
 
 class SlurmLauncher:
-    """Submits training jobs with ``sbatch``; follows them with ``squeue``/``scontrol``/``sacct``."""
+    """Submits jobs with ``sbatch``; follows them with ``squeue``/``scontrol``/``sacct``."""
 
     kind = "slurm"
 
@@ -105,36 +102,32 @@ class SlurmLauncher:
 
     # -- rendering -------------------------------------------------------------------------
 
-    def prepare(self, spec: LaunchSpec) -> tuple[JobHandle, TrainJob]:
-        """Write job.json, the node script and the sbatch script; submit nothing."""
-        cluster = spec.cluster
-        root = job_root(cluster)
-        job_dir = root / "launches" / spec.job_id
+    def prepare(self, spec: JobSpec) -> JobHandle:
+        """Write the job's files and its sbatch script (and node script, for torchrun); submit nothing."""
+        root = job_root(spec.cluster)
+        job_dir = root / "launches" / spec.id
         private_dir(job_dir)
-        out = Path(spec.job.output_dir) if spec.job.output_dir else output_dir_for(spec.job, root)
-        job = spec.job.model_copy(update={"output_dir": str(out)})
-        write_atomic(job_dir / JOB_FILE, job_json(job))
-        node, sbatch = render_scripts(job, cluster, job_id=spec.job_id, job_dir=job_dir, root=root)
-        (job_dir / NODE_FILE).write_text(node)
-        (job_dir / SBATCH_FILE).write_text(sbatch)
-        (job_dir / SBATCH_FILE).chmod(0o755)
+        write_files(spec, job_dir)
         handle = JobHandle(
-            id=spec.job_id, kind=self.kind, backend_id="", name=job.name, job_dir=str(job_dir),
-            output_dir=str(out), cluster=cluster,
+            id=spec.id, kind=self.kind, backend_id="", name=spec.name, job_dir=str(job_dir),
+            output_dir=spec.output_dir or str(job_dir), cluster=spec.cluster, stage=spec.stage,
         )
-        return handle, job
+        for name, text in render_scripts(spec, handle, root=root).items():
+            (job_dir / name).write_text(text)
+        (job_dir / sbatch_file(handle)).chmod(0o755)
+        return handle
 
     # -- the seam ----------------------------------------------------------------------------
 
-    def submit(self, spec: LaunchSpec) -> JobHandle:
-        handle, _ = self.prepare(spec)
+    def submit(self, spec: JobSpec) -> JobHandle:
+        handle = self.prepare(spec)
         # An earlier job of the same recipe left its result here; this job writes its own.
         (Path(handle.output_dir) / RESULT_FILE).unlink(missing_ok=True)
-        out = self._run(["sbatch", "--parsable", str(Path(handle.job_dir) / SBATCH_FILE)], what="submit the job")
+        out = self._run(["sbatch", "--parsable", str(Path(handle.job_dir) / sbatch_file(handle))], what="submit the job")
         slurm_id = out.strip().split(";")[0]
         if not slurm_id.isdigit():
             raise LaunchError(f"sbatch answered {out.strip()!r} instead of a job id")
-        log.info("submitted %s as Slurm job %s (%s)", spec.job_id, slurm_id, handle.job_dir)
+        log.info("submitted %s (%s) as Slurm job %s (%s)", spec.id, spec.stage, slurm_id, handle.job_dir)
         return handle.model_copy(update={"backend_id": slurm_id})
 
     def status(self, handle: JobHandle) -> JobStatus:
@@ -159,7 +152,7 @@ class SlurmLauncher:
         return with_outcome(status, handle)
 
     def logs(self, handle: JobHandle, *, tail: int | None = None) -> str:
-        return read_log(Path(handle.job_dir) / LOG_FILE, tail)
+        return read_log(Path(handle.job_dir) / handle.log_name, tail)
 
     def cancel(self, handle: JobHandle) -> None:
         self._run(["scancel", handle.backend_id], what="cancel the job")
@@ -216,34 +209,58 @@ class SlurmLauncher:
         )
 
 
-def render_scripts(job: TrainJob, cluster: ClusterSpec, *, job_id: str, job_dir: Path, root: Path) -> tuple[str, str]:
-    """The per-node script and the sbatch script for ``job`` (``job.output_dir`` already set)."""
-    python = cluster.python or ("python" if cluster.container_image else sys.executable)
-    mounts = [f"{root}:{root}", *cluster.container_mounts]
-    node = render(
-        "slurm/train-node.sh.j2",
-        job_id=job_id, nodes=cluster.nodes, nproc_per_node=cluster.nproc_per_node, setup=cluster.setup,
-        python=shlex.quote(python), job_file=job_dir / JOB_FILE,
-    )
-    env = forwarded_env(cluster.env)
+def sbatch_file(handle: JobHandle) -> str:
+    """The sbatch script's name in the job folder (``train.sbatch``, ``evaluate.sbatch``, ``build.sbatch``)."""
+    return f"{handle.stage}.sbatch"
+
+
+def render_scripts(spec: JobSpec, handle: JobHandle, *, root: Path) -> dict[str, str]:
+    """The job's scripts by file name: the sbatch script, and for torchrun the per-node script."""
+    cluster = spec.cluster
+    image = spec.image
+    python = cluster.python or ("python" if image else sys.executable)
+    job_dir = Path(handle.job_dir)
+    mounts = [f"{root}:{root}", *cluster.container_mounts, *(f"{m}:{m}" for m in spec.mounts)]
+    env = forwarded_env({**cluster.env, **spec.env})
     if cluster.shared_dir:
         # The nodes keep their state in the shared folder; versions reach this machine's registry
         # only through a tracking server (MLFLOW_TRACKING_URI), not through a SQLite file here.
         env["FORGELINE_HOME"] = str(root)
         if not env.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://", "databricks")):
             log.warning("cluster.shared_dir is set but MLFLOW_TRACKING_URI is not a tracking server: "
-                        "the version will be registered in %s/mlflow.db", root)
-    sbatch = render(
-        "slurm/train.sbatch.j2",
-        job_id=job_id, name=job.name, job_name=job_id, nodes=cluster.nodes, nproc_per_node=cluster.nproc_per_node,
-        gpus_per_node=cluster.gpus_per_node, cpus_per_node=cluster.cpus_per_node, partition=cluster.partition,
-        account=cluster.account, time_limit=cluster.time_limit, requeue_grace_s=_requeue_grace(cluster),
-        max_restarts=cluster.max_restarts, log_path=job_dir / LOG_FILE, job_dir=job_dir,
-        sbatch_options=cluster.sbatch_options, exports=shell_exports(env), rdzv_port=cluster.rdzv_port,
-        container_image=cluster.container_image, container_mounts=",".join(mounts), node_script=job_dir / NODE_FILE,
-        output_dir=job.output_dir,
+                        "the job's versions and records go to %s/mlflow.db", root)
+    common = dict(
+        job_id=spec.id, name=spec.name, stage=spec.stage, job_name=spec.id, cpus_per_node=cluster.cpus_per_node,
+        partition=cluster.partition, account=cluster.account, time_limit=cluster.time_limit,
+        log_path=job_dir / handle.log_name, job_dir=job_dir, sbatch_options=cluster.sbatch_options,
+        exports=shell_exports(env), container_image=image, container_mounts=",".join(mounts),
     )
-    return node, sbatch
+    if not spec.torchrun:
+        command = job_command(spec, python=python, job_files=job_dir)
+        return {sbatch_file(handle): render(
+            "slurm/job.sbatch.j2", **common, gpus=spec.gpus_per_node, setup=cluster.setup, command=shlex.join(command),
+        )}
+    args = job_command(spec.model_copy(update={"python": False}), python="", job_files=job_dir)
+    node = render(
+        "slurm/train-node.sh.j2",
+        job_id=spec.id, nodes=cluster.nodes, nproc_per_node=cluster.nproc_per_node, setup=cluster.setup,
+        python=shlex.quote(python), args=shlex.join(args),
+    )
+    sbatch = render(
+        "slurm/train.sbatch.j2", **common,
+        nodes=cluster.nodes, nproc_per_node=cluster.nproc_per_node, gpus_per_node=spec.gpus_per_node,
+        requeue_grace_s=_requeue_grace(cluster), max_restarts=cluster.max_restarts, rdzv_port=cluster.rdzv_port,
+        node_script=job_dir / NODE_FILE, output_dir=handle.output_dir,
+    )
+    return {NODE_FILE: node, sbatch_file(handle): sbatch}
+
+
+def render_job(spec: JobSpec, *, job_dir: Path) -> dict[str, str]:
+    """``spec``'s scripts by file name for a job folder of the caller's choosing, submitting nothing
+    (for operators who submit by hand)."""
+    handle = JobHandle(id=spec.id, kind="slurm", backend_id="", name=spec.name, job_dir=str(job_dir),
+                       output_dir=spec.output_dir or str(job_dir), cluster=spec.cluster, stage=spec.stage)
+    return render_scripts(spec, handle, root=job_root(spec.cluster))
 
 
 def _requeue_grace(cluster: ClusterSpec) -> int:

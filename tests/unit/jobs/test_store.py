@@ -6,12 +6,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from jobs import submission as jobs
+from jobs.base import JobHandle, JobPhase, JobSpec, JobStatus
+from jobs.config import ClusterSpec
+from jobs.store import JobStore
 from registry.errors import ConflictError, NotFoundError
+from training.cluster_job import train_spec
 from training.job import TrainJob
-from training.launchers import jobs
-from training.launchers.base import JobHandle, JobPhase, JobStatus, LaunchSpec
-from training.launchers.config import ClusterSpec
-from training.launchers.store import JobStore
 
 
 def _handle(job_id: str, *, minutes_ago: int = 0, output_dir: str = "/shared/jobs/m/h", kind: str = "slurm") -> JobHandle:
@@ -63,11 +64,11 @@ class _Recorder:
     kind = "slurm"
 
     def __init__(self) -> None:
-        self.submitted: list[LaunchSpec] = []
+        self.submitted: list[JobSpec] = []
 
-    def submit(self, spec: LaunchSpec) -> JobHandle:
+    def submit(self, spec: JobSpec) -> JobHandle:
         self.submitted.append(spec)
-        return _handle(spec.job_id, output_dir="/shared/jobs/support-router/0123456789abcdef")
+        return _handle(spec.id, output_dir=spec.output_dir or "").model_copy(update={"stage": spec.stage})
 
     def status(self, handle: JobHandle) -> JobStatus:
         return JobStatus(phase=JobPhase.RUNNING, detail="RUNNING")
@@ -76,9 +77,24 @@ class _Recorder:
 def test_a_second_job_on_the_same_checkpoints_is_refused_until_the_first_ends(train_job: TrainJob) -> None:
     store, launcher = JobStore(), _Recorder()
     cluster = ClusterSpec(kind="slurm", shared_dir="/shared", nodes=2, gpus_per_node=0)
-    first = jobs.submit(train_job, cluster, store=store, launcher=launcher, job_id="fl-1-first")
+    first = jobs.submit(train_spec(train_job, cluster, job_id="fl-1-first"), store=store, launcher=launcher)
+    assert first.output_dir == "/shared/jobs/support-router/0123456789abcdef"
     with pytest.raises(ConflictError, match="fl-1-first"):
-        jobs.submit(train_job, cluster, store=store, launcher=launcher)
+        jobs.submit(train_spec(train_job, cluster), store=store, launcher=launcher)
     store.update(first.id, JobStatus(phase=JobPhase.CANCELLED))
-    jobs.submit(train_job, cluster, store=store, launcher=launcher, job_id="fl-1-second")
-    assert [s.job_id for s in launcher.submitted] == ["fl-1-first", "fl-1-second"]
+    jobs.submit(train_spec(train_job, cluster, job_id="fl-1-second"), store=store, launcher=launcher)
+    assert [s.id for s in launcher.submitted] == ["fl-1-first", "fl-1-second"]
+
+
+def test_jobs_of_every_stage_are_kept_and_listed_by_stage(train_job: TrainJob) -> None:
+    store, launcher = JobStore(), _Recorder()
+    cluster = ClusterSpec(kind="slurm", shared_dir="/shared", gpus_per_node=0)
+    jobs.submit(train_spec(train_job, cluster, job_id="fl-1-t"), store=store, launcher=launcher)
+    for stage in ("evaluate", "build"):
+        jobs.submit(JobSpec(id=f"fl-1-{stage[0]}", stage=stage, name="m", command=["-m", "forgeline", stage],
+                            cluster=cluster), store=store, launcher=launcher)
+    assert {r.id: r.handle.stage for r in store.list_jobs()} == {"fl-1-t": "train", "fl-1-e": "evaluate", "fl-1-b": "build"}
+    assert [r.id for r in store.list_jobs(stage="evaluate")] == ["fl-1-e"]
+    # A finished evaluation has no version to wait for: it is final as the scheduler last said.
+    store.update("fl-1-e", JobStatus(phase=JobPhase.SUCCEEDED, detail="COMPLETED"))
+    assert jobs.refresh("fl-1-e", store=store, launcher=launcher).status.phase is JobPhase.SUCCEEDED

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from jobs.base import JobPhase
+from jobs.config import ClusterSpec
+from jobs.hostfile import HOSTFILE, DeepSpeedHostfileLauncher
+from training.cluster_job import train_spec
 from training.job import TrainJob
-from training.launchers.base import JobPhase, LaunchSpec
-from training.launchers.config import ClusterSpec
-from training.launchers.deepspeed_hostfile import HOSTFILE, DeepSpeedHostfileLauncher
 
 pytest.importorskip("deepspeed", reason="the [deepspeed] extra is not installed")
 pytestmark = pytest.mark.integration
@@ -52,7 +53,7 @@ def test_hostfile_launch_runs_the_entry_point_on_every_host(
                           shared_dir=str(tmp_path / "shared"), setup=["source /shared/venv/bin/activate"],
                           env={"NCCL_SOCKET_IFNAME": "ib0"})
     launcher = DeepSpeedHostfileLauncher()
-    handle = launcher.submit(LaunchSpec(job=train_job, cluster=cluster, job_id="fl-ds-1"))
+    handle = launcher.submit(train_spec(train_job, cluster, job_id="fl-ds-1"))
     deadline = time.monotonic() + 120
     while (status := launcher.status(handle)).phase is JobPhase.RUNNING and time.monotonic() < deadline:
         time.sleep(0.2)

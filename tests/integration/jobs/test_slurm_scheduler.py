@@ -14,11 +14,11 @@ import pytest
 from typer.testing import CliRunner
 
 from forgeline.cli import app
+from jobs import submission as jobs
+from jobs.base import JobHandle, JobPhase
+from jobs.config import ClusterSpec
+from jobs.slurm import SlurmLauncher
 from training.job import TrainJob
-from training.launchers import jobs
-from training.launchers.base import JobHandle, JobPhase
-from training.launchers.config import ClusterSpec
-from training.launchers.slurm import SlurmLauncher
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()

@@ -19,10 +19,10 @@ import pytest
 from typer.testing import CliRunner
 
 from forgeline.cli import app
+from jobs.store import JobStore
 from registry.client import Registry
 from training.checkpoints import MARKER, STATE_FILE
 from training.job import RESULT_FILE
-from training.launchers.store import JobStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

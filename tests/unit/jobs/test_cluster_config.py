@@ -8,12 +8,12 @@ import pytest
 from pydantic import ValidationError
 
 from forgeline.recipe import parse_recipe
+from jobs.config import ClusterSpec, applies_to, time_limit_seconds
 from registry.errors import ConfigError
+from training.cluster_job import job_json
 from training.job import TrainJob
-from training.launchers.base import job_json
-from training.launchers.config import ClusterSpec, applies_to, time_limit_seconds
 
-REPO = Path(__file__).resolve().parents[4]
+REPO = Path(__file__).resolve().parents[3]
 DATA = REPO / "recipes" / "data" / "support-tickets"
 
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from jobs.base import torchrun_command
 from training.config import DistributedSpec
 from training.distributed import deepspeed_config
 from training.entry import main
-from training.launch import torchrun_command
+from training.runner import entry_command
 
 
 def test_torchrun_runs_the_common_entry_point(tmp_path: Path) -> None:
-    command = torchrun_command(tmp_path / "job.json", 2)
+    command = torchrun_command(entry_command(tmp_path / "job.json"), 2)
     assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--standalone" in command and "--nproc-per-node=2" in command
     assert command[-3:] == ["-m", "training.entry", str(tmp_path / "job.json")]

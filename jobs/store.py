@@ -1,9 +1,10 @@
-"""Submitted training jobs, kept in forgeline's control database (``training_jobs``).
+"""Submitted jobs of every stage, kept in forgeline's control database (``training_jobs``).
 
-One row per job: its handle (kind, scheduler id, folders, cluster section) and the last
+One row per job: its handle (stage, kind, scheduler id, folders, cluster section) and the last
 status anyone saw, so ``forgeline jobs list`` answers without asking every scheduler and
 any process (the CLI later, the control plane) can follow or cancel a job it did not submit.
-The table lives beside the audit log and keys (``registry.settings.control_db_url()``).
+The table lives beside the audit log and keys (``registry.settings.control_db_url()``); it
+keeps its first name, ``training_jobs``, from when only training ran as jobs.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ training_jobs = Table(
     Column("id", String(64), primary_key=True),
     Column("name", String(256), nullable=False),
     Column("kind", String(32), nullable=False),
+    Column("stage", String(32), nullable=False, server_default="train"),
     Column("backend_id", String(256), nullable=False),
     Column("phase", String(32), nullable=False),
     Column("detail", Text, nullable=False, default=""),
@@ -55,6 +57,7 @@ class JobRecord:
         self.handle = JobHandle(
             id=m["id"], kind=m["kind"], backend_id=m["backend_id"], name=m["name"], job_dir=m["job_dir"],
             output_dir=m["output_dir"], cluster=ClusterSpec.model_validate(m["cluster"]), submitted_at=m["submitted_at"],
+            stage=m["stage"],
         )
         self.status = JobStatus(
             phase=JobPhase(m["phase"]), detail=m["detail"], restarts=m["restarts"], nodes=m["nodes"] or [],
@@ -69,7 +72,7 @@ class JobRecord:
 
 
 class JobStore:
-    """The ``training_jobs`` table (SQLite by default, PostgreSQL for teams)."""
+    """The job table (SQLite by default, PostgreSQL for teams)."""
 
     def __init__(self, url: str | None = None, engine: Engine | None = None) -> None:
         self.engine = engine or create_control_engine(url or settings.control_db_url())
@@ -80,7 +83,7 @@ class JobStore:
         with self.engine.begin() as conn:
             conn.execute(
                 insert(training_jobs).values(
-                    id=handle.id, name=handle.name, kind=handle.kind, backend_id=handle.backend_id,
+                    id=handle.id, name=handle.name, kind=handle.kind, stage=handle.stage, backend_id=handle.backend_id,
                     phase=status.phase.value, detail=status.detail, restarts=status.restarts, nodes=status.nodes,
                     exit_code=status.exit_code, version=status.version, resumed_from_step=status.resumed_from_step,
                     run_id=status.run_id, job_dir=handle.job_dir, output_dir=handle.output_dir,
@@ -117,12 +120,15 @@ class JobStore:
                 elif rows:
                     raise NotFoundError(f"job id {job_id!r} is ambiguous ({len(rows)} jobs); fix: give more of it", param="job_id")
         if row is None:
-            raise NotFoundError(f"no training job {job_id!r}; fix: see `forgeline jobs list`", param="job_id")
+            raise NotFoundError(f"no job {job_id!r}; fix: see `forgeline jobs list`", param="job_id")
         return JobRecord(row)
 
-    def list_jobs(self, *, kind: str | None = None, name: str | None = None, limit: int = 50) -> list[JobRecord]:
+    def list_jobs(self, *, kind: str | None = None, name: str | None = None, stage: str | None = None,
+                  limit: int = 50) -> list[JobRecord]:
         """The newest jobs first."""
         query = select(training_jobs).order_by(training_jobs.c.submitted_at.desc()).limit(limit)
+        if stage:
+            query = query.where(training_jobs.c.stage == stage)
         if kind:
             query = query.where(training_jobs.c.kind == kind)
         if name:
@@ -131,7 +137,7 @@ class JobStore:
             return [JobRecord(row) for row in conn.execute(query)]
 
     def active_for_output(self, output_dir: str) -> list[JobRecord]:
-        """Unfinished jobs that write into ``output_dir`` (one recipe's checkpoints)."""
+        """Unfinished jobs that write into ``output_dir`` (one recipe's checkpoints, one build's artifact)."""
         finished = [p.value for p in JobPhase if p.finished]
         query = select(training_jobs).where(training_jobs.c.output_dir == output_dir, training_jobs.c.phase.not_in(finished))
         with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:

@@ -1,4 +1,4 @@
-"""Kubeflow PyTorchJob manifests, and the calls the launcher makes with the official client.
+"""Kubeflow PyTorchJob and batch Job manifests, and the calls the launcher makes with the official client.
 
 No cluster runs here: the manifests are checked for structure and against the client's
 own models, and the API calls go through the real ``kubernetes`` client (serialisation,
@@ -12,11 +12,12 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from tests.unit.training.launchers.fake_kube import FakeApiServer, api_client
+from jobs.base import JobHandle, JobPhase, JobSpec, LaunchError
+from jobs.config import ClusterSpec
+from jobs.kubernetes import KubernetesLauncher, render_manifests
+from tests.unit.jobs.fake_kube import FakeApiServer, api_client
+from training.cluster_job import train_spec
 from training.job import TrainJob
-from training.launchers.base import JobHandle, JobPhase, LaunchError, LaunchSpec
-from training.launchers.config import ClusterSpec
-from training.launchers.kubernetes import KubernetesLauncher, render_manifests
 
 k8s = pytest.importorskip("kubernetes", reason="the [k8s] extra (kubernetes client) is not installed")
 
@@ -39,7 +40,7 @@ def _container(replica: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_manifest_is_a_pytorchjob_with_one_master_and_workers(train_job: TrainJob) -> None:
-    manifest, _ = render_manifests(train_job, _cluster(), job_id="fl-261129-abc123")
+    manifest, _ = render_manifests(train_spec(train_job, _cluster(), job_id="fl-261129-abc123"))
     assert (manifest["apiVersion"], manifest["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
     assert manifest["metadata"]["name"] == "support-router-fl-261129-abc123"
     assert manifest["metadata"]["namespace"] == "train"
@@ -51,7 +52,7 @@ def test_manifest_is_a_pytorchjob_with_one_master_and_workers(train_job: TrainJo
 
 
 def test_pods_request_h200_gpus_and_share_the_checkpoint_volume(train_job: TrainJob) -> None:
-    manifest, _ = render_manifests(train_job, _cluster(cpus_per_node=96), job_id="fl-1-a")
+    manifest, _ = render_manifests(train_spec(train_job, _cluster(cpus_per_node=96), job_id="fl-1-a"))
     for replica in _replicas(manifest).values():
         spec = replica["template"]["spec"]
         container = _container(replica)
@@ -67,7 +68,7 @@ def test_pods_request_h200_gpus_and_share_the_checkpoint_volume(train_job: Train
 
 
 def test_rendezvous_runs_on_the_master_pod(train_job: TrainJob) -> None:
-    manifest, _ = render_manifests(train_job, _cluster(rdzv_port=23456), job_id="fl-1-a")
+    manifest, _ = render_manifests(train_spec(train_job, _cluster(rdzv_port=23456), job_id="fl-1-a"))
     master, worker = (_container(_replicas(manifest)[t]) for t in ("Master", "Worker"))
     for container, is_host in ((master, "true"), (worker, "false")):
         command = container["command"]
@@ -83,7 +84,7 @@ def test_rendezvous_runs_on_the_master_pod(train_job: TrainJob) -> None:
 
 
 def test_cpu_single_node_job_has_no_gpu_request_no_selector_and_no_workers(train_job: TrainJob) -> None:
-    manifest, _ = render_manifests(train_job, _cluster(nodes=1, gpus_per_node=0, time_limit="2:00:00"), job_id="fl-1-a")
+    manifest, _ = render_manifests(train_spec(train_job, _cluster(nodes=1, gpus_per_node=0, time_limit="2:00:00"), job_id="fl-1-a"))
     assert set(_replicas(manifest)) == {"Master"}
     spec = _replicas(manifest)["Master"]["template"]["spec"]
     assert "nodeSelector" not in spec and "tolerations" not in spec
@@ -94,7 +95,7 @@ def test_cpu_single_node_job_has_no_gpu_request_no_selector_and_no_workers(train
 def test_pods_get_the_tracking_server_but_not_local_sqlite(train_job: TrainJob, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.mlops:5000")
     monkeypatch.setenv("FORGELINE_DB_URL", "sqlite:////home/me/.forgeline/control.db")
-    manifest, _ = render_manifests(train_job, _cluster(env={"NCCL_DEBUG": "WARN"}), job_id="fl-1-a")
+    manifest, _ = render_manifests(train_spec(train_job, _cluster(env={"NCCL_DEBUG": "WARN"}), job_id="fl-1-a"))
     env = {e["name"]: e["value"] for e in _container(_replicas(manifest)["Master"])["env"]}
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.mlops:5000"
     assert env["FORGELINE_HOME"] == "/forgeline" and env["NCCL_DEBUG"] == "WARN"
@@ -102,7 +103,7 @@ def test_pods_get_the_tracking_server_but_not_local_sqlite(train_job: TrainJob, 
 
 
 def test_job_file_points_checkpoints_at_the_pvc(train_job: TrainJob) -> None:
-    _, config_map = render_manifests(train_job.model_copy(update={"recipe_file": "/home/me/r.yaml"}), _cluster(), job_id="fl-1-a")
+    _, config_map = render_manifests(train_spec(train_job.model_copy(update={"recipe_file": "/home/me/r.yaml"}), _cluster(), job_id="fl-1-a"))
     job = TrainJob.model_validate_json(config_map["data"]["job.json"])
     assert job.output_dir == "/forgeline/jobs/support-router/0123456789abcdef"
     assert job.recipe_file is None  # a path on this machine does not exist in the pod
@@ -111,7 +112,7 @@ def test_job_file_points_checkpoints_at_the_pvc(train_job: TrainJob) -> None:
 
 def test_pod_templates_are_valid_kubernetes_objects(train_job: TrainJob) -> None:
     """Every key survives the client's own V1PodTemplateSpec model (a typo would be dropped)."""
-    manifest, _ = render_manifests(train_job, _cluster(service_account="trainer", cpus_per_node=8), job_id="fl-1-a")
+    manifest, _ = render_manifests(train_spec(train_job, _cluster(service_account="trainer", cpus_per_node=8), job_id="fl-1-a"))
     client = k8s.client.ApiClient()
     for replica in _replicas(manifest).values():
         template = replica["template"]
@@ -142,10 +143,10 @@ def test_submit_creates_the_pytorchjob_then_its_owned_configmap(
     launcher: KubernetesLauncher, server: FakeApiServer, train_job: TrainJob
 ) -> None:
     cluster = _cluster()
-    manifest, config_map = render_manifests(train_job, cluster, job_id="fl-1-a")
+    manifest, config_map = render_manifests(train_spec(train_job, cluster, job_id="fl-1-a"))
     server.route("POST", BASE, 201, {**manifest, "metadata": {**manifest["metadata"], "uid": "uid-123"}})
     server.route("POST", "/api/v1/namespaces/train/configmaps", 201, config_map)
-    handle = launcher.submit(LaunchSpec(job=train_job, cluster=cluster, job_id="fl-1-a"))
+    handle = launcher.submit(train_spec(train_job, cluster, job_id="fl-1-a"))
     assert handle.backend_id == "support-router-fl-1-a"
     (m1, p1, body1), (m2, p2, body2) = server.requests
     assert (m1, p1) == ("POST", BASE) and body1 == manifest
@@ -160,7 +161,7 @@ def test_submit_creates_the_pytorchjob_then_its_owned_configmap(
 def test_a_refused_submit_says_why(launcher: KubernetesLauncher, server: FakeApiServer, train_job: TrainJob) -> None:
     server.route("POST", BASE, 403, {"kind": "Status", "message": 'pytorchjobs.kubeflow.org is forbidden: User "me"'})
     with pytest.raises(LaunchError, match="403.*forbidden"):
-        launcher.submit(LaunchSpec(job=train_job, cluster=_cluster(), job_id="fl-1-a"))
+        launcher.submit(train_spec(train_job, _cluster(), job_id="fl-1-a"))
 
 
 def _pod(name: str, node: str, restarts: int) -> dict[str, Any]:
@@ -217,3 +218,73 @@ def test_cancel_deletes_the_job_with_its_pods(launcher: KubernetesLauncher, serv
 
 def test_cancel_of_a_job_already_gone_is_quiet(launcher: KubernetesLauncher) -> None:
     launcher.cancel(_handle(_cluster()))
+
+
+# --- one-pod batch Jobs: evaluation and builds -------------------------------------------------
+
+BATCH = "/apis/batch/v1/namespaces/train/jobs"
+
+
+def _eval_spec(**fields: Any) -> JobSpec:
+    values: dict[str, Any] = {"id": "fl-1-e", "stage": "evaluate", "name": "support-router",
+                              "command": ["-m", "forgeline", "evaluate", "support-router", "3"],
+                              "cluster": _cluster(nodes=1, gpus_per_node=1), **fields}
+    return JobSpec(**values)
+
+
+def test_a_job_that_is_not_torchrun_is_a_batch_job_with_one_pod() -> None:
+    manifest, config_map = render_manifests(_eval_spec())
+    assert (manifest["apiVersion"], manifest["kind"]) == ("batch/v1", "Job") and config_map is None
+    assert manifest["metadata"]["labels"]["forgeline.dev/stage"] == "evaluate"
+    assert manifest["spec"]["backoffLimit"] == 0
+    pod = manifest["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["python", "-m", "forgeline", "evaluate", "support-router", "3"]
+    assert container["image"] == "ghcr.io/acme/forgeline:0.1" and pod["restartPolicy"] == "Never"
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert {m["name"]: m["mountPath"] for m in container["volumeMounts"]} == {"forgeline": "/forgeline", "dshm": "/dev/shm"}
+    model = k8s.client.V1PodTemplateSpec.from_dict(manifest["spec"]["template"])
+    assert k8s.client.ApiClient().sanitize_for_serialization(model) == manifest["spec"]["template"]
+
+
+def test_a_container_job_brings_its_own_image_gpus_and_working_folder() -> None:
+    spec = _eval_spec(stage="build", python=False, command=["python3", "/forgeline/engines/m/1/job/entry.py"],
+                      container_image="nvcr.io/nvidia/tensorrt-llm/release:1", gpus=8, mounts=["/forgeline/engines/m/1"])
+    manifest, _ = render_manifests(spec)
+    (container,) = manifest["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "nvcr.io/nvidia/tensorrt-llm/release:1" and container["command"][0] == "python3"
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "8"}
+    assert container["workingDir"] == "/forgeline/engines/m/1"
+    assert manifest["spec"]["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
+
+
+def test_long_ids_keep_job_names_apart() -> None:
+    from jobs.kubernetes import job_name
+
+    base = "ftjob-0123456789abcdef01234567-1"
+    names = {job_name(f"{base}{suffix}", "ft-acme-support-router-large") for suffix in ("", "-evaluate", "-build")}
+    assert len(names) == 3 and all(len(n) <= 45 for n in names)
+
+
+def test_batch_jobs_are_submitted_followed_and_cancelled_through_the_batch_api(
+    launcher: KubernetesLauncher, server: FakeApiServer
+) -> None:
+    spec = _eval_spec()
+    manifest, _ = render_manifests(spec)
+    name = manifest["metadata"]["name"]
+    server.route("POST", BATCH, 201, {**manifest, "metadata": {**manifest["metadata"], "uid": "uid-9"}})
+    handle = launcher.submit(spec)
+    assert handle.backend_id == f"job/{name}" and handle.stage == "evaluate"
+    assert server.requests[0][:2] == ("POST", BATCH) and len(server.requests) == 1  # no files: no ConfigMap
+
+    server.route("GET", f"{BATCH}/{name}", 200, {"kind": "Job", "status": {"active": 1}})
+    server.route("GET", "/api/v1/namespaces/train/pods", 200, {"kind": "PodList", "items": []})
+    assert launcher.status(handle).phase is JobPhase.RUNNING
+    server.route("GET", f"{BATCH}/{name}", 200, {"kind": "Job", "status": {"conditions": [
+        {"type": "Failed", "status": "True", "message": "BackoffLimitExceeded"}]}})
+    status = launcher.status(handle)
+    assert status.phase is JobPhase.FAILED and "BackoffLimitExceeded" in status.detail
+
+    server.route("DELETE", f"{BATCH}/{name}", 200, {"kind": "Status", "status": "Success"})
+    launcher.cancel(handle)
+    assert server.requests[-1][:2] == ("DELETE", f"{BATCH}/{name}?propagationPolicy=Foreground")

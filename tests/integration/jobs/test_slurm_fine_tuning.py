@@ -19,13 +19,13 @@ import pytest
 
 from forgeline.control import create_control_app
 from forgeline.finetune.service import FineTuningSettings
+from jobs.config import ClusterSpec
+from jobs.store import JobStore
 from registry.client import Registry
 from registry.keys import KeyStore
 from serving.gateway.server import serve_in_background
 from tests.conftest import SUPPORT_DATA
 from tests.integration.control.finetune_client import add_tiny_base, all_events, chat_file, wait_for
-from training.launchers.config import ClusterSpec
-from training.launchers.store import JobStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

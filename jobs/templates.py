@@ -18,7 +18,7 @@ from registry.errors import ErrorCode, ForgelineError
 def platform_dir() -> Path:
     """The ``platform/`` folder that holds the Slurm and Kubernetes templates."""
     override = os.environ.get("FORGELINE_PLATFORM_DIR")
-    folder = Path(override) if override else Path(__file__).resolve().parents[2] / "platform"
+    folder = Path(override) if override else Path(__file__).resolve().parents[1] / "platform"
     if not folder.is_dir():
         raise ForgelineError(
             f"deployment templates not found in {folder}; fix: run from a forgeline checkout, "

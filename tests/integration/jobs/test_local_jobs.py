@@ -12,10 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from forgeline.cli import app
-from registry.client import Registry
-from training.launchers.base import JobHandle, JobPhase
-from training.launchers.config import ClusterSpec
-from training.launchers.local import (
+from jobs.base import JobHandle, JobPhase
+from jobs.config import ClusterSpec
+from jobs.local import (
     PROCESS_FILE,
     ProcessRecord,
     _start_ticks,
@@ -23,7 +22,8 @@ from training.launchers.local import (
     process_status,
     spawn_detached,
 )
-from training.launchers.store import JobStore
+from jobs.store import JobStore
+from registry.client import Registry
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ runner = CliRunner()
 def _local_job(tmp_path: Path, job_id: str, command: list[str]) -> JobHandle:
     job_dir = tmp_path / "launches" / job_id
     job_dir.mkdir(parents=True)
-    record = spawn_detached(command, job_dir, {"FROM_LAUNCHER": "yes"})
+    record = spawn_detached(command, job_dir, {"FROM_LAUNCHER": "yes"}, log_name="train.log")
     handle = JobHandle(id=job_id, kind="local", backend_id=str(record.pid), name="m", job_dir=str(job_dir),
                        output_dir=str(tmp_path / "out"), cluster=ClusterSpec())
     JobStore().add(handle, actor="test")
@@ -113,7 +113,7 @@ def test_a_reused_process_id_is_not_taken_for_the_job(tmp_path: Path) -> None:
 def test_unknown_job_ids_fail_with_the_fix() -> None:
     result = runner.invoke(app, ["jobs", "status", "fl-missing"])
     assert result.exit_code == 1
-    assert "no training job 'fl-missing'" in result.output and "forgeline jobs list" in result.output
+    assert "no job 'fl-missing'" in result.output and "forgeline jobs list" in result.output
 
 
 @pytest.mark.slow

@@ -1,10 +1,11 @@
 """This machine, detached: the job runs in its own process group and outlives the command
 that submitted it, so ``forgeline jobs status | logs | cancel`` work on it like on a cluster.
 
-(``training.launch.LocalLauncher`` runs a job in the foreground and waits for its version;
-this one starts the same command, ``torchrun ... -m training.entry JOB.json``, in the
-background.) The process id and its start time identify the job; a small shell wrapper
-writes the exit status to a file, since only a parent could otherwise read it.
+(``training.runner.ForegroundRunner`` runs a training job in the foreground and waits for
+its version; this launcher starts any job's command, e.g. ``torchrun ... -m training.entry
+JOB.json`` or ``forgeline evaluate ...``, in the background.) The process id and its start
+time identify the job; a small shell wrapper writes the exit status to a file, since only
+a parent could otherwise read it.
 """
 
 from __future__ import annotations
@@ -19,25 +20,24 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from ..checkpoints import write_atomic
-from ..job import RESULT_FILE
-from ..launch import entry_command, torchrun_command
+from registry.settings import forgeline_home, private_dir
+
 from .base import (
-    JOB_FILE,
     JobHandle,
     JobPhase,
+    JobSpec,
     JobStatus,
     LaunchError,
-    LaunchSpec,
     forwarded_env,
-    job_json,
+    job_command,
     read_log,
-    with_outcome,
+    torchrun_command,
+    write_files,
 )
+from .outcome import RESULT_FILE, with_outcome
 
 log = logging.getLogger(__name__)
 
-LOG_FILE = "train.log"
 EXIT_FILE = "exit-status"
 PROCESS_FILE = "process.json"
 CANCEL_FILE = "cancelled"
@@ -89,9 +89,10 @@ def process_alive(record: ProcessRecord) -> bool:
     return True
 
 
-def spawn_detached(command: list[str], job_dir: Path, env: dict[str, str], *, cwd: Path | None = None) -> ProcessRecord:
-    """Start ``command`` in a new session with its output in ``job_dir/train.log``."""
-    log_path = job_dir / LOG_FILE
+def spawn_detached(command: list[str], job_dir: Path, env: dict[str, str], *, log_name: str,
+                   cwd: Path | None = None) -> ProcessRecord:
+    """Start ``command`` in a new session with its output in ``job_dir/log_name``."""
+    log_path = job_dir / log_name
     full_env = {**os.environ, **env, "FORGELINE_EXIT_FILE": str(job_dir / EXIT_FILE), "PYTHONUNBUFFERED": "1"}
     with log_path.open("ab") as out:
         try:
@@ -103,7 +104,7 @@ def spawn_detached(command: list[str], job_dir: Path, env: dict[str, str], *, cw
         except OSError as err:
             raise LaunchError(f"cannot start {command[0]}: {err}") from err
     record = ProcessRecord(pid=proc.pid, start_ticks=_start_ticks(proc.pid))
-    write_atomic(job_dir / PROCESS_FILE, record.model_dump_json() + "\n")
+    (job_dir / PROCESS_FILE).write_text(record.model_dump_json() + "\n")
     return record
 
 
@@ -144,12 +145,6 @@ def cancel_process(handle: JobHandle, *, grace_s: float = 10.0) -> None:
         os.killpg(record.pid, signal.SIGKILL)
 
 
-def write_job_file(spec: LaunchSpec, job_dir: Path) -> Path:
-    path = job_dir / JOB_FILE
-    write_atomic(path, job_json(spec.job))
-    return path
-
-
 class DetachedProcessLauncher:
     """Status, logs and cancel of a job started with `spawn_detached` (its process and files)."""
 
@@ -157,35 +152,34 @@ class DetachedProcessLauncher:
         return process_status(handle)
 
     def logs(self, handle: JobHandle, *, tail: int | None = None) -> str:
-        return read_log(Path(handle.job_dir) / LOG_FILE, tail)
+        return read_log(Path(handle.job_dir) / handle.log_name, tail)
 
     def cancel(self, handle: JobHandle) -> None:
         cancel_process(handle)
 
 
 class LocalProcessLauncher(DetachedProcessLauncher):
-    """Runs the job on this machine in the background (``forgeline train --detach``)."""
+    """Runs the job on this machine in the background (``forgeline train --detach``, ``--cluster`` of kind local)."""
 
     kind = "local"
 
-    def command(self, spec: LaunchSpec, job_file: Path) -> list[str]:
-        nproc = spec.job.distributed.nproc
-        if nproc == 1:
-            return [sys.executable, *entry_command(job_file)]
-        return torchrun_command(job_file, nproc)
+    def command(self, spec: JobSpec, job_dir: Path) -> list[str]:
+        if spec.torchrun and spec.nproc > 1:
+            return torchrun_command(job_command(spec.model_copy(update={"python": False}), python="", job_files=job_dir),
+                                    spec.nproc)
+        return job_command(spec, python=sys.executable, job_files=job_dir)
 
-    def submit(self, spec: LaunchSpec) -> JobHandle:
-        from registry.settings import forgeline_home, private_dir
-
-        job_dir = forgeline_home() / "launches" / spec.job_id
+    def submit(self, spec: JobSpec) -> JobHandle:
+        job_dir = forgeline_home() / "launches" / spec.id
         private_dir(job_dir)
-        out = spec.job.resolved_output_dir()
+        out = Path(spec.output_dir) if spec.output_dir else job_dir
         private_dir(out)
-        (out / RESULT_FILE).unlink(missing_ok=True)
-        job_file = write_job_file(spec, job_dir)
-        record = spawn_detached(self.command(spec, job_file), job_dir, forwarded_env())
-        log.info("started %s as process %d (%s)", spec.job_id, record.pid, job_dir)
-        return JobHandle(
-            id=spec.job_id, kind=self.kind, backend_id=str(record.pid), name=spec.job.name,
-            job_dir=str(job_dir), output_dir=str(out), cluster=spec.cluster,
+        (out / RESULT_FILE).unlink(missing_ok=True)  # an earlier job's result; this job writes its own
+        write_files(spec, job_dir)
+        handle = JobHandle(
+            id=spec.id, kind=self.kind, backend_id="", name=spec.name, job_dir=str(job_dir),
+            output_dir=str(out), cluster=spec.cluster, stage=spec.stage,
         )
+        record = spawn_detached(self.command(spec, job_dir), job_dir, forwarded_env(spec.env), log_name=handle.log_name)
+        log.info("started %s (%s) as process %d (%s)", spec.id, spec.stage, record.pid, job_dir)
+        return handle.model_copy(update={"backend_id": str(record.pid)})

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from registry.errors import ForgelineError
-from training.job import RESULT_FILE, JobOutcome
-from training.launchers.base import (
+from jobs.base import (
     JobHandle,
     JobPhase,
     JobStatus,
@@ -20,10 +18,12 @@ from training.launchers.base import (
     dns_label,
     new_job_id,
     read_log,
-    with_outcome,
 )
-from training.launchers.config import ClusterSpec
-from training.launchers.jobs import get_launcher
+from jobs.config import ClusterSpec
+from jobs.outcome import with_outcome
+from jobs.submission import get_launcher
+from registry.errors import ForgelineError
+from training.job import RESULT_FILE, JobOutcome
 
 
 @pytest.mark.parametrize("kind", ["local", "slurm", "kubernetes", "hostfile"])

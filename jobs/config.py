@@ -1,4 +1,4 @@
-"""The recipe's ``cluster`` section: where a training job's processes run.
+"""The recipe's ``cluster`` section: where a job's processes run (training, evaluation, builds).
 
 Defined here, beside the launchers that consume it, and composed into the recipe by
 ``forgeline.recipe``. One switch (``kind``) moves the same recipe between this machine,
@@ -13,10 +13,6 @@ import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from registry.errors import FieldProblem
-
-from ..config import DistributedSpec
 
 ClusterKind = Literal["local", "slurm", "kubernetes", "hostfile"]
 
@@ -218,19 +214,3 @@ class ClusterSpec(BaseModel):
     def world_size(self) -> int:
         """Training processes in the whole job."""
         return self.nodes * self.nproc_per_node
-
-
-def check_cluster(cluster: ClusterSpec, distributed: DistributedSpec) -> list[FieldProblem]:
-    """Problems between the ``cluster`` and ``distributed`` sections of one recipe."""
-    problems = []
-    if cluster.kind != "local" and distributed.nproc > 1:
-        problems.append(
-            FieldProblem("distributed.nproc", f"counts processes on this machine; cluster.kind is {cluster.kind}",
-                         distributed.nproc, "remove it and set cluster.gpus_per_node (or processes_per_node)")
-        )
-    if cluster.world_size > 1 and distributed.strategy == "none":
-        problems.append(
-            FieldProblem("distributed.strategy", f"`none` runs one process, but the cluster runs {cluster.world_size}",
-                         distributed.strategy, "use ddp or deepspeed")
-        )
-    return problems

@@ -1,8 +1,9 @@
-"""Submit and follow training jobs by id, whatever runs them: the launchers plus the job store.
+"""Submit and follow jobs by id, whatever runs them: the launchers plus the job store.
 
-This is what ``forgeline train --cluster ...`` and ``forgeline jobs ...`` call: pick the
-launcher for the cluster kind, submit, record the handle, and later refresh the status
-from the scheduler (keeping it in the store), read logs or cancel.
+This is what ``forgeline train|evaluate|build --cluster ...``, ``forgeline jobs ...`` and
+the fine-tuning supervisor call: pick the launcher for the cluster kind, submit, record
+the handle, and later refresh the status from the scheduler (keeping it in the store),
+read logs or cancel.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ from collections.abc import Callable
 
 from registry.errors import ConflictError, ErrorCode, ForgelineError
 
-from ..job import TrainJob
-from .base import JobHandle, JobPhase, JobStatus, Launcher, LaunchSpec, job_root, output_dir_for
-from .config import ClusterSpec
+from .base import JobHandle, JobPhase, JobSpec, JobStatus, Launcher
 from .store import JobRecord, JobStore
 
 log = logging.getLogger(__name__)
@@ -33,7 +32,7 @@ def get_launcher(kind: str) -> Launcher:
 
         return KubernetesLauncher()
     if kind == "hostfile":
-        from .deepspeed_hostfile import DeepSpeedHostfileLauncher
+        from .hostfile import DeepSpeedHostfileLauncher
 
         return DeepSpeedHostfileLauncher()
     if kind == "local":
@@ -44,36 +43,35 @@ def get_launcher(kind: str) -> Launcher:
                          code=ErrorCode.INVALID_CONFIG, param="cluster.kind")
 
 
-def _output_dir(job: TrainJob, cluster: ClusterSpec) -> str:
-    if cluster.kind == "kubernetes":
-        from .kubernetes import pod_job
-
-        return pod_job(job, cluster).output_dir or ""
-    if job.output_dir or cluster.kind == "local":
-        return str(job.resolved_output_dir())
-    return str(output_dir_for(job, job_root(cluster)))
+def launcher_for(spec: JobSpec) -> Launcher:
+    """The launcher that runs ``spec``: its cluster's, except that DeepSpeed's hostfile runner only
+    starts torchrun-style jobs; any other job on a hostfile cluster runs on this machine."""
+    if spec.cluster.kind == "hostfile" and not spec.torchrun:
+        return get_launcher("local")
+    return get_launcher(spec.cluster.kind)
 
 
-def submit(job: TrainJob, cluster: ClusterSpec, *, store: JobStore | None = None, launcher: Launcher | None = None,
-           job_id: str | None = None) -> JobHandle:
-    """Submit ``job`` to ``cluster`` and record it.
+def submit(spec: JobSpec, *, store: JobStore | None = None, launcher: Launcher | None = None,
+           actor: str | None = None) -> JobHandle:
+    """Submit ``spec`` to its cluster and record it.
 
     Raises:
-        ConflictError: another unfinished job trains the same recipe into the same folder.
+        ConflictError: another unfinished job writes into the same output folder (a recipe's
+            checkpoints, a build's artifact).
     """
     store = store or JobStore()
-    # The store may be behind (nobody asked since the job ended): ask the scheduler before refusing.
-    launcher = launcher or get_launcher(cluster.kind)
-    active = store.active_for_output(_output_dir(job, cluster))
-    busy = [r for r in active if not _ended(r.id, store, launcher if r.handle.kind == launcher.kind else None)]
-    if busy:
-        raise ConflictError(
-            f"job {busy[0].id} ({busy[0].status.phase}) already trains this recipe into {busy[0].handle.output_dir}; "
-            f"fix: wait for it, or `forgeline jobs cancel {busy[0].id}` (a new job resumes from its checkpoints)"
-        )
-    spec = LaunchSpec(job=job, cluster=cluster, **({"job_id": job_id} if job_id else {}))
+    launcher = launcher or launcher_for(spec)
+    if spec.output_dir:
+        # The store may be behind (nobody asked since the job ended): ask the scheduler before refusing.
+        active = store.active_for_output(spec.output_dir)
+        busy = [r for r in active if not _ended(r.id, store, launcher if r.handle.kind == launcher.kind else None)]
+        if busy:
+            raise ConflictError(
+                f"job {busy[0].id} ({busy[0].status.phase}) already writes into {busy[0].handle.output_dir}; "
+                f"fix: wait for it, or `forgeline jobs cancel {busy[0].id}` (a new training job resumes from its checkpoints)"
+            )
     handle = launcher.submit(spec)
-    store.add(handle, actor=job.actor or getpass.getuser())
+    store.add(handle, actor=actor or getpass.getuser())
     return handle
 
 
@@ -89,8 +87,8 @@ def refresh(job_id: str, *, store: JobStore | None = None, launcher: Launcher | 
     """Ask the scheduler where the job is, keep the answer, return the updated record."""
     store = store or JobStore()
     record = store.get(job_id)
-    if record.status.phase.finished and record.status.version is not None:
-        return record  # nothing changes after a job registered its version
+    if record.status.phase.finished and (record.status.version is not None or record.handle.stage != "train"):
+        return record  # nothing changes after a job ended (a training job: after it registered its version)
     launcher = launcher or get_launcher(record.handle.kind)
     status = launcher.status(record.handle)
     if status.phase is JobPhase.UNKNOWN and record.status.phase.finished:
@@ -114,7 +112,7 @@ def job_logs(job_id: str, *, tail: int | None = None, store: JobStore | None = N
 
 
 def cancel(job_id: str, *, store: JobStore | None = None) -> JobRecord:
-    """Stop a job; its checkpoints stay, so submitting the recipe again resumes."""
+    """Stop a job; a training job's checkpoints stay, so submitting the recipe again resumes."""
     store = store or JobStore()
     record = store.get(job_id)
     if record.status.phase.finished:
@@ -153,7 +151,7 @@ def wait(
             polls_after_success += 1
         # A succeeded job's result.json may reach a shared file system a moment after Slurm says COMPLETED.
         if status.phase.finished and (status.version is not None or status.phase is not JobPhase.SUCCEEDED
-                                      or polls_after_success > 3):
+                                      or record.handle.stage != "train" or polls_after_success > 3):
             return record
         if deadline is not None and time.monotonic() > deadline:
             raise ForgelineError(f"job {job_id} still {status.phase} after {timeout_s:.0f} s; it keeps running "
