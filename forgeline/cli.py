@@ -158,7 +158,7 @@ def _evaluate_on_cluster(name: str, version: int, cluster_file: Path, options: l
     run_as_job(evaluate_spec(name, version, load_cluster_file(cluster_file), options=options), detach=detach)
     if not detach:
         info = open_registry().get_version(name, version)
-        _print_metrics(info.metrics, info.base_metrics)
+        _print_metrics(info.metrics(), info.base_metrics())
 
 
 def _print_metrics(metrics: dict[str, float], base: dict[str, float]) -> None:

@@ -42,6 +42,7 @@ from .distributed import barrier, is_main_process, trainer_kwargs, write_deepspe
 from .methods import TrainerInputs, build_config, build_trainer
 from .models import load_base_model, load_tokenizer
 from .preflight import check_training
+from .tokens import trained_tokens
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +276,9 @@ def run_job(job: TrainJob, *, registry: Registry | None = None, callbacks: list[
         if not main or registry is None:
             return None
         _log_best(trainer)
+        tokens = trained_tokens(job.method, job.train, data.train, tokenizer)
+        if tokens is not None:  # for whoever bills the job (the fine-tuning API), without a tokenizer of its own
+            mlflow.set_tag(lineage.TRAINED_TOKENS, str(tokens))
         mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
         version = _registered_for_run(registry, job.name, run_id) or registry.create_version(
             job.name, source=f"{run.info.artifact_uri}/adapter", run_id=run_id, tags=_lineage_tags(job, run_id, data),

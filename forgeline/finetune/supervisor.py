@@ -42,7 +42,6 @@ from training.job import TrainJob
 from ..stage_jobs import build_spec, evaluate_spec
 from .jobs import ACTIVE, CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRow
 from .service import FineTuning
-from .tokens import trained_tokens
 from .translate import JOB_TAG
 
 log = logging.getLogger(__name__)
@@ -264,9 +263,15 @@ class Supervisor:
                 store.add_event(job.id, "candidate", f"{name} version {version} is now {name}@{alias}")
             except PolicyRefused as err:
                 store.add_event(job.id, "candidate-refused", f"Not moved to @{alias}: {err}", level="warn")
-        tokens = trained_tokens(TrainJob.model_validate(job.train_job))
+        tokens = self._trained_tokens(job)
         if store.transition(job.id, from_status=ACTIVE, status=SUCCEEDED, fine_tuned_model=name, trained_tokens=tokens):
             store.add_event(job.id, "succeeded", "The job has successfully completed")
+
+    def _trained_tokens(self, job: JobRow) -> int | None:
+        """The tokens the training job counted (a tag on its run; None when it could not count them)."""
+        run = self._run(job)
+        value = run.data.tags.get(lineage.TRAINED_TOKENS, "") if run is not None else ""
+        return int(value) if value.isdigit() else None
 
     def _stage_job(self, job: JobRow, stage: str, known: set[str], make_spec: Callable[[str, ClusterSpec], JobSpec],
                    what: str) -> JobRecord | str | None:
@@ -321,7 +326,7 @@ class Supervisor:
                             f"{version}`", level="warn")
             return True
         info = self.ft.registry.get_version(name, version)
-        metrics, base_metrics = info.metrics, info.base_metrics
+        metrics, base_metrics = info.metrics(), info.base_metrics()
         shown = ", ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items()))
         base = ", ".join(f"{k}={v:.3f}" for k, v in sorted(base_metrics.items()))
         store.add_event(job.id, "evaluated", f"Evaluated on the validation file: {shown} (base model: {base})",

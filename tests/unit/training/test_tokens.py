@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from forgeline.finetune.tokens import trained_tokens
 from tests.conftest import SUPPORT_DATA, TINY_BASE
 from training.config import AdapterSpec, DataSpec, DPOMethod, GRPOMethod, ModelSpec, RewardSpec, SFTMethod, TrainSpec
+from training.data import load_data
 from training.job import TrainJob
 from training.models import load_tokenizer
+from training.tokens import trained_tokens as count_tokens
 
 
 def job(data: Path, method: object, *, epochs: float, max_length: int) -> TrainJob:
@@ -17,6 +18,12 @@ def job(data: Path, method: object, *, epochs: float, max_length: int) -> TrainJ
         name="ft-acme-tiny-x", model=ModelSpec(base=str(TINY_BASE)), data=DataSpec(train=str(data), eval=str(data)),
         method=method, adapter=AdapterSpec(), train=TrainSpec(epochs=epochs, max_length=max_length), recipe_hash="h",
     )
+
+
+def trained_tokens(j: TrainJob) -> int | None:
+    """What the training job counts, with the tokenizer and training split it trains with."""
+    rows = load_data(j.data, seed=j.train.seed, method=j.method).train
+    return count_tokens(j.method, j.train, rows, load_tokenizer(j.model))
 
 
 def test_supervised_tokens_are_rendered_rows_cut_at_max_length_times_epochs(tmp_path: Path) -> None:

@@ -2,8 +2,9 @@
 
 Each training example (after the validation split) is rendered with the base model's chat
 template and cut at ``train.max_length``, as the trainer sees it; a DPO pair counts both of its sides. Reinforcement jobs are not
-counted (their cost is in the sampled completions, not the file), nor are jobs whose
-tokenizer cannot be loaded where the control plane runs.
+counted (their cost is in the sampled completions, not the file). Counted by the training job
+itself (rank 0, with the tokenizer it trains with) and tagged on its run
+(``registry.lineage.TRAINED_TOKENS``), so the control plane never loads a tokenizer.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from training.job import TrainJob
+from .config import MethodSpec, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -23,23 +24,18 @@ def _conversations(row: dict[str, Any]) -> list[list[dict[str, Any]]]:
     return [prompt + row.get("completion", [])]
 
 
-def trained_tokens(job: TrainJob) -> int | None:
-    """Tokens the job trained on (all epochs), or None when it cannot be counted."""
-    if job.method.kind == "grpo":
+def trained_tokens(method: MethodSpec, train: TrainSpec, rows: list[dict[str, Any]], tokenizer: Any) -> int | None:
+    """Tokens a job trains on (all epochs) from its training split ``rows``, or None when they cannot be counted."""
+    if method.kind == "grpo":
         return None
-    from training.data import load_data
-    from training.models import load_tokenizer
-
     try:
-        tokenizer = load_tokenizer(job.model)
-        rows = load_data(job.data, seed=job.train.seed, method=job.method).train  # the split the trainer used
         per_epoch = 0
         for row in rows:
             for messages in _conversations(row):
                 ids = tokenizer.apply_chat_template(messages, tokenize=True)
                 ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-                per_epoch += min(len(ids), job.train.max_length)
+                per_epoch += min(len(ids), train.max_length)
     except Exception as err:  # the count is informative; a job never fails for it
-        log.warning("cannot count the trained tokens of %s: %s", job.name, err)
+        log.warning("cannot count the trained tokens: %s", err)
         return None
-    return int(per_epoch * job.train.epochs)
+    return int(per_epoch * train.epochs)
