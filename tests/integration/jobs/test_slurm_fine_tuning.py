@@ -3,12 +3,15 @@
 A control plane on loopback whose operator settings send jobs to Slurm; the stock
 ``openai`` SDK uploads a chat file and creates a supervised job, which the supervisor
 submits with ``sbatch``, follows with ``squeue``/``scontrol`` and turns into events until
-the version is registered. Cancelling a running job ``scancel``s it: Slurm stops running it
-and its training processes are gone.
+the version is registered. With a cluster folder of its own (``shared``), the supervisor then
+evaluates and builds the version as Slurm jobs too (``forgeline evaluate`` / ``forgeline build``
+in sbatch scripts, seen by ``squeue`` and ``forgeline jobs list``). Cancelling a running job
+``scancel``s it: Slurm stops running it and its training processes are gone.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,7 +19,9 @@ from pathlib import Path
 
 import openai
 import pytest
+from typer.testing import CliRunner
 
+from forgeline.cli import app
 from forgeline.control import create_control_app
 from forgeline.finetune.service import FineTuningSettings
 from jobs.config import ClusterSpec
@@ -65,7 +70,8 @@ def trainer(  # type: ignore[no-untyped-def]
 
     ``request.param`` ``"shared"``: the cluster's ``shared_dir`` is a folder of its own (as on a real
     cluster, where the control plane's home is not on the nodes' shared file system); the nodes
-    reach the control plane's tracking store through the forwarded ``MLFLOW_TRACKING_URI``.
+    reach the control plane's tracking store through the forwarded ``MLFLOW_TRACKING_URI``; and the
+    finished job is evaluated and built, as Slurm jobs.
     """
     on_slurm(slurm_cluster)
     shared = tmp_path / "shared" if getattr(request, "param", None) == "shared" else None
@@ -78,8 +84,8 @@ def trainer(  # type: ignore[no-untyped-def]
     settings = FineTuningSettings(
         cluster=ClusterSpec(kind="slurm", gpus_per_node=0, max_restarts=0, shared_dir=str(shared) if shared else None),
         poll_interval_s=1,
-        evaluate=False,
-        build=False,
+        evaluate=shared is not None,
+        build=shared is not None,
     )
     url, stop = serve_in_background(create_control_app(fine_tuning=settings))
     try:
@@ -91,11 +97,15 @@ def trainer(  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("trainer", ["home", "shared"], indirect=True)
 def test_a_supervised_job_trains_on_slurm_and_registers_a_version(trainer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     client, root = trainer
+    stages = root != Path(os.environ["FORGELINE_HOME"])  # the "shared" layout evaluates and builds too
     upload = client.files.create(file=chat_file(tmp_path / "train.jsonl", SUPPORT_DATA / "train.jsonl", 160).open("rb"), purpose="fine-tune")
+    valid = client.files.create(file=chat_file(tmp_path / "valid.jsonl", SUPPORT_DATA / "eval.jsonl", 8).open("rb"),
+                                purpose="fine-tune") if stages else None
     started = time.monotonic()
     job = client.fine_tuning.jobs.create(
         model="tiny",
         training_file=upload.id,
+        validation_file=valid.id if valid else None,
         suffix="slurm",
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 16}}},
     )
@@ -129,8 +139,31 @@ def test_a_supervised_job_trains_on_slurm_and_registers_a_version(trainer, tmp_p
         assert [v.version for v in registry.list_versions(done.fine_tuned_model)] == [1]
         info = registry.get_version(done.fine_tuned_model, 1)
         assert registry.client.get_run(info.run_id).data.tags["forgeline.fine_tuning_job"] == job.id
+        if stages:
+            _evaluated_and_built_on_slurm(job.id, done.fine_tuned_model, messages, registry)
     finally:
         registry.close()
+
+
+def _evaluated_and_built_on_slurm(job_id: str, name: str, messages: list[str], registry: Registry) -> None:
+    """The version's evaluation and build ran as Slurm jobs: in squeue, in `forgeline jobs list`, on the version."""
+    store = JobStore()
+    for stage, what in (("evaluate", "Evaluation"), ("build", "Serving artifact build")):
+        record = store.get(f"{job_id}-1-{stage}")
+        assert f"{what} runs as job {record.id} on slurm" in messages
+        assert (record.handle.kind, record.handle.stage, record.status.phase.value) == ("slurm", stage, "succeeded")
+        assert record.handle.backend_id.isdigit() and _squeue_state(record.handle.backend_id) == "COMPLETED"
+        script = Path(record.handle.job_dir, f"{stage}.sbatch").read_text()
+        assert f"-m forgeline {stage} " in script and "torch.distributed.run" not in script
+        assert f"slurm {record.handle.backend_id}" in Path(record.handle.job_dir, f"{stage}.log").read_text()
+    assert any(m.startswith("Evaluated on the validation file: accuracy=") for m in messages), messages
+    assert any(m.startswith("Serving artifact built (torch engine)") for m in messages), messages
+    info = registry.get_version(name, 1)
+    assert "accuracy" in info.metrics() and info.tags.get("forgeline.engine.torch")
+    for stage in ("evaluate", "build"):
+        listing = CliRunner().invoke(app, ["jobs", "list", "--model", name, "--stage", stage])
+        assert listing.exit_code == 0, listing.output
+        assert f"{job_id}-1-{stage}" in listing.output and f"{job_id}-1 " not in listing.output, listing.output
 
 
 def test_cancel_stops_the_slurm_job(trainer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

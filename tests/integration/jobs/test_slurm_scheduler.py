@@ -1,7 +1,7 @@
 """The Slurm launcher against a real Slurm (slurmctld + slurmd on this machine), with a
 stand-in for Python so each job takes seconds: submit, status, logs, requeue, cancel.
 
-tests/integration/launchers/test_slurm_training.py runs real training the same way.
+tests/integration/jobs/test_slurm_training.py runs real training the same way.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 
 from forgeline.cli import app
 from jobs import submission as jobs
-from jobs.base import JobHandle, JobPhase
+from jobs.base import JobHandle, JobPhase, JobSpec
 from jobs.config import ClusterSpec
 from jobs.slurm import SlurmLauncher
+from training.cluster_job import train_spec
 from training.job import TrainJob
 
 pytestmark = pytest.mark.integration
@@ -43,7 +44,7 @@ def _cluster(tmp_path: Path, body: str, **fields: object) -> ClusterSpec:
 
 def test_a_failed_attempt_is_requeued_and_the_next_one_succeeds(train_job: TrainJob, tmp_path: Path) -> None:
     cluster = _cluster(tmp_path, '[ -z "$SLURM_RESTART_COUNT" ] && exit 1\nexit 0\n', max_restarts=1)
-    handle = jobs.submit(train_job, cluster)
+    handle = jobs.submit(train_spec(train_job, cluster))
     record = jobs.wait(handle.id, poll_s=0.5, timeout_s=120)
     log = jobs.job_logs(handle.id)
     assert record.status.phase is JobPhase.SUCCEEDED, log
@@ -57,7 +58,7 @@ def test_a_failed_attempt_is_requeued_and_the_next_one_succeeds(train_job: Train
 
 
 def test_a_job_out_of_restarts_fails_with_its_exit_code(train_job: TrainJob, tmp_path: Path) -> None:
-    handle = jobs.submit(train_job, _cluster(tmp_path, "exit 3\n", max_restarts=0))
+    handle = jobs.submit(train_spec(train_job, _cluster(tmp_path, "exit 3\n", max_restarts=0)))
     record = jobs.wait(handle.id, poll_s=0.5, timeout_s=120)
     assert (record.status.phase, record.status.restarts) == (JobPhase.FAILED, 0)
     assert SlurmLauncher().status(record.handle).exit_code == 3
@@ -65,7 +66,7 @@ def test_a_job_out_of_restarts_fails_with_its_exit_code(train_job: TrainJob, tmp
 
 
 def test_cancel_through_the_cli(train_job: TrainJob, tmp_path: Path) -> None:
-    handle = jobs.submit(train_job, _cluster(tmp_path, "sleep 120\n"))
+    handle = jobs.submit(train_spec(train_job, _cluster(tmp_path, "sleep 120\n")))
     deadline = time.monotonic() + 60
     while jobs.refresh(handle.id).status.phase is not JobPhase.RUNNING and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -79,6 +80,18 @@ def test_cancel_through_the_cli(train_job: TrainJob, tmp_path: Path) -> None:
     assert status.phase is JobPhase.CANCELLED, status
     shown = runner.invoke(app, ["jobs", "status", handle.id])
     assert "cancelled" in shown.output and f"slurm ({handle.backend_id})" in shown.output
+
+
+def test_an_evaluation_job_is_one_slurm_task_running_the_plain_command(tmp_path: Path) -> None:
+    cluster = _cluster(tmp_path, 'echo "evaluated on $SLURM_JOB_NODELIST"\n')
+    spec = JobSpec(stage="evaluate", name="m", command=["-m", "forgeline", "evaluate", "m", "3"], cluster=cluster)
+    handle = jobs.submit(spec)
+    record = jobs.wait(handle.id, poll_s=0.5, timeout_s=120)
+    log = jobs.job_logs(handle.id)
+    assert (record.handle.stage, record.status.phase, record.status.nodes) == ("evaluate", JobPhase.SUCCEEDED, ["fl1"]), log
+    assert "attempt=0 args: -m forgeline evaluate m 3" in log and "evaluated on fl1" in log
+    assert "torch.distributed.run" not in log
+    assert (Path(handle.job_dir) / "evaluate.sbatch").is_file() and not (Path(handle.job_dir) / "train-node.sh").exists()
 
 
 def test_a_job_slurm_does_not_know_is_unknown_without_accounting(train_job: TrainJob) -> None:
