@@ -13,6 +13,14 @@ from __future__ import annotations
 from jobs.base import JobSpec
 from jobs.config import ClusterSpec
 
+STAGES = ("evaluate", "build")
+
+
+def stage_job_id(training_job_id: str, stage: str) -> str:
+    """The id of a version's evaluation or build job, derived from its training job's id (so a
+    control plane started again finds the job it submitted before)."""
+    return f"{training_job_id}-{stage}"
+
 
 def _cluster_for_one_process(cluster: ClusterSpec) -> ClusterSpec:
     """The cluster section for a one-process job: one node (evaluation and builds do not span nodes)."""

@@ -39,7 +39,7 @@ from training.checkpoints import checkpoint_step, complete_checkpoints
 from training.cluster_job import train_spec
 from training.job import TrainJob
 
-from ..stage_jobs import build_spec, evaluate_spec
+from ..stage_jobs import build_spec, evaluate_spec, stage_job_id
 from .jobs import ACTIVE, CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRow
 from .service import FineTuning
 from .translate import JOB_TAG
@@ -280,7 +280,7 @@ class Supervisor:
         Returns the job's record once it ended, an error message when it could not be
         submitted, or None while it runs (or was just submitted).
         """
-        launcher_id = f"{job.id}-{job.attempt}-{stage}"
+        launcher_id = stage_job_id(f"{job.id}-{job.attempt}", stage)
         cluster = ClusterSpec.model_validate(job.cluster)
         if f"{stage}-job" not in known:  # reserve the id before submitting, so a restart adopts the job
             self.ft.store.add_event(job.id, f"{stage}-job", f"{what} runs as job {launcher_id} on {cluster.kind}",
