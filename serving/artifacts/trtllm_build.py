@@ -358,7 +358,7 @@ def detect_runtime() -> tuple[Runtime, str]:
         return kind, path  # type: ignore[return-value]
     raise MissingDependencyError(
         f"no container runtime found ({wanted or 'docker, podman, enroot'}); TensorRT-LLM builds run in its "
-        "container on an H200 machine: install one there, or use --runner slurm / kubernetes",
+        "container on an H200 machine: install one there, or build as a job with --cluster FILE (Slurm, Kubernetes)",
         param="runner",
     )
 
