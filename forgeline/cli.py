@@ -39,6 +39,12 @@ app.add_typer(control_app, name="control")
 app.add_typer(approve_app)  # `forgeline approve`
 models_app.add_typer(bases_app)  # `forgeline models add-base | bases | remove-base`
 models_app.add_typer(reconcile_app)  # `forgeline models reconcile`
+ClusterOpt = Annotated[
+    Path | None,
+    typer.Option("--cluster", help="Run this as a job where a cluster file says (the recipe's `cluster` fields as YAML, "
+                 "e.g. `kind: slurm`); follow it with `forgeline jobs`."),
+]
+DetachOpt = Annotated[bool, typer.Option("--detach", help="With --cluster: return once submitted.")]
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/quickstart.yaml.")]
 
 
@@ -111,12 +117,15 @@ def evaluate(
     recipe: Annotated[
         Path | None, typer.Option(help="GRPO versions: take the rewards from this recipe, not the training run's.")
     ] = None,
+    cluster: ClusterOpt = None,
+    detach: DetachOpt = False,
 ) -> None:
     """Score a version and its base on held-out data; record the metrics on the version.
 
     SFT/DPO versions: exact-match accuracy and eval loss. GRPO versions: the recipe's rewards
     (mean per function) and pass@1 / pass@k of verifiable answers. Full fine-tunes are
-    compared with the base checkpoint they were trained from.
+    compared with the base checkpoint they were trained from. With --cluster FILE the same
+    command runs as a job there (`forgeline jobs`), and the model loads there, not here.
     """
     from training.config import EvaluateSpec, GRPOMethod
 
@@ -132,9 +141,25 @@ def evaluate(
     if not 0 < pass_k <= samples:
         raise typer.BadParameter(f"{pass_k} is not in 1..--samples ({samples}); fix: raise --samples or lower --pass-k",
                                  param_hint="--pass-k")
+    if cluster is not None:
+        options = ["--max-samples", str(max_samples), "--samples", str(samples), "--pass-k", str(pass_k)]
+        options += ["--data", str(Path(data).resolve()) if Path(data).exists() else data] if data else []
+        options += ["--recipe", str(recipe.resolve())] if recipe else []
+        _evaluate_on_cluster(name, version, cluster, options, detach=detach)
+        return
     spec = EvaluateSpec(max_samples=max_samples, samples=samples, pass_k=pass_k)
     report = pipeline.evaluate(open_registry(), name, version, spec=spec, data=data, method=method, search_path=search_path)
     _print_metrics(report.metrics, report.base_metrics)
+
+
+def _evaluate_on_cluster(name: str, version: int, cluster_file: Path, options: list[str], *, detach: bool) -> None:
+    from .cli_jobs import load_cluster_file, run_as_job
+    from .stage_jobs import evaluate_spec
+
+    run_as_job(evaluate_spec(name, version, load_cluster_file(cluster_file), options=options), detach=detach)
+    if not detach:
+        info = open_registry().get_version(name, version)
+        _print_metrics(info.metrics(), info.base_metrics())
 
 
 def _print_metrics(metrics: dict[str, float], base: dict[str, float]) -> None:
@@ -227,10 +252,18 @@ def build(
     backend: Annotated[str, typer.Option(help="tensorrt-llm: pytorch, or tensorrt for a serialized engine.")] = "pytorch",
     multi_lora: Annotated[bool, typer.Option("--multi-lora", help="tensorrt-llm: keep adapters separate (per-request LoRA).")] = False,
     adapter: Annotated[list[str] | None, typer.Option("--adapter", help="tensorrt-llm, multi-LoRA: add another version's adapter (repeatable).")] = None,
-    runner: Annotated[str, typer.Option(help="tensorrt-llm: local (container runtime), slurm, kubernetes or none (prepare only).")] = "local",
-    finalize: Annotated[bool, typer.Option("--finalize", help="tensorrt-llm: record a build that ran on Slurm or Kubernetes.")] = False,
+    runner: Annotated[str, typer.Option(help="tensorrt-llm: local (container runtime) or none (prepare only); "
+                                        "slurm: the same as --cluster with `kind: slurm`.")] = "local",
+    finalize: Annotated[bool, typer.Option("--finalize", help="tensorrt-llm: record a build job that ended (after --detach).")] = False,
+    cluster: ClusterOpt = None,
+    detach: DetachOpt = False,
 ) -> None:
-    """Build a version's serving artifact and log it on the version."""
+    """Build a version's serving artifact and log it on the version.
+
+    With --cluster FILE the build runs as a job there (`forgeline jobs`): the torch build as
+    `forgeline build` on a node, the TensorRT-LLM build in its container (Slurm with pyxis, a
+    Kubernetes Job), prepared here first and recorded here when it ends.
+    """
     from . import pipeline
 
     trtllm = None
@@ -238,11 +271,50 @@ def build(
         from serving.artifacts.trtllm_build import build_options
 
         trtllm = build_options(quantize=quantize, tp=tp, backend=backend, multi_lora=multi_lora or bool(adapter))
+    spec = None
+    if cluster is not None:
+        from .cli_jobs import load_cluster_file
+
+        spec = load_cluster_file(cluster)
+    elif runner == "slurm" and target == "tensorrt-llm":
+        from jobs.config import ClusterSpec
+
+        spec, runner = ClusterSpec(kind="slurm"), "local"
+    if spec is not None and not finalize:
+        _build_on_cluster(ref, target, trtllm, spec, adapter or [], detach=detach)
+        return
     built = pipeline.build(open_registry(), ref, target=target, trtllm=trtllm, runner=runner, extra_adapters=adapter or [], finalize=finalize)
     if built.pending:
         console.print(f"{target} build job for {built.version.name} v{built.version.version} is ready ({runner}): {built.path}/job")
         return
     console.print(f"built {target} engine for {built.version.name} v{built.version.version}: {built.path}")
+
+
+def _build_on_cluster(ref: str, target: str, trtllm: Any, cluster: Any, extra_adapters: list[str], *, detach: bool) -> None:
+    from . import pipeline
+    from .cli_jobs import run_as_job
+    from .stage_jobs import build_spec
+
+    registry = open_registry()
+    info = registry.resolve(ref)
+    if target == "tensorrt-llm":
+        prepared = pipeline.build(registry, ref, target=target, trtllm=trtllm, extra_adapters=extra_adapters, cluster=cluster)
+        assert prepared.job is not None
+        run_as_job(prepared.job, detach=detach)
+        if detach:
+            console.print(f"when it ends: forgeline build {info.name}@{info.version} --target tensorrt-llm --finalize")
+            return
+        pipeline.build(registry, f"{info.name}@{info.version}", target=target, finalize=True)
+    else:
+        if target != "torch":
+            raise typer.BadParameter(f"unknown build target {target!r}; fix: use torch or tensorrt-llm", param_hint="--target")
+        run_as_job(build_spec(info.name, info.version, cluster), detach=detach)
+        if detach:
+            return
+    from registry.lineage import engine_tag
+
+    artifact = registry.get_version(info.name, info.version).tags.get(engine_tag(target), "-")
+    console.print(f"built {target} engine for {info.name} v{info.version}: {artifact}", highlight=False)
 
 
 @app.command()

@@ -23,12 +23,14 @@ from registry.runs import download_artifact_uri
 from registry.settings import forgeline_home, tracking_uri
 from training.config import EvaluateSpec, GRPOMethod, ModelSpec
 from training.job import TrainJob, TrainResult
-from training.launch import LocalLauncher
+from training.runner import ForegroundRunner
 
 from .recipe import Recipe, recipe_hash
 from .versions import VersionWeights, version_weights
 
 if TYPE_CHECKING:
+    from jobs.base import JobSpec
+    from jobs.config import ClusterSpec
     from serving.artifacts.trtllm_build import TrtllmBuildOptions
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ def train(recipe: Recipe, recipe_file: str | Path | None, *, registry: Registry)
     One process runs here; ``distributed.nproc > 1`` runs under ``torchrun`` on this machine.
     An interrupted run of the same recipe resumes from its last complete checkpoint.
     """
-    return LocalLauncher().run(job_from_recipe(recipe, recipe_file), registry=registry)
+    return ForegroundRunner().run(job_from_recipe(recipe, recipe_file), registry=registry)
 
 
 def download_artifacts(uri: str, kind: str, name: str, version: int) -> Path:
@@ -213,7 +215,8 @@ class BuiltEngine:
     version: VersionInfo
     path: Path
     artifact_uri: str
-    pending: bool = False  # tensorrt-llm job submitted or prepared, not finished yet
+    pending: bool = False  # tensorrt-llm job prepared, not finished yet
+    job: JobSpec | None = None  # the build job to submit, for a build on a cluster
 
 
 def build(
@@ -225,18 +228,21 @@ def build(
     runner: str = "local",
     extra_adapters: list[str] | None = None,
     finalize: bool = False,
+    cluster: ClusterSpec | None = None,
 ) -> BuiltEngine:
     """Build the serving artifact of a version and log it on the version's run.
 
     Target ``torch``: the adapter merged into the base, or a full fine-tune's own weights
-    (safetensors + tokenizer + generation config + checksummed manifest). Target ``tensorrt-llm``: see
-    `_build_trtllm` (``trtllm``, ``runner``, ``extra_adapters`` and ``finalize`` apply to it).
+    (safetensors + tokenizer + generation config + checksummed manifest); on a cluster it is a
+    job running this same function (`forgeline.stage_jobs.build_spec`). Target ``tensorrt-llm``:
+    see `_build_trtllm` (``trtllm``, ``runner``, ``extra_adapters``, ``finalize`` and ``cluster`` apply to it).
     """
 
     from serving.artifacts.torch_build import build_torch_artifact
 
     if target == "tensorrt-llm":
-        return _build_trtllm(registry, ref, trtllm, runner=runner, extra_adapters=extra_adapters or [], finalize=finalize)
+        return _build_trtllm(registry, ref, trtllm, runner=runner, extra_adapters=extra_adapters or [], finalize=finalize,
+                             cluster=cluster)
     if target != "torch":
         raise ForgelineError(
             f"unknown build target {target!r}; fix: use `torch` or `tensorrt-llm`", code=ErrorCode.INVALID_REQUEST, param="target"
@@ -264,19 +270,29 @@ def _build_trtllm(
     runner: str,
     extra_adapters: list[str],
     finalize: bool,
+    cluster: ClusterSpec | None = None,
 ) -> BuiltEngine:
     """Target ``tensorrt-llm``: prepare the artifact, run the build job in TensorRT-LLM's container.
 
     With ``runner="local"`` the job runs here (docker, podman or enroot) and the artifact is
-    logged on the version (tag ``forgeline.engine.tensorrt-llm``). Slurm and Kubernetes jobs
-    are submitted; once they end, ``finalize=True`` checks their result and logs the artifact.
+    logged on the version (tag ``forgeline.engine.tensorrt-llm``). With a ``cluster`` the
+    artifact is prepared and the build job to submit is returned (``BuiltEngine.job``, rendered
+    from ``platform/`` templates by the ``jobs`` launchers); once it ends, ``finalize=True``
+    checks its result and logs the artifact.
     """
 
-    from serving.artifacts.trtllm_build import TrtllmBuildOptions, build_trtllm_artifact, finalize_trtllm_job, load_job
+    from serving.artifacts.trtllm_build import (
+        TrtllmBuildOptions,
+        build_trtllm_artifact,
+        finalize_trtllm_job,
+        load_job,
+        trtllm_job_spec,
+    )
 
     target = "tensorrt-llm"
-    if runner not in ("local", "slurm", "kubernetes", "none"):
-        raise ForgelineError(f"unknown runner {runner!r}; fix: use local, slurm, kubernetes or none", code=ErrorCode.INVALID_REQUEST, param="runner")
+    if runner not in ("local", "none"):
+        raise ForgelineError(f"unknown runner {runner!r}; fix: use local or none, or --cluster FILE for Slurm or Kubernetes",
+                             code=ErrorCode.INVALID_REQUEST, param="runner")
     info = registry.resolve(ref)
     out = forgeline_home() / "engines" / info.name / str(info.version) / target
     if finalize:
@@ -309,14 +325,16 @@ def _build_trtllm(
             out,
             options or TrtllmBuildOptions(),
             name=f"{info.name}-v{info.version}",
-            runner=runner,  # type: ignore[arg-type]
+            runner="none" if cluster is not None else runner,  # type: ignore[arg-type]
+            model=info.name,
             adapter_name=f"{info.name}-v{info.version}",
             extra_adapters=extras,
             overwrite=True,
             full_weights=None if weights.is_adapter else weights.path,
         )
     if manifest is None:
-        return BuiltEngine(info, out, "", pending=True)
+        spec = trtllm_job_spec(load_job(out), cluster, name=info.name) if cluster is not None and not finalize else None
+        return BuiltEngine(info, out, "", pending=True, job=spec)
     artifact_uri = str(out)
     if info.run_id:
         artifact_uri = registry.upload_artifacts(info.run_id, out, f"engine/{target}")

@@ -15,10 +15,12 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from jobs.config import ClusterSpec
 from registry.errors import ConfigError, FieldProblem
 from registry.policy import PromotionPolicy
 from serving.config import ServeSpec
 from training.base_checks import check_base
+from training.cluster_job import check_cluster
 from training.config import (
     AdapterSpec,
     DataSpec,
@@ -29,7 +31,6 @@ from training.config import (
     SFTMethod,
     TrainSpec,
 )
-from training.launchers.config import ClusterSpec, check_cluster
 from training.preflight import check_training
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

@@ -1,6 +1,6 @@
 """Several processes on one machine: DDP or DeepSpeed ZeRO through the Hugging Face Trainer.
 
-The processes are started by ``torchrun`` (see ``training.launch``); here we only turn the
+The processes are started by ``torchrun`` (see ``training.runner`` and ``jobs``); here we only turn the
 recipe's ``distributed`` section into ``TrainingArguments`` keywords and a DeepSpeed config.
 """
 

@@ -19,6 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from jobs.outcome import RESULT_FILE
+from jobs.outcome import JobOutcome as _JobOutcome
 from registry import lineage
 from registry.client import Registry, VersionInfo
 from registry.errors import ConfigError, ModelNotFoundError, NotFoundError
@@ -40,10 +42,10 @@ from .distributed import barrier, is_main_process, trainer_kwargs, write_deepspe
 from .methods import TrainerInputs, build_config, build_trainer
 from .models import load_base_model, load_tokenizer
 from .preflight import check_training
+from .tokens import trained_tokens
 
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "result.json"
 
 
 class TrainJob(BaseModel):
@@ -76,12 +78,10 @@ class TrainJob(BaseModel):
         return Path(self.recipe_file).parent if self.recipe_file else None
 
 
-class JobOutcome(BaseModel):
+class JobOutcome(_JobOutcome):
     """What rank 0 leaves in ``result.json`` for the launcher that started the job."""
 
     run_id: str
-    name: str
-    version: int
     adapter_dir: str
     train_loss: float | None = None
     resumed_from_step: int = 0
@@ -276,6 +276,9 @@ def run_job(job: TrainJob, *, registry: Registry | None = None, callbacks: list[
         if not main or registry is None:
             return None
         _log_best(trainer)
+        tokens = trained_tokens(job.method, job.train, data.train, tokenizer)
+        if tokens is not None:  # for whoever bills the job (the fine-tuning API), without a tokenizer of its own
+            mlflow.set_tag(lineage.TRAINED_TOKENS, str(tokens))
         mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
         version = _registered_for_run(registry, job.name, run_id) or registry.create_version(
             job.name, source=f"{run.info.artifact_uri}/adapter", run_id=run_id, tags=_lineage_tags(job, run_id, data),

@@ -53,13 +53,13 @@ from forgeline.finetune.files import FileStore
 from forgeline.finetune.jobs import FineTuningStore
 from forgeline.finetune.service import FineTuning, FineTuningSettings
 from forgeline.finetune.supervisor import Supervisor
+from jobs.store import JobStore
 from registry.client import Registry
 from registry.errors import PolicyRefused
 from registry.keys import KeyStore
 from registry.policy import PolicyBook
 from serving.gateway.errors import document_errors, forgeline_error_body, install_error_handlers
 from serving.gateway.json_body import MAX_JSON_DEPTH, StrictJSONMiddleware
-from training.launchers.store import JobStore
 
 logger = logging.getLogger(__name__)
 

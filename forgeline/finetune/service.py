@@ -17,6 +17,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from jobs import submission as launcher_jobs
+from jobs.base import job_root
+from jobs.config import ClusterSpec
+from jobs.store import JobStore
 from registry.client import Registry
 from registry.errors import (
     ConfigError,
@@ -32,12 +36,10 @@ from registry.keys import KeyRecord
 from registry.policy import PolicyBook
 from registry.settings import forgeline_home, tracking_uri
 from training.checkpoints import checkpoint_step, complete_checkpoints
+from training.cluster_job import check_cluster
 from training.config import DistributedSpec
-from training.launchers import jobs as launcher_jobs
-from training.launchers.base import job_root
-from training.launchers.config import ClusterSpec, check_cluster
-from training.launchers.store import JobStore
 
+from ..stage_jobs import STAGES, stage_job_id
 from .base_models import BaseModelStore
 from .files import FileRecord, FileStore
 from .formats import FileSummary, inspect_jsonl
@@ -338,12 +340,14 @@ class FineTuning:
         return self.get(job_id, key)
 
     def _stop_training(self, job: JobRow) -> None:
+        """Cancel the attempt's jobs: its training, and the evaluation and build of its version if they run."""
         if not job.launcher_job_id:
             return
-        try:
-            launcher_jobs.cancel(job.launcher_job_id, store=self.launches)
-        except NotFoundError:  # the supervisor reserved the id but has not submitted: it will see the new status
-            log.info("job %s: launcher job %s not submitted yet", job.id, job.launcher_job_id)
+        for launcher_id in (job.launcher_job_id, *(stage_job_id(job.launcher_job_id, s) for s in STAGES)):
+            try:
+                launcher_jobs.cancel(launcher_id, store=self.launches)
+            except NotFoundError:  # not submitted (yet): the supervisor will see the new status
+                log.info("job %s: launcher job %s not submitted", job.id, launcher_id)
 
 
 def _checkpoint_object(job: JobRow, path: Path) -> dict[str, Any]:

@@ -4,10 +4,15 @@ Each pass, for every queued or running job: submit it through the launcher (once
 launcher job id ``<job>-<attempt>`` is reserved in the database before submitting, and a
 reserved id that the launcher store already knows is adopted, not submitted again),
 follow the launcher's status, turn the run's MLflow metrics and the checkpoints on disk
-into events, and when training registered a version: evaluate it, build its serving
-artifact, move it to the candidate alias if the promotion policy allows, and mark the job
-succeeded. Every step is keyed by an event, so a control plane killed anywhere in
-between picks up where it stopped: nothing is lost, nothing runs twice.
+into events, and when training registered a version: evaluate it and build its serving
+artifact as jobs on the same launcher as the training (``forgeline evaluate`` and
+``forgeline build`` in their own processes, on the cluster: no model is ever loaded in
+the control plane), follow them, move the version to the candidate alias if the
+promotion policy allows, and mark the job succeeded. The evaluation and build jobs' ids
+(``<job>-<attempt>-evaluate|build``) are reserved by an event before they are submitted,
+and a reserved id the launcher store already knows is adopted, as for training attempts.
+Every step is keyed by an event, so a control plane killed anywhere in between picks up
+where it stopped: nothing is lost, nothing runs twice.
 
 All state is in the database and the launchers, so the supervisor holds nothing a
 restart could lose; two control planes on one database would both follow the jobs
@@ -18,22 +23,24 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from jobs import submission as launcher_jobs
+from jobs.base import JobPhase, JobSpec
+from jobs.config import ClusterSpec
+from jobs.store import JobRecord
 from registry import lineage
 from registry.errors import ForgelineError, ModelNotFoundError, NotFoundError, PolicyRefused
 from registry.runs import RunInfo
 from training.checkpoints import checkpoint_step, complete_checkpoints
+from training.cluster_job import train_spec
 from training.job import TrainJob
-from training.launchers import jobs as launcher_jobs
-from training.launchers.base import JobPhase
-from training.launchers.config import ClusterSpec
-from training.launchers.store import JobRecord
 
+from ..stage_jobs import build_spec, evaluate_spec, stage_job_id
 from .jobs import ACTIVE, CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRow
 from .service import FineTuning
-from .tokens import trained_tokens
 from .translate import JOB_TAG
 
 log = logging.getLogger(__name__)
@@ -141,7 +148,8 @@ class Supervisor:
         train_job = TrainJob.model_validate(job.train_job)
         cluster = ClusterSpec.model_validate(job.cluster)
         try:
-            launcher_jobs.submit(train_job, cluster, store=self.ft.launches, job_id=launcher_id)
+            launcher_jobs.submit(train_spec(train_job, cluster, job_id=launcher_id), store=self.ft.launches,
+                                 actor=train_job.actor or job.created_by)
         except ForgelineError as err:
             self._set_failed(job, "submission_failed", f"the cluster refused the training job: {err}")
             return
@@ -210,63 +218,131 @@ class Supervisor:
     # -- the end ------------------------------------------------------------------------------
 
     def _finish(self, job: JobRow, record: JobRecord) -> None:
-        """Evaluate, build and (policy permitting) alias the new version, then mark the job succeeded."""
+        """Evaluate and build the new version as jobs, alias it (policy permitting), then mark the job succeeded.
+
+        Called on every pass until the job is done: a pass that finds the evaluation or build
+        job still running returns and looks again on the next one.
+        """
         ft, store = self.ft, self.ft.store
         name, version = job.registered_name, record.status.version
         assert version is not None
-        store.transition(job.id, from_status=ACTIVE, version=version, run_id=record.status.run_id)
-        # Before anything can serve it: the gateway serves a version tagged with an org to that org's keys only.
-        try:
-            ft.registry.set_tags(name, version, {lineage.ORG: job.org, lineage.FINE_TUNING_JOB: job.id})
-        except (NotFoundError, ModelNotFoundError):
-            self._set_failed(job, "no_version", f"training reported {name} version {version}, but the registry this "
-                             f"control plane reads ({ft.registry.tracking_uri}) has no such version; fix: point the "
-                             "cluster and the control plane at one MLflow tracking server (MLFLOW_TRACKING_URI)")
-            return
-        store.add_event(job.id, "model-created", f"New fine-tuned model created: {name} version {version}",
-                        data={"registered_model": name, "version": version})
         known = store.event_keys(job.id)
-        from forgeline import pipeline  # heavy (transformers): imported only when a job finishes
-
-        if ft.settings.evaluate and "evaluated" not in known:
-            self._evaluate(job, name, version, pipeline)
-        if ft.settings.build and "built" not in known:
+        if "model-created" not in known:
+            store.transition(job.id, from_status=ACTIVE, version=version, run_id=record.status.run_id)
+            # Before anything can serve it: the gateway serves a version tagged with an org to that org's keys only.
             try:
-                built = pipeline.build(ft.registry, f"{name}@{version}")
-            except Exception as err:  # the version stands; the build can be run again by hand
-                log.exception("fine-tuning job %s: build failed", job.id)
-                store.add_event(job.id, "built", f"Serving artifact not built ({err}); fix: run "
-                                f"`forgeline build {name}@{version}`", level="warn")
-            else:
-                store.add_event(job.id, "built", f"Serving artifact built (torch engine) for {name} version {version}",
-                                data={"artifact": built.artifact_uri})
+                ft.registry.set_tags(name, version, {lineage.ORG: job.org, lineage.FINE_TUNING_JOB: job.id})
+            except (NotFoundError, ModelNotFoundError):
+                self._set_failed(job, "no_version", f"training reported {name} version {version}, but the registry this "
+                                 f"control plane reads ({ft.registry.tracking_uri}) has no such version; fix: point the "
+                                 "cluster and the control plane at one MLflow tracking server (MLFLOW_TRACKING_URI)")
+                return
+            store.add_event(job.id, "model-created", f"New fine-tuned model created: {name} version {version}",
+                            data={"registered_model": name, "version": version})
+            known = store.event_keys(job.id)
+        waiting = False
+        if ft.settings.evaluate and "evaluated" not in known:
+            waiting |= not self._evaluate(job, name, version, known)
+        if ft.settings.build and "built" not in known:
+            waiting |= not self._build(job, name, version, known)
+        if waiting:
+            return  # an evaluation or build job still runs; the next pass looks again
         alias = ft.settings.candidate_alias
         if alias and not known & {"candidate", "candidate-refused"}:
+            from forgeline.pipeline import promote_version  # registry work only: no model is loaded here
+
             try:
-                pipeline.promote_version(ft.registry, name, version, ft.policies.for_model(name), alias=alias,
-                                         actor=job.created_by, reason=f"fine-tuning job {job.id} succeeded")
+                promote_version(ft.registry, name, version, ft.policies.for_model(name), alias=alias,
+                                actor=job.created_by, reason=f"fine-tuning job {job.id} succeeded")
                 store.add_event(job.id, "candidate", f"{name} version {version} is now {name}@{alias}")
             except PolicyRefused as err:
                 store.add_event(job.id, "candidate-refused", f"Not moved to @{alias}: {err}", level="warn")
-        tokens = trained_tokens(TrainJob.model_validate(job.train_job))
+        tokens = self._trained_tokens(job)
         if store.transition(job.id, from_status=ACTIVE, status=SUCCEEDED, fine_tuned_model=name, trained_tokens=tokens):
             store.add_event(job.id, "succeeded", "The job has successfully completed")
 
-    def _evaluate(self, job: JobRow, name: str, version: int, pipeline: Any) -> None:
+    def _trained_tokens(self, job: JobRow) -> int | None:
+        """The tokens the training job counted (a tag on its run; None when it could not count them)."""
+        run = self._run(job)
+        value = run.data.tags.get(lineage.TRAINED_TOKENS, "") if run is not None else ""
+        return int(value) if value.isdigit() else None
+
+    def _stage_job(self, job: JobRow, stage: str, known: set[str], make_spec: Callable[[str, ClusterSpec], JobSpec],
+                   what: str) -> JobRecord | str | None:
+        """The evaluation or build job of ``job``'s version: submitted once, then followed.
+
+        Returns the job's record once it ended, an error message when it could not be
+        submitted, or None while it runs (or was just submitted).
+        """
+        launcher_id = stage_job_id(f"{job.id}-{job.attempt}", stage)
+        cluster = ClusterSpec.model_validate(job.cluster)
+        if f"{stage}-job" not in known:  # reserve the id before submitting, so a restart adopts the job
+            self.ft.store.add_event(job.id, f"{stage}-job", f"{what} runs as job {launcher_id} on {cluster.kind}",
+                                    data={"launcher_job_id": launcher_id, "cluster": cluster.kind})
+        try:
+            record = launcher_jobs.refresh(launcher_id, store=self.ft.launches)
+        except NotFoundError:  # reserved, not submitted yet (or the control plane stopped in between)
+            try:
+                launcher_jobs.submit(make_spec(launcher_id, cluster), store=self.ft.launches, actor=job.created_by)
+            except ForgelineError as err:
+                return f"the cluster refused the {stage} job: {err}"
+            return None
+        except ForgelineError as err:  # the scheduler cannot answer now
+            log.warning("fine-tuning job %s: cannot refresh %s: %s", job.id, launcher_id, err)
+            return None
+        return record if record.status.phase.finished else None
+
+    def _job_failure(self, record: JobRecord) -> str:
+        """Why a job ended without success, with the last lines of its log."""
+        try:
+            tail = launcher_jobs.job_logs(record.id, tail=15, store=self.ft.launches)
+        except ForgelineError:
+            tail = ""
+        last = [line for line in tail.splitlines() if line.strip()][-3:]
+        return f"job {record.id} {record.status.phase.value} ({record.status.detail})" + (": " + " | ".join(last) if last else "")
+
+    def _evaluate(self, job: JobRow, name: str, version: int, known: set[str]) -> bool:
+        """Drive the evaluation job one step; True once its outcome is an event."""
         store = self.ft.store
         # Supervised: exact match of answers; reinforcement: the job's graders as rewards, pass@k.
         if job.method.get("type") not in ("supervised", "reinforcement") or not job.validation_file:
             store.add_event(job.id, "evaluated", "Not evaluated: scoring needs a supervised or reinforcement job with "
                             "a validation_file")
-            return
-        try:
-            report = pipeline.evaluate(self.ft.registry, name, version)
-        except Exception as err:  # the version stands; evaluation can be run again by hand
-            log.exception("fine-tuning job %s: evaluation failed", job.id)
-            store.add_event(job.id, "evaluated", f"Evaluation failed ({err}); fix: run `forgeline evaluate {name} "
+            return True
+        ended = self._stage_job(job, "evaluate", known, lambda job_id, cluster: evaluate_spec(name, version, cluster, job_id=job_id),
+                                "Evaluation")
+        if ended is None:
+            return False
+        if isinstance(ended, str) or ended.status.phase is not JobPhase.SUCCEEDED:
+            # The version stands; evaluation can be run again by hand.
+            why = ended if isinstance(ended, str) else self._job_failure(ended)
+            store.add_event(job.id, "evaluated", f"Evaluation failed ({why[:1500]}); fix: run `forgeline evaluate {name} "
                             f"{version}`", level="warn")
-            return
-        shown = ", ".join(f"{k}={v:.3f}" for k, v in sorted(report.metrics.items()))
-        base = ", ".join(f"{k}={v:.3f}" for k, v in sorted(report.base_metrics.items()))
+            return True
+        info = self.ft.registry.get_version(name, version)
+        metrics, base_metrics = info.metrics(), info.base_metrics()
+        shown = ", ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items()))
+        base = ", ".join(f"{k}={v:.3f}" for k, v in sorted(base_metrics.items()))
         store.add_event(job.id, "evaluated", f"Evaluated on the validation file: {shown} (base model: {base})",
-                        type="metrics", data={"metrics": report.metrics, "base_metrics": report.base_metrics})
+                        type="metrics", data={"metrics": metrics, "base_metrics": base_metrics,
+                                              "launcher_job_id": ended.id})
+        return True
+
+    def _build(self, job: JobRow, name: str, version: int, known: set[str]) -> bool:
+        """Drive the torch build job one step; True once its outcome is an event."""
+        store = self.ft.store
+        ended = self._stage_job(job, "build", known, lambda job_id, cluster: build_spec(name, version, cluster, job_id=job_id),
+                                "Serving artifact build")
+        if ended is None:
+            return False
+        artifact = None
+        if not isinstance(ended, str) and ended.status.phase is JobPhase.SUCCEEDED:
+            artifact = self.ft.registry.get_version(name, version).tags.get(lineage.engine_tag("torch"))
+        if artifact is None:  # the version stands; the build can be run again by hand
+            why = ended if isinstance(ended, str) else self._job_failure(ended)
+            store.add_event(job.id, "built", f"Serving artifact not built ({why[:1500]}); fix: run "
+                            f"`forgeline build {name}@{version}`", level="warn")
+            return True
+        store.add_event(job.id, "built", f"Serving artifact built (torch engine) for {name} version {version}",
+                        data={"artifact": artifact, "launcher_job_id": ended.id})
+        return True

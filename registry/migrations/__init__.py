@@ -2,7 +2,7 @@
 
 One migration tree for the whole control database, here in ``registry``: the database
 is the registry's (``registry.db`` owns its ``MetaData`` and engine), and every package
-that keeps a table there (``forgeline.finetune``, ``training.launchers``) may import
+that keeps a table there (``forgeline.finetune``, ``jobs``) may import
 ``registry`` while ``registry`` may import none of them. Revisions are plain DDL and
 import no table module, so the tree covers those packages' tables without breaking the
 layering. One tree (rather than one per package) also keeps one ``alembic_version`` row

@@ -9,10 +9,12 @@ The work is split by where it can run:
    quantization or engine build and a smoke test, then writes ``job/build-result.json``;
 3. here again: `finalize_trtllm_job` checks the result and writes the checksummed manifest.
 
-The job runs through a local container runtime (docker, podman or enroot), Slurm (pyxis
-``srun --container-image``) or a Kubernetes Job on H200 nodes; every launcher mounts the
-artifact at the same path inside the container as outside, so paths in the job need no
-translation.
+The job runs through a local container runtime (docker, podman or enroot), or as a job of
+the ``jobs`` seam (`trtllm_job_spec`): a detached container command on this machine, an
+sbatch script running it through pyxis (``srun --container-image``) or a Kubernetes Job on
+H200 nodes, both rendered from the templates in ``platform/`` and visible in ``forgeline
+jobs``. Every launcher mounts the artifact at the same path inside the container as
+outside, so paths in the job need no translation.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from datetime import UTC, datetime
@@ -29,6 +32,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from jobs.base import JobSpec
+from jobs.config import ClusterSpec
 from registry.errors import (
     ConfigError,
     ConflictError,
@@ -62,7 +67,7 @@ from .trtllm_manifest import (
     TrtllmRuntime,
     checksum_tree,
 )
-from .trtllm_version import GPU_ARCH, GPU_NAME, GPU_PRODUCT, TRTLLM_IMAGE_DIGEST, TRTLLM_VERSION, image_reference
+from .trtllm_version import GPU_ARCH, GPU_NAME, TRTLLM_IMAGE_DIGEST, TRTLLM_VERSION, image_reference
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +79,7 @@ LOG_FILE = f"{JOB_DIR}/build.log"
 RUNTIME_ENV = "FORGELINE_CONTAINER_RUNTIME"
 
 Runtime = Literal["docker", "podman", "enroot"]
-Runner = Literal["local", "slurm", "kubernetes", "none"]
+Runner = Literal["local", "none"]
 
 
 class TrtllmBuildOptions(BaseModel):
@@ -353,7 +358,7 @@ def detect_runtime() -> tuple[Runtime, str]:
         return kind, path  # type: ignore[return-value]
     raise MissingDependencyError(
         f"no container runtime found ({wanted or 'docker, podman, enroot'}); TensorRT-LLM builds run in its "
-        "container on an H200 machine: install one there, or use --runner slurm / kubernetes",
+        "container on an H200 machine: install one there, or build as a job with --cluster FILE (Slurm, Kubernetes)",
         param="runner",
     )
 
@@ -413,81 +418,10 @@ def run_local(job: TrtllmJob, *, runtime: Runtime | None = None, executable: str
     return digest, "runtime" if digest else "unresolved"
 
 
-def render_sbatch(job: TrtllmJob, *, partition: str | None = None, time_limit: str = "04:00:00", account: str | None = None) -> str:
-    """An sbatch script running the build in the TensorRT-LLM image with pyxis (``srun --container-image``)."""
-    registry, _, path = job.image.partition("/")
-    lines = [
-        "#!/bin/bash",
-        f"#SBATCH --job-name={job.name}",
-        "#SBATCH --nodes=1",
-        "#SBATCH --ntasks=1",
-        f"#SBATCH --gpus-per-node={job.gpus}",
-        f"#SBATCH --time={time_limit}",
-        f"#SBATCH --output={job.artifact}/{JOB_DIR}/slurm-%j.out",
-    ]
-    if partition:
-        lines.append(f"#SBATCH --partition={partition}")
-    if account:
-        lines.append(f"#SBATCH --account={account}")
-    mounts = ",".join(f"{m}:{m}" for m in job.mounts)
-    env = " ".join(f"{k}={v}" for k, v in job.env.items())
-    lines += [
-        "set -euo pipefail",
-        f"export {env}" if env else "",
-        # pyxis takes enroot image URIs: REGISTRY#IMAGE[:TAG]
-        f"srun --container-image={registry}#{path} --container-mounts={mounts} "
-        f"--container-workdir={job.artifact} --no-container-mount-home " + " ".join(job.command),
-        "",
-    ]
-    return "\n".join(line for line in lines if line is not None)
-
-
-def render_kubernetes_job(job: TrtllmJob, *, namespace: str = "default", pvc: str = "forgeline-home", mount_path: str | None = None) -> dict[str, Any]:
-    """A ``batch/v1`` Job running the build on an H200 node.
-
-    Args:
-        job: the prepared job.
-        namespace: namespace of the Job.
-        pvc: claim holding ``$FORGELINE_HOME`` (the artifact must live on it).
-        mount_path: where the claim is mounted; default: the artifact's ``$FORGELINE_HOME``,
-            so paths inside the pod match the job's.
-    """
-    mount = mount_path or _default_mount(job)
-    if not job.artifact.startswith(mount.rstrip("/") + "/"):
-        raise TrtllmConfigError(f"the artifact {job.artifact} is not under the volume mount {mount}", param="mount_path")
-    labels = {"app.kubernetes.io/part-of": "forgeline", "app.kubernetes.io/component": "trtllm-build"}
-    container = {
-        "name": "build",
-        "image": job.image,
-        "command": job.command,
-        "workingDir": job.artifact,
-        "env": [{"name": k, "value": v} for k, v in job.env.items()],
-        "resources": {"limits": {"nvidia.com/gpu": job.gpus}},
-        "volumeMounts": [{"name": "forgeline-home", "mountPath": mount}, {"name": "dshm", "mountPath": "/dev/shm"}],
-    }
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": job.name, "namespace": namespace, "labels": labels},
-        "spec": {
-            "backoffLimit": 0,
-            "ttlSecondsAfterFinished": 86400,
-            "template": {
-                "metadata": {"labels": dict(labels)},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "nodeSelector": {"nvidia.com/gpu.product": GPU_PRODUCT},
-                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                    "containers": [container],
-                    "volumes": [
-                        {"name": "forgeline-home", "persistentVolumeClaim": {"claimName": pvc}},
-                        # NCCL between tensor-parallel ranks needs more shared memory than the 64 MiB default.
-                        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}},
-                    ],
-                },
-            },
-        },
-    }
+def _pyxis_image(image: str) -> str:
+    # pyxis takes enroot image URIs: REGISTRY#IMAGE[:TAG]
+    registry, _, path = image.partition("/")
+    return f"{registry}#{path}"
 
 
 def _default_mount(job: TrtllmJob) -> str:
@@ -497,51 +431,59 @@ def _default_mount(job: TrtllmJob) -> str:
     return str(home) if Path(job.artifact).is_relative_to(home) else str(Path(job.artifact).parent)
 
 
-def write_launch_files(job: TrtllmJob) -> dict[str, Path]:
-    """Write the Slurm script and Kubernetes Job next to the job, for operators who launch by hand."""
+def trtllm_job_spec(job: TrtllmJob, cluster: ClusterSpec, *, name: str, job_id: str | None = None) -> JobSpec:
+    """The build as a job on ``cluster``: in TensorRT-LLM's container, with ``job.gpus`` GPUs on one node.
+
+    Args:
+        job: the prepared build.
+        cluster: where it runs. ``local`` (or ``hostfile``): a detached container command here;
+            ``slurm``: pyxis; ``kubernetes``: a Job whose PVC is mounted at ``cluster.mount_path``,
+            which must be where the artifact lives on this machine too.
+        name: the registered model the build is for (shown by ``forgeline jobs list``).
+
+    Raises:
+        TrtllmConfigError: on Kubernetes, the artifact is not under ``cluster.mount_path``.
+        MissingDependencyError: locally, no container runtime.
+    """
+    ids = {"id": job_id} if job_id else {}
+    if cluster.kind in ("local", "hostfile"):
+        runtime, executable = detect_runtime()
+        commands = container_commands(job, runtime, executable=executable)
+        if runtime == "enroot" and Path(commands[0][3]).exists():
+            commands = commands[1:]  # the image was imported by an earlier build
+        return JobSpec(**ids, stage="build", name=name, python=False, cluster=cluster, env=job.env,
+                       command=["/bin/sh", "-c", " && ".join(shlex.join(argv) for argv in commands)])
+    if cluster.kind == "kubernetes":
+        mount = cluster.mount_path.rstrip("/")
+        if not job.artifact.startswith(mount + "/"):
+            raise TrtllmConfigError(f"the artifact {job.artifact} is not under the volume mount {cluster.mount_path}; fix: "
+                                    "set cluster.mount_path to where this machine mounts the forgeline volume",
+                                    param="cluster.mount_path")
+        image = job.image
+    else:
+        image = _pyxis_image(job.image)
+    return JobSpec(**ids, stage="build", name=name, python=False, command=list(job.command), cluster=cluster,
+                   container_image=image, gpus=job.gpus, mounts=list(job.mounts), env=job.env)
+
+
+def write_launch_files(job: TrtllmJob, *, name: str) -> dict[str, Path]:
+    """Render the Slurm script and Kubernetes Job (from ``platform/``) next to the job, for operators who launch by hand."""
     import yaml
 
-    sbatch = job.root / JOB_DIR / "trtllm-build.sbatch"
-    sbatch.write_text(render_sbatch(job))
-    k8s = job.root / JOB_DIR / "trtllm-build-job.yaml"
-    k8s.write_text(yaml.safe_dump(render_kubernetes_job(job), sort_keys=False))
-    local = job.root / JOB_DIR / "trtllm-build-docker.sh"
-    local.write_text("#!/bin/sh\nset -e\n" + "\n".join(" ".join(_quote(a) for a in argv) for argv in container_commands(job, "docker")) + "\n")
+    from jobs.kubernetes import render_manifests
+    from jobs.slurm import render_job
+
+    folder = job.root / JOB_DIR
+    slurm = trtllm_job_spec(job, ClusterSpec(kind="slurm"), name=name, job_id=job.name)
+    sbatch = folder / "trtllm-build.sbatch"
+    sbatch.write_text(render_job(slurm, job_dir=folder)["build.sbatch"])
+    kubernetes = ClusterSpec(kind="kubernetes", container_image=job.image, pvc="forgeline-home", mount_path=_default_mount(job))
+    manifest, _ = render_manifests(trtllm_job_spec(job, kubernetes, name=name, job_id=job.name))
+    k8s = folder / "trtllm-build-job.yaml"
+    k8s.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    local = folder / "trtllm-build-docker.sh"
+    local.write_text("#!/bin/sh\nset -e\n" + "\n".join(shlex.join(argv) for argv in container_commands(job, "docker")) + "\n")
     return {"slurm": sbatch, "kubernetes": k8s, "docker": local}
-
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
-
-
-def submit_slurm(job: TrtllmJob, **sbatch_options: Any) -> str:
-    """Submit the build with ``sbatch``; returns the Slurm job id."""
-    script = job.root / JOB_DIR / "trtllm-build.sbatch"
-    script.write_text(render_sbatch(job, **sbatch_options))
-    sbatch = shutil.which("sbatch")
-    if sbatch is None:
-        raise MissingDependencyError(f"sbatch is not installed here; submit {script} from a Slurm login node", param="runner")
-    out = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise ForgelineError(f"sbatch refused {script}: {out.stderr.strip()}", code=ErrorCode.INTERNAL)
-    return out.stdout.strip().split(";")[0]
-
-
-def submit_kubernetes(job: TrtllmJob, *, namespace: str = "default", pvc: str = "forgeline-home") -> str:
-    """Create the build Job with the Kubernetes client; returns its name."""
-    try:
-        from kubernetes import client, config
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"submitting to Kubernetes needs the client: pip install 'forgeline[k8s]' (or kubectl apply -f {job.root / JOB_DIR / 'trtllm-build-job.yaml'})",
-            param="runner",
-        ) from exc
-    config.load_config()
-    body = render_kubernetes_job(job, namespace=namespace, pvc=pvc)
-    client.BatchV1Api().create_namespaced_job(namespace=namespace, body=body)
-    return job.name
 
 
 # -- finalize --------------------------------------------------------------------------
@@ -625,26 +567,24 @@ def build_trtllm_artifact(
     extra_adapters: dict[str, Path] | None = None,
     overwrite: bool = False,
     full_weights: str | Path | None = None,
+    model: str | None = None,
 ) -> tuple[TrtllmJob, TrtllmManifest | None]:
-    """Prepare the artifact and launch its build.
+    """Prepare the artifact and, with ``runner="local"``, run its build here and return the manifest.
 
-    With ``runner="local"`` the job runs here and the manifest is returned; with ``slurm``
-    or ``kubernetes`` it is submitted and ``None`` is returned (finalize it when it ends);
-    ``none`` only prepares it and writes the launch files.
+    ``none`` only prepares it and writes the launch files (``None`` is returned); a cluster
+    build is prepared this way and submitted as a job (`trtllm_job_spec`), then finalized
+    when it ends.
     """
+    if runner not in ("local", "none"):
+        raise ForgelineError(f"unknown runner {runner!r}; fix: use local or none, or submit the build as a job "
+                             "(`forgeline build --cluster FILE`)", code=ErrorCode.INVALID_REQUEST, param="runner")
     job = prepare_trtllm_job(
         base_model, adapter, out_dir, options, name=name, adapter_name=adapter_name, extra_adapters=extra_adapters, overwrite=overwrite,
         full_weights=full_weights,
     )
-    files = write_launch_files(job)
+    files = write_launch_files(job, name=model or name)
     if runner == "none":
         logger.info("build job prepared; launch files: %s", ", ".join(str(p) for p in files.values()))
-        return job, None
-    if runner == "slurm":
-        logger.info("submitted Slurm job %s", submit_slurm(job))
-        return job, None
-    if runner == "kubernetes":
-        logger.info("created Kubernetes Job %s", submit_kubernetes(job))
         return job, None
     digest, source = run_local(job)
     return job, finalize_trtllm_job(job, image_digest=digest, digest_source=source)

@@ -24,13 +24,13 @@ from openai.types.fine_tuning import FineTuningJob
 from forgeline.control import create_control_app
 from forgeline.finetune.base_models import BaseModelStore
 from forgeline.finetune.service import FineTuningSettings
+from jobs.local import PROCESS_FILE, ProcessRecord, process_alive
+from jobs.store import JobStore
 from registry.client import Registry
 from registry.keys import KeyStore
 from serving.gateway.server import serve_in_background
 from tests.conftest import REPO, SUPPORT_DATA
 from tests.support.finetune_client import Org, all_events, chat_file, wait_for
-from training.launchers.local import PROCESS_FILE, ProcessRecord, process_alive
-from training.launchers.store import JobStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

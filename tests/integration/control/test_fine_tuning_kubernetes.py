@@ -24,14 +24,14 @@ import pytest
 
 from forgeline.control import create_control_app
 from forgeline.finetune.service import FineTuningSettings
+from jobs import kubernetes as kubernetes_launcher
+from jobs.config import ClusterSpec
 from registry.client import Registry
 from serving.gateway.server import serve_in_background
 from tests.conftest import REPO, SUPPORT_DATA
 from tests.support.finetune_client import Org, add_tiny_base, all_events, chat_file, make_org, wait_for
-from tests.unit.training.launchers.fake_kube import FakeKubeCluster, api_client
+from tests.unit.jobs.fake_kube import FakeKubeCluster, api_client
 from training.job import TrainJob
-from training.launchers import kubernetes as kubernetes_launcher
-from training.launchers.config import ClusterSpec
 
 pytest.importorskip("kubernetes", reason="the [k8s] extra (kubernetes client) is not installed")
 

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import create_engine, insert, inspect, text
 
 import forgeline.finetune.files  # noqa: F401  (declares `files` on registry.db.metadata)
-import training.launchers.store  # noqa: F401  (declares `training_jobs`)
+import jobs.store  # noqa: F401  (declares `training_jobs`)
 from registry import migrations
 from registry.approvals import ApprovalStore
 from registry.audit import AuditLog, alias_events

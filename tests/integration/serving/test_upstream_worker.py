@@ -235,6 +235,19 @@ def test_registry_version_built_by_the_pipeline_and_served_through_a_worker(
         assert manifest.adapters == {f"tiny-v{info.version}": f"adapters/tiny-v{info.version}"}
         assert manifest.tensorrt_llm.image_digest == FAKE_DIGEST and manifest.tensorrt_llm.digest_source == "runtime"
 
+        # The same build as a job (kind local: the container command, detached), followed by id, then recorded.
+        from jobs import submission
+        from jobs.base import JobPhase
+        from jobs.config import ClusterSpec
+
+        as_job = pipeline.build(registry, f"tiny@{info.version}", target="tensorrt-llm", trtllm=options, cluster=ClusterSpec())
+        assert as_job.pending and as_job.job is not None and (as_job.job.stage, as_job.job.name) == ("build", "tiny")
+        handle = submission.submit(as_job.job)
+        record = submission.wait(handle.id, poll_s=0.5, timeout_s=300)
+        assert record.status.phase is JobPhase.SUCCEEDED, submission.job_logs(handle.id)
+        rebuilt = pipeline.build(registry, f"tiny@{info.version}", target="tensorrt-llm", finalize=True)
+        assert rebuilt.artifact_uri == built.artifact_uri and load_trtllm_manifest(rebuilt.path).adapters == manifest.adapters
+
         # The worker holds the same base checkpoint, mounted at setup.artifact.
         spec = ServeSpec(engine="upstream", upstream_url=worker.url, upstream_artifact_dir=str(setup.artifact))
         app = create_app(registry_catalog(registry, [f"tiny@{info.version}"], spec=spec), max_new_tokens=MAX_NEW)

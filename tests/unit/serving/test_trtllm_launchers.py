@@ -1,4 +1,5 @@
-"""The build job as each launcher runs it: docker, podman, enroot, Slurm (pyxis), Kubernetes."""
+"""The build job as each launcher runs it: docker, podman, enroot, and as a job of the ``jobs`` seam
+on Slurm (pyxis) and Kubernetes, rendered from the templates in platform/."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ import stat
 from pathlib import Path
 
 import pytest
+import yaml
 
+from jobs.config import ClusterSpec
+from jobs.kubernetes import render_manifests
+from jobs.slurm import render_job
 from registry.errors import MissingDependencyError
 from serving.artifacts.trtllm_build import (
     RUNTIME_ENV,
@@ -14,8 +19,8 @@ from serving.artifacts.trtllm_build import (
     TrtllmJob,
     container_commands,
     detect_runtime,
-    render_kubernetes_job,
-    render_sbatch,
+    trtllm_job_spec,
+    write_launch_files,
 )
 from serving.artifacts.trtllm_config import h200_serve_options
 
@@ -58,30 +63,44 @@ def test_podman_uses_cdi_and_enroot_imports_creates_and_starts(job: TrtllmJob, t
     assert start[-len(job.command) :] == job.command
 
 
-def test_sbatch_runs_the_entry_through_pyxis_on_one_node(job: TrtllmJob) -> None:
-    script = render_sbatch(job, partition="h200", account="ml")
+def test_sbatch_runs_the_entry_through_pyxis_on_one_node(job: TrtllmJob, tmp_path: Path) -> None:
+    spec = trtllm_job_spec(job, ClusterSpec(kind="slurm", partition="h200", account="ml", gpus_per_node=0), name="tiny")
+    assert (spec.stage, spec.name, spec.gpus, spec.python) == ("build", "tiny", 8, False)
+    script = render_job(spec, job_dir=tmp_path / "launch")["build.sbatch"]
     assert script.startswith("#!/bin/bash\n")
-    assert "#SBATCH --gpus-per-node=8" in script and "#SBATCH --partition=h200" in script and "#SBATCH --nodes=1" in script
-    srun = next(line for line in script.splitlines() if line.startswith("srun "))
-    assert "--container-image=nvcr.io#nvidia/tensorrt-llm/release:1.2.1" in srun
-    assert f"--container-mounts={job.artifact}:{job.artifact}" in srun
-    assert srun.endswith(" ".join(job.command))
+    assert "#SBATCH --gres=gpu:8" in script and "#SBATCH --partition=h200" in script and "#SBATCH --nodes=1" in script
+    srun = script[script.index("srun "):]
+    assert "--container-image='nvcr.io#nvidia/tensorrt-llm/release:1.2.1'" in srun
+    assert f"{job.artifact}:{job.artifact}" in srun and "--no-container-mount-home" in srun
+    assert srun.rstrip().endswith(" ".join(job.command))
 
 
 def test_kubernetes_job_targets_h200_nodes(job: TrtllmJob, tmp_path: Path) -> None:
     home = str(tmp_path / "home")
-    body = render_kubernetes_job(job, namespace="ml", pvc="forgeline", mount_path=home)
+    cluster = ClusterSpec(kind="kubernetes", namespace="ml", pvc="forgeline", mount_path=home, container_image="forgeline:1")
+    body, config_map = render_manifests(trtllm_job_spec(job, cluster, name="tiny"))
     pod = body["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert body["kind"] == "Job" and body["metadata"]["namespace"] == "ml" and body["spec"]["backoffLimit"] == 0
+    assert config_map is None
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"} and pod["restartPolicy"] == "Never"
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert container["image"] == job.image and container["command"] == job.command
+    assert container["workingDir"] == job.artifact
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    assert mounts["forgeline-home"] == home and job.artifact.startswith(home + "/")
-    assert {"name": "forgeline-home", "persistentVolumeClaim": {"claimName": "forgeline"}} in pod["volumes"]
+    assert mounts["forgeline"] == home and job.artifact.startswith(home + "/")
+    assert {"name": "forgeline", "persistentVolumeClaim": {"claimName": "forgeline"}} in pod["volumes"]
     with pytest.raises(Exception, match="not under the volume mount"):
-        render_kubernetes_job(job, mount_path="/elsewhere")
+        trtllm_job_spec(job, cluster.model_copy(update={"mount_path": "/elsewhere"}), name="tiny")
+
+
+def test_launch_files_for_operators_are_rendered_from_the_platform_templates(job: TrtllmJob, tmp_path: Path) -> None:
+    (Path(job.artifact) / "job").mkdir(parents=True)
+    files = write_launch_files(job, name="tiny")
+    assert "Rendered by jobs/slurm.py from platform/slurm/job.sbatch.j2" in files["slurm"].read_text()
+    manifest = yaml.safe_load(files["kubernetes"].read_text())
+    assert manifest["kind"] == "Job" and manifest["metadata"]["labels"]["forgeline.dev/stage"] == "build"
+    assert files["docker"].read_text().startswith("#!/bin/sh\nset -e\ndocker run")
 
 
 def test_runtime_detection(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

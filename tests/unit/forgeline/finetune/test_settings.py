@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from forgeline.finetune.service import FineTuningSettings, load_settings
+from jobs.config import ClusterSpec
 from registry.errors import ConfigError
-from training.launchers.config import ClusterSpec
 
 
 def slurm(shared: Path) -> FineTuningSettings:
