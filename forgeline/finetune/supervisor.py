@@ -25,7 +25,6 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from jobs import submission as launcher_jobs
 from jobs.base import JobPhase, JobSpec
