@@ -41,7 +41,7 @@ from typing import Any, Literal
 import httpx
 
 from registry.errors import ErrorCode, ForgelineError, ModelNotFoundError
-from serving import request_id
+from serving import request_id, telemetry
 from serving.engine.base import Chunk, FinishReason, SamplingParams
 from serving.engine.pool import Outcome, PoolPolicy, Worker, WorkerPool
 from serving.stop_tokens import read_stop_token_ids
@@ -424,8 +424,36 @@ class UpstreamEngine:
         """
         body = self.route_adapter({**body, "stream": False}, adapter)
         body.pop("stream_options", None)
+        return await self._post_unary("/v1/chat/completions", body, adapter)
+
+    async def complete(self, prompt: str, params: SamplingParams, *, adapter: str | None = None) -> tuple[str, int, FinishReason]:
+        """A whole, non-streamed completion of ``prompt``: ``(text, completion tokens, finish reason)``.
+
+        For a client that asked for no stream: one answer instead of an event per token
+        costs the gateway less, and since nothing of it reaches the client before it is
+        whole, a worker that fails or dies mid-answer is retried on another (within the
+        retry budget), as `relay_chat` is.
+
+        Raises:
+            ForgelineError: the worker's own 4xx error, or ``unavailable``.
+        """
+        body = self.request_body(prompt, params, adapter)
+        body["stream"] = False
+        body.pop("stream_options", None)
+        answer = await self._post_unary("/v1/completions", body, adapter)
+        choice = (answer.get("choices") or [{}])[0]
+        text = str(choice.get("text") or "")
+        tokens = (answer.get("usage") or {}).get("completion_tokens")
+        if tokens is None:  # the worker did not report usage: count the text ourselves
+            tokens = len(self._require_tokenizer()(text, add_special_tokens=False)["input_ids"])
+        return text, int(tokens), _finish_reason(choice.get("finish_reason"))
+
+    async def _post_unary(self, path: str, body: dict[str, Any], adapter: str | None) -> dict[str, Any]:
+        """POST a non-streamed request to a worker and return its JSON answer, retrying
+        failed attempts on other workers within the pool's retry budget."""
         client = self._require_client()
         tried: list[Worker] = []
+        budgeted = False  # this attempt holds a retry from the pool's budget
         while True:
             worker = self.pool.pick(adapter, tried)
             retried = bool(tried)
@@ -433,8 +461,12 @@ class UpstreamEngine:
             started, outcome, tokens = time.perf_counter(), Outcome.ERROR, 0
             error: ForgelineError
             fatal = False  # the request itself is wrong: another worker would say the same
+            attempt = _attempt_span(worker, path, retried)
+            failure: BaseException | None = None
             try:
-                response = await client.post(worker.url + "/v1/chat/completions", json=body, headers=_request_headers())
+                response = await client.post(worker.url + path, json=body, headers=_request_headers(attempt))
+                telemetry.end_span(attempt, **{"http.response.status_code": response.status_code})
+                attempt = None
                 if response.status_code == 200:
                     answer = response.json()
                     usage = answer.get("usage") or {}
@@ -444,24 +476,33 @@ class UpstreamEngine:
                 if response.status_code < 500:
                     outcome = Outcome.OK  # the worker is fine; 429 alone is worth another worker
                     fatal = response.status_code != 429
-            except asyncio.CancelledError:
-                outcome, started = Outcome.OK, float("inf")  # the client left; the worker did nothing wrong
+            except asyncio.CancelledError as exc:
+                outcome, started, failure = Outcome.OK, float("inf"), exc  # the client left; the worker did nothing wrong
                 raise
             except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+                failure = exc
                 outcome, error = _refused_or_error(exc), self._unavailable(f"{worker.url}: {type(exc).__name__}: {exc}")
             except httpx.HTTPError as exc:
-                error = self._unavailable(f"{worker.url}: {type(exc).__name__}: {exc}")
+                failure, error = exc, self._unavailable(f"{worker.url}: {type(exc).__name__}: {exc}")
             except ValueError as exc:
                 error = self._unavailable(f"{worker.url} answered with a body that is not JSON: {exc}")
+            except BaseException as exc:
+                failure = exc
+                raise
             finally:
+                # Ended here only when no answer came: the exception says why.
+                telemetry.end_span(attempt, error=failure)
                 elapsed = time.perf_counter() - started if outcome is Outcome.OK else 0.0
                 self.pool.end(worker, outcome, seconds=max(0.0, elapsed), tokens=tokens, adapter=adapter)
-                if retried:
+                if budgeted:
                     self.pool.end_retry()
             tried.append(worker)
-            if fatal or not self._may_retry(tried):
+            if fatal:
                 raise error
-            logger.info("retrying a %s chat request on another worker after %s: %s", self.model_id, worker.url, error.message)
+            budgeted = self._may_retry(tried, refused=isinstance(failure, httpx.ConnectError))
+            if budgeted is None:
+                raise error
+            logger.info("retrying a %s request on another worker after %s: %s", self.model_id, worker.url, error.message)
 
     def relay_chat_stream(self, body: dict[str, Any], *, adapter: str | None = None) -> AsyncGenerator[dict[str, Any], None]:
         """Stream a chat request's events from a worker (each event parsed; ``[DONE]`` left out).
@@ -474,9 +515,17 @@ class UpstreamEngine:
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return self._stream_events("/v1/chat/completions", body, adapter)
 
-    def _may_retry(self, tried: list[Worker]) -> bool:
+    def _may_retry(self, tried: list[Worker], *, refused: bool = False) -> bool | None:
+        """Whether to try another worker: None for no, else whether the retry holds one of the
+        budget's (then release it with ``pool.end_retry()``). A refused connection reached no
+        worker and cost none of them anything, so its retry is free: a worker that just died
+        refuses every request routed to it before it is ejected, and those must not fail."""
         others = sum(1 for w in self.pool.workers if not w.draining and w not in tried)
-        return others > 0 and len(tried) < self.pool.policy.max_attempts and self.pool.take_retry()
+        if others == 0 or len(tried) >= self.pool.policy.max_attempts:
+            return None
+        if refused:
+            return False
+        return True if self.pool.take_retry() else None
 
     async def _stream_events(self, path: str, body: dict[str, Any], adapter: str | None) -> AsyncGenerator[dict[str, Any], None]:
         """POST a streamed request to a worker and yield its SSE events as JSON objects.
@@ -486,16 +535,21 @@ class UpstreamEngine:
         """
         client = self._require_client()
         tried: list[Worker] = []
+        budgeted = False  # this attempt holds a retry from the pool's budget
         while True:
             worker = self.pool.pick(adapter, tried)
             retried = bool(tried)
             self.pool.begin(worker)
             started, outcome, tokens, yielded, done = time.perf_counter(), Outcome.ERROR, 0, False, False
+            refused = False
             error: ForgelineError | None = None
             fatal = False  # the request itself is wrong: another worker would say the same
+            attempt = _attempt_span(worker, path, retried)
             try:
-                request = client.build_request("POST", worker.url + path, json=body, headers=_request_headers())
+                request = client.build_request("POST", worker.url + path, json=body, headers=_request_headers(attempt))
                 response = await client.send(request, stream=True)
+                if attempt is not None:
+                    attempt.set_attribute("http.response.status_code", response.status_code)
                 try:
                     if response.status_code != 200:
                         error = _upstream_error(response.status_code, await response.aread(), self.model_id)
@@ -520,6 +574,8 @@ class UpstreamEngine:
                             usage = event.get("usage")
                             if usage and usage.get("completion_tokens") is not None:
                                 tokens = int(usage["completion_tokens"])
+                            if not yielded and attempt is not None:
+                                attempt.add_event("first_token")
                             yielded = True
                             yield event
                         if done:
@@ -534,6 +590,7 @@ class UpstreamEngine:
                 raise
             except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
                 outcome = _refused_or_error(exc) if not yielded else Outcome.ERROR
+                refused = isinstance(exc, httpx.ConnectError)
                 error = self._unavailable(f"{worker.url}: the stream broke: {type(exc).__name__}: {exc}")
             except httpx.TimeoutException as exc:
                 error = self._unavailable(f"{worker.url} sent no data for {self._timeout.read:.0f} s ({type(exc).__name__})")
@@ -544,22 +601,39 @@ class UpstreamEngine:
             except ForgelineError as exc:
                 error = exc  # an in-band error event
             finally:
+                telemetry.end_span(attempt, error=error)
                 elapsed = time.perf_counter() - started if outcome is Outcome.OK else 0.0
                 self.pool.end(worker, outcome, seconds=max(0.0, elapsed), tokens=tokens, adapter=adapter)
-                if retried:
+                if budgeted:
                     self.pool.end_retry()
             if error is None:
                 return
             tried.append(worker)
-            if fatal or yielded or not self._may_retry(tried):
+            if fatal or yielded:
+                raise error
+            budgeted = self._may_retry(tried, refused=refused)
+            if budgeted is None:
                 raise error
             logger.info("retrying a %s request on another worker after %s: %s", self.model_id, worker.url, error.message)
 
 
-def _request_headers() -> dict[str, str] | None:
-    # The gateway's request id travels on, so the worker's logs name the same request.
+def _request_headers(attempt: Any = None) -> dict[str, str] | None:
+    # The gateway's request id travels on, so the worker's logs name the same request; with
+    # tracing on, so does the attempt's span (W3C traceparent), so the worker's spans join the trace.
     rid = request_id.current.get()
-    return {request_id.HEADER: rid} if rid else None
+    headers = {request_id.HEADER: rid} if rid else {}
+    if attempt is not None:
+        telemetry.inject(headers, attempt)
+    return headers or None
+
+
+def _attempt_span(worker: Worker, path: str, retried: bool) -> Any:
+    """One CLIENT span per attempt on a worker (None when tracing is off)."""
+    if not telemetry.enabled():
+        return None
+    return telemetry.start_span(
+        "upstream", client=True, **{"server.address": worker.url, "url.path": path, "forgeline.retry": retried}
+    )
 
 
 def _refused_or_error(exc: httpx.HTTPError) -> Outcome:

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving import request_id as request_ids
+from serving import telemetry
 from serving.engine.upstream import UpstreamEngine
 from serving.gateway.catalog import ModelCatalog, ServedModel
 from serving.gateway.errors import error_body, too_large_message
@@ -216,17 +217,25 @@ class AccessLogMiddleware:
         state["on_close"] = closers
         status = 0
         logged = False
+        path = scope.get("path", "")
+        span, otel_token = None, None
+        if telemetry.enabled() and path not in _PROBES:
+            span, otel_token = telemetry.start_request_span(
+                f"{scope.get('method')} {path}",
+                {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ()) if k in _TRACE_HEADERS},
+                {"http.request.method": scope.get("method"), "url.path": path, "forgeline.request_id": request_id},
+            )
 
         def log(final_status: int) -> None:
             nonlocal logged
             if logged:
                 return
             logged = True
-            path = scope.get("path", "")
+            telemetry.end_request_span(span, final_status, fields)
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             self.metrics.http_requests.labels(template, str(final_status)).inc()
-            if path in ("/metrics", "/health", "/ready") and final_status < 400:
+            if path in _PROBES and final_status < 400:
                 return  # probes would drown the log
             entry = {
                 "ts": round(time.time(), 3),
@@ -263,6 +272,11 @@ class AccessLogMiddleware:
                     logger.exception("closing request state failed")
             log(status or 499)
             request_ids.current.reset(token)
+            telemetry.detach(otel_token)
+
+
+_PROBES = ("/metrics", "/health", "/ready")
+_TRACE_HEADERS = (b"traceparent", b"tracestate")
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
