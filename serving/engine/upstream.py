@@ -54,6 +54,7 @@ Discovery = Callable[[], Awaitable[list[str]]]
 """Answers the pool's worker URLs now (see `serving.engine.discovery`)."""
 
 _QUEUE_METRIC = re.compile(r"^vllm:num_requests_waiting(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.MULTILINE)
+_RUNNING_METRIC = re.compile(r"^vllm:num_requests_running(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.MULTILINE)
 # vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc (0.10); either is a 0..1 share.
 _KV_METRIC = re.compile(r"^vllm:(?:gpu|kv)_cache_usage_perc(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.MULTILINE)
 
@@ -180,6 +181,8 @@ class UpstreamEngine:
         self._stop_token_ids: list[int] = []
         self._started = False
         self._poller: asyncio.Task[None] | None = None
+        self.reported: dict[str, dict[str, float]] = {}
+        """Per worker URL: the vLLM gauges it last reported (``scrape_queue``): waiting, running, KV-cache use."""
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -259,6 +262,11 @@ class UpstreamEngine:
             if ok and self._scrape_queue:
                 text = (await self._client.get(worker.url + self.metrics_path, timeout=5.0)).text
                 queue, kv = _summed(_QUEUE_METRIC, text), _summed(_KV_METRIC, text)
+                running = _summed(_RUNNING_METRIC, text)
+                # Re-exported by the gateway's /metrics, per worker (what the worker itself said).
+                self.reported[worker.url] = {
+                    k: v for k, v in (("num_requests_waiting", queue), ("num_requests_running", running), ("kv_cache_usage_perc", kv)) if v is not None
+                }
         except httpx.HTTPError as exc:
             logger.debug("health of %s failed: %s", worker.url, exc)
             ok = False

@@ -311,12 +311,10 @@ class RequestLifecycle:
         failed = True if status >= 500 else (False if status < 400 else None)
         self.lease.release(failed=failed, latency_s=elapsed)
         m = self._metrics
-        model, version, adapter = self._labels
-        m.requests.labels(model, version, adapter, self._key, str(status)).inc()
-        if status < 400 or status == CLIENT_CLOSED:
+        answered = status < 400 or status == CLIENT_CLOSED
+        m.count(self._labels, self._key, status, self.prompt_tokens, self.completion_tokens, tokens=answered)
+        if answered:
             m.e2e.labels(*self._labels).observe(elapsed)
-            m.prompt_tokens.labels(model, version, adapter, self._key).inc(self.prompt_tokens)
-            m.generation_tokens.labels(model, version, adapter, self._key).inc(self.completion_tokens)
             # Prompt tokens beyond those admitted up front: a pass-through request learns its
             # prompt size from the worker's usage.
             owed = self.completion_tokens + max(0, self.prompt_tokens - self._admitted_tokens)
