@@ -249,10 +249,10 @@ def build(
 def serve(
     model: Annotated[list[str] | None, typer.Option("--model", help="Model ref to serve, e.g. quickstart@production (repeatable).")] = None,
     base: Annotated[list[str] | None, typer.Option("--base", help="Operator base model to serve bare (`forgeline models add-base`); fine-tuned LoRA versions on it answer by their own name (repeatable).")] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="A gateway config file (models, pools, limits, keys, quotas, telemetry); see recipes/gateway.yaml.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="A gateway config file (models, pools, limits, keys, quotas, telemetry); see platform/gateway.yaml.")] = None,
     host: Annotated[str | None, typer.Option(help="Interface to listen on (default 127.0.0.1, or the config's).")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on (default 8000, or the config's).")] = None,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Gateway processes sharing the port (quotas then need Redis).")] = 1,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Gateway processes sharing the port (quotas then need Redis); default 1, or the config's.")] = None,
     device: Annotated[str, typer.Option(help="Torch device: auto, cpu, cuda.")] = "auto",
     recipe: Annotated[Path | None, typer.Option(help="Take the other serve options (canary, quotas, adapters) from this recipe's `serve` section.")] = None,
     auth: Annotated[bool, typer.Option("--auth/--no-auth", help="Require API keys (`forgeline keys create`).")] = True,
@@ -287,6 +287,7 @@ def serve(
         spec = spec.model_copy(update={"host": host or spec.host, "port": port if port is not None else spec.port, "limits": limits})
         plan = ServePlan(spec=spec, config=str(config.resolve()))
         names = [m.name for m in loaded.models]
+        workers = workers or loaded.server.workers
     else:
         if not refs and not base_names:
             raise ForgelineError(
@@ -300,6 +301,7 @@ def serve(
                                              "device": device, "auth": auth and serve_spec.auth, "limits": limits})
         plan = ServePlan(refs=refs, bases=base_names, spec=spec)
         names = refs + base_names
+        workers = workers or 1
     check_processes(spec, workers)
     configure_access_log()
     try:

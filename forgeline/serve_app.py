@@ -51,12 +51,14 @@ def build_app(plan: ServePlan) -> FastAPI:
         from .gateway_config import build_from_config, load_gateway_config
 
         return build_from_config(load_gateway_config(plan.config))
+    from serving import telemetry
     from serving.registry_models import BaseSource
     from serving.service import build_gateway
 
     from .cli_shared import open_registry
     from .finetune.base_models import BaseModelStore
 
+    telemetry.configure_tracing()  # on only when the standard OTEL_* environment names an endpoint
     records = [BaseModelStore().get(name) for name in plan.bases] if plan.bases else []
     bases = [BaseSource(name=r.name, source=r.source, chat_template=r.chat_template) for r in records]
     return build_gateway(open_registry(), plan.refs, plan.spec, bases=bases)

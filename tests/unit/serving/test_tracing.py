@@ -38,6 +38,7 @@ def exporter() -> Iterator[InMemorySpanExporter]:
         telemetry.shutdown_tracing()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("upstream_api", ["chat", "completions"])
 def test_a_streamed_request_is_one_trace_across_gateway_and_worker(
     tiny_base: Path, exporter: InMemorySpanExporter, upstream_api: str
