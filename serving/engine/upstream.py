@@ -44,6 +44,15 @@ from registry.errors import ErrorCode, ForgelineError, ModelNotFoundError
 from serving import request_id, telemetry
 from serving.engine.base import Chunk, FinishReason, SamplingParams
 from serving.engine.pool import Outcome, PoolPolicy, Worker, WorkerPool
+from serving.engine.worker_http import (
+    AiohttpWorkerClient,
+    HttpxWorkerClient,
+    WorkerBrokenError,
+    WorkerClient,
+    WorkerError,
+    WorkerRefusedError,
+    WorkerTimeoutError,
+)
 from serving.stop_tokens import read_stop_token_ids
 
 logger = logging.getLogger(__name__)
@@ -122,7 +131,8 @@ class UpstreamEngine:
         policy: the pool's ejection, routing and retry settings.
         scrape_queue: read each worker's ``vllm:num_requests_waiting`` and KV-cache use from ``metrics_path``
             with every health check, and route by it.
-        transport: an httpx transport (tests).
+        transport: an httpx transport (tests script workers with it); without one the
+            workers are reached over aiohttp (`serving.engine.worker_http`).
     """
 
     # `/v1/completions` answers carry logprobs in another shape; chat that wants them passes through.
@@ -173,10 +183,11 @@ class UpstreamEngine:
         self._scrape_queue = scrape_queue
         self._tokenizer_src = tokenizer if tokenizer is not None else (model if Path(model).is_dir() else None)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=30.0, pool=connect_timeout)
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
         self._health_interval = health_interval
         self._transport = transport
-        self._client: httpx.AsyncClient | None = None
+        self._client: WorkerClient | None = None
         self._tokenizer: Any = None
         self._stop_token_ids: list[int] = []
         self._started = False
@@ -221,8 +232,12 @@ class UpstreamEngine:
         # another one (Llama-3 <|eot_id|>), so every request names them all.
         self._stop_token_ids = read_stop_token_ids(self._tokenizer_src, self._tokenizer)
         # Keep-alive connections sized to the pool, so steady load never reconnects.
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64 * max(1, len(self.pool.workers)))
-        self._client = httpx.AsyncClient(timeout=self._timeout, headers=self._headers, transport=self._transport, limits=limits)
+        # Keep-alive connections without a cap, per worker, so steady load never reconnects.
+        timeouts = {"connect_timeout": self._connect_timeout, "read_timeout": self._read_timeout}
+        if self._transport is not None:
+            self._client = HttpxWorkerClient(headers=self._headers, transport=self._transport, **timeouts)
+        else:
+            self._client = AiohttpWorkerClient(headers=self._headers, **timeouts)
         self._started = True
         await self._discover()
         await self._check_all()
@@ -258,7 +273,7 @@ class UpstreamEngine:
         queue = kv = None
         try:
             response = await self._client.get(worker.url + "/health", timeout=min(5.0, max(self._health_interval, 0.5)))
-            ok = response.status_code == 200
+            ok = response.status == 200
             if ok and self._scrape_queue:
                 text = (await self._client.get(worker.url + self.metrics_path, timeout=5.0)).text
                 queue, kv = _summed(_QUEUE_METRIC, text), _summed(_KV_METRIC, text)
@@ -267,7 +282,7 @@ class UpstreamEngine:
                 self.reported[worker.url] = {
                     k: v for k, v in (("num_requests_waiting", queue), ("num_requests_running", running), ("kv_cache_usage_perc", kv)) if v is not None
                 }
-        except httpx.HTTPError as exc:
+        except WorkerError as exc:
             logger.debug("health of %s failed: %s", worker.url, exc)
             ok = False
         self.pool.health_checked(worker, ok, queue_depth=queue, kv_cache_usage=kv)
@@ -295,11 +310,11 @@ class UpstreamEngine:
         client = self._require_client()
         worker = self.pool.pick()
         try:
-            response = await client.get(worker.url + self.metrics_path)
-        except httpx.HTTPError as exc:
+            response = await client.get(worker.url + self.metrics_path, timeout=self._read_timeout)
+        except WorkerError as exc:
             raise self._unavailable(f"metrics scrape failed: {exc}") from exc
-        if response.status_code != 200:
-            raise _upstream_error(response.status_code, response.content, self.model_id)
+        if response.status != 200:
+            raise _upstream_error(response.status, response.body, self.model_id)
         return response.text
 
     # -- text helpers ------------------------------------------------------------------
@@ -309,7 +324,7 @@ class UpstreamEngine:
             raise self._unavailable("engine is not running")
         return self._tokenizer
 
-    def _require_client(self) -> httpx.AsyncClient:
+    def _require_client(self) -> WorkerClient:
         if self._client is None:
             raise self._unavailable("engine is not running")
         return self._client
@@ -472,26 +487,26 @@ class UpstreamEngine:
             attempt = _attempt_span(worker, path, retried)
             failure: BaseException | None = None
             try:
-                response = await client.post(worker.url + path, json=body, headers=_request_headers(attempt))
-                telemetry.end_span(attempt, **{"http.response.status_code": response.status_code})
+                response = await client.post_json(worker.url + path, body, _request_headers(attempt))
+                telemetry.end_span(attempt, **{"http.response.status_code": response.status})
                 attempt = None
-                if response.status_code == 200:
+                if response.status == 200:
                     answer = response.json()
                     usage = answer.get("usage") or {}
                     tokens, outcome = int(usage.get("completion_tokens") or 0), Outcome.OK
                     return answer
-                error = _upstream_error(response.status_code, response.content, self.model_id)
-                if response.status_code < 500:
+                error = _upstream_error(response.status, response.body, self.model_id)
+                if response.status < 500:
                     outcome = Outcome.OK  # the worker is fine; 429 alone is worth another worker
-                    fatal = response.status_code != 429
+                    fatal = response.status != 429
             except asyncio.CancelledError as exc:
                 outcome, started, failure = Outcome.OK, float("inf"), exc  # the client left; the worker did nothing wrong
                 raise
-            except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+            except (WorkerRefusedError, WorkerBrokenError) as exc:
                 failure = exc
-                outcome, error = _refused_or_error(exc), self._unavailable(f"{worker.url}: {type(exc).__name__}: {exc}")
-            except httpx.HTTPError as exc:
-                failure, error = exc, self._unavailable(f"{worker.url}: {type(exc).__name__}: {exc}")
+                outcome, error = _refused_or_error(exc), self._unavailable(f"{worker.url}: {exc}")
+            except WorkerError as exc:
+                failure, error = exc, self._unavailable(f"{worker.url}: {exc}")
             except ValueError as exc:
                 error = self._unavailable(f"{worker.url} answered with a body that is not JSON: {exc}")
             except BaseException as exc:
@@ -507,7 +522,7 @@ class UpstreamEngine:
             tried.append(worker)
             if fatal:
                 raise error
-            budgeted = self._may_retry(tried, refused=isinstance(failure, httpx.ConnectError))
+            budgeted = self._may_retry(tried, refused=isinstance(failure, WorkerRefusedError))
             if budgeted is None:
                 raise error
             logger.info("retrying a %s request on another worker after %s: %s", self.model_id, worker.url, error.message)
@@ -554,21 +569,19 @@ class UpstreamEngine:
             fatal = False  # the request itself is wrong: another worker would say the same
             attempt = _attempt_span(worker, path, retried)
             try:
-                request = client.build_request("POST", worker.url + path, json=body, headers=_request_headers(attempt))
-                response = await client.send(request, stream=True)
-                if attempt is not None:
-                    attempt.set_attribute("http.response.status_code", response.status_code)
-                try:
-                    if response.status_code != 200:
-                        error = _upstream_error(response.status_code, await response.aread(), self.model_id)
-                        if response.status_code < 500:
+                async with client.stream(worker.url + path, body, _request_headers(attempt)) as response:
+                    if attempt is not None:
+                        attempt.set_attribute("http.response.status_code", response.status)
+                    if response.status != 200:
+                        error = _upstream_error(response.status, await response.read(), self.model_id)
+                        if response.status < 500:
                             outcome = Outcome.OK  # the worker is fine; 429 alone is worth another worker
-                            fatal = response.status_code != 429
+                            fatal = response.status != 429
                     else:
-                        async for line in response.aiter_lines():
-                            # After [DONE], read on to the end of the body instead of breaking out:
-                            # httpx closes a connection whose response was not read to the end, so
-                            # breaking made every request open a new TCP connection to the worker.
+                        async for line in response.lines():
+                            # After [DONE], read on to the end of the body instead of breaking out: a
+                            # connection whose response was not read to the end is closed, not reused,
+                            # so breaking made every request open a new TCP connection to the worker.
                             if done or not line.startswith("data:"):
                                 continue
                             data = line[5:].strip()
@@ -590,20 +603,18 @@ class UpstreamEngine:
                             outcome = Outcome.OK
                         else:
                             error = self._unavailable(f"the stream from {worker.url} ended before the completion finished")
-                finally:
-                    await response.aclose()
             except (GeneratorExit, asyncio.CancelledError):
                 outcome = Outcome.OK  # the client left; the worker did nothing wrong
                 started = float("inf")
                 raise
-            except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+            except (WorkerRefusedError, WorkerBrokenError) as exc:
                 outcome = _refused_or_error(exc) if not yielded else Outcome.ERROR
-                refused = isinstance(exc, httpx.ConnectError)
-                error = self._unavailable(f"{worker.url}: the stream broke: {type(exc).__name__}: {exc}")
-            except httpx.TimeoutException as exc:
-                error = self._unavailable(f"{worker.url} sent no data for {self._timeout.read:.0f} s ({type(exc).__name__})")
-            except httpx.HTTPError as exc:
-                error = self._unavailable(f"{worker.url}: the stream broke: {type(exc).__name__}: {exc}")
+                refused = isinstance(exc, WorkerRefusedError)
+                error = self._unavailable(f"{worker.url}: the stream broke: {exc}")
+            except WorkerTimeoutError as exc:
+                error = self._unavailable(f"{worker.url} sent no data for {self._read_timeout:.0f} s ({exc})")
+            except WorkerError as exc:
+                error = self._unavailable(f"{worker.url}: the stream broke: {exc}")
             except json.JSONDecodeError as exc:
                 error = self._unavailable(f"{worker.url} sent an event that is not JSON: {exc}")
             except ForgelineError as exc:
@@ -644,10 +655,10 @@ def _attempt_span(worker: Worker, path: str, retried: bool) -> Any:
     )
 
 
-def _refused_or_error(exc: httpx.HTTPError) -> Outcome:
+def _refused_or_error(exc: WorkerError) -> Outcome:
     # Refused or reset before any answer: the process is gone (eject now); anything else
     # may be a blip and counts toward the consecutive-failure threshold.
-    return Outcome.REFUSED if isinstance(exc, httpx.ConnectError | httpx.RemoteProtocolError) else Outcome.ERROR
+    return Outcome.REFUSED if isinstance(exc, WorkerRefusedError | WorkerBrokenError) else Outcome.ERROR
 
 
 def _summed(metric: re.Pattern[str], metrics_text: str) -> float | None:
