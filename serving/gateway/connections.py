@@ -5,8 +5,7 @@ a byte at a time, nor one that opens and sends nothing, nor one that stops in th
 a body; and its ``limit_concurrency`` is only checked once a request's headers are
 complete. `limited_protocol` builds uvicorn's httptools protocol (h11 when httptools is
 not installed) with the missing ones added (`serving.config.ServerLimits` holds every
-limit). httptools parses a request in C, which is most of the server's cost per request;
-h11's header-size bound is uvicorn's own, httptools' is counted here.
+limit). httptools parses a request in C, which is most of the server's cost per request.
 """
 
 from __future__ import annotations
@@ -57,7 +56,6 @@ class _LimitedMixin:
     body_timeout_s: float
     max_connections: int
     max_header_bytes: int
-    count_header_bytes = False  # h11 bounds header size itself
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -80,10 +78,18 @@ class _LimitedMixin:
 
     def data_received(self, data: bytes) -> None:
         before = self.cycle
-        awaiting = self._awaiting_request()
-        if awaiting:
+        if self._awaiting_request():
             self._got_bytes = True
-            self._header_bytes += len(data)
+            # Bytes of the request line and headers so far: up to their blank line, if it is here.
+            # Counted before parsing, so neither parser ever holds more (h11's own bound only
+            # covers headers that are still incomplete; httptools has none).
+            end = data.find(b"\r\n\r\n")
+            self._header_bytes += end if end >= 0 else len(data)
+            if self._header_bytes > self.max_header_bytes:
+                logger.info("closing %s: request headers over %d bytes", self.client, self.max_header_bytes)
+                self.transport.write(_HEADERS_TOO_LARGE)
+                self.transport.close()
+                return
             if self._header_timer is None:
                 self._arm_header_timer()
         super().data_received(data)
@@ -91,11 +97,6 @@ class _LimitedMixin:
             self._cancel_header_timer()
             self._got_bytes = False
             self._header_bytes = 0
-        elif awaiting and self.count_header_bytes and self._header_bytes > self.max_header_bytes:
-            logger.info("closing %s: request headers over %d bytes", self.client, self.max_header_bytes)
-            self.transport.write(_HEADERS_TOO_LARGE)
-            self.transport.close()
-            return
         if self.cycle is not None and self.cycle.more_body and not self.cycle.response_complete:
             self._arm_body_timer()  # restarted by every piece of body
         elif self._body_timer is not None:
@@ -161,7 +162,7 @@ class _LimitedH11(_LimitedMixin, H11Protocol):
 if HttpToolsProtocol is not None:
 
     class _LimitedHttpTools(_LimitedMixin, HttpToolsProtocol):
-        count_header_bytes = True
+        pass
 
 else:  # pragma: no cover - without httptools every server uses h11
     _LimitedHttpTools = _LimitedH11  # type: ignore[misc,assignment]

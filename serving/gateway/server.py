@@ -36,13 +36,14 @@ class GatewayConfig(uvicorn.Config):
     loaded: worker processes receive the config pickled, and a class made at run time
     does not pickle."""
 
-    def __init__(self, app: Any, *, server_limits: ServerLimits, **options: Any) -> None:
+    def __init__(self, app: Any, *, server_limits: ServerLimits, http_impl: str | None = None, **options: Any) -> None:
         super().__init__(app, **options)
         self.server_limits = server_limits
+        self.http_impl = http_impl  # None: httptools when installed, else h11
 
     def load(self) -> None:
         super().load()
-        self.http_protocol_class = limited_protocol(self.server_limits)
+        self.http_protocol_class = limited_protocol(self.server_limits, self.http_impl)
 
 
 def server_config(app: FastAPI | str, limits: ServerLimits | None = None, **options: Any) -> uvicorn.Config:
@@ -164,6 +165,7 @@ def serve_in_background(
     timeout_s: float = 120.0,
     log_level: str = "warning",
     limits: ServerLimits | None = None,
+    http_impl: str | None = None,
 ) -> tuple[str, Callable[[], None]]:
     """Start uvicorn on a thread and wait until it accepts connections.
 
@@ -173,6 +175,7 @@ def serve_in_background(
         port: port to bind; 0 picks a free one.
         timeout_s: how long to wait for startup.
         limits: the server's limits (default `ServerLimits()`).
+        http_impl: ``h11`` or ``httptools`` (default: httptools when installed).
 
     Returns:
         ``(base_url, stop)``: e.g. ``http://127.0.0.1:43117`` and a function that shuts the
@@ -186,7 +189,7 @@ def serve_in_background(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]
-    config = server_config(app, limits, log_level=log_level, lifespan="on")
+    config = server_config(app, limits, log_level=log_level, lifespan="on", http_impl=http_impl)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="forgeline-gateway", daemon=True)
     thread.start()
