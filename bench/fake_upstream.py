@@ -13,7 +13,10 @@ gateway's pass-through can be tested with the stock SDK: ``tools`` -> a call of 
 (``json_schema`` / ``json_object``) -> a JSON answer that fits; ``logprobs`` /
 ``top_logprobs`` -> per-token log-probabilities; ``n`` -> that many choices.
 ``GET /debug/requests`` answers how many generation requests this worker served and the
-last body (and ``x-request-id``) it got, so tests can see what reached which worker.
+last body (and ``x-request-id`` and ``traceparent``) it got, so tests can see what reached
+which worker. Given an OpenTelemetry ``tracer``, it records one span per generation request
+as a child of the ``traceparent`` it received, as a traced worker (vLLM with
+``--otlp-traces-endpoint``) does.
 
     python -m bench.fake_upstream --port 9000 [--tokens 16] [--token-delay-ms 0] [--name w0]
 """
@@ -43,8 +46,10 @@ def _dumps(payload: dict[str, Any]) -> str:
     return json.dumps(payload, separators=(",", ":"))
 
 
-def create_app(*, tokens: int = 16, token: str = " tok", token_delay_s: float = 0.0, name: str = "fake") -> Starlette:
-    """The fake server's ASGI app."""
+def create_app(
+    *, tokens: int = 16, token: str = " tok", token_delay_s: float = 0.0, name: str = "fake", tracer: Any = None
+) -> Starlette:
+    """The fake server's ASGI app (``tracer``: an OpenTelemetry tracer for its request spans)."""
     created = int(time.time())
     seq = 0
     seen: dict[str, Any] = {"count": 0, "last": None, "name": name}
@@ -62,6 +67,14 @@ def create_app(*, tokens: int = 16, token: str = " tok", token_delay_s: float = 
         seen["count"] += 1
         seen["last"] = body
         seen["request_id"] = request.headers.get("x-request-id")
+        seen["traceparent"] = request.headers.get("traceparent")
+        if tracer is not None:
+            from opentelemetry.trace import SpanKind
+            from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+            parent = TraceContextTextMapPropagator().extract(dict(request.headers))
+            with tracer.start_as_current_span(f"{name} {request.url.path}", context=parent, kind=SpanKind.SERVER):
+                pass  # the span marks that this worker took part; the fake does no real work to time
         wanted = body.get("max_tokens") or body.get("max_completion_tokens") or tokens
         return body, max(0, min(tokens, int(wanted)))
 

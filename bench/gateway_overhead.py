@@ -7,6 +7,8 @@ model, its own process), driven by the same load generator (`bench.loadgen`, the
 * ``direct``: the client calls the worker itself (the baseline);
 * ``forgeline``: the forgeline gateway (`bench.gateway_proc`: API keys on, quotas,
   metrics, access log, `UpstreamEngine` relaying to the worker's ``/v1/completions``);
+* ``forgeline-2p``: the same gateway as two processes on one port (``--workers 2``; the
+  ``full`` setting only), to see how throughput scales with processes;
 * ``litellm``: the LiteLLM proxy (``litellm[proxy]``, master key on) relaying to the
   worker's ``/v1/chat/completions``; run from ``bench/.venv-litellm`` (its pins conflict
   with ours), skipped with a note when that venv is missing (``make bench`` creates it).
@@ -45,13 +47,14 @@ LITELLM_KEY = "sk-bench-master-key"
 TOKENS = 16
 
 SETTINGS: dict[str, dict[str, Any]] = {
-    "smoke": {"rounds": 1, "concurrency": [1, 4], "requests": {1: 10, 4: 20}, "cell_time_s": 5.0, "modes": [False, True], "budget_s": 120.0},
+    "smoke": {"rounds": 1, "concurrency": [1, 4], "requests": {1: 10, 4: 20}, "cell_time_s": 5.0, "modes": [False, True], "budget_s": 120.0, "gateway_workers": [1]},
     "full": {
         "rounds": 3,
         "concurrency": [1, 16, 64],
         "requests": {1: 120, 16: 240, 64: 480},
         "cell_time_s": 3.0,
         "modes": [False, True],
+        "gateway_workers": [1, 2],
         # Measuring stops after the round that would overrun this (startup not counted).
         "budget_s": 150.0,
     },
@@ -81,7 +84,7 @@ def _litellm_version() -> str | None:
     return meta[0].name.removeprefix("litellm-").removesuffix(".dist-info") if meta else None
 
 
-def _start_servers(work: Path, *, with_litellm: bool) -> dict[str, Target]:
+def _start_servers(work: Path, *, with_litellm: bool, gateway_workers: list[int]) -> dict[str, Target]:
     """The worker first, then the gateways in parallel (each takes tens of seconds to import)."""
     logs = work / "logs"
     port = free_port()
@@ -89,14 +92,18 @@ def _start_servers(work: Path, *, with_litellm: bool) -> dict[str, Target]:
     servers = {"direct": upstream}
     try:
         upstream.wait_healthy()
-        port = free_port()
-        key_file = work / "forgeline-key.txt"
-        servers["forgeline"] = ServerProcess(
-            "forgeline",
-            python_module("bench.gateway_proc", "--upstream", upstream.base_url, "--port", str(port), "--key-file", str(key_file)),
-            port=port,
-            log_path=logs / "forgeline.log",
-        )
+        key_files: dict[str, Path] = {}
+        for n in gateway_workers:
+            name = "forgeline" if n == 1 else f"forgeline-{n}p"
+            port = free_port()
+            key_files[name] = work / f"{name}-key.txt"
+            servers[name] = ServerProcess(
+                name,
+                python_module("bench.gateway_proc", "--upstream", upstream.base_url, "--port", str(port),
+                              "--key-file", str(key_files[name]), "--workers", str(n)),
+                port=port,
+                log_path=logs / f"{name}.log",
+            )
         exe = litellm_bin()
         if with_litellm and exe is not None:
             config = work / "litellm.yaml"
@@ -119,7 +126,9 @@ def _start_servers(work: Path, *, with_litellm: bool) -> dict[str, Target]:
                 # No network here: use the cost map shipped in the package instead of fetching it.
                 env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "PYTHONPATH": ""},
             )
-        waits: dict[str, Callable[[], float]] = {"forgeline": lambda: servers["forgeline"].wait_healthy("/health", timeout_s=240)}
+        waits: dict[str, Callable[[], float]] = {
+            name: (lambda name=name: servers[name].wait_healthy("/health", timeout_s=240)) for name in key_files  # type: ignore[misc]
+        }
         if "litellm" in servers:
             waits["litellm"] = lambda: servers["litellm"].wait_healthy("/health/liveliness", timeout_s=240)
         with ThreadPoolExecutor(len(waits)) as pool:
@@ -128,7 +137,7 @@ def _start_servers(work: Path, *, with_litellm: bool) -> dict[str, Target]:
                 logger.info("%s healthy after %.1f s", name, future.result())
         targets = {
             "direct": Target(upstream, "fake", "none"),
-            "forgeline": Target(servers["forgeline"], "bench", key_file.read_text().strip()),
+            **{name: Target(servers[name], "bench", path.read_text().strip()) for name, path in key_files.items()},
         }
         if "litellm" in servers:
             targets["litellm"] = Target(servers["litellm"], "bench", LITELLM_KEY)
@@ -150,7 +159,7 @@ def run(setting: str, work: Path) -> dict[str, Any]:
     notes: list[str] = []
     if exe is None:
         notes.append("LiteLLM skipped: bench/.venv-litellm is missing (`make bench` installs litellm[proxy] there).")
-    servers = _start_servers(work, with_litellm=exe is not None)
+    servers = _start_servers(work, with_litellm=exe is not None, gateway_workers=cfg.get("gateway_workers", [1]))
     targets = list(servers)  # direct first
     raw: dict[str, dict[str, list[dict[str, Any]]]] = {t: {} for t in targets}
     measuring = time.perf_counter()
@@ -203,7 +212,8 @@ def run(setting: str, work: Path) -> dict[str, Any]:
         "settings": {k: v for k, v in cfg.items() if k != "requests"} | {"requests": {str(k): v for k, v in cfg["requests"].items()}},
         "targets": {
             "direct": "fake worker (Starlette on uvicorn, asyncio loop, h11)",
-            "forgeline": "forgeline gateway: auth on, quotas, metrics, access logs; UpstreamEngine; uvicorn asyncio loop, h11",
+            "forgeline": "forgeline gateway: auth on, quotas, metrics, one JSON access log; UpstreamEngine; uvicorn on uvloop + httptools",
+            **{t: f"the forgeline gateway as {t.split('-')[1][:-1]} processes (--workers)" for t in targets if t.startswith("forgeline-")},
             **({"litellm": f"LiteLLM proxy {_litellm_version()}: master key, no database; uvicorn uvloop, h11"} if "litellm" in servers else {}),
         },
         "load_generator": "openai AsyncOpenAI (closed loop), chat.completions, max_tokens=16",

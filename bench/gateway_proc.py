@@ -5,15 +5,20 @@ control database with the default verification cache, the in-process quota limit
 metrics and the JSON access log on stdout; the model is an
 `serving.engine.upstream.UpstreamEngine` (what serves TensorRT-LLM workers on H200s).
 With ``--key-file`` a fresh ``user`` key (no quota) is created and its secret written
-there, so the load generator authenticates like a customer.
+there, so the load generator authenticates like a customer. ``--workers N`` runs N gateway
+processes on the port, as ``forgeline serve --workers N`` does (each builds its app from the
+options in ``BENCH_GATEWAY_ARGS``; the bench key has no quota, so the in-process limiter is
+exact).
 
-    python -m bench.gateway_proc --upstream http://127.0.0.1:9000 --port 9001 --key-file key.txt
+    python -m bench.gateway_proc --upstream http://127.0.0.1:9000 --port 9001 --key-file key.txt [--workers 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 from pathlib import Path
 
 from bench.procs import REPO
@@ -21,10 +26,11 @@ from bench.procs import REPO
 logger = logging.getLogger(__name__)
 
 MODEL = "bench"
+ARGS_ENV = "BENCH_GATEWAY_ARGS"
 
 
-def build_app(upstream: str, *, tokenizer: str, key_file: Path | None, max_new_tokens: int, access_log: bool) -> object:
-    """The gateway app (auth on when ``key_file`` is given)."""
+def build_app(upstream: str, *, tokenizer: str, key_file: Path | None, max_new_tokens: int, access_log: bool, auth: bool | None = None) -> object:
+    """The gateway app (auth on when ``key_file`` is given, or ``auth``: keys made elsewhere)."""
     from registry.keys import KeyStore
     from serving.config import ServeSpec
     from serving.engine.upstream import UpstreamEngine
@@ -37,8 +43,9 @@ def build_app(upstream: str, *, tokenizer: str, key_file: Path | None, max_new_t
     engine = UpstreamEngine(upstream, "fake", tokenizer=tokenizer, adapter_mode="none", model_id=MODEL)
     catalog = StaticCatalog([ServedModel(name=MODEL, version="1", engine=engine, aliases=(f"{MODEL}@production",))])
     keys = None
-    if key_file is not None:
+    if key_file is not None or auth:
         keys = KeyStore()
+    if key_file is not None and keys is not None:
         secret, _ = keys.create("bench-load", roles=("user",))
         key_file.write_text(secret)
     if access_log:
@@ -62,8 +69,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--key-file", type=Path, default=None, help="create a key and write it here (auth on); omit for auth off")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--quiet", action="store_true", help="no access logs (ours nor uvicorn's): to see what logging costs")
+    parser.add_argument("--workers", type=int, default=1, help="gateway processes sharing the port")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.workers > 1:
+        from serving.gateway.server import run_server
+
+        if args.key_file is not None:  # one key for every process, made once
+            from registry.keys import KeyStore
+
+            secret, _ = KeyStore().create("bench-load", roles=("user",))
+            args.key_file.write_text(secret)
+        os.environ[ARGS_ENV] = json.dumps(
+            {"upstream": args.upstream, "tokenizer": args.tokenizer, "auth": args.key_file is not None,
+             "max_new_tokens": args.max_new_tokens, "access_log": not args.quiet}
+        )
+        run_server("bench.gateway_proc:app_from_env", args.host, args.port, log_level="warning", workers=args.workers)
+        return
     app = build_app(
         args.upstream, tokenizer=args.tokenizer, key_file=args.key_file, max_new_tokens=args.max_new_tokens, access_log=not args.quiet
     )
@@ -75,6 +97,12 @@ def main(argv: list[str] | None = None) -> None:
         from serving.gateway.server import run_server
 
         run_server(app, args.host, args.port)  # type: ignore[arg-type]  # exactly as `forgeline serve`
+
+
+def app_from_env() -> object:
+    """uvicorn app factory of each ``--workers`` process."""
+    options = json.loads(os.environ[ARGS_ENV])
+    return build_app(options.pop("upstream"), key_file=None, **options)
 
 
 if __name__ == "__main__":

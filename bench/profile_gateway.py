@@ -39,10 +39,33 @@ def py_spy() -> str:
     return found
 
 
+_LAYERS = (
+    ("upstream HTTP client (httpx, httpcore, anyio, h11)", ("httpx/", "httpcore/", "anyio/", "h11/")),
+    ("HTTP server (uvicorn, httptools)", ("uvicorn/", "httptools")),
+    ("FastAPI / Starlette", ("fastapi/", "starlette/")),
+    ("forgeline (serving/, registry/)", ("serving/", "registry/")),
+    ("pydantic", ("pydantic",)),
+    ("chat template, tokenizer", ("jinja2/", "transformers/", "tokenizers")),
+    ("prometheus_client", ("prometheus_client/",)),
+    ("json", ("json/",)),
+    ("logging", ("logging/",)),
+    ("opentelemetry", ("opentelemetry/",)),
+    ("asyncio, event loop (uvloop in C)", ("asyncio/", "uvloop", "runners.py")),
+)
+
+
+def _layer(frame: str) -> str:
+    for layer, needles in _LAYERS:
+        if any(n in frame for n in needles):
+            return layer
+    return "other (stdlib, interpreter)"
+
+
 def summarise(collapsed: Path, top: int = 30) -> str:
     """Inclusive and self sample shares per function from py-spy's collapsed stacks."""
     inclusive: collections.Counter[str] = collections.Counter()
     self_: collections.Counter[str] = collections.Counter()
+    layers: collections.Counter[str] = collections.Counter()
     total = 0
     for line in collapsed.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -57,7 +80,10 @@ def summarise(collapsed: Path, top: int = 30) -> str:
         for frame in set(frames):
             inclusive[frame] += count
         self_[frames[-1]] += count
-    lines = [f"busy samples: {total}", "", "inclusive share (function and everything it calls):"]
+        layers[_layer(frames[-1])] += count
+    lines = [f"busy samples: {total}", "", "self share by layer (the innermost frame's package):"]
+    lines += [f"  {100 * n / total:5.1f}%  {layer}" for layer, n in layers.most_common()]
+    lines += ["", "inclusive share (function and everything it calls):"]
     lines += [f"  {100 * n / total:5.1f}%  {f}" for f, n in inclusive.most_common(top)]
     lines += ["", "self share:"]
     lines += [f"  {100 * n / total:5.1f}%  {f}" for f, n in self_.most_common(top)]

@@ -69,7 +69,7 @@ def _image(name: str, plots_rel: str) -> str:
 def gateway_section(data: dict[str, Any], plots_rel: str) -> str:
     summary = data["summary"]
     goals = data["goals"]
-    others = [t for t in ("forgeline", "litellm") if t in data["targets"]]
+    others = _gateway_targets(data)
     head = "| cell | direct p50 / p99 (ms) | direct req/s |"
     rule = "|---|---|---|"
     for t in others:
@@ -115,12 +115,22 @@ def gateway_section(data: dict[str, Any], plots_rel: str) -> str:
         lines.append(
             f"| lower overhead than LiteLLM | lower added p50 in {checks['vs_litellm_cells']} of {len(summary)} cells | {_verdict(checks['vs_litellm'])} |"
         )
+        ratio = checks["cpu_vs_litellm_worst"]
+        lines.append(f"| ≤ 1/5 of LiteLLM's CPU per request, every cell | LiteLLM ÷ forgeline ≥ {ratio:.1f}× | {_verdict(ratio >= 5)} |")
     else:
         lines.append("| lower overhead than LiteLLM | LiteLLM not measured | n/a |")
+    cpu_worst = checks["cpu_worst"]
+    lines.append(f"| ≤ 1 ms gateway CPU per request | {cpu_worst:.2f} ms | {_verdict(cpu_worst <= 1.0)} |")
     for note in data.get("notes", []):
         lines.append(f"\n> {note}")
     lines += ["", _image("gateway_overhead", plots_rel)]
     return "\n".join(lines)
+
+
+def _gateway_targets(data: dict[str, Any]) -> list[str]:
+    """The targets compared with direct: forgeline, its multi-process runs, LiteLLM."""
+    extra = sorted(t for t in data["targets"] if t.startswith("forgeline-"))
+    return [t for t in ("forgeline", *extra, "litellm") if t in data["targets"]]
 
 
 def goal_checks(data: dict[str, Any]) -> dict[str, Any]:
@@ -138,7 +148,17 @@ def goal_checks(data: dict[str, Any]) -> dict[str, Any]:
     out["p50_ok"] = bool(p50) and out["p50_worst"] <= goals["p50_added_ms"]
     out["p99_ok"] = bool(p99) and out["p99_worst"] <= goals["p99_added_ms"]
     out["thr_ok"] = bool(thr) and out["thr_worst"] >= goals["throughput_ratio"]
+    cpu = [(c["forgeline"].get("server_cpu_ms_per_request") or {}).get("median") for c in cells]
+    out["cpu_worst"] = max((v for v in cpu if v is not None), default=float("nan"))
     if "litellm" in data["targets"]:
+        ratios = [
+            c["litellm"]["server_cpu_ms_per_request"]["median"] / c["forgeline"]["server_cpu_ms_per_request"]["median"]
+            for c in cells
+            if c.get("litellm")
+            and (c["litellm"].get("server_cpu_ms_per_request") or {}).get("median")
+            and (c["forgeline"].get("server_cpu_ms_per_request") or {}).get("median")
+        ]
+        out["cpu_vs_litellm_worst"] = min(ratios, default=float("nan"))
         better = [
             c["forgeline"]["p50_added_ms"]["median"] < c["litellm"]["p50_added_ms"]["median"]
             for c in cells
@@ -156,8 +176,8 @@ def gateway_plot(data: dict[str, Any], path: Path) -> None:
     plt = _pyplot()
     summary = data["summary"]
     cells = list(summary)
-    others = [t for t in ("forgeline", "litellm") if t in data["targets"]]
-    colors = {"forgeline": "#2b6cb0", "litellm": "#c05621"}
+    others = _gateway_targets(data)
+    colors = {"forgeline": "#2b6cb0", "litellm": "#c05621", "forgeline-2p": "#2f855a"}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
     width = 0.8 / max(1, len(others))
     for i, t in enumerate(others):
@@ -167,7 +187,7 @@ def gateway_plot(data: dict[str, Any], path: Path) -> None:
             med = [max(summary[c][t][key]["median"] or 0, floor) for c in cells]
             lo = [m - max(summary[c][t][key]["min"] or m, floor) for m, c in zip(med, cells, strict=True)]
             hi = [max((summary[c][t][key]["max"] or m) - m, 0) for m, c in zip(med, cells, strict=True)]
-            ax.bar(xs, med, width, yerr=[[max(x, 0) for x in lo], hi], capsize=2, label=t, color=colors[t])
+            ax.bar(xs, med, width, yerr=[[max(x, 0) for x in lo], hi], capsize=2, label=t, color=colors.get(t, "#718096"))
     ax1.axhline(data["goals"]["p50_added_ms"], color="green", linestyle="--", linewidth=1, label="goal")
     ax1.set_yscale("log")
     ax1.set_ylabel("added p50 latency (ms, log)")

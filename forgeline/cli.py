@@ -322,8 +322,10 @@ def _build_on_cluster(ref: str, target: str, trtllm: Any, cluster: Any, extra_ad
 def serve(
     model: Annotated[list[str] | None, typer.Option("--model", help="Model ref to serve, e.g. quickstart@production (repeatable).")] = None,
     base: Annotated[list[str] | None, typer.Option("--base", help="Operator base model to serve bare (`forgeline models add-base`); fine-tuned LoRA versions on it answer by their own name (repeatable).")] = None,
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    config: Annotated[Path | None, typer.Option("--config", help="A gateway config file (models, pools, limits, keys, quotas, telemetry); see platform/gateway.yaml.")] = None,
+    host: Annotated[str | None, typer.Option(help="Interface to listen on (default 127.0.0.1, or the config's).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on (default 8000, or the config's).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Gateway processes sharing the port (quotas then need Redis); default 1, or the config's.")] = None,
     device: Annotated[str, typer.Option(help="Torch device: auto, cpu, cuda.")] = "auto",
     recipe: Annotated[Path | None, typer.Option(help="Take the other serve options (canary, quotas, adapters) from this recipe's `serve` section.")] = None,
     auth: Annotated[bool, typer.Option("--auth/--no-auth", help="Require API keys (`forgeline keys create`).")] = True,
@@ -334,35 +336,57 @@ def serve(
     graceful_shutdown: GracefulShutdown = None,
 ) -> None:
     """Serve models through the OpenAI-compatible gateway until interrupted."""
+    import os
+
     from serving.config import ServeSpec
     from serving.gateway.server import run_server
-    from serving.registry_models import BaseSource
-    from serving.service import build_gateway, configure_access_log
+    from serving.service import configure_access_log
 
-    from .finetune.base_models import BaseModelStore
     from .recipe import load_recipe
+    from .serve_app import FACTORY, PLAN_ENV, ServePlan, build_app, check_processes
 
     refs, base_names = list(model or []), list(dict.fromkeys(base or []))
-    if not refs and not base_names:
-        raise ForgelineError(
-            "nothing to serve: pass --model REF (a registry ref) and/or --base NAME (see `forgeline models bases`)",
-            code=ErrorCode.INVALID_REQUEST,
-            param="model",
-        )
-    serve_spec = load_recipe(recipe).serve if recipe else ServeSpec()
-    limits = server_limits(serve_spec.limits, header_timeout=header_timeout, body_timeout=body_timeout,
-                           keep_alive=keep_alive, max_connections=max_connections, graceful_shutdown=graceful_shutdown)
-    spec = serve_spec.model_copy(
-        update={"host": host, "port": port, "device": device, "auth": auth and serve_spec.auth, "limits": limits}
-    )
+    flags = {"header_timeout": header_timeout, "body_timeout": body_timeout, "keep_alive": keep_alive,
+             "max_connections": max_connections, "graceful_shutdown": graceful_shutdown}
+    if config is not None:
+        from .gateway_config import load_gateway_config
+
+        if refs or base_names or recipe:
+            raise ForgelineError("--config names the models itself; drop --model, --base and --recipe",
+                                 code=ErrorCode.INVALID_REQUEST, param="config")
+        loaded = load_gateway_config(config)
+        spec = loaded.serve_spec()
+        limits = server_limits(spec.limits, **flags)
+        spec = spec.model_copy(update={"host": host or spec.host, "port": port if port is not None else spec.port, "limits": limits})
+        plan = ServePlan(spec=spec, config=str(config.resolve()))
+        names = [m.name for m in loaded.models]
+        workers = workers or loaded.server.workers
+    else:
+        if not refs and not base_names:
+            raise ForgelineError(
+                "nothing to serve: pass --model REF (a registry ref), --base NAME (see `forgeline models bases`) or --config FILE",
+                code=ErrorCode.INVALID_REQUEST,
+                param="model",
+            )
+        serve_spec = load_recipe(recipe).serve if recipe else ServeSpec()
+        limits = server_limits(serve_spec.limits, **flags)
+        spec = serve_spec.model_copy(update={"host": host or "127.0.0.1", "port": 8000 if port is None else port,
+                                             "device": device, "auth": auth and serve_spec.auth, "limits": limits})
+        plan = ServePlan(refs=refs, bases=base_names, spec=spec)
+        names = refs + base_names
+        workers = workers or 1
+    check_processes(spec, workers)
     configure_access_log()
     try:
-        store = BaseModelStore() if base_names else None
-        records = [store.get(name) for name in base_names] if store else []
-        bases = [BaseSource(name=r.name, source=r.source, chat_template=r.chat_template) for r in records]
-        gateway = build_gateway(open_registry(), refs, spec, bases=bases)
-        console.print(f"serving {', '.join(refs + base_names)} on http://{host}:{port}/v1 (API keys {'required' if spec.auth else 'OFF'})")
-        run_server(gateway, host, port, limits=spec.limits)
+        where = f"http://{spec.host}:{spec.port}/v1 (API keys {'required' if spec.auth else 'OFF'})"
+        if workers > 1:
+            os.environ[PLAN_ENV] = plan.model_dump_json()
+            console.print(f"serving {', '.join(names)} on {where} with {workers} processes")
+            run_server(FACTORY, spec.host, spec.port, limits=spec.limits, workers=workers)
+            return
+        gateway = build_app(plan)
+        console.print(f"serving {', '.join(names)} on {where}")
+        run_server(gateway, spec.host, spec.port, limits=spec.limits)
     except ForgelineError as err:
         # Nothing could be served as asked: like bad input, exit 2 with one line.
         if state["debug"]:

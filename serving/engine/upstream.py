@@ -41,9 +41,18 @@ from typing import Any, Literal
 import httpx
 
 from registry.errors import ErrorCode, ForgelineError, ModelNotFoundError
-from serving import request_id
+from serving import request_id, telemetry
 from serving.engine.base import Chunk, FinishReason, SamplingParams
 from serving.engine.pool import Outcome, PoolPolicy, Worker, WorkerPool
+from serving.engine.worker_http import (
+    AiohttpWorkerClient,
+    HttpxWorkerClient,
+    WorkerBrokenError,
+    WorkerClient,
+    WorkerError,
+    WorkerRefusedError,
+    WorkerTimeoutError,
+)
 from serving.stop_tokens import read_stop_token_ids
 
 logger = logging.getLogger(__name__)
@@ -54,6 +63,7 @@ Discovery = Callable[[], Awaitable[list[str]]]
 """Answers the pool's worker URLs now (see `serving.engine.discovery`)."""
 
 _QUEUE_METRIC = re.compile(r"^vllm:num_requests_waiting(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.MULTILINE)
+_RUNNING_METRIC = re.compile(r"^vllm:num_requests_running(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.MULTILINE)
 # vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc (0.10); either is a 0..1 share.
 _KV_METRIC = re.compile(r"^vllm:(?:gpu|kv)_cache_usage_perc(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.MULTILINE)
 
@@ -121,7 +131,8 @@ class UpstreamEngine:
         policy: the pool's ejection, routing and retry settings.
         scrape_queue: read each worker's ``vllm:num_requests_waiting`` and KV-cache use from ``metrics_path``
             with every health check, and route by it.
-        transport: an httpx transport (tests).
+        transport: an httpx transport (tests script workers with it); without one the
+            workers are reached over aiohttp (`serving.engine.worker_http`).
     """
 
     # `/v1/completions` answers carry logprobs in another shape; chat that wants them passes through.
@@ -175,14 +186,17 @@ class UpstreamEngine:
         self._scrape_queue = scrape_queue
         self._tokenizer_src = tokenizer if tokenizer is not None else (model if Path(model).is_dir() else None)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=30.0, pool=connect_timeout)
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
         self._health_interval = health_interval
         self._transport = transport
-        self._client: httpx.AsyncClient | None = None
+        self._client: WorkerClient | None = None
         self._tokenizer: Any = None
         self._stop_token_ids: list[int] = []
         self._started = False
         self._poller: asyncio.Task[None] | None = None
+        self.reported: dict[str, dict[str, float]] = {}
+        """Per worker URL: the vLLM gauges it last reported (``scrape_queue``): waiting, running, KV-cache use."""
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -230,8 +244,12 @@ class UpstreamEngine:
         # another one (Llama-3 <|eot_id|>), so every request names them all.
         self._stop_token_ids = read_stop_token_ids(self._tokenizer_src, self._tokenizer)
         # Keep-alive connections sized to the pool, so steady load never reconnects.
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64 * max(1, len(self.pool.workers)))
-        self._client = httpx.AsyncClient(timeout=self._timeout, headers=self._headers, transport=self._transport, limits=limits)
+        # Keep-alive connections without a cap, per worker, so steady load never reconnects.
+        timeouts = {"connect_timeout": self._connect_timeout, "read_timeout": self._read_timeout}
+        if self._transport is not None:
+            self._client = HttpxWorkerClient(headers=self._headers, transport=self._transport, **timeouts)
+        else:
+            self._client = AiohttpWorkerClient(headers=self._headers, **timeouts)
         self._started = True
         await self._discover()
         await self._check_all()
@@ -267,11 +285,16 @@ class UpstreamEngine:
         queue = kv = None
         try:
             response = await self._client.get(worker.url + "/health", timeout=min(5.0, max(self._health_interval, 0.5)))
-            ok = response.status_code == 200
+            ok = response.status == 200
             if ok and self._scrape_queue:
                 text = (await self._client.get(worker.url + self.metrics_path, timeout=5.0)).text
                 queue, kv = _summed(_QUEUE_METRIC, text), _summed(_KV_METRIC, text)
-        except httpx.HTTPError as exc:
+                running = _summed(_RUNNING_METRIC, text)
+                # Re-exported by the gateway's /metrics, per worker (what the worker itself said).
+                self.reported[worker.url] = {
+                    k: v for k, v in (("num_requests_waiting", queue), ("num_requests_running", running), ("kv_cache_usage_perc", kv)) if v is not None
+                }
+        except WorkerError as exc:
             logger.debug("health of %s failed: %s", worker.url, exc)
             ok = False
         self.pool.health_checked(worker, ok, queue_depth=queue, kv_cache_usage=kv)
@@ -299,11 +322,11 @@ class UpstreamEngine:
         client = self._require_client()
         worker = self.pool.pick()
         try:
-            response = await client.get(worker.url + self.metrics_path)
-        except httpx.HTTPError as exc:
+            response = await client.get(worker.url + self.metrics_path, timeout=self._read_timeout)
+        except WorkerError as exc:
             raise self._unavailable(f"metrics scrape failed: {exc}") from exc
-        if response.status_code != 200:
-            raise _upstream_error(response.status_code, response.content, self.model_id)
+        if response.status != 200:
+            raise _upstream_error(response.status, response.body, self.model_id)
         return response.text
 
     # -- text helpers ------------------------------------------------------------------
@@ -313,7 +336,7 @@ class UpstreamEngine:
             raise self._unavailable("engine is not running")
         return self._tokenizer
 
-    def _require_client(self) -> httpx.AsyncClient:
+    def _require_client(self) -> WorkerClient:
         if self._client is None:
             raise self._unavailable("engine is not running")
         return self._client
@@ -436,8 +459,36 @@ class UpstreamEngine:
         """
         body = self.route_adapter({**body, "stream": False}, adapter)
         body.pop("stream_options", None)
+        return await self._post_unary("/v1/chat/completions", body, adapter)
+
+    async def complete(self, prompt: str, params: SamplingParams, *, adapter: str | None = None) -> tuple[str, int, FinishReason]:
+        """A whole, non-streamed completion of ``prompt``: ``(text, completion tokens, finish reason)``.
+
+        For a client that asked for no stream: one answer instead of an event per token
+        costs the gateway less, and since nothing of it reaches the client before it is
+        whole, a worker that fails or dies mid-answer is retried on another (within the
+        retry budget), as `relay_chat` is.
+
+        Raises:
+            ForgelineError: the worker's own 4xx error, or ``unavailable``.
+        """
+        body = self.request_body(prompt, params, adapter)
+        body["stream"] = False
+        body.pop("stream_options", None)
+        answer = await self._post_unary("/v1/completions", body, adapter)
+        choice = (answer.get("choices") or [{}])[0]
+        text = str(choice.get("text") or "")
+        tokens = (answer.get("usage") or {}).get("completion_tokens")
+        if tokens is None:  # the worker did not report usage: count the text ourselves
+            tokens = len(self._require_tokenizer()(text, add_special_tokens=False)["input_ids"])
+        return text, int(tokens), _finish_reason(choice.get("finish_reason"))
+
+    async def _post_unary(self, path: str, body: dict[str, Any], adapter: str | None) -> dict[str, Any]:
+        """POST a non-streamed request to a worker and return its JSON answer, retrying
+        failed attempts on other workers within the pool's retry budget."""
         client = self._require_client()
         tried: list[Worker] = []
+        budgeted = False  # this attempt holds a retry from the pool's budget
         while True:
             worker = self.pool.pick(adapter, tried)
             retried = bool(tried)
@@ -445,35 +496,48 @@ class UpstreamEngine:
             started, outcome, tokens = time.perf_counter(), Outcome.ERROR, 0
             error: ForgelineError
             fatal = False  # the request itself is wrong: another worker would say the same
+            attempt = _attempt_span(worker, path, retried)
+            failure: BaseException | None = None
             try:
-                response = await client.post(worker.url + "/v1/chat/completions", json=body, headers=_request_headers())
-                if response.status_code == 200:
+                response = await client.post_json(worker.url + path, body, _request_headers(attempt))
+                telemetry.end_span(attempt, **{"http.response.status_code": response.status})
+                attempt = None
+                if response.status == 200:
                     answer = response.json()
                     usage = answer.get("usage") or {}
                     tokens, outcome = int(usage.get("completion_tokens") or 0), Outcome.OK
                     return answer
-                error = _upstream_error(response.status_code, response.content, self.model_id)
-                if response.status_code < 500:
+                error = _upstream_error(response.status, response.body, self.model_id)
+                if response.status < 500:
                     outcome = Outcome.OK  # the worker is fine; 429 alone is worth another worker
-                    fatal = response.status_code != 429
-            except asyncio.CancelledError:
-                outcome, started = Outcome.OK, float("inf")  # the client left; the worker did nothing wrong
+                    fatal = response.status != 429
+            except asyncio.CancelledError as exc:
+                outcome, started, failure = Outcome.OK, float("inf"), exc  # the client left; the worker did nothing wrong
                 raise
-            except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
-                outcome, error = _refused_or_error(exc), self._unavailable(f"{worker.url}: {type(exc).__name__}: {exc}")
-            except httpx.HTTPError as exc:
-                error = self._unavailable(f"{worker.url}: {type(exc).__name__}: {exc}")
+            except (WorkerRefusedError, WorkerBrokenError) as exc:
+                failure = exc
+                outcome, error = _refused_or_error(exc), self._unavailable(f"{worker.url}: {exc}")
+            except WorkerError as exc:
+                failure, error = exc, self._unavailable(f"{worker.url}: {exc}")
             except ValueError as exc:
                 error = self._unavailable(f"{worker.url} answered with a body that is not JSON: {exc}")
+            except BaseException as exc:
+                failure = exc
+                raise
             finally:
+                # Ended here only when no answer came: the exception says why.
+                telemetry.end_span(attempt, error=failure)
                 elapsed = time.perf_counter() - started if outcome is Outcome.OK else 0.0
                 self.pool.end(worker, outcome, seconds=max(0.0, elapsed), tokens=tokens, adapter=adapter)
-                if retried:
+                if budgeted:
                     self.pool.end_retry()
             tried.append(worker)
-            if fatal or not self._may_retry(tried):
+            if fatal:
                 raise error
-            logger.info("retrying a %s chat request on another worker after %s: %s", self.model_id, worker.url, error.message)
+            budgeted = self._may_retry(tried, refused=isinstance(failure, WorkerRefusedError))
+            if budgeted is None:
+                raise error
+            logger.info("retrying a %s request on another worker after %s: %s", self.model_id, worker.url, error.message)
 
     def relay_chat_stream(self, body: dict[str, Any], *, adapter: str | None = None) -> AsyncGenerator[dict[str, Any], None]:
         """Stream a chat request's events from a worker (each event parsed; ``[DONE]`` left out).
@@ -486,9 +550,17 @@ class UpstreamEngine:
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return self._stream_events("/v1/chat/completions", body, adapter)
 
-    def _may_retry(self, tried: list[Worker]) -> bool:
+    def _may_retry(self, tried: list[Worker], *, refused: bool = False) -> bool | None:
+        """Whether to try another worker: None for no, else whether the retry holds one of the
+        budget's (then release it with ``pool.end_retry()``). A refused connection reached no
+        worker and cost none of them anything, so its retry is free: a worker that just died
+        refuses every request routed to it before it is ejected, and those must not fail."""
         others = sum(1 for w in self.pool.workers if not w.draining and w not in tried)
-        return others > 0 and len(tried) < self.pool.policy.max_attempts and self.pool.take_retry()
+        if others == 0 or len(tried) >= self.pool.policy.max_attempts:
+            return None
+        if refused:
+            return False
+        return True if self.pool.take_retry() else None
 
     async def _stream_events(self, path: str, body: dict[str, Any], adapter: str | None) -> AsyncGenerator[dict[str, Any], None]:
         """POST a streamed request to a worker and yield its SSE events as JSON objects.
@@ -498,27 +570,30 @@ class UpstreamEngine:
         """
         client = self._require_client()
         tried: list[Worker] = []
+        budgeted = False  # this attempt holds a retry from the pool's budget
         while True:
             worker = self.pool.pick(adapter, tried)
             retried = bool(tried)
             self.pool.begin(worker)
             started, outcome, tokens, yielded, done = time.perf_counter(), Outcome.ERROR, 0, False, False
+            refused = False
             error: ForgelineError | None = None
             fatal = False  # the request itself is wrong: another worker would say the same
+            attempt = _attempt_span(worker, path, retried)
             try:
-                request = client.build_request("POST", worker.url + path, json=body, headers=_request_headers())
-                response = await client.send(request, stream=True)
-                try:
-                    if response.status_code != 200:
-                        error = _upstream_error(response.status_code, await response.aread(), self.model_id)
-                        if response.status_code < 500:
+                async with client.stream(worker.url + path, body, _request_headers(attempt)) as response:
+                    if attempt is not None:
+                        attempt.set_attribute("http.response.status_code", response.status)
+                    if response.status != 200:
+                        error = _upstream_error(response.status, await response.read(), self.model_id)
+                        if response.status < 500:
                             outcome = Outcome.OK  # the worker is fine; 429 alone is worth another worker
-                            fatal = response.status_code != 429
+                            fatal = response.status != 429
                     else:
-                        async for line in response.aiter_lines():
-                            # After [DONE], read on to the end of the body instead of breaking out:
-                            # httpx closes a connection whose response was not read to the end, so
-                            # breaking made every request open a new TCP connection to the worker.
+                        async for line in response.lines():
+                            # After [DONE], read on to the end of the body instead of breaking out: a
+                            # connection whose response was not read to the end is closed, not reused,
+                            # so breaking made every request open a new TCP connection to the worker.
                             if done or not line.startswith("data:"):
                                 continue
                             data = line[5:].strip()
@@ -532,52 +607,70 @@ class UpstreamEngine:
                             usage = event.get("usage")
                             if usage and usage.get("completion_tokens") is not None:
                                 tokens = int(usage["completion_tokens"])
+                            if not yielded and attempt is not None:
+                                attempt.add_event("first_token")
                             yielded = True
                             yield event
                         if done:
                             outcome = Outcome.OK
                         else:
                             error = self._unavailable(f"the stream from {worker.url} ended before the completion finished")
-                finally:
-                    await response.aclose()
             except (GeneratorExit, asyncio.CancelledError):
                 outcome = Outcome.OK  # the client left; the worker did nothing wrong
                 started = float("inf")
                 raise
-            except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+            except (WorkerRefusedError, WorkerBrokenError) as exc:
                 outcome = _refused_or_error(exc) if not yielded else Outcome.ERROR
-                error = self._unavailable(f"{worker.url}: the stream broke: {type(exc).__name__}: {exc}")
-            except httpx.TimeoutException as exc:
-                error = self._unavailable(f"{worker.url} sent no data for {self._timeout.read:.0f} s ({type(exc).__name__})")
-            except httpx.HTTPError as exc:
-                error = self._unavailable(f"{worker.url}: the stream broke: {type(exc).__name__}: {exc}")
+                refused = isinstance(exc, WorkerRefusedError)
+                error = self._unavailable(f"{worker.url}: the stream broke: {exc}")
+            except WorkerTimeoutError as exc:
+                error = self._unavailable(f"{worker.url} sent no data for {self._read_timeout:.0f} s ({exc})")
+            except WorkerError as exc:
+                error = self._unavailable(f"{worker.url}: the stream broke: {exc}")
             except json.JSONDecodeError as exc:
                 error = self._unavailable(f"{worker.url} sent an event that is not JSON: {exc}")
             except ForgelineError as exc:
                 error = exc  # an in-band error event
             finally:
+                telemetry.end_span(attempt, error=error)
                 elapsed = time.perf_counter() - started if outcome is Outcome.OK else 0.0
                 self.pool.end(worker, outcome, seconds=max(0.0, elapsed), tokens=tokens, adapter=adapter)
-                if retried:
+                if budgeted:
                     self.pool.end_retry()
             if error is None:
                 return
             tried.append(worker)
-            if fatal or yielded or not self._may_retry(tried):
+            if fatal or yielded:
+                raise error
+            budgeted = self._may_retry(tried, refused=refused)
+            if budgeted is None:
                 raise error
             logger.info("retrying a %s request on another worker after %s: %s", self.model_id, worker.url, error.message)
 
 
-def _request_headers() -> dict[str, str] | None:
-    # The gateway's request id travels on, so the worker's logs name the same request.
+def _request_headers(attempt: Any = None) -> dict[str, str] | None:
+    # The gateway's request id travels on, so the worker's logs name the same request; with
+    # tracing on, so does the attempt's span (W3C traceparent), so the worker's spans join the trace.
     rid = request_id.current.get()
-    return {request_id.HEADER: rid} if rid else None
+    headers = {request_id.HEADER: rid} if rid else {}
+    if attempt is not None:
+        telemetry.inject(headers, attempt)
+    return headers or None
 
 
-def _refused_or_error(exc: httpx.HTTPError) -> Outcome:
+def _attempt_span(worker: Worker, path: str, retried: bool) -> Any:
+    """One CLIENT span per attempt on a worker (None when tracing is off)."""
+    if not telemetry.enabled():
+        return None
+    return telemetry.start_span(
+        "upstream", client=True, **{"server.address": worker.url, "url.path": path, "forgeline.retry": retried}
+    )
+
+
+def _refused_or_error(exc: WorkerError) -> Outcome:
     # Refused or reset before any answer: the process is gone (eject now); anything else
     # may be a blip and counts toward the consecutive-failure threshold.
-    return Outcome.REFUSED if isinstance(exc, httpx.ConnectError | httpx.RemoteProtocolError) else Outcome.ERROR
+    return Outcome.REFUSED if isinstance(exc, WorkerRefusedError | WorkerBrokenError) else Outcome.ERROR
 
 
 def _summed(metric: re.Pattern[str], metrics_text: str) -> float | None:

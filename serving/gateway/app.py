@@ -37,6 +37,7 @@ def create_app(
     key_cache_s: float = 2.0,
     limiter: Limiter | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    metrics_per_key: bool = False,
 ) -> FastAPI:
     """Build the gateway for the models in ``catalog``.
 
@@ -49,11 +50,13 @@ def create_app(
         limiter: enforces each key's ``rpm``/``tpm``; defaults to an in-process limiter
             when ``keys`` is given (quotas belong to keys, so none without auth).
         max_body_bytes: larger request bodies get 413.
+        metrics_per_key: label request and token counters with the key's id (opt-in: one
+            series per key multiplies the series count).
 
     Returns:
         A FastAPI app; its lifespan loads the models (startup fails if one cannot load).
     """
-    gateway_metrics = GatewayMetrics()
+    gateway_metrics = GatewayMetrics(per_key=metrics_per_key)
     if limiter is None and keys is not None:
         limiter = LocalLimiter()
 

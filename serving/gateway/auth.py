@@ -25,6 +25,7 @@ from fastapi.routing import APIRoute
 from registry.authz import Kind, Operation, Rule, Scope, decide, enforce, owner_org, route_keys, undeclared
 from registry.errors import AuthenticationError, PermissionDeniedError
 from registry.keys import KeyRecord
+from serving import telemetry
 from serving.gateway.catalog import Route, ServedModel
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,8 @@ async def get_principal(request: Request) -> KeyRecord | None:
     auth: KeyAuth | None = request.app.state.auth
     if auth is None or rule.operation is Operation.PUBLIC:
         return None
-    record = await auth.authenticate(request.headers.get("authorization"))
+    with telemetry.span("gateway.auth"):
+        record = await auth.authenticate(request.headers.get("authorization"))
     enforce(decide(record, rule), missing=lambda: PermissionDeniedError("refused", param="api_key"))
     request.state.key_id = record.id
     return record

@@ -3,8 +3,9 @@
 uvicorn closes idle keep-alive connections, but not one that trickles a request's headers
 a byte at a time, nor one that opens and sends nothing, nor one that stops in the middle of
 a body; and its ``limit_concurrency`` is only checked once a request's headers are
-complete. `limited_protocol` builds uvicorn's h11 protocol with the missing ones added
-(`serving.config.ServerLimits` holds every limit).
+complete. `limited_protocol` builds uvicorn's httptools protocol (h11 when httptools is
+not installed) with the missing ones added (`serving.config.ServerLimits` holds every
+limit). httptools parses a request in C, which is most of the server's cost per request.
 """
 
 from __future__ import annotations
@@ -17,32 +18,51 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from serving.config import ServerLimits
 
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # httptools comes with uvicorn[standard]; h11 is the fallback
+    HttpToolsProtocol = None  # type: ignore[assignment,misc]
+
 logger = logging.getLogger(__name__)
 
 _REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+_HEADERS_TOO_LARGE = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
 
-def limited_protocol(limits: ServerLimits) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with ``limits``' header/body timeouts and connection cap."""
+def http_implementation() -> str:
+    """``httptools`` when it is installed (uvicorn[standard]), else ``h11``."""
+    return "httptools" if HttpToolsProtocol is not None else "h11"
 
-    class LimitedH11Protocol(_LimitedH11Protocol):
+
+def limited_protocol(limits: ServerLimits, http: str | None = None) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (``http``: ``httptools`` or ``h11``; default: the fastest
+    installed) with ``limits``' header/body timeouts, header size and connection cap."""
+    base: type[asyncio.Protocol] = _LimitedHttpTools if (http or http_implementation()) == "httptools" else _LimitedH11
+
+    class LimitedProtocol(base):  # type: ignore[valid-type,misc]
         header_timeout_s = limits.header_timeout_s
         body_timeout_s = limits.body_timeout_s
         max_connections = limits.max_connections
+        max_header_bytes = limits.max_header_bytes
 
-    return LimitedH11Protocol
+    return LimitedProtocol
 
 
-class _LimitedH11Protocol(H11Protocol):
+class _LimitedMixin:
+    """The timers and caps; mixed into uvicorn's h11 and httptools protocols alike (both
+    keep ``cycle``, ``flow``, ``transport``, ``loop`` and ``connections``)."""
+
     header_timeout_s: float
     body_timeout_s: float
     max_connections: int
+    max_header_bytes: int
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._got_bytes = False
+        self._header_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -60,12 +80,23 @@ class _LimitedH11Protocol(H11Protocol):
         before = self.cycle
         if self._awaiting_request():
             self._got_bytes = True
+            # Bytes of the request line and headers so far: up to their blank line, if it is here.
+            # Counted before parsing, so neither parser ever holds more (h11's own bound only
+            # covers headers that are still incomplete; httptools has none).
+            end = data.find(b"\r\n\r\n")
+            self._header_bytes += end if end >= 0 else len(data)
+            if self._header_bytes > self.max_header_bytes:
+                logger.info("closing %s: request headers over %d bytes", self.client, self.max_header_bytes)
+                self.transport.write(_HEADERS_TOO_LARGE)
+                self.transport.close()
+                return
             if self._header_timer is None:
                 self._arm_header_timer()
         super().data_received(data)
         if self.cycle is not before:  # the headers of a new request are complete
             self._cancel_header_timer()
             self._got_bytes = False
+            self._header_bytes = 0
         if self.cycle is not None and self.cycle.more_body and not self.cycle.response_complete:
             self._arm_body_timer()  # restarted by every piece of body
         elif self._body_timer is not None:
@@ -122,3 +153,16 @@ class _LimitedH11Protocol(H11Protocol):
             return
         logger.info("closing %s: no request body data for %.0f s", self.client, self.body_timeout_s)
         self.transport.close()  # the app sees http.disconnect
+
+
+class _LimitedH11(_LimitedMixin, H11Protocol):
+    pass
+
+
+if HttpToolsProtocol is not None:
+
+    class _LimitedHttpTools(_LimitedMixin, HttpToolsProtocol):
+        pass
+
+else:  # pragma: no cover - without httptools every server uses h11
+    _LimitedHttpTools = _LimitedH11  # type: ignore[misc,assignment]

@@ -33,13 +33,14 @@ class GatewaySettings:
     max_new_tokens: int = 256
 
 
-def get_catalog(request: Request) -> ModelCatalog:
-    """The catalog `create_app` stored on the app."""
+async def get_catalog(request: Request) -> ModelCatalog:
+    """The catalog `create_app` stored on the app (``async``: no thread-pool hand-off)."""
     return request.app.state.catalog
 
 
-def get_settings(request: Request) -> GatewaySettings:
-    """The settings `create_app` stored on the app."""
+async def get_settings(request: Request) -> GatewaySettings:
+    """The settings `create_app` stored on the app (``async``: FastAPI runs a plain ``def``
+    dependency in its thread pool, a hand-off per request for a field read)."""
     return request.app.state.settings
 
 

@@ -17,7 +17,9 @@ from fastapi import Request
 
 from registry.errors import ForgelineError
 from registry.keys import KeyRecord
+from serving import telemetry
 from serving.engine.base import ChatRelay, Chunk, Engine, SamplingParams, TokenLogprobs
+from serving.engine.upstream import UpstreamEngine
 from serving.gateway.auth import check_model_allowed, may_route
 from serving.gateway.catalog import Lease, ModelCatalog, Route, ServedModel, model_not_found
 from serving.gateway.generation import Completion, interleave, lineage_headers, open_streams
@@ -143,7 +145,8 @@ class RequestLifecycle:
         """Charge one request and the prompt tokens to the key's quota; 429 when over it."""
         self.prompt_tokens = self._admitted_tokens = prompt_tokens
         if self._limiter is not None and self.principal is not None:
-            self._quota = await self._limiter.admit(self.principal.id, self._limits, prompt_tokens)
+            with telemetry.span("gateway.quota", **{"forgeline.prompt_tokens": prompt_tokens}):
+                self._quota = await self._limiter.admit(self.principal.id, self._limits, prompt_tokens)
 
     async def complete(self, prompt: str, params: SamplingParams) -> Completion:
         """Generate to the end (non-streaming) and account for it."""
@@ -151,6 +154,9 @@ class RequestLifecycle:
 
     async def complete_choices(self, prompt: str, params: list[SamplingParams]) -> list[Completion]:
         """Generate one choice per entry of ``params`` to the end; usage sums them all."""
+        engine = self.engine
+        if isinstance(engine, UpstreamEngine) and all(p.logprobs is None for p in params):
+            return await self._complete_upstream(engine, prompt, params)
         parts: list[list[str]] = [[] for _ in params]
         tokens = [0] * len(params)
         finish: list[FinishReason] = ["length"] * len(params)
@@ -166,6 +172,22 @@ class RequestLifecycle:
             for text, n, end, lp, p in zip(parts, tokens, finish, logprobs, params, strict=True)
         ]
 
+    async def _complete_upstream(self, engine: UpstreamEngine, prompt: str, params: list[SamplingParams]) -> list[Completion]:
+        # Non-streamed from the worker too: one answer to parse instead of an event per token, and
+        # a worker that dies mid-answer is retried on another (the client has seen nothing yet).
+        # No time to first token or inter-token latency is observed: a whole answer has neither.
+        status = 200
+        try:
+            with telemetry.span("gateway.queue", current=False, **{"gen_ai.request.model": self.model}):
+                done = await asyncio.gather(*(engine.complete(prompt, p, adapter=self.adapter) for p in params))
+            self.completion_tokens = sum(tokens for _, tokens, _ in done)
+            return [Completion(text, tokens, finish) for text, tokens, finish in done]
+        except BaseException as exc:
+            status = _status_of(exc)
+            raise
+        finally:
+            self.finish(status)
+
     async def stream(self, prompt: str, params: SamplingParams) -> AsyncGenerator[Chunk, None]:
         """Start generating; errors before the first chunk raise here (proper HTTP errors)."""
         return _chunks_only(await self.stream_choices(prompt, [params]))
@@ -177,7 +199,9 @@ class RequestLifecycle:
 
         Errors before any choice's first chunk raise here (proper HTTP errors).
         """
-        streams = await open_streams(self.served, prompt, params, self.adapter)
+        # Queueing and prefill, wherever the engine does them: until every choice's first output.
+        with telemetry.span("gateway.queue", current=False, **{"gen_ai.request.model": self.model}):
+            streams = await open_streams(self.served, prompt, params, self.adapter)
         return self._timed(interleave(streams))
 
     async def _timed(
@@ -193,6 +217,7 @@ class RequestLifecycle:
                     if self.first_token_at is None:
                         self.first_token_at = now
                         self._metrics.ttft.labels(*self._labels).observe(now - self.started)
+                        telemetry.event("first_token")
                     if index not in last:
                         # A first chunk of several tokens: the rest arrived with it.
                         n_gaps, gap = n - 1, 0.0
@@ -225,7 +250,8 @@ class RequestLifecycle:
         """Start a streamed pass-through chat request; errors before its first event raise here."""
         events = self._relay().relay_chat_stream(body, adapter=self.adapter)
         try:
-            first = await anext(events)
+            with telemetry.span("gateway.queue", current=False, **{"gen_ai.request.model": self.model}):
+                first = await anext(events)
         except BaseException:
             await events.aclose()
             raise
@@ -257,6 +283,7 @@ class RequestLifecycle:
                     if self.first_token_at is None:
                         self.first_token_at = now
                         self._metrics.ttft.labels(*self._labels).observe(now - self.started)
+                        telemetry.event("first_token")
                     else:
                         self._metrics.itl.labels(*self._labels).observe(now - last)
                     last = now
@@ -284,12 +311,10 @@ class RequestLifecycle:
         failed = True if status >= 500 else (False if status < 400 else None)
         self.lease.release(failed=failed, latency_s=elapsed)
         m = self._metrics
-        model, version, adapter = self._labels
-        m.requests.labels(model, version, adapter, self._key, str(status)).inc()
-        if status < 400 or status == CLIENT_CLOSED:
+        answered = status < 400 or status == CLIENT_CLOSED
+        m.count(self._labels, self._key, status, self.prompt_tokens, self.completion_tokens, tokens=answered)
+        if answered:
             m.e2e.labels(*self._labels).observe(elapsed)
-            m.prompt_tokens.labels(model, version, adapter, self._key).inc(self.prompt_tokens)
-            m.generation_tokens.labels(model, version, adapter, self._key).inc(self.completion_tokens)
             # Prompt tokens beyond those admitted up front: a pass-through request learns its
             # prompt size from the worker's usage.
             owed = self.completion_tokens + max(0, self.prompt_tokens - self._admitted_tokens)

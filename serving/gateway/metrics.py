@@ -1,10 +1,15 @@
 """Prometheus metrics (``GET /metrics``) and the structured access log.
 
-Names follow vLLM's and TensorRT-LLM's (time to first token, inter-token latency,
-end-to-end latency, prompt/generation tokens, waiting/running requests) with a
-``forgeline_`` prefix. Each app has its own registry, so several gateways in one process
-(tests) do not collide. The access log is one JSON object per request on the
-``forgeline.access`` logger; it never contains prompts or completions.
+Two sets of names. ``forgeline_*`` series carry the gateway's full labels (model, version,
+adapter, status). The same measurements are also exported under vLLM's names with its
+``model_name`` label (`VLLM_NAMES`), so dashboards, autoscalers (KEDA, HPA on custom
+metrics) and routers built for vLLM read a forgeline endpoint as they read vLLM; those are
+derived from ours at scrape time, so they cost nothing per request. Per-key labels are
+opt-in (``per_key``): a ``key`` label multiplies every counter's series by the keys in use.
+
+Each app has its own registry, so several gateways in one process (tests) do not collide.
+The access log is one JSON object per request on the ``forgeline.access`` logger; it never
+contains prompts or completions.
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving import request_id as request_ids
+from serving import telemetry
 from serving.engine.upstream import UpstreamEngine
 from serving.gateway.catalog import ModelCatalog, ServedModel
 from serving.gateway.errors import error_body, too_large_message
@@ -89,6 +95,7 @@ class _PoolCollector(Collector):
             "ejected": GaugeMetricFamily("forgeline_upstream_worker_ejected", "1 while the worker's circuit is open (ejected for failures).", labels=labels),
             "queue_depth": GaugeMetricFamily("forgeline_upstream_worker_num_requests_waiting", "Requests waiting in the worker's own queue, as it reports them.", labels=labels),
             "kv_cache_usage": GaugeMetricFamily("forgeline_upstream_worker_kv_cache_usage_perc", "Share of the worker's KV cache in use (0..1), as it reports it.", labels=labels),
+            "batch": GaugeMetricFamily("forgeline_upstream_worker_batch_size", "Requests in the worker's running batch, as it reports it (vllm:num_requests_running).", labels=labels),
             "seconds_per_token": GaugeMetricFamily("forgeline_upstream_worker_seconds_per_token", "The pool's estimate of the worker's seconds per generated token.", labels=labels),
             "requests": CounterMetricFamily("forgeline_upstream_worker_requests", "Requests sent to the worker (retries included).", labels=labels),
             "ejections": CounterMetricFamily("forgeline_upstream_worker_ejections", "Times the worker was ejected, net of forgiven ones.", labels=labels),
@@ -107,31 +114,151 @@ class _PoolCollector(Collector):
                 families["ejected"].add_metric(values, float(worker.ejected(now)))
                 families["queue_depth"].add_metric(values, worker.queue_depth)
                 families["kv_cache_usage"].add_metric(values, worker.kv_cache_usage)
+                batch = engine.reported.get(worker.url, {}).get("num_requests_running")
+                if batch is not None:
+                    families["batch"].add_metric(values, batch)
                 families["seconds_per_token"].add_metric(values, worker.seconds_per_token or 0.0)
                 families["requests"].add_metric(values, worker.requests)
                 families["ejections"].add_metric(values, worker.ejections)
         yield from families.values()
 
 
-class GatewayMetrics:
-    """Every metric the gateway exports, on its own registry."""
+VLLM_NAMES: dict[str, str] = {
+    "vllm:time_to_first_token_seconds": "forgeline_time_to_first_token_seconds",
+    "vllm:inter_token_latency_seconds": "forgeline_inter_token_latency_seconds",
+    "vllm:time_per_output_token_seconds": "forgeline_inter_token_latency_seconds",
+    "vllm:e2e_request_latency_seconds": "forgeline_e2e_request_latency_seconds",
+    "vllm:prompt_tokens_total": "forgeline_prompt_tokens_total",
+    "vllm:generation_tokens_total": "forgeline_generation_tokens_total",
+    "vllm:request_success_total": "forgeline_requests_total{status<400}",
+    "vllm:num_requests_running": "forgeline_num_requests_running, or upstream: forgeline_upstream_worker_requests_running summed",
+    "vllm:num_requests_waiting": "forgeline_num_requests_waiting, or upstream: what the workers report, summed",
+    "vllm:gpu_cache_usage_perc": "forgeline_upstream_worker_kv_cache_usage_perc (per worker)",
+    "vllm:kv_cache_usage_perc": "forgeline_upstream_worker_kv_cache_usage_perc (per worker)",
+}
+"""Each vLLM series the gateway exports (labelled ``model_name``, plus ``worker`` for the per-worker
+gauges) -> the forgeline series it is derived from (summed over version and adapter)."""
 
-    def __init__(self) -> None:
+
+class _VllmCollector(Collector):
+    """Our measurements under vLLM's names and ``model_name`` label, computed at scrape time."""
+
+    def __init__(self, metrics: GatewayMetrics, models: Callable[[], Iterable[ServedModel]]) -> None:
+        self._metrics = metrics
+        self._models = models
+
+    def collect(self) -> Iterable[Any]:
+        m = self._metrics
+        for name, source in (
+            ("vllm:time_to_first_token_seconds", m.ttft),
+            ("vllm:inter_token_latency_seconds", m.itl),
+            ("vllm:time_per_output_token_seconds", m.itl),  # vLLM's older name for the same measurement
+            ("vllm:e2e_request_latency_seconds", m.e2e),
+        ):
+            yield _histogram_by_model(name, source)
+        for name, counter in (("vllm:prompt_tokens", m.prompt_tokens), ("vllm:generation_tokens", m.generation_tokens)):
+            family = CounterMetricFamily(name, counter._documentation, labels=["model_name"])
+            for model, value in _summed_by(counter, "_total", "model").items():
+                family.add_metric([model], value)
+            yield family
+        success = CounterMetricFamily("vllm:request_success", "Requests answered successfully.", labels=["model_name"])
+        ok: dict[str, float] = {}
+        for sample in _samples(m.requests, "_total"):
+            if int(sample.labels.get("status", "500")) < 400:
+                ok[sample.labels["model"]] = ok.get(sample.labels["model"], 0.0) + sample.value
+        for model, value in ok.items():
+            success.add_metric([model], value)
+        yield success
+        yield from self._gauges()
+
+    def _gauges(self) -> Iterable[GaugeMetricFamily]:
+        running = GaugeMetricFamily("vllm:num_requests_running", "Requests running (in the engine's batch, or on the workers).", labels=["model_name"])
+        waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting to run.", labels=["model_name"])
+        gpu = GaugeMetricFamily("vllm:gpu_cache_usage_perc", "KV-cache use of each worker (0..1), as it reports it.", labels=["model_name", "worker"])
+        kv = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache use of each worker (0..1), as it reports it.", labels=["model_name", "worker"])
+        totals: dict[str, list[float]] = {}
+        seen: set[int] = set()
+        for served in self._models():
+            engine = served.engine
+            if id(engine) in seen:
+                continue
+            seen.add(id(engine))
+            total = totals.setdefault(served.model, [0.0, 0.0])
+            if isinstance(engine, UpstreamEngine):
+                for worker in engine.pool.workers:
+                    reported = engine.reported.get(worker.url, {})
+                    total[0] += worker.outstanding
+                    total[1] += reported.get("num_requests_waiting", 0.0)
+                    if "kv_cache_usage_perc" in reported:
+                        gpu.add_metric([served.model, worker.url], reported["kv_cache_usage_perc"])
+                        kv.add_metric([served.model, worker.url], reported["kv_cache_usage_perc"])
+                continue
+            stats = getattr(engine, "stats", None)
+            if stats is not None:
+                snapshot = stats()
+                total[0] += snapshot.running
+                total[1] += snapshot.waiting
+        for model, (run, wait) in totals.items():
+            running.add_metric([model], run)
+            waiting.add_metric([model], wait)
+        yield from (running, waiting, gpu, kv)
+
+
+def _samples(metric: Any, suffix: str) -> Iterable[Any]:
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith(suffix):
+                yield sample
+
+
+def _summed_by(metric: Any, suffix: str, label: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for sample in _samples(metric, suffix):
+        out[sample.labels[label]] = out.get(sample.labels[label], 0.0) + sample.value
+    return out
+
+
+def _histogram_by_model(name: str, source: Histogram) -> HistogramMetricFamily:
+    """``source`` (labelled model, version, adapter) summed into one histogram per model."""
+    buckets: dict[str, dict[str, float]] = {}
+    sums: dict[str, float] = {}
+    for family in source.collect():
+        for sample in family.samples:
+            model = sample.labels["model"]
+            if sample.name.endswith("_bucket"):
+                per = buckets.setdefault(model, {})
+                per[sample.labels["le"]] = per.get(sample.labels["le"], 0.0) + sample.value
+            elif sample.name.endswith("_sum"):
+                sums[model] = sums.get(model, 0.0) + sample.value
+    family = HistogramMetricFamily(name, source._documentation, labels=["model_name"])
+    for model, per in buckets.items():
+        ordered = sorted(per.items(), key=lambda kv: float(kv[0]))
+        family.add_metric([model], buckets=ordered, sum_value=sums.get(model, 0.0))
+    return family
+
+
+class GatewayMetrics:
+    """Every metric the gateway exports, on its own registry.
+
+    Args:
+        per_key: label request and token counters with the API key's id (off by default:
+            one series per key and model multiplies quickly; the access log has the key).
+    """
+
+    def __init__(self, *, per_key: bool = False) -> None:
         self.registry = CollectorRegistry()
+        self.per_key = per_key
         r = self.registry
         per_request = ["model", "version", "adapter"]
+        keyed = [*per_request, "key"] if per_key else per_request
         self.requests = Counter(
             "forgeline_requests",
             "Generation requests by outcome (status is the HTTP status, 499 when the client left).",
-            ["model", "version", "adapter", "key", "status"],
+            [*keyed, "status"],
             registry=r,
         )
-        self.prompt_tokens = Counter(
-            "forgeline_prompt_tokens", "Prompt tokens processed.", ["model", "version", "adapter", "key"], registry=r
-        )
-        self.generation_tokens = Counter(
-            "forgeline_generation_tokens", "Completion tokens generated.", ["model", "version", "adapter", "key"], registry=r
-        )
+        self.prompt_tokens = Counter("forgeline_prompt_tokens", "Prompt tokens processed.", keyed, registry=r)
+        self.generation_tokens = Counter("forgeline_generation_tokens", "Completion tokens generated.", keyed, registry=r)
         self.ttft = Histogram(
             "forgeline_time_to_first_token_seconds", "Time to first token.", per_request, buckets=_TTFT_BUCKETS, registry=r
         )
@@ -165,12 +292,21 @@ class GatewayMetrics:
             "forgeline_canary_rollbacks", "Canaries stopped for breaching their SLO.", ["model"], registry=r
         )
 
+    def count(self, labels: tuple[str, str, str], key: str, status: int, prompt_tokens: int, completion_tokens: int, *, tokens: bool) -> None:
+        """Count one finished request (and, with ``tokens``, its prompt and completion tokens)."""
+        keyed = (*labels, key) if self.per_key else labels
+        self.requests.labels(*keyed, str(status)).inc()
+        if tokens:
+            self.prompt_tokens.labels(*keyed).inc(prompt_tokens)
+            self.generation_tokens.labels(*keyed).inc(completion_tokens)
+
     def watch(self, catalog: ModelCatalog) -> None:
         """Export engine gauges for ``catalog``'s models and count their decode batch sizes."""
         # A rolling catalog also has versions that are loaded but not routed (canaries, draining).
         models = catalog.loaded
         self.registry.register(_EngineCollector(models))
         self.registry.register(_PoolCollector(models))
+        self.registry.register(_VllmCollector(self, models))
 
     def attach_engine(self, served: ServedModel) -> None:
         """Observe the batch size of every decode step of ``served``'s engine (when it runs them itself)."""
@@ -215,17 +351,25 @@ class AccessLogMiddleware:
         state["on_close"] = closers
         status = 0
         logged = False
+        path = scope.get("path", "")
+        span, otel_token = None, None
+        if telemetry.enabled() and path not in _PROBES:
+            span, otel_token = telemetry.start_request_span(
+                f"{scope.get('method')} {path}",
+                {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ()) if k in _TRACE_HEADERS},
+                {"http.request.method": scope.get("method"), "url.path": path, "forgeline.request_id": request_id},
+            )
 
         def log(final_status: int) -> None:
             nonlocal logged
             if logged:
                 return
             logged = True
-            path = scope.get("path", "")
+            telemetry.end_request_span(span, final_status, fields)
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             self.metrics.http_requests.labels(template, str(final_status)).inc()
-            if path in ("/metrics", "/health", "/ready") and final_status < 400:
+            if path in _PROBES and final_status < 400:
                 return  # probes would drown the log
             entry = {
                 "ts": round(time.time(), 3),
@@ -262,6 +406,11 @@ class AccessLogMiddleware:
                     logger.exception("closing request state failed")
             log(status or 499)
             request_ids.current.reset(token)
+            telemetry.detach(otel_token)
+
+
+_PROBES = ("/metrics", "/health", "/ready")
+_TRACE_HEADERS = (b"traceparent", b"tracestate")
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -1,7 +1,13 @@
 """Run the gateway (or the control plane) with uvicorn, in the foreground or on a background thread.
 
 Both apply the same `ServerLimits`: header/body read timeouts, keep-alive timeout, a
-connection cap, a header size limit and a bounded graceful shutdown.
+connection cap, a header size limit and a bounded graceful shutdown. They run on uvloop
+and httptools when installed (``uvicorn[standard]``), and without uvicorn's own access
+log: the gateway writes one JSON line per request itself (`serving.gateway.metrics`).
+
+`run_server` with ``workers > 1`` starts that many processes on one listening socket
+(uvicorn's supervisor); each builds its app from an import string, so the app must be
+reproducible from the environment (``forgeline serve`` passes its options that way).
 """
 
 from __future__ import annotations
@@ -22,15 +28,35 @@ from serving.gateway.connections import limited_protocol
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ServerLimits", "run_server", "serve_in_background", "server_config"]
+__all__ = ["GatewayConfig", "ServerLimits", "run_server", "serve_in_background", "server_config"]
 
 
-def server_config(app: FastAPI, limits: ServerLimits | None = None, **options: Any) -> uvicorn.Config:
-    """uvicorn's configuration for ``app`` with ``limits`` applied (``options``: host, port, log_level...)."""
+class GatewayConfig(uvicorn.Config):
+    """uvicorn's configuration with our limited HTTP protocol, built where the config is
+    loaded: worker processes receive the config pickled, and a class made at run time
+    does not pickle."""
+
+    def __init__(self, app: Any, *, server_limits: ServerLimits, http_impl: str | None = None, **options: Any) -> None:
+        super().__init__(app, **options)
+        self.server_limits = server_limits
+        self.http_impl = http_impl  # None: httptools when installed, else h11
+
+    def load(self) -> None:
+        super().load()
+        self.http_protocol_class = limited_protocol(self.server_limits, self.http_impl)
+
+
+def server_config(app: FastAPI | str, limits: ServerLimits | None = None, **options: Any) -> uvicorn.Config:
+    """uvicorn's configuration for ``app`` with ``limits`` applied (``options``: host, port, log_level...).
+
+    ``app`` may be an import string (``module:factory`` with ``factory=True``), as worker
+    processes need.
+    """
     limits = limits or ServerLimits()
-    return uvicorn.Config(
+    options.setdefault("access_log", False)  # ours is the one access log (a JSON line per request)
+    return GatewayConfig(
         app,
-        http=limited_protocol(limits),
+        server_limits=limits,
         timeout_keep_alive=int(max(1, round(limits.keep_alive_s))),
         limit_concurrency=limits.max_connections,
         h11_max_incomplete_event_size=limits.max_header_bytes,
@@ -59,14 +85,34 @@ class _HeldStartupErrors(logging.Filter):
 
 
 def run_server(
-    app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info", limits: ServerLimits | None = None
+    app: FastAPI | str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    log_level: str = "info",
+    limits: ServerLimits | None = None,
+    workers: int = 1,
 ) -> None:
     """Serve ``app`` until interrupted (Ctrl-C or SIGTERM: running requests get ``limits.graceful_shutdown_s``).
+
+    Args:
+        app: the app, or with ``workers > 1`` an import string of a factory that builds it
+            (``package.module:function``) in each worker process.
+        workers: processes sharing the listening socket; the kernel spreads connections.
 
     Raises:
         ForgelineError: the gateway did not start: a model failed to load (the lifespan's
             own error, e.g. ``model_not_found``), or the address could not be bound.
     """
+    if workers > 1:
+        if not isinstance(app, str):
+            raise ValueError("several worker processes need the app as an import string of its factory")
+        _run_processes(app, host, port, log_level=log_level, limits=limits, workers=workers)
+        return
+    if isinstance(app, str):
+        from uvicorn.importer import import_from_string
+
+        app = import_from_string(app)()
     server = uvicorn.Server(server_config(app, limits, host=host, port=port, log_level=log_level, lifespan="on"))
     held = _HeldStartupErrors(server)
     uvicorn_log = logging.getLogger("uvicorn.error")  # configured by uvicorn.Config above
@@ -81,6 +127,17 @@ def run_server(
         uvicorn_log.removeFilter(held)
     if not server.started:
         raise startup_error(app, held.held)
+
+
+def _run_processes(factory: str, host: str, port: int, *, log_level: str, limits: ServerLimits | None, workers: int) -> None:
+    from uvicorn.supervisors import Multiprocess
+
+    config = server_config(factory, limits, host=host, port=port, log_level=log_level, lifespan="on", factory=True, workers=workers)
+    sock = config.bind_socket()
+    try:
+        Multiprocess(config, sockets=[sock]).run()
+    finally:
+        sock.close()
 
 
 def startup_error(app: FastAPI, records: list[logging.LogRecord]) -> ForgelineError:
@@ -108,6 +165,7 @@ def serve_in_background(
     timeout_s: float = 120.0,
     log_level: str = "warning",
     limits: ServerLimits | None = None,
+    http_impl: str | None = None,
 ) -> tuple[str, Callable[[], None]]:
     """Start uvicorn on a thread and wait until it accepts connections.
 
@@ -117,6 +175,7 @@ def serve_in_background(
         port: port to bind; 0 picks a free one.
         timeout_s: how long to wait for startup.
         limits: the server's limits (default `ServerLimits()`).
+        http_impl: ``h11`` or ``httptools`` (default: httptools when installed).
 
     Returns:
         ``(base_url, stop)``: e.g. ``http://127.0.0.1:43117`` and a function that shuts the
@@ -130,7 +189,7 @@ def serve_in_background(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]
-    config = server_config(app, limits, log_level=log_level, lifespan="on")
+    config = server_config(app, limits, log_level=log_level, lifespan="on", http_impl=http_impl)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="forgeline-gateway", daemon=True)
     thread.start()

@@ -154,7 +154,7 @@ def test_canary_breach_returns_traffic_to_production_and_is_audited(
         assert [s.version for s in catalog.loaded()] == ["1"]  # type: ignore[attr-defined]
         metrics = httpx.get(f"{base_url}/metrics").text
         assert 'forgeline_canary_rollbacks_total{model="canary"} 1.0' in metrics
-        assert 'forgeline_requests_total{adapter="",key="",model="canary",status="500",version="2"} 3.0' in metrics
+        assert 'forgeline_requests_total{adapter="",model="canary",status="500",version="2"} 3.0' in metrics
     finally:
         next(served, None)
         registry.close()

@@ -164,3 +164,18 @@ def test_sigterm_mid_upload_exits_within_the_graceful_shutdown_bound() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("http_impl", ["httptools", "h11"])
+def test_oversized_headers_are_refused_on_both_http_parsers(http_impl: str) -> None:
+    limits = ServerLimits(max_header_bytes=4096)
+    url, stop = serve_in_background(_app(), limits=limits, http_impl=http_impl)
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8192 + b"\r\n\r\n")
+            answer = sock.recv(4096)
+        assert answer.split(b"\r\n")[0].split(b" ")[1] in (b"431", b"400"), answer[:80]
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200  # others are still served
+    finally:
+        stop()

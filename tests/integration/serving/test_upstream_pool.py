@@ -149,13 +149,19 @@ def test_sdk_gets_tools_json_schema_logprobs_and_n_from_a_chat_worker(tmp_path: 
     assert f'forgeline_upstream_worker_requests_total{{model="pool",version="1",worker="{worker.base_url}"}} ' in metrics
 
 
-async def _unary(client: httpx.AsyncClient, model: str, results: list[tuple[bool, float]], until: float) -> None:
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+async def _unary(
+    client: httpx.AsyncClient, model: str, results: list[tuple[bool, float]], until: float, *, completions: bool = False
+) -> None:
+    # Unary chat passes through whole; unary /v1/completions is rendered here and sent to the
+    # workers' /v1/completions: both must fail over when a worker dies mid-answer.
+    path, body = ("/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 40}) if completions else (
+        "/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
     while time.perf_counter() < until:
         began = time.perf_counter()
         try:
-            response = await client.post("/v1/chat/completions", json=body)
-            ok = response.status_code == 200 and response.json()["choices"][0]["message"]["content"]
+            response = await client.post(path, json=body)
+            choice = response.json()["choices"][0] if response.status_code == 200 else {}
+            ok = choice.get("text") if completions else (choice.get("message") or {}).get("content")
         except httpx.HTTPError:
             ok = False
         results.append((bool(ok), time.perf_counter() - began))
@@ -225,7 +231,8 @@ def test_a_killed_worker_fails_no_unary_request_and_rejoins_within_a_health_inte
         async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
             await asyncio.gather(
                 chaos(),
-                *(_unary(client, "pool", unary, until) for _ in range(6)),
+                *(_unary(client, "pool", unary, until) for _ in range(3)),
+                *(_unary(client, "pool", unary, until, completions=True) for _ in range(3)),
                 *(_streams(client, "pool", streams, until) for _ in range(6)),
             )
 

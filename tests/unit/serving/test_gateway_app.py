@@ -196,3 +196,30 @@ def test_a_bug_is_a_logged_openai_shaped_500(caplog: pytest.LogCaptureFixture) -
     assert error["type"] == "server_error" and error["code"] == "internal_error"
     assert "boom" not in error["message"]
     assert any("boom" in (r.exc_text or "") for r in caplog.records)
+
+
+def test_no_dependency_on_the_request_path_runs_in_the_thread_pool() -> None:
+    """FastAPI runs a plain ``def`` dependency (or endpoint) in its thread pool: a hand-off
+    and two wake-ups per request. Every gateway route's dependencies are ``async def``."""
+    import inspect
+
+    from fastapi.routing import APIRoute
+
+    from serving.gateway.auth import http_routes
+
+    app = create_app(StaticCatalog([ServedModel(name="m", version="1", engine=ScriptedEngine([]))]))
+
+    def calls(dependant: object) -> list[object]:
+        found = [getattr(dependant, "call", None)]
+        for sub in getattr(dependant, "dependencies", []):
+            found += calls(sub)
+        return [c for c in found if c is not None]
+
+    routes = [r for r in http_routes(app) if isinstance(getattr(r, "route", r), APIRoute)]
+    sync = {
+        f"{sorted(route.methods)[0]} {route.path}: {getattr(call, '__name__', call)}"
+        for route in (getattr(r, "route", r) for r in routes)
+        for call in calls(route.dependant)
+        if not inspect.iscoroutinefunction(call) and route.include_in_schema
+    }
+    assert len(routes) >= 4 and not sync, sync

@@ -147,3 +147,45 @@ def test_health_checks_scrape_vllm_queue_depth_and_kv_cache_use_and_routing_foll
     busy, idle = engine.pool.workers
     assert (busy.queue_depth, busy.kv_cache_usage) == (6.0, 0.97) and (idle.queue_depth, idle.kv_cache_usage) == (0.0, 0.1)
     assert set(picks) == {"http://idle:8000"}
+
+
+class _DiesMidAnswer(httpx.AsyncByteStream):
+    """A 200 whose body breaks off half-way, as when a worker process dies while answering."""
+
+    async def __aiter__(self):  # type: ignore[override]
+        yield b'{"id": "c1", "choices": [{"text": "half an ans'
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+
+def test_a_unary_completion_whose_worker_dies_mid_answer_is_retried_on_another(tiny_base: Path) -> None:
+    calls: list[str] = []
+
+    def fleet(request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        if request.url.path == "/health":
+            return httpx.Response(200)
+        calls.append(host)
+        body = json.loads(request.content)
+        assert body["stream"] is False and "stream_options" not in body  # a whole answer, not a stream
+        if host == "w0":
+            return httpx.Response(200, stream=_DiesMidAnswer())
+        answer = {"choices": [{"index": 0, "text": "whole", "finish_reason": "length"}], "usage": {"completion_tokens": 3}}
+        return httpx.Response(200, json=answer)
+
+    engine = UpstreamEngine(["http://w0:8000", "http://w1:8000"], "m", tokenizer=tiny_base, transport=httpx.MockTransport(fleet),
+                            policy=PoolPolicy(retry_budget_min=10))  # fmt: skip
+
+    async def main() -> list[tuple[str, int, str]]:
+        await engine.start()
+        try:
+            answers = []
+            while "w0" not in calls and len(answers) < 50:  # the pool picks at random between equals
+                answers.append(await engine.complete("hi", SamplingParams(max_tokens=3)))
+            return answers
+        finally:
+            await engine.stop()
+
+    answers = asyncio.run(main())
+    assert "w0" in calls  # it was tried and died mid-answer...
+    assert answers == [("whole", 3, "length")] * len(answers)  # ...and that request was answered by w1
+    assert calls[-1] == "w1"

@@ -1,0 +1,214 @@
+"""HTTP to upstream workers: one small client seam, so the pool's logic does not depend on a library.
+
+`AiohttpWorkerClient` is what the gateway uses: aiohttp's client parses responses in C and
+writes through the event loop's own transports; measured against httpx on this path
+(sequential requests to a fake worker on loopback, uvloop), it spends 0.1 ms of CPU per
+unary request instead of 0.57, and 0.23 per 16-token stream instead of 0.87.
+`HttpxWorkerClient` takes an httpx transport, so unit tests can script workers with
+``httpx.MockTransport``. Both raise the same four errors, which say what the failure means
+for routing: the connection was refused (the worker is gone; nothing was sent), broke
+mid-answer, timed out, or something else went wrong on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class WorkerError(Exception):
+    """A request to a worker failed below HTTP (no status to go by)."""
+
+
+class WorkerRefusedError(WorkerError):
+    """The connection could not be made: the request reached no worker."""
+
+
+class WorkerBrokenError(WorkerError):
+    """The connection broke or the worker's answer was malformed mid-response."""
+
+
+class WorkerTimeoutError(WorkerError):
+    """The worker sent nothing for the read timeout (or did not accept the connection in time)."""
+
+
+@dataclass
+class Answer:
+    """A whole response."""
+
+    status: int
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode(errors="replace")
+
+
+class StreamedAnswer(Protocol):
+    """A response being read: its status, then its body whole or line by line."""
+
+    status: int
+
+    async def read(self) -> bytes: ...
+
+    def lines(self) -> AsyncIterator[str]: ...
+
+
+class WorkerClient(Protocol):
+    """What `UpstreamEngine` needs of an HTTP client."""
+
+    async def get(self, url: str, *, timeout: float) -> Answer: ...
+
+    async def post_json(self, url: str, body: dict[str, Any], headers: dict[str, str] | None) -> Answer: ...
+
+    def stream(self, url: str, body: dict[str, Any], headers: dict[str, str] | None) -> Any:
+        """An async context manager giving a `StreamedAnswer`."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class AiohttpWorkerClient:
+    """Workers over aiohttp: keep-alive connections without a cap (a pool of workers, each
+    with as many requests in flight as it batches), reused across requests."""
+
+    def __init__(self, *, headers: dict[str, str], connect_timeout: float, read_timeout: float) -> None:
+        import aiohttp
+
+        self._aiohttp = aiohttp
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
+        # limit=0: no cap on connections (as httpx's max_connections=None); every worker keeps its own.
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30.0)
+        self._session = aiohttp.ClientSession(
+            connector=connector, headers=headers, timeout=self._timeout, json_serialize=_dumps,
+            read_bufsize=4 * 1024 * 1024,  # one SSE line (an event) may be long: tool calls, logprobs
+        )
+
+    def _mapped(self, exc: BaseException) -> WorkerError:
+        aiohttp = self._aiohttp
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return WorkerRefusedError(f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+            return WorkerTimeoutError(f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError | aiohttp.ClientOSError):
+            return WorkerBrokenError(f"{type(exc).__name__}: {exc}")
+        return WorkerError(f"{type(exc).__name__}: {exc}")
+
+    def _errors(self) -> tuple[type[BaseException], ...]:
+        return (self._aiohttp.ClientError, asyncio.TimeoutError)
+
+    async def get(self, url: str, *, timeout: float) -> Answer:
+        try:
+            async with self._session.get(url, timeout=self._aiohttp.ClientTimeout(total=timeout)) as response:
+                return Answer(response.status, await response.read())
+        except self._errors() as exc:
+            raise self._mapped(exc) from exc
+
+    async def post_json(self, url: str, body: dict[str, Any], headers: dict[str, str] | None) -> Answer:
+        try:
+            async with self._session.post(url, json=body, headers=headers) as response:
+                return Answer(response.status, await response.read())
+        except self._errors() as exc:
+            raise self._mapped(exc) from exc
+
+    @asynccontextmanager
+    async def stream(self, url: str, body: dict[str, Any], headers: dict[str, str] | None) -> AsyncIterator[StreamedAnswer]:
+        try:
+            async with self._session.post(url, json=body, headers=headers) as response:
+                yield _AiohttpStream(response, self)
+        except self._errors() as exc:
+            raise self._mapped(exc) from exc
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+
+class _AiohttpStream:
+    def __init__(self, response: Any, client: AiohttpWorkerClient) -> None:
+        self._response = response
+        self._client = client
+        self.status: int = response.status
+
+    async def read(self) -> bytes:
+        return bytes(await self._response.read())
+
+    async def lines(self) -> AsyncIterator[str]:
+        try:
+            async for raw in self._response.content:
+                yield raw.decode().rstrip("\r\n")
+        except self._client._errors() as exc:
+            raise self._client._mapped(exc) from exc
+
+
+class HttpxWorkerClient:
+    """Workers over httpx, through a given transport (tests script workers with ``httpx.MockTransport``)."""
+
+    def __init__(self, *, headers: dict[str, str], connect_timeout: float, read_timeout: float, transport: Any = None) -> None:
+        import httpx
+
+        self._httpx = httpx
+        timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=30.0, pool=connect_timeout)
+        self._client = httpx.AsyncClient(timeout=timeout, headers=headers, transport=transport, limits=httpx.Limits(max_connections=None))
+
+    def _mapped(self, exc: BaseException) -> WorkerError:
+        httpx = self._httpx
+        if isinstance(exc, httpx.ConnectError):
+            return WorkerRefusedError(f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, httpx.TimeoutException):
+            return WorkerTimeoutError(f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, httpx.RemoteProtocolError):
+            return WorkerBrokenError(f"{type(exc).__name__}: {exc}")
+        return WorkerError(f"{type(exc).__name__}: {exc}")
+
+    async def get(self, url: str, *, timeout: float) -> Answer:
+        try:
+            response = await self._client.get(url, timeout=timeout)
+        except self._httpx.HTTPError as exc:
+            raise self._mapped(exc) from exc
+        return Answer(response.status_code, response.content)
+
+    async def post_json(self, url: str, body: dict[str, Any], headers: dict[str, str] | None) -> Answer:
+        try:
+            response = await self._client.post(url, json=body, headers=headers)
+        except self._httpx.HTTPError as exc:
+            raise self._mapped(exc) from exc
+        return Answer(response.status_code, response.content)
+
+    @asynccontextmanager
+    async def stream(self, url: str, body: dict[str, Any], headers: dict[str, str] | None) -> AsyncIterator[StreamedAnswer]:
+        try:
+            async with self._client.stream("POST", url, json=body, headers=headers) as response:
+                yield _HttpxStream(response, self)
+        except self._httpx.HTTPError as exc:
+            raise self._mapped(exc) from exc
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class _HttpxStream:
+    def __init__(self, response: Any, client: HttpxWorkerClient) -> None:
+        self._response = response
+        self._client = client
+        self.status: int = response.status_code
+
+    async def read(self) -> bytes:
+        return bytes(await self._response.aread())
+
+    async def lines(self) -> AsyncIterator[str]:
+        try:
+            async for line in self._response.aiter_lines():
+                yield line
+        except self._client._httpx.HTTPError as exc:
+            raise self._client._mapped(exc) from exc
+
+
+def _dumps(payload: Any) -> str:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
