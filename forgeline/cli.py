@@ -110,8 +110,16 @@ def evaluate(
     recipe: Annotated[
         Path | None, typer.Option(help="GRPO versions: take the rewards from this recipe, not the training run's.")
     ] = None,
+    suite: Annotated[
+        list[str] | None,
+        typer.Option(help="Suite file to score too (repeatable), e.g. recipes/suites/general.yaml; "
+                     "default: the training recipe's evaluate.suites."),
+    ] = None,
 ) -> None:
     """Score a version and its base on held-out data; record the metrics on the version.
+
+    Suites (general capability through lm-evaluation-harness, an LLM judge against the
+    production holder, safety) add their metrics, per-item scores and a comparison report.
 
     SFT/DPO versions: exact-match accuracy and eval loss. GRPO versions: the recipe's rewards
     (mean per function) and pass@1 / pass@k of verifiable answers. Full fine-tunes are
@@ -131,7 +139,7 @@ def evaluate(
     if not 0 < pass_k <= samples:
         raise typer.BadParameter(f"{pass_k} is not in 1..--samples ({samples}); fix: raise --samples or lower --pass-k",
                                  param_hint="--pass-k")
-    spec = EvaluateSpec(max_samples=max_samples, samples=samples, pass_k=pass_k)
+    spec = EvaluateSpec(max_samples=max_samples, samples=samples, pass_k=pass_k, suites=[str(Path(s).resolve()) for s in suite or []])
     report = pipeline.evaluate(open_registry(), name, version, spec=spec, data=data, method=method, search_path=search_path)
     _print_metrics(report.metrics, report.base_metrics)
 

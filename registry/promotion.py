@@ -33,6 +33,7 @@ from registry.errors import (
     PolicyRefused,
 )
 from registry.eval_samples import EvalSamples, load_samples
+from registry.metric_direction import lower_is_better as metric_lower_is_better
 from registry.policy import APPROVER_ROLES, PromotionPolicy, Significance, Threshold
 from registry.significance import Interval, difference
 
@@ -78,8 +79,8 @@ class PolicyResult:
 
 
 def lower_is_better(metric: str) -> bool:
-    """Whether smaller values of ``metric`` are better (names ending in ``loss``)."""
-    return metric.endswith("loss")
+    """Whether smaller values of ``metric`` are better (see `registry.metric_direction`)."""
+    return metric_lower_is_better(metric)
 
 
 def _fmt(value: float) -> str:
