@@ -119,8 +119,16 @@ def evaluate(
     ] = None,
     cluster: ClusterOpt = None,
     detach: DetachOpt = False,
+    suite: Annotated[
+        list[str] | None,
+        typer.Option(help="Suite file to score too (repeatable), e.g. recipes/suites/general.yaml; "
+                     "default: the training recipe's evaluate.suites."),
+    ] = None,
 ) -> None:
     """Score a version and its base on held-out data; record the metrics on the version.
+
+    Suites (general capability through lm-evaluation-harness, an LLM judge against the
+    production holder, safety) add their metrics, per-item scores and a comparison report.
 
     SFT/DPO versions: exact-match accuracy and eval loss. GRPO versions: the recipe's rewards
     (mean per function) and pass@1 / pass@k of verifiable answers. Full fine-tunes are
@@ -145,9 +153,10 @@ def evaluate(
         options = ["--max-samples", str(max_samples), "--samples", str(samples), "--pass-k", str(pass_k)]
         options += ["--data", str(Path(data).resolve()) if Path(data).exists() else data] if data else []
         options += ["--recipe", str(recipe.resolve())] if recipe else []
+        options += [o for s in suite or [] for o in ("--suite", str(Path(s).resolve()))]
         _evaluate_on_cluster(name, version, cluster, options, detach=detach)
         return
-    spec = EvaluateSpec(max_samples=max_samples, samples=samples, pass_k=pass_k)
+    spec = EvaluateSpec(max_samples=max_samples, samples=samples, pass_k=pass_k, suites=[str(Path(s).resolve()) for s in suite or []])
     report = pipeline.evaluate(open_registry(), name, version, spec=spec, data=data, method=method, search_path=search_path)
     _print_metrics(report.metrics, report.base_metrics)
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from registry import lineage
 from registry.client import Registry, VersionInfo
 from registry.errors import ConfigError, ErrorCode, ForgelineError
-from registry.eval_samples import record_samples
+from registry.eval_samples import record_samples, record_suite_samples
 from registry.gates import PolicyResult
 from registry.policy import PromotionPolicy
 from registry.promotion import check as check_gates
@@ -25,6 +25,7 @@ from training.config import EvaluateSpec, GRPOMethod, ModelSpec
 from training.job import TrainJob, TrainResult
 from training.runner import ForegroundRunner
 
+from .comparison import attach_report
 from .recipe import Recipe, recipe_hash
 from .versions import VersionWeights, version_weights
 
@@ -113,6 +114,22 @@ def recorded_grpo_method(registry: Registry, info: VersionInfo) -> tuple[GRPOMet
     return method, Path(recipe_file).parent if recipe_file else None
 
 
+def recorded_suites(registry: Registry, info: VersionInfo) -> list[str]:
+    """The ``evaluate.suites`` of the recipe the version was trained with (none when unreadable)."""
+    import json
+    import tempfile
+
+    if not info.run_id:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = registry.download_run_artifact(info.run_id, "recipe/resolved.json", tmp)
+            suites = json.loads(path.read_text()).get("evaluate", {}).get("suites", [])
+        except (ForgelineError, OSError, ValueError, AttributeError):
+            return []
+    return [s for s in suites if isinstance(s, str)]
+
+
 def evaluate(
     registry: Registry,
     name: str,
@@ -131,11 +148,19 @@ def evaluate(
     and pass@k of verifiable answers; see `training.reward_evaluation`). ``method``
     overrides the GRPO section recorded on the training run. Adapters are scored with the
     adapter on and off; a full fine-tune against its base checkpoint, loaded in turn.
+
+    Then the suites (``spec.suites``, else the training recipe's ``evaluate.suites``; see
+    `training.suites`) score the same weights: their metrics join the version's, their
+    per-item scores the table significance-aware gates read, their per-sample rows a table
+    each on the run; and a comparison report against base and production goes on the run.
     """
     from training.data import load_rows
     from training.evaluation import ItemScores, evaluate_items
     from training.models import load_adapted_model, load_base_model, load_tokenizer
     from training.reward_evaluation import evaluate_rewards
+    from training.suites.result import SuiteResult, aligned, combine
+    from training.suites.runner import run_suites
+    from training.suites.spec import load_suites
 
     spec = spec or EvaluateSpec()
     info = registry.get_version(name, version)
@@ -151,39 +176,55 @@ def evaluate(
         problems = check_rewards(method.rewards, search_path)
         if problems:
             raise ConfigError(problems=problems, source=f"the rewards of {info.ref}")
+    suites = load_suites(spec.suites or recorded_suites(registry, info))  # bad suite files fail before weights load
     rows = load_rows(source)
     weights = local_weights(info)
     tokenizer = load_tokenizer(ModelSpec(base=weights.base_model), source=str(weights.path))
 
-    def score(model: Any) -> tuple[dict[str, float], ItemScores | None]:
+    Scored = tuple[dict[str, float], ItemScores | None, list[SuiteResult]]
+
+    def score(model: Any, *, base: bool) -> Scored:
         if method is not None:
-            return evaluate_rewards(model, tokenizer, rows, spec, method, search_path=search_path), None
-        return evaluate_items(model, tokenizer, rows, spec)
+            metrics, items = evaluate_rewards(model, tokenizer, rows, spec, method, search_path=search_path), None
+        else:
+            metrics, items = evaluate_items(model, tokenizer, rows, spec)
+        results = run_suites(suites, model, tokenizer, model_name=name, base=base)
+        for result in results:
+            metrics = {**metrics, **result.metrics}
+        return metrics, items, results
 
     base_metrics: dict[str, float] = {}
     base_items: ItemScores | None = None
+    base_results: list[SuiteResult] = []
     if weights.is_adapter:
         model = load_adapted_model(ModelSpec(base=weights.base_model), weights.path)
-        metrics, items = score(model)
+        metrics, items, results = score(model, base=False)
         if with_base:
             with model.disable_adapter():
-                base_metrics, base_items = score(model)
+                base_metrics, base_items, base_results = score(model, base=True)
     else:
         # One model in memory at a time: the fine-tune, then the base it started from.
-        metrics, items = score(load_base_model(ModelSpec(base=str(weights.path))))
+        metrics, items, results = score(load_base_model(ModelSpec(base=str(weights.path))), base=False)
         if with_base:
-            base_metrics, base_items = score(load_base_model(ModelSpec(base=weights.base_model)))
+            base_metrics, base_items, base_results = score(load_base_model(ModelSpec(base=weights.base_model)), base=True)
     if not metrics:
         kind = "prompt rows with the fields its rewards read" if method else "rows with an expected answer"
         raise ForgelineError(f"{source} has no {kind} to evaluate {name} v{version} on; fix: pass --data FILE with such rows",
                              code=ErrorCode.INVALID_REQUEST, param="data")
     registry.record_evaluation(name, version, metrics, base_metrics=base_metrics or None)
     _log_metrics_on_run(registry, info.run_id, metrics, base_metrics)
-    if items is not None and (info.run_id or info.tags.get(lineage.RUN_ID)):
+    if info.run_id or info.tags.get(lineage.RUN_ID):
         # Per-item scores, for gates that decide on confidence intervals (registry.significance).
-        same_items = base_items is not None and base_items.items == items.items
-        record_samples(registry, registry.get_version(name, version), items.items, items.scores,
-                       base_items.scores if same_items else None)
+        ids, columns = combine((items.items, items.scores) if items else None, results)
+        base_ids, base_columns = combine((base_items.items, base_items.scores) if base_items else None, base_results)
+        current = registry.get_version(name, version)
+        if ids:
+            record_samples(registry, current, ids, columns, aligned(ids, base_ids, base_columns) if base_ids else None)
+        for result, is_base in [(r, False) for r in results] + [(r, True) for r in base_results]:
+            record_suite_samples(registry, current, result.suite, result.samples, base=is_base)
+        if suites:
+            registry.set_tags(name, version, {lineage.EVAL_SUITES: ",".join(s.name for s in suites)})
+        attach_report(registry, registry.get_version(name, version))
     return EvalReport(registry.get_version(name, version), metrics, base_metrics)
 
 

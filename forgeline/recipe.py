@@ -32,6 +32,7 @@ from training.config import (
     TrainSpec,
 )
 from training.preflight import check_training
+from training.suites.spec import load_suite
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -119,6 +120,12 @@ def _check_paths(recipe: Recipe) -> list[FieldProblem]:
     for path_name, value in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
         if value and _looks_like_file(value) and not Path(value).exists():
             problems.append(FieldProblem(path_name, "data file not found", value, "check the path (relative paths start at the recipe's folder)"))
+    for index, suite_file in enumerate(recipe.evaluate.suites):
+        try:
+            load_suite(suite_file)
+        except ConfigError as err:
+            problems += [FieldProblem(f"evaluate.suites[{index}]", f"{err.source}: {p.path}: {p.message}", p.value, p.fix)
+                         for p in err.problems]
     base = recipe.model.base
     if Path(base).is_absolute() and not Path(base).exists():
         problems.append(FieldProblem("model.base", "model folder not found", base, "give an existing folder or a hub id like `Qwen/Qwen2.5-0.5B`"))
@@ -162,6 +169,9 @@ def parse_recipe(raw: Any, *, base_dir: Path, source: str = "recipe") -> Recipe:
         part = raw.get(section)
         if isinstance(part, dict) and isinstance(part.get(key), str):
             raw[section] = {**part, key: _resolve(base_dir, part[key])}
+    evaluate = raw.get("evaluate")
+    if isinstance(evaluate, dict) and isinstance(evaluate.get("suites"), list):
+        raw["evaluate"] = {**evaluate, "suites": [_resolve(base_dir, s) if isinstance(s, str) else s for s in evaluate["suites"]]}
     template_problems = _inline_chat_template(raw, base_dir)
     recipe = parse_recipe_section(Recipe, raw, source=source)
     problems = template_problems + _check_paths(recipe)

@@ -36,10 +36,13 @@ def record_samples(
     registry: Registry,
     info: VersionInfo,
     items: Sequence[str],
-    scores: Mapping[str, Sequence[float]],
-    base_scores: Mapping[str, Sequence[float]] | None = None,
+    scores: Mapping[str, Sequence[float | None]],
+    base_scores: Mapping[str, Sequence[float | None]] | None = None,
 ) -> None:
     """Log the per-item scores of a version (and of its base on the same items).
+
+    A None score is an item the metric does not apply to (suites keep their items in one
+    table; a safety suite's over-refusal rate has no score on prompts that must be refused).
 
     Raises:
         ForgelineError: the version has no run to attach them to, or a column's length
@@ -55,7 +58,7 @@ def record_samples(
                 raise ForgelineError(
                     f"{metric}: {len(values)} scores for {len(items)} items", code=ErrorCode.INVALID_REQUEST, param="samples"
                 )
-            table[prefix + metric] = [float(v) for v in values]
+            table[prefix + metric] = [None if v is None else float(v) for v in values]
     registry.log_table(run_id, data=table, artifact_file=SAMPLES_FILE)
     registry.set_tags(info.name, info.version, {lineage.EVAL_SAMPLES: SAMPLES_FILE})
 
@@ -83,3 +86,27 @@ def load_samples(registry: Registry, info: VersionInfo | None) -> EvalSamples | 
             if column.startswith(prefix):
                 target[column[len(prefix):]] = {str(row[at]): float(row[index]) for row in rows if row[index] is not None}
     return samples
+
+
+SUITES_FOLDER = "forgeline/suites"
+"""Where each suite's per-sample table lives in the run's artifacts (``<suite>.json``, ``<suite>.base.json``)."""
+
+
+def record_suite_samples(registry: Registry, info: VersionInfo, suite: str, rows: Sequence[Mapping[str, object]],
+                         *, base: bool = False) -> str | None:
+    """Log one suite's per-sample rows (prompt, answer, verdict...) as an MLflow table; returns its artifact path.
+
+    Nothing is logged (None) for a version without a run, or without rows.
+    """
+    run_id = info.run_id or info.tags.get(lineage.RUN_ID)
+    if not run_id or not rows:
+        return None
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    table = {column: [_cell(row.get(column)) for row in rows] for column in columns}
+    path = f"{SUITES_FOLDER}/{suite}{'.base' if base else ''}.json"
+    registry.log_table(run_id, data=table, artifact_file=path)
+    return path
+
+
+def _cell(value: object) -> object:
+    return value if value is None or isinstance(value, (str, int, float, bool)) else json.dumps(value)

@@ -16,6 +16,7 @@ from registry.approvals import Approval, standing
 from registry.authz import person
 from registry.client import VersionInfo
 from registry.eval_samples import EvalSamples
+from registry.metric_direction import lower_is_better as metric_lower_is_better
 from registry.policy import PromotionPolicy, Significance, Threshold
 from registry.significance import Interval, difference
 
@@ -59,8 +60,8 @@ class PolicyResult:
 
 
 def lower_is_better(metric: str) -> bool:
-    """Whether smaller values of ``metric`` are better (names ending in ``loss``)."""
-    return metric.endswith("loss")
+    """Whether smaller values of ``metric`` are better (see `registry.metric_direction`)."""
+    return metric_lower_is_better(metric)
 
 
 def _fmt(value: float) -> str:

@@ -206,6 +206,11 @@ class EvaluateSpec(_Section):
     )
     pass_k: int = Field(default=4, gt=0, description="GRPO versions: the k of the reported pass@k (at most `samples`).")
     seed: int = Field(default=0, description="GRPO versions: sampling seed (the base and the version draw alike).")
+    suites: list[str] = Field(
+        default_factory=list,
+        description="Suite files (relative to the recipe) scored besides the task: general capability, judge, safety "
+        "(`recipes/suites/`, docs/EVALUATION.md).",
+    )
 
     @model_validator(mode="after")
     def _k_within_samples(self) -> EvaluateSpec:

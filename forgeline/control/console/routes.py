@@ -178,6 +178,7 @@ def version_page(request: Request, name: str, version: VersionNumber, notice: st
         state=state.state(info),
         rows=views.metric_rows(info, production),
         production=production,
+        report=views.eval_report(info),
         lineage=views.lineage_chain(registry, state, info),
         curves=views.training_curves(registry, info),
         gates={alias: state.gates(info, alias) for alias in state.target_aliases()},

@@ -181,6 +181,14 @@ def metric_rows(info: VersionInfo, production: VersionInfo | None) -> list[Metri
     return [MetricRow(m, mine.get(m), base.get(m), prod.get(m)) for m in names]
 
 
+def eval_report(info: VersionInfo) -> dict[str, str] | None:
+    """Where the version's comparison report is on its run, and which suites it was scored on."""
+    folder = info.tags.get(lineage.EVAL_REPORT)
+    if not folder:
+        return None
+    return {"path": f"{folder}/comparison.md", "plot": f"{folder}/comparison.png", "suites": info.tags.get(lineage.EVAL_SUITES, "")}
+
+
 @dataclass
 class LineageStep:
     label: str
