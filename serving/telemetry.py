@@ -93,7 +93,7 @@ def configure_tracing(
     provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(sample_ratio)))
     provider.add_span_processor(processor)
     _provider, _propagator = provider, TraceContextTextMapPropagator()
-    _tracer = provider.get_tracer("forgeline.gateway")
+    _tracer = provider.get_tracer("serving.gateway")
     logger.info("OpenTelemetry traces on (%s)", "custom exporter" if exporter is not None else endpoint or base)
     return True
 

@@ -663,7 +663,7 @@ def _attempt_span(worker: Worker, path: str, retried: bool) -> Any:
     if not telemetry.enabled():
         return None
     return telemetry.start_span(
-        "upstream", client=True, **{"server.address": worker.url, "url.path": path, "forgeline.retry": retried}
+        "upstream", client=True, **{"server.address": worker.url, "url.path": path, "http.request.resend_count": int(retried)}
     )
 
 

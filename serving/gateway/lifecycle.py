@@ -145,7 +145,7 @@ class RequestLifecycle:
         """Charge one request and the prompt tokens to the key's quota; 429 when over it."""
         self.prompt_tokens = self._admitted_tokens = prompt_tokens
         if self._limiter is not None and self.principal is not None:
-            with telemetry.span("gateway.quota", **{"forgeline.prompt_tokens": prompt_tokens}):
+            with telemetry.span("gateway.quota", **{"gen_ai.usage.input_tokens": prompt_tokens}):
                 self._quota = await self._limiter.admit(self.principal.id, self._limits, prompt_tokens)
 
     async def complete(self, prompt: str, params: SamplingParams) -> Completion:

@@ -357,7 +357,7 @@ class AccessLogMiddleware:
             span, otel_token = telemetry.start_request_span(
                 f"{scope.get('method')} {path}",
                 {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ()) if k in _TRACE_HEADERS},
-                {"http.request.method": scope.get("method"), "url.path": path, "forgeline.request_id": request_id},
+                {"http.request.method": scope.get("method"), "url.path": path, "http.request.header.x-request-id": request_id},
             )
 
         def log(final_status: int) -> None:
