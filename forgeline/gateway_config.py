@@ -222,7 +222,7 @@ def build_from_config(config: GatewayConfig) -> FastAPI:
     from serving.gateway.app import create_app
     from serving.gateway.catalog import ModelCatalog, StaticCatalog
     from serving.gateway.quota import create_limiter
-    from serving.rollout import RegistryCatalog
+    from serving.registry_catalog import RegistryCatalog
 
     t = config.telemetry
     telemetry.configure_tracing(endpoint=t.otlp_endpoint, service_name=t.service_name, sample_ratio=t.sample_ratio)

@@ -78,7 +78,7 @@ def test_tag_keys_are_spelled_only_in_lineage() -> None:
     lineage_py = REPO / "registry" / "lineage.py"
     found = [
         f"{path.relative_to(REPO)}:{line}: {value!r}"
-        for package in ("forgeline", "training", "serving", "registry")
+        for package in ("forgeline", "training", "serving", "jobs", "registry")
         for path in sorted((REPO / package).rglob("*.py"))
         if path != lineage_py
         for line, value in _tag_literals(path.read_text(encoding="utf-8"))
