@@ -193,9 +193,8 @@ class _VllmCollector(Collector):
                         gpu.add_metric([served.model, worker.url], reported["kv_cache_usage_perc"])
                         kv.add_metric([served.model, worker.url], reported["kv_cache_usage_perc"])
                 continue
-            stats = getattr(engine, "stats", None)
-            if stats is not None:
-                snapshot = stats()
+            snapshot = engine.stats()
+            if snapshot is not None:
                 total[0] += snapshot.running
                 total[1] += snapshot.waiting
         for model, (run, wait) in totals.items():
