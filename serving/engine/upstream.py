@@ -2,9 +2,11 @@
 
 The gateway keeps doing what only it does (keys, quotas, aliases, chat templates, usage)
 and relays generation to a pool of workers over HTTP: ``trtllm-serve`` on H200s, any vLLM
-or SGLang server, or ``forgeline worker`` (our PyTorch engine). Each request is one streamed
-``POST /v1/completions``; chunks are relayed as they arrive, so time to first token is
-the worker's. With ``upstream_api="chat"`` the engine is also a `ChatRelay`: chat requests
+or SGLang server, or ``forgeline worker`` (our PyTorch engine). A streamed request is one
+streamed ``POST /v1/completions`` whose chunks are relayed as they arrive, so time to first
+token is the worker's; a unary one asks for the whole answer at once (`complete`), which
+costs the gateway one body to parse instead of an event per token, and can be retried on
+another worker if the first dies mid-answer, since nothing has reached the client. With ``upstream_api="chat"`` the engine is also a `ChatRelay`: chat requests
 go whole to the workers' ``/v1/chat/completions``, so tools, JSON schema, logprobs and
 ``n`` work wherever the worker supports them.
 
