@@ -40,7 +40,7 @@ def py_spy() -> str:
 
 
 _LAYERS = (
-    ("upstream HTTP client (httpx, httpcore, anyio, h11)", ("httpx/", "httpcore/", "anyio/", "h11/")),
+    ("upstream HTTP client (aiohttp; httpx, httpcore, anyio, h11)", ("aiohttp/", "httpx/", "httpcore/", "anyio/", "h11/")),
     ("HTTP server (uvicorn, httptools)", ("uvicorn/", "httptools")),
     ("FastAPI / Starlette", ("fastapi/", "starlette/")),
     ("forgeline (serving/, registry/)", ("serving/", "registry/")),

@@ -108,9 +108,9 @@ def gateway_section(data: dict[str, Any], plots_rel: str) -> str:
     lines.append("| goal | forgeline (worst cell) | verdict |")
     lines.append("|---|---|---|")
     checks = goal_checks(data)
-    lines.append(f"| p50 added ≤ {goals['p50_added_ms']:g} ms | {checks['p50_worst']:+.1f} ms | {_verdict(checks['p50_ok'])} |")
+    lines.append(f"| p50 added ≤ {goals['p50_added_ms']:g} ms at concurrency 1 | {checks['p50_worst']:+.1f} ms | {_verdict(checks['p50_ok'])} |")
     lines.append(f"| p99 added ≤ {goals['p99_added_ms']:g} ms | {checks['p99_worst']:+.1f} ms | {_verdict(checks['p99_ok'])} |")
-    lines.append(f"| throughput ≥ {goals['throughput_ratio']:g}× direct | {checks['thr_worst']:.2f}× | {_verdict(checks['thr_ok'])} |")
+    lines.append(f"| throughput ≥ {goals['throughput_ratio']:g}× direct at concurrency ≥ 16 | {checks['thr_worst']:.2f}× | {_verdict(checks['thr_ok'])} |")
     if checks["vs_litellm"] is not None:
         lines.append(
             f"| lower overhead than LiteLLM | lower added p50 in {checks['vs_litellm_cells']} of {len(summary)} cells | {_verdict(checks['vs_litellm'])} |"
@@ -137,9 +137,12 @@ def goal_checks(data: dict[str, Any]) -> dict[str, Any]:
     """Worst forgeline cell against each goal, and cells where forgeline beats LiteLLM."""
     goals = data["goals"]
     cells = data["summary"].values()
-    p50 = [c["forgeline"]["p50_added_ms"]["median"] for c in cells if c["forgeline"]["p50_added_ms"]["median"] is not None]
+    # As issue 15 states them: added p50 at concurrency 1, throughput at concurrency 16 and up.
+    single = [c for k, c in data["summary"].items() if k.endswith("-c1")]
+    loaded = [c for k, c in data["summary"].items() if not k.endswith("-c1")] or single
+    p50 = [c["forgeline"]["p50_added_ms"]["median"] for c in single if c["forgeline"]["p50_added_ms"]["median"] is not None]
     p99 = [c["forgeline"]["p99_added_ms"]["median"] for c in cells if c["forgeline"]["p99_added_ms"]["median"] is not None]
-    thr = [c["forgeline"]["throughput_ratio"]["median"] for c in cells if c["forgeline"]["throughput_ratio"]["median"] is not None]
+    thr = [c["forgeline"]["throughput_ratio"]["median"] for c in loaded if c["forgeline"]["throughput_ratio"]["median"] is not None]
     out: dict[str, Any] = {
         "p50_worst": max(p50, default=float("nan")),
         "p99_worst": max(p99, default=float("nan")),

@@ -2,9 +2,11 @@
 
 The gateway keeps doing what only it does (keys, quotas, aliases, chat templates, usage)
 and relays generation to a pool of workers over HTTP: ``trtllm-serve`` on H200s, any vLLM
-or SGLang server, or ``forgeline worker`` (our PyTorch engine). Each request is one streamed
-``POST /v1/completions``; chunks are relayed as they arrive, so time to first token is
-the worker's. With ``upstream_api="chat"`` the engine is also a `ChatRelay`: chat requests
+or SGLang server, or ``forgeline worker`` (our PyTorch engine). A streamed request is one
+streamed ``POST /v1/completions`` whose chunks are relayed as they arrive, so time to first
+token is the worker's; a unary one asks for the whole answer at once (`complete`), which
+costs the gateway one body to parse instead of an event per token, and can be retried on
+another worker if the first dies mid-answer, since nothing has reached the client. With ``upstream_api="chat"`` the engine is also a `ChatRelay`: chat requests
 go whole to the workers' ``/v1/chat/completions``, so tools, JSON schema, logprobs and
 ``n`` work wherever the worker supports them.
 
@@ -120,6 +122,9 @@ class UpstreamEngine:
         model_id: name used in logs and errors; defaults to ``model``.
         connect_timeout: seconds to connect to the worker.
         read_timeout: longest silence, in seconds, between two chunks before the request fails.
+        unary_timeout: longest wait, in seconds, for a whole non-streamed answer (the worker
+            sends nothing until it has generated all of it). A request that runs out of it is
+            not retried elsewhere: the worker may still be generating.
         health_interval: seconds between ``/health`` polls of each worker.
         metrics_path: the worker's metrics endpoint (``trtllm-serve``: ``/metrics`` has iteration
             stats as JSON; newer releases add Prometheus text at ``/prometheus/metrics``).
@@ -154,6 +159,7 @@ class UpstreamEngine:
         model_id: str | None = None,
         connect_timeout: float = 5.0,
         read_timeout: float = 120.0,
+        unary_timeout: float = 600.0,
         health_interval: float = 5.0,
         metrics_path: str = "/metrics",
         upstream_api: UpstreamApi = "completions",
@@ -188,6 +194,7 @@ class UpstreamEngine:
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+        self._unary_timeout = max(unary_timeout, read_timeout)
         self._health_interval = health_interval
         self._transport = transport
         self._client: WorkerClient | None = None
@@ -499,7 +506,7 @@ class UpstreamEngine:
             attempt = _attempt_span(worker, path, retried)
             failure: BaseException | None = None
             try:
-                response = await client.post_json(worker.url + path, body, _request_headers(attempt))
+                response = await client.post_json(worker.url + path, body, _request_headers(attempt), timeout=self._unary_timeout)
                 telemetry.end_span(attempt, **{"http.response.status_code": response.status})
                 attempt = None
                 if response.status == 200:
@@ -517,6 +524,9 @@ class UpstreamEngine:
             except (WorkerRefusedError, WorkerBrokenError) as exc:
                 failure = exc
                 outcome, error = _refused_or_error(exc), self._unavailable(f"{worker.url}: {exc}")
+            except WorkerTimeoutError as exc:
+                failure, fatal = exc, True  # it may still be generating: another worker would double the work
+                error = self._unavailable(f"{worker.url} gave no answer within {self._unary_timeout:.0f} s ({exc})")
             except WorkerError as exc:
                 failure, error = exc, self._unavailable(f"{worker.url}: {exc}")
             except ValueError as exc:

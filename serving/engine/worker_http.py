@@ -66,7 +66,9 @@ class WorkerClient(Protocol):
 
     async def get(self, url: str, *, timeout: float) -> Answer: ...
 
-    async def post_json(self, url: str, body: dict[str, Any], headers: dict[str, str] | None) -> Answer: ...
+    async def post_json(self, url: str, body: dict[str, Any], headers: dict[str, str] | None, *, timeout: float) -> Answer:
+        """POST and read the whole answer; ``timeout``: the longest wait for any byte of it."""
+        ...
 
     def stream(self, url: str, body: dict[str, Any], headers: dict[str, str] | None) -> Any:
         """An async context manager giving a `StreamedAnswer`."""
@@ -111,9 +113,10 @@ class AiohttpWorkerClient:
         except self._errors() as exc:
             raise self._mapped(exc) from exc
 
-    async def post_json(self, url: str, body: dict[str, Any], headers: dict[str, str] | None) -> Answer:
+    async def post_json(self, url: str, body: dict[str, Any], headers: dict[str, str] | None, *, timeout: float) -> Answer:
+        wait = self._aiohttp.ClientTimeout(total=None, connect=self._timeout.connect, sock_read=timeout)
         try:
-            async with self._session.post(url, json=body, headers=headers) as response:
+            async with self._session.post(url, json=body, headers=headers, timeout=wait) as response:
                 return Answer(response.status, await response.read())
         except self._errors() as exc:
             raise self._mapped(exc) from exc
@@ -174,9 +177,10 @@ class HttpxWorkerClient:
             raise self._mapped(exc) from exc
         return Answer(response.status_code, response.content)
 
-    async def post_json(self, url: str, body: dict[str, Any], headers: dict[str, str] | None) -> Answer:
+    async def post_json(self, url: str, body: dict[str, Any], headers: dict[str, str] | None, *, timeout: float) -> Answer:
+        wait = self._httpx.Timeout(connect=self._client.timeout.connect, read=timeout, write=30.0, pool=self._client.timeout.pool)
         try:
-            response = await self._client.post(url, json=body, headers=headers)
+            response = await self._client.post(url, json=body, headers=headers, timeout=wait)
         except self._httpx.HTTPError as exc:
             raise self._mapped(exc) from exc
         return Answer(response.status_code, response.content)

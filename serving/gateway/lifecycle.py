@@ -179,7 +179,12 @@ class RequestLifecycle:
         status = 200
         try:
             with telemetry.span("gateway.queue", current=False, **{"gen_ai.request.model": self.model}):
-                done = await asyncio.gather(*(engine.complete(prompt, p, adapter=self.adapter) for p in params))
+                tasks = [asyncio.ensure_future(engine.complete(prompt, p, adapter=self.adapter)) for p in params]
+                try:
+                    done = await asyncio.gather(*tasks)
+                finally:
+                    for task in tasks:  # one choice failed (or the client left): the others are not wanted
+                        task.cancel()
             self.completion_tokens = sum(tokens for _, tokens, _ in done)
             return [Completion(text, tokens, finish) for text, tokens, finish in done]
         except BaseException as exc:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -379,6 +380,7 @@ class AccessLogMiddleware:
                 "client": (scope.get("client") or ("", 0))[0],
                 "key_id": state.get("key_id"),
                 "request_id": request_id,
+                "pid": os.getpid(),  # which process answered, with `forgeline serve --workers N`
                 **fields,
             }
             access_logger.info(json.dumps(entry, separators=(",", ":"), default=str))

@@ -189,3 +189,27 @@ def test_a_unary_completion_whose_worker_dies_mid_answer_is_retried_on_another(t
     assert "w0" in calls  # it was tried and died mid-answer...
     assert answers == [("whole", 3, "length")] * len(answers)  # ...and that request was answered by w1
     assert calls[-1] == "w1"
+
+
+def test_a_unary_answer_that_times_out_is_not_sent_to_another_worker(tiny_base: Path) -> None:
+    calls: list[str] = []
+
+    def fleet(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(200)
+        calls.append(request.url.host)
+        raise httpx.ReadTimeout("no answer", request=request)
+
+    engine = UpstreamEngine(["http://w0:8000", "http://w1:8000"], "m", tokenizer=tiny_base, transport=httpx.MockTransport(fleet),
+                            policy=PoolPolicy(retry_budget_min=10))  # fmt: skip
+
+    async def main() -> None:
+        await engine.start()
+        try:
+            await engine.complete("hi", SamplingParams(max_tokens=3))
+        finally:
+            await engine.stop()
+
+    with pytest.raises(ForgelineError, match="gave no answer within 600 s"):
+        asyncio.run(main())
+    assert len(calls) == 1  # the worker may still be generating: retrying would double its work
