@@ -132,6 +132,7 @@ def tiny() -> tuple[object, object]:
 def test_lm_eval_runs_the_shipped_task_offline_on_the_model_in_memory(tiny: tuple[object, object], monkeypatch: pytest.MonkeyPatch) -> None:
     from training.suites.lm_eval_suite import run_lm_eval
 
+    pytest.importorskip("lm_eval", reason="the lm_eval suite needs the eval extra: pip install 'forgeline[eval]'")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     suite = load_suite(SUITES / "general.yaml").model_copy(update={"max_samples": 40})
