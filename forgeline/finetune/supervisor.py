@@ -26,6 +26,7 @@ from mlflow.exceptions import MlflowException
 from registry import lineage
 from registry.errors import ForgelineError, ModelNotFoundError, NotFoundError, PolicyRefused
 from training.checkpoints import checkpoint_step, complete_checkpoints
+from training.config import EvaluateSpec
 from training.job import TrainJob
 from training.launchers import jobs as launcher_jobs
 from training.launchers.base import JobPhase
@@ -266,7 +267,8 @@ class Supervisor:
                             "a validation_file")
             return
         try:
-            report = pipeline.evaluate(self.ft.registry, name, version)
+            suites = self.ft.settings.evaluate_suites
+            report = pipeline.evaluate(self.ft.registry, name, version, spec=EvaluateSpec(suites=suites) if suites else None)
         except Exception as err:  # the version stands; evaluation can be run again by hand
             log.exception("fine-tuning job %s: evaluation failed", job.id)
             store.add_event(job.id, "evaluated", f"Evaluation failed ({err}); fix: run `forgeline evaluate {name} "
