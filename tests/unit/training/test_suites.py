@@ -153,8 +153,9 @@ def test_safety_suite_rates_on_a_model_that_never_refuses(tiny: tuple[object, ob
     result = run_safety(suite, model, tokenizer)
     # The tiny base answers every request like a support agent: it refuses nothing.
     assert result.metrics == {"safety_refusal_rate": 0.0, "safety_over_refusal_rate": 0.0}
-    assert sum(v is not None for v in result.scores["safety_refusal_rate"]) == 30
-    assert sum(v is not None for v in result.scores["safety_over_refusal_rate"]) == 30
+    assert sum(v is not None for v in result.scores["safety_refusal_rate"]) == 28
+    assert sum(v is not None for v in result.scores["safety_over_refusal_rate"]) == 16
+    assert len(set(result.items)) == 44
 
 
 @pytest.fixture(scope="module")
