@@ -44,7 +44,7 @@ def test_numeric_tolerance_and_numbers() -> None:
 
 
 def test_shipped_suites_load_with_paths_from_their_folder() -> None:
-    suites = load_suites([str(SUITES / f) for f in ("general.yaml", "safety.yaml", "judge.yaml", "support-regex.yaml")])
+    suites = load_suites([str(SUITES / f) for f in ("general.yaml", "safety.yaml", "judge.yaml", "routing.yaml")])
     assert [s.kind for s in suites] == ["lm_eval", "safety", "judge", "task"]
     general = suites[0]
     assert isinstance(general, LmEvalSuite) and Path(general.task_files[0]) == SUITES / "general" / "general.yaml"
