@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-forgeline
 PYTEST_ARGS ?=
-EXTRAS ?= dev,deepspeed,postgres,redis,k8s,s3
+EXTRAS ?= dev,deepspeed,postgres,redis,k8s,s3,eval
 
 .PHONY: setup quickstart test test-fast test-gpu test-conformance lint bench clean-state
 

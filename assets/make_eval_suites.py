@@ -113,13 +113,24 @@ def forgetting_rows(items: list[dict], rng: random.Random, n: int) -> list[dict]
     return rows
 
 
+def filled(templates: list[str], rng: random.Random, per_template: int) -> list[str]:
+    """Up to ``per_template`` distinct fillings of each template (one for a template without slots)."""
+    out: list[str] = []
+    for template in templates:
+        mine: list[str] = []
+        for _ in range(per_template * 10):
+            text = tickets.fill(template, rng)
+            if text not in mine:
+                mine.append(text)
+            if len(mine) == per_template:
+                break
+        out += mine
+    return out
+
+
 def safety_rows(rng: random.Random) -> list[dict]:
-    rows = []
-    for should_refuse, templates in ((True, FORBIDDEN), (False, ALLOWED)):
-        for template in templates:
-            for _ in range(3):
-                rows.append({"prompt": tickets.fill(template, rng), "should_refuse": should_refuse})
-    return rows
+    return [{"prompt": prompt, "should_refuse": should_refuse}
+            for should_refuse, templates in ((True, FORBIDDEN), (False, ALLOWED)) for prompt in filled(templates, rng, 3)]
 
 
 def write_jsonl(rows: list[dict], path: Path) -> None:
@@ -134,7 +145,7 @@ def main() -> None:
     write_jsonl(items, OUT_DIR / "general" / "general.jsonl")
     write_jsonl(forgetting_rows(items, rng, N_FORGETTING), OUT_DIR / "forgetting.jsonl")
     write_jsonl(safety_rows(rng), OUT_DIR / "safety.jsonl")
-    write_jsonl([{"prompt": tickets.fill(q, rng)} for q in JUDGE_QUESTIONS for _ in range(3)], OUT_DIR / "judge-prompts.jsonl")
+    write_jsonl([{"prompt": q} for q in filled(JUDGE_QUESTIONS, rng, 3)], OUT_DIR / "judge-prompts.jsonl")
     log.info("wrote %d general items and the safety, judge and forgetting sets to %s", len(items), OUT_DIR)
 
 

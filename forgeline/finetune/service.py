@@ -60,6 +60,9 @@ class FineTuningSettings(BaseModel):
     experiment: str = Field(default="fine-tuning", description="MLflow experiment of the jobs' runs (an mlflow integration may pick another).")
     poll_interval_s: float = Field(default=5.0, gt=0, description="How often the supervisor follows running jobs.")
     evaluate: bool = Field(default=True, description="Score supervised and reinforcement versions on their validation_file after training.")
+    evaluate_suites: list[str] = Field(
+        default_factory=list, description="Suite files every job's version is also scored on (docs/EVALUATION.md), e.g. general and safety."
+    )
     build: bool = Field(default=True, description="Build the PyTorch serving artifact of each new version.")
     candidate_alias: str | None = Field(
         default="candidate", description="Alias a new version is moved to when the promotion policy allows it (None: never)."

@@ -308,7 +308,10 @@ class Supervisor:
             store.add_event(job.id, "evaluated", "Not evaluated: scoring needs a supervised or reinforcement job with "
                             "a validation_file")
             return True
-        ended = self._stage_job(job, "evaluate", known, lambda job_id, cluster: evaluate_spec(name, version, cluster, job_id=job_id),
+        # The operator's suites, as files the job reads (a cluster needs them on its shared filesystem).
+        suite_options = [o for s in self.ft.settings.evaluate_suites for o in ("--suite", str(Path(s).resolve()))]
+        ended = self._stage_job(job, "evaluate", known,
+                                lambda job_id, cluster: evaluate_spec(name, version, cluster, job_id=job_id, options=suite_options),
                                 "Evaluation")
         if ended is None:
             return False

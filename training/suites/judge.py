@@ -27,7 +27,7 @@ from registry.errors import ErrorCode, ForgelineError
 
 from ..evaluation import generate_answers
 from .result import SuiteResult
-from .rows import messages_of, read_jsonl, render, stable_id
+from .rows import messages_of, read_jsonl, render, stable_id, unique_ids
 from .spec import JudgeSuite
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def run_judge(suite: JudgeSuite, model: Any, tokenizer: Any, *, model_name: str)
         f"{name}_first_position_rate": (sum(v == "a" for v in picked) / len(picked)) if picked else 0.5,
         f"{name}_position_consistency": sum(agree) / len(agree),
     }
-    result.items = [f"{name}:{stable_id(c)}" for c in conversations]
+    result.items = unique_ids([f"{name}:{stable_id(c)}" for c in conversations])
     result.scores = {f"{name}_win_rate": list(scores)}
     result.samples = [
         {"prompt": c[-1]["content"], "answer": m, "reference": t, "verdict_version_first": verdicts[2 * i] or "?",

@@ -18,6 +18,7 @@ import yaml
 from registry.errors import ConfigError, ErrorCode, FieldProblem, ForgelineError
 
 from .result import SuiteResult
+from .rows import unique_ids
 from .spec import LmEvalSuite
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ def run_lm_eval(suite: LmEvalSuite, model: Any, tokenizer: Any) -> SuiteResult:
             doc = sample["doc"]
             result.samples.append({"task": task, "doc_id": sample["doc_id"], "question": str(doc.get("question", doc))[:500],
                                    "target": str(sample.get("target")), suite.metric: value})
+    result.items = unique_ids(result.items)
     if result.items:
         present = [v for v in result.scores[column] if v is not None]
         result.metrics[column] = sum(present) / len(present)

@@ -49,3 +49,13 @@ def render(tokenizer: Any, messages: list[dict[str, str]]) -> str:
 def stable_id(*parts: object) -> str:
     """A short digest identifying an item, so two versions scored on the same file pair up item by item."""
     return hashlib.sha256("\0".join(json.dumps(p, sort_keys=True) for p in parts).encode()).hexdigest()[:16]
+
+
+def unique_ids(ids: list[str]) -> list[str]:
+    """``ids`` with repeats numbered (``x``, ``x#2``): a repeated row is a second item, not the same one twice."""
+    seen: dict[str, int] = {}
+    out = []
+    for item in ids:
+        seen[item] = seen.get(item, 0) + 1
+        out.append(item if seen[item] == 1 else f"{item}#{seen[item]}")
+    return out

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..evaluation import generate_answers
 from .result import SuiteResult, rate
-from .rows import messages_of, read_jsonl, render, stable_id
+from .rows import messages_of, read_jsonl, render, stable_id, unique_ids
 from .spec import SafetySuite
 
 
@@ -26,7 +26,7 @@ def run_safety(suite: SafetySuite, model: Any, tokenizer: Any) -> SuiteResult:
     must = [bool(r["should_refuse"]) for r in rows]
     refusal, over = f"{suite.name}_refusal_rate", f"{suite.name}_over_refusal_rate"
     result = SuiteResult(suite.name, suite.kind)
-    result.items = [f"{suite.name}:{stable_id(messages_of(r), bool(r['should_refuse']))}" for r in rows]
+    result.items = unique_ids([f"{suite.name}:{stable_id(messages_of(r), bool(r['should_refuse']))}" for r in rows])
     result.scores = {
         refusal: [float(f) if m else None for f, m in zip(refused, must, strict=True)],
         over: [None if m else float(f) for f, m in zip(refused, must, strict=True)],

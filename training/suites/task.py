@@ -7,7 +7,7 @@ from typing import Any
 from ..evaluation import generate_answers, item_id, to_examples
 from .matching import matches
 from .result import SuiteResult
-from .rows import read_jsonl
+from .rows import read_jsonl, unique_ids
 from .spec import TaskSuite
 
 
@@ -24,7 +24,7 @@ def run_task(suite: TaskSuite, model: Any, tokenizer: Any) -> SuiteResult:
         return result
     metric = f"{suite.name}_accuracy"
     result.metrics[metric] = sum(right) / len(right)
-    result.items = [f"{suite.name}:{item_id(e)}" for e in examples]
+    result.items = unique_ids([f"{suite.name}:{item_id(e)}" for e in examples])
     result.scores[metric] = list(right)
     result.samples = [{"prompt": e.prompt, "expected": e.expected, "answer": a, "correct": r}
                       for e, a, r in zip(examples, answers, right, strict=True)]

@@ -32,6 +32,7 @@ from tests.conftest import REPO, SUPPORT_DATA, TINY_BASE, point_home
 from training.config import EvaluateSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytest.importorskip("lm_eval", reason="the general suite needs the eval extra: pip install 'forgeline[eval]'")
 
 GENERAL = REPO / "recipes" / "suites" / "general.yaml"
 

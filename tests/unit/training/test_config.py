@@ -105,4 +105,13 @@ def test_every_shipped_recipe_validates(repo_root: Path) -> None:
 
             PromotionPolicy.model_validate(yaml.safe_load(path.read_text()))
             continue
+        if "suites" in path.relative_to(repo_root / "recipes").parts:  # evaluation suites and their harness tasks
+            from training.suites.lm_eval_suite import task_config
+            from training.suites.spec import load_suite
+
+            if path.parent.name == "suites":
+                load_suite(path)
+            else:
+                assert Path(task_config(str(path))["dataset_kwargs"]["data_files"]["test"]).is_file()
+            continue
         load_recipe(path)

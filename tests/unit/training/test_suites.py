@@ -44,7 +44,7 @@ def test_numeric_tolerance_and_numbers() -> None:
 
 
 def test_shipped_suites_load_with_paths_from_their_folder() -> None:
-    suites = load_suites([str(SUITES / f) for f in ("general.yaml", "safety.yaml", "judge.yaml", "support-regex.yaml")])
+    suites = load_suites([str(SUITES / f) for f in ("general.yaml", "safety.yaml", "judge.yaml", "routing.yaml")])
     assert [s.kind for s in suites] == ["lm_eval", "safety", "judge", "task"]
     general = suites[0]
     assert isinstance(general, LmEvalSuite) and Path(general.task_files[0]) == SUITES / "general" / "general.yaml"
@@ -132,6 +132,7 @@ def tiny() -> tuple[object, object]:
 def test_lm_eval_runs_the_shipped_task_offline_on_the_model_in_memory(tiny: tuple[object, object], monkeypatch: pytest.MonkeyPatch) -> None:
     from training.suites.lm_eval_suite import run_lm_eval
 
+    pytest.importorskip("lm_eval", reason="the lm_eval suite needs the eval extra: pip install 'forgeline[eval]'")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     suite = load_suite(SUITES / "general.yaml").model_copy(update={"max_samples": 40})
@@ -152,8 +153,9 @@ def test_safety_suite_rates_on_a_model_that_never_refuses(tiny: tuple[object, ob
     result = run_safety(suite, model, tokenizer)
     # The tiny base answers every request like a support agent: it refuses nothing.
     assert result.metrics == {"safety_refusal_rate": 0.0, "safety_over_refusal_rate": 0.0}
-    assert sum(v is not None for v in result.scores["safety_refusal_rate"]) == 30
-    assert sum(v is not None for v in result.scores["safety_over_refusal_rate"]) == 30
+    assert sum(v is not None for v in result.scores["safety_refusal_rate"]) == 28
+    assert sum(v is not None for v in result.scores["safety_over_refusal_rate"]) == 16
+    assert len(set(result.items)) == 44
 
 
 @pytest.fixture(scope="module")
