@@ -166,13 +166,7 @@ class Supervisor:
                              f"(no result.json in {record.handle.output_dir})")
 
     def _fail(self, job: JobRow, record: JobRecord) -> None:
-        try:
-            tail = launcher_jobs.job_logs(record.id, tail=15, store=self.ft.launches)
-        except ForgelineError:
-            tail = ""
-        last = [line for line in tail.splitlines() if line.strip()][-3:]
-        message = f"training failed ({record.status.detail})" + (": " + " | ".join(last) if last else "")
-        self._set_failed(job, "training_failed", message[:2000])
+        self._set_failed(job, "training_failed", f"training failed {self._job_failure(record)}"[:2000])
 
     def _set_failed(self, job: JobRow, code: str, message: str) -> None:
         error = {"code": code, "message": message, "param": None}
@@ -292,13 +286,13 @@ class Supervisor:
         return record if record.status.phase.finished else None
 
     def _job_failure(self, record: JobRecord) -> str:
-        """Why a job ended without success, with the last lines of its log."""
+        """Why a job ended without success (the scheduler's words), with the last lines of its log."""
         try:
             tail = launcher_jobs.job_logs(record.id, tail=15, store=self.ft.launches)
         except ForgelineError:
             tail = ""
         last = [line for line in tail.splitlines() if line.strip()][-3:]
-        return f"job {record.id} {record.status.phase.value} ({record.status.detail})" + (": " + " | ".join(last) if last else "")
+        return f"({record.status.detail})" + (": " + " | ".join(last) if last else "")
 
     def _evaluate(self, job: JobRow, name: str, version: int, known: set[str]) -> bool:
         """Drive the evaluation job one step; True once its outcome is an event."""
@@ -317,7 +311,7 @@ class Supervisor:
             return False
         if isinstance(ended, str) or ended.status.phase is not JobPhase.SUCCEEDED:
             # The version stands; evaluation can be run again by hand.
-            why = ended if isinstance(ended, str) else self._job_failure(ended)
+            why = ended if isinstance(ended, str) else f"job {ended.id} {ended.status.phase.value} {self._job_failure(ended)}"
             store.add_event(job.id, "evaluated", f"Evaluation failed ({why[:1500]}); fix: run `forgeline evaluate {name} "
                             f"{version}`", level="warn")
             return True
@@ -341,7 +335,7 @@ class Supervisor:
         if not isinstance(ended, str) and ended.status.phase is JobPhase.SUCCEEDED:
             artifact = self.ft.registry.get_version(name, version).tags.get(lineage.engine_tag("torch"))
         if artifact is None:  # the version stands; the build can be run again by hand
-            why = ended if isinstance(ended, str) else self._job_failure(ended)
+            why = ended if isinstance(ended, str) else f"job {ended.id} {ended.status.phase.value} {self._job_failure(ended)}"
             store.add_event(job.id, "built", f"Serving artifact not built ({why[:1500]}); fix: run "
                             f"`forgeline build {name}@{version}`", level="warn")
             return True
