@@ -46,7 +46,7 @@ class ServerLimits(BaseModel):
     max_connections: int = Field(
         default=1024, gt=0, description="Open connections beyond this are closed at once; requests beyond it get 503."
     )
-    max_header_bytes: int = Field(default=64 * 1024, gt=0, description="Largest request line plus headers (larger: 400).")
+    max_header_bytes: int = Field(default=64 * 1024, gt=0, description="Largest request line plus headers (larger: 431 and the connection is closed).")
     graceful_shutdown_s: float = Field(
         default=30.0, gt=0, description="On SIGTERM: finish running requests and streams for at most this long, then stop."
     )

@@ -19,6 +19,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+KEEPALIVE_S = 4.0
+"""Seconds an idle connection to a worker is kept for reuse."""
+
 
 class WorkerError(Exception):
     """A request to a worker failed below HTTP (no status to go by)."""
@@ -87,7 +90,9 @@ class AiohttpWorkerClient:
         self._aiohttp = aiohttp
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
         # limit=0: no cap on connections (as httpx's max_connections=None); every worker keeps its own.
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30.0)
+        # Idle ones are dropped after 4 s, before uvicorn-based workers (vLLM, trtllm-serve, ours)
+        # close theirs at 5 s: reusing one the worker is closing would fail a request and eject it.
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=KEEPALIVE_S)
         self._session = aiohttp.ClientSession(
             connector=connector, headers=headers, timeout=self._timeout, json_serialize=_dumps,
             read_bufsize=4 * 1024 * 1024,  # one SSE line (an event) may be long: tool calls, logprobs
