@@ -137,6 +137,7 @@ def evaluate(
     from training.evaluation import ItemScores, evaluate_items
     from training.models import load_adapted_model, load_base_model, load_tokenizer
     from training.reward_evaluation import evaluate_rewards
+    from training.tool_call_scoring import score_tool_use
 
     spec = spec or EvaluateSpec()
     info = registry.get_version(name, version)
@@ -156,10 +157,20 @@ def evaluate(
     weights = local_weights(info)
     tokenizer = load_tokenizer(ModelSpec(base=weights.base_model), source=str(weights.path))
 
+    parse_calls = tool_call_parser(tokenizer, rows, source)
+
     def score(model: Any) -> tuple[dict[str, float], ItemScores | None]:
         if method is not None:
             return evaluate_rewards(model, tokenizer, rows, spec, method, search_path=search_path), None
-        return evaluate_items(model, tokenizer, rows, spec)
+        metrics, items = evaluate_items(model, tokenizer, rows, spec)
+        if parse_calls is not None:  # tool-use rows: call accuracy, schema validity, final answers
+            tool_metrics, tool_scores = score_tool_use(
+                model, tokenizer, rows, parse=parse_calls, max_new_tokens=spec.max_new_tokens,
+                batch_size=spec.batch_size, max_samples=spec.max_samples,
+            )
+            metrics = {**metrics, **tool_metrics}
+            items = items or tool_scores
+        return metrics, items
 
     base_metrics: dict[str, float] = {}
     base_items: ItemScores | None = None
@@ -186,6 +197,36 @@ def evaluate(
         record_samples(registry, registry.get_version(name, version), items.items, items.scores,
                        base_items.scores if same_items else None)
     return EvalReport(registry.get_version(name, version), metrics, base_metrics)
+
+
+def tool_call_parser(tokenizer: Any, rows: list[dict[str, Any]], source: str) -> Any:
+    """How to read tool calls out of this model's answers, when ``rows`` have tools (else None).
+
+    The format is the one the chat template teaches (`serving.engine.tool_formats`), the same
+    parser the gateway uses, so a call scores here as the gateway would return it.
+
+    Raises:
+        ForgelineError: the rows have tools but the template writes no tool-call format we know.
+    """
+    from serving.engine.tool_formats import FORMATS, detect_tool_format
+    from training.tool_call_scoring import has_tool_rows
+
+    if not has_tool_rows(rows):
+        return None
+    fmt = detect_tool_format(getattr(tokenizer, "chat_template", None))
+    if fmt is None:
+        raise ForgelineError(
+            f"{source} has tool-use rows, but the model's chat template renders no tool calls in a known format "
+            f"({', '.join(FORMATS)}); fix: train with `model.chat_template` set to one that does "
+            "(e.g. recipes/templates/tiny-tools.jinja)",
+            code=ErrorCode.INVALID_REQUEST, param="data",
+        )
+
+    def parse(text: str) -> tuple[str | None, list[tuple[str, str]]]:
+        content, calls = fmt.parse(text)
+        return content, [(c.name, c.arguments) for c in calls]
+
+    return parse
 
 
 def _log_metrics_on_run(registry: Registry, run_id: str | None, metrics: dict[str, float], base: dict[str, float]) -> None:
