@@ -18,6 +18,7 @@ serving side knows (`serving.engine.tool_formats`); the caller passes that parse
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -131,20 +132,24 @@ def score_tool_use(
     if not items:
         return {}, None
     answers = generate_answers(model, tokenizer, [i.prompt for i in items], max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return score_answers(items, answers, parse)
+
+
+def score_answers(items: list[ToolItem], answers: list[str], parse: ParseCalls) -> tuple[dict[str, float], ItemScores | None]:
+    """Score generated ``answers`` (one per item) as `score_tool_use` does."""
     scores: dict[str, list[float]] = {"tool_call_accuracy": [], "schema_valid_rate": [], "final_answer_exact_match": []}
-    ids: dict[str, list[str]] = {k: [] for k in scores}
+    call_ids: list[str] = []
     for n, (item, answer) in enumerate(zip(items, answers, strict=True)):
         content, calls = parse(answer)
         if item.calls is not None:
             scores["tool_call_accuracy"].append(float(_same_calls(calls, item.calls)))
             scores["schema_valid_rate"].append(float(_schema_valid(calls, item.tools)))
-            ids["tool_call_accuracy"].append(f"call-{n}")
+            call_ids.append(f"{hashlib.sha256(item.prompt.encode()).hexdigest()[:16]}#{n}")
         else:
             scores["final_answer_exact_match"].append(float(not calls and normalise(content or "") == normalise(item.text)))
-            ids["final_answer_exact_match"].append(f"answer-{n}")
     metrics = {name: sum(values) / len(values) for name, values in scores.items() if values}
     log.info("tool use: %d items: %s", len(items), {k: round(v, 4) for k, v in metrics.items()})
-    # Per-item scores for significance gates: the call items (the main metric).
-    call_ids = ids["tool_call_accuracy"]
-    per_item = ItemScores(items=call_ids, scores={k: scores[k] for k in ("tool_call_accuracy", "schema_valid_rate")}) if call_ids else None
-    return metrics, per_item
+    # Per-item scores, for significance gates: the call items (the main metric).
+    if not call_ids:
+        return metrics, None
+    return metrics, ItemScores(items=call_ids, scores={k: scores[k] for k in ("tool_call_accuracy", "schema_valid_rate")})
