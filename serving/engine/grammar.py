@@ -79,7 +79,7 @@ class GuideCompiler:
             raise _refused(param, error)
 
         def make() -> TokenGuide:
-            return LLGuide(llguidance.LLMatcher(self._tokenizer, grammar, log_level=0), self.vocab_size)
+            return LLGuide(llguidance.LLMatcher(self._tokenizer, grammar, log_level=0), self.stop_ids)
 
         return make
 
@@ -97,20 +97,22 @@ def _refused(param: str, reason: str) -> ForgelineError:
 class LLGuide:
     """One sequence's llguidance matcher behind the engine's `TokenGuide` seam."""
 
-    def __init__(self, matcher: Any, vocab_size: int) -> None:
+    def __init__(self, matcher: Any, stop_ids: list[int]) -> None:
         self._matcher = matcher
-        self._vocab_size = vocab_size
+        self._stop_ids = stop_ids
 
     def mask(self, logits: Any) -> None:
         """Set every token the grammar does not allow next to ``-inf`` (stop tokens only once it accepts)."""
         import numpy as np
         import torch
 
-        if self._matcher.is_error():
-            # Cannot happen for tokens from our own mask; if it does, end the sequence cleanly.
-            logger.warning("constrained decoding matcher failed: %s", self._matcher.get_error())
         raw = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
         allowed = np.unpackbits(raw, bitorder="little")[: logits.shape[-1]]
+        if not allowed.any():
+            # A matcher in an error state allows nothing (cannot happen for tokens from its own
+            # mask): end the sequence on a stop token rather than sample from all -inf.
+            logger.warning("constrained decoding matcher failed: %s", self._matcher.get_error())
+            allowed[[t for t in self._stop_ids if t < allowed.shape[0]]] = 1
         blocked = torch.from_numpy(allowed == 0).to(logits.device)
         logits.masked_fill_(blocked, float("-inf"))
 

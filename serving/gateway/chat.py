@@ -78,8 +78,11 @@ async def create_chat_completion(
         body.refuse_unsupported(body.model, logprobs=engine.reports_logprobs, structured=structured)
         plan: StructurePlan | None = None
         if structured:
-            # Off the event loop: a new adapter's template is read from its folder, schemas compile.
-            plan = await asyncio.to_thread(plan_structure, body, engine, run.adapter)
+            if body.tools or (body.response_format or {}).get("type", "text") != "text":
+                # Off the event loop: a new adapter's template is read from its folder, schemas compile.
+                plan = await asyncio.to_thread(plan_structure, body, engine, run.adapter)
+            else:
+                plan = plan_structure(body, engine, run.adapter)  # touches no engine: messages only
             messages: list[dict[str, Any]] = plan.messages
         else:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
