@@ -101,6 +101,11 @@ class ToolFormat:
         """A Lark grammar (llguidance dialect) that allows only calls of ``tools``."""
         raise NotImplementedError
 
+    def auto_grammar(self, tools: list[dict[str, Any]], *, parallel: bool) -> str | None:
+        """A grammar for ``tool_choice: auto`` with strict tools: free text, or calls that follow
+        the schemas; None where the format has none (the answer is then unconstrained)."""
+        return None
+
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """Split a whole answer into its content (None when empty) and its tool calls."""
         at = self.start(text)
@@ -144,6 +149,17 @@ class HermesFormat(ToolFormat):
     def grammar(self, tools: list[dict[str, Any]], *, parallel: bool) -> str:
         call = f'call: "{self.OPEN}" {_one_of_calls(tools, "arguments")} "{self.CLOSE}"'
         return ("start: call (\"\\n\"? call)*\n" if parallel else "start: call\n") + call
+
+    def auto_grammar(self, tools: list[dict[str, Any]], *, parallel: bool) -> str | None:
+        # Text that never opens a call, or text up to the first opening (lazy: it ends there) and
+        # calls; llguidance's `&` / `~` on lexemes say "contains no opening".
+        call = _one_of_calls(tools, "arguments")
+        more = f'more: "\\n"? "{self.OPEN}" {call} "{self.CLOSE}"\n' if parallel else ""
+        return (
+            f'start: TEXT | opening {call} "{self.CLOSE}"{" more*" if parallel else ""}\n{more}'
+            f"TEXT: /(?s:.+)/ & ~/(?s:.*){self.OPEN}(?s:.*)/\n"
+            f"opening[lazy]: /(?s:.*){self.OPEN}/"
+        )
 
 
 class Llama3JsonFormat(ToolFormat):

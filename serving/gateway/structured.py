@@ -13,8 +13,9 @@ Rules, as OpenAI's:
   force a call by constrained decoding, the arguments following each function's JSON schema.
 - ``response_format`` ``json_object`` / ``json_schema`` constrain the content when no call is forced.
 - ``parallel_tool_calls: false`` allows one call.
-Not constrained: ``strict`` tools under ``auto`` (the model may still write free text; its
-calls are parsed, not guaranteed valid).
+- ``strict`` tools under ``auto``: free text that never opens a call, or calls that follow the
+  schemas (Hermes format; Llama-3 JSON and Mistral answers under ``auto`` are not constrained).
+  Non-strict tools under ``auto`` are parsed, not constrained.
 """
 
 from __future__ import annotations
@@ -153,7 +154,12 @@ def plan_structure(body: ChatCompletionRequest, engine: StructuredEngine, adapte
         plan.tools, plan.tool_format = list(body.tools or []), fmt
         if choice != "auto":
             forced = select_tools(plan.tools, choice)
-            grammar = fmt.grammar(forced, parallel=plan.parallel)
+            grammar: str | None = fmt.grammar(forced, parallel=plan.parallel)
+        elif any((t.get("function") or {}).get("strict") for t in plan.tools):
+            grammar = fmt.auto_grammar(plan.tools, parallel=plan.parallel)
+        else:
+            grammar = None
+        if grammar is not None:
             plan.guide = engine.guide_compiler().lark(grammar, param="tools")
     if plan.guide is None and body.response_format is not None and body.response_format.get("type") != "text":
         schema, param = schema_of_response_format(body.response_format)

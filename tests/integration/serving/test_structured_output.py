@@ -165,6 +165,20 @@ def test_forced_calls_of_a_random_model_follow_the_function_schema(client: opena
         jsonschema.validate(json.loads(call.arguments), schemas[call.name])
 
 
+def test_strict_tools_under_auto_give_text_or_valid_calls(client: openai.OpenAI) -> None:
+    strict = {**LOOKUP, "function": {**LOOKUP["function"], "strict": True}}
+    reply = client.chat.completions.create(
+        model="tools", messages=ASK, tools=[strict], n=8, seed=7, max_tokens=80, temperature=1.0  # type: ignore[list-item]
+    )
+    for c in reply.choices:
+        if c.message.tool_calls:
+            assert c.finish_reason in ("tool_calls", "length")
+            for call in c.message.tool_calls:
+                jsonschema.validate(json.loads(call.function.arguments), LOOKUP["function"]["parameters"])  # type: ignore[union-attr]
+        else:
+            assert "<tool_call>" not in (c.message.content or "")
+
+
 def test_streamed_tool_calls_arrive_as_openai_deltas(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
         model="tools", messages=ASK, tools=[LOOKUP], tool_choice="required", seed=2, max_tokens=96, stream=True,  # type: ignore[list-item]

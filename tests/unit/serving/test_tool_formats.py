@@ -92,3 +92,24 @@ def test_each_forcing_grammar_compiles(fmt) -> None:
     logits = torch.zeros(len(tokenizer))
     guide.mask(logits)
     assert 0 < int(torch.isfinite(logits).sum()) < len(tokenizer)
+
+
+def test_the_auto_grammar_allows_text_or_valid_calls_and_nothing_else() -> None:
+    from serving.engine.grammar import GuideCompiler
+    from tests.unit.serving.tiny_model import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    tools = [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"], "additionalProperties": False}}}]
+    make = GuideCompiler(tokenizer, [tokenizer.eos_token_id], len(tokenizer)).lark(
+        HermesFormat().auto_grammar(tools, parallel=True) or "", param="tools")
+
+    def accepts(text: str) -> bool:
+        guide = make()
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return all(guide._matcher.consume_token(t) for t in ids) and guide.accepting
+
+    assert accepts("Your order shipped.")
+    assert accepts('Let me check.<tool_call>{"name":"f","arguments":{"x":3}}</tool_call>')
+    assert not accepts('<tool_call>{"name":"f","arguments":{"x":"three"}}</tool_call>')
+    assert not accepts('<tool_call>{"name":"g","arguments":{}}</tool_call>')
