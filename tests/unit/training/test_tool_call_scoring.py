@@ -36,7 +36,7 @@ def test_items_are_the_call_turns_and_the_answers_after_tool_results(tokenizer) 
     answers = [i for i in items if i.calls is None]
     assert calls and answers
     first = calls[0]
-    assert first.prompt.endswith("<|assistant|>\n") and "You can call these tools" in first.prompt
+    assert first.prompt.endswith("<|assistant|>\n") and "Tools: lookup_order(order_id) start_refund(order_id, reason)" in first.prompt
     # An answer item is prompted with the call and its result.
     assert "<tool_call>" in answers[0].prompt and "<|tool|>" in answers[0].prompt
     assert len(tool_items(rows, tokenizer, limit=2)) == 2
