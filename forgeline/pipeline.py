@@ -161,6 +161,7 @@ def evaluate(
     from training.suites.result import SuiteResult, aligned, combine
     from training.suites.runner import run_suites
     from training.suites.spec import load_suites
+    from training.tool_call_scoring import score_tool_use
 
     spec = spec or EvaluateSpec()
     info = registry.get_version(name, version)
@@ -182,12 +183,20 @@ def evaluate(
     tokenizer = load_tokenizer(ModelSpec(base=weights.base_model), source=str(weights.path))
 
     Scored = tuple[dict[str, float], ItemScores | None, list[SuiteResult]]
+    parse_calls = tool_call_parser(tokenizer, rows, source)
 
     def score(model: Any, *, base: bool) -> Scored:
         if method is not None:
             metrics, items = evaluate_rewards(model, tokenizer, rows, spec, method, search_path=search_path), None
         else:
             metrics, items = evaluate_items(model, tokenizer, rows, spec)
+            if parse_calls is not None:  # tool-use rows: call accuracy, schema validity, final answers
+                tool_metrics, tool_scores = score_tool_use(
+                    model, tokenizer, rows, parse=parse_calls, max_new_tokens=spec.max_new_tokens,
+                    batch_size=spec.batch_size, max_samples=spec.max_samples,
+                )
+                metrics = {**metrics, **tool_metrics}
+                items = items or tool_scores
         results = run_suites(suites, model, tokenizer, model_name=name, base=base)
         for result in results:
             metrics = {**metrics, **result.metrics}
@@ -226,6 +235,36 @@ def evaluate(
             registry.set_tags(name, version, {lineage.EVAL_SUITES: ",".join(s.name for s in suites)})
         attach_report(registry, registry.get_version(name, version))
     return EvalReport(registry.get_version(name, version), metrics, base_metrics)
+
+
+def tool_call_parser(tokenizer: Any, rows: list[dict[str, Any]], source: str) -> Any:
+    """How to read tool calls out of this model's answers, when ``rows`` have tools (else None).
+
+    The format is the one the chat template teaches (`serving.engine.tool_formats`), the same
+    parser the gateway uses, so a call scores here as the gateway would return it.
+
+    Raises:
+        ForgelineError: the rows have tools but the template writes no tool-call format we know.
+    """
+    from serving.engine.tool_formats import FORMATS, detect_tool_format
+    from training.tool_call_scoring import has_tool_rows
+
+    if not has_tool_rows(rows):
+        return None
+    fmt = detect_tool_format(getattr(tokenizer, "chat_template", None))
+    if fmt is None:
+        raise ForgelineError(
+            f"{source} has tool-use rows, but the model's chat template renders no tool calls in a known format "
+            f"({', '.join(FORMATS)}); fix: train with `model.chat_template` set to one that does "
+            "(e.g. recipes/templates/tiny-tools.jinja)",
+            code=ErrorCode.INVALID_REQUEST, param="data",
+        )
+
+    def parse(text: str) -> tuple[str | None, list[tuple[str, str]]]:
+        content, calls = fmt.parse(text)
+        return content, [(c.name, c.arguments) for c in calls]
+
+    return parse
 
 
 def _log_metrics_on_run(registry: Registry, run_id: str | None, metrics: dict[str, float], base: dict[str, float]) -> None:

@@ -40,8 +40,10 @@ from registry.errors import ConflictError, ErrorCode, ForgelineError, MissingDep
 from serving.cpu_pool import run_cpu
 from serving.engine.adapter_chat import BASE_CHAT, AdapterChat, read_adapter_chat
 from serving.engine.base import Chunk, EngineStats, FinishReason, Logprob, SamplingParams, TokenGuide, TokenLogprobs
+from serving.engine.grammar import GuideCompiler
 from serving.engine.lora_routing import BASE_ADAPTER, LoraRouter, strip_lora
 from serving.engine.token_bytes import TokenBytes
+from serving.engine.tool_formats import ToolFormat, detect_tool_format
 from serving.stop_tokens import stop_token_ids
 
 logger = logging.getLogger(__name__)
@@ -180,6 +182,7 @@ class TorchEngine:
     """
 
     reports_logprobs = True  # from the decode step, see `_sample`
+    # Also a `serving.engine.structured.StructuredEngine`: `guide_compiler`, `tool_format`, `render_chat(tools=)`.
 
     step_listener: Callable[[int], None] | None = None
     """Called on the worker thread with the number of rows of every decode step (metrics)."""
@@ -222,6 +225,8 @@ class TorchEngine:
         self._cache_kwarg = "past_key_values"
         self._forward_kwargs: dict[str, Any] = {}
         self._config: Any = None
+        self._guides: GuideCompiler | None = None
+        self._guides_lock = threading.Lock()
         self._adapter_source = adapters
         self.max_loaded_adapters = max_loaded_adapters
         self._adapter_paths: dict[str, Path] = {}  # resolved once per public name
@@ -374,13 +379,16 @@ class TorchEngine:
         add_special = not (bos and text.startswith(bos))
         return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
-    def render_chat(self, messages: list[dict[str, str]], *, adapter: str | None = None) -> str:
+    def render_chat(
+        self, messages: list[dict[str, Any]], *, adapter: str | None = None, tools: list[dict[str, Any]] | None = None
+    ) -> str:
         """Render chat messages with the chat template, ready for the assistant turn.
 
         An adapter trained with its own chat template (saved with its tokenizer files) is
         rendered with that one; otherwise the base's template applies. Resolving an adapter
         the engine has not seen yet reads its folder (and maybe the registry): call it off
-        the event loop for a new adapter name.
+        the event loop for a new adapter name. ``tools`` (OpenAI function definitions) are
+        passed to the template as transformers' ``apply_chat_template(tools=...)`` does.
 
         Raises:
             ForgelineError: ``invalid_request`` when there is no chat template or the
@@ -401,7 +409,9 @@ class TorchEngine:
 
         try:
             return str(
-                tokenizer.apply_chat_template(messages, chat_template=own, tokenize=False, add_generation_prompt=True)
+                tokenizer.apply_chat_template(
+                    messages, chat_template=own, tools=tools or None, tokenize=False, add_generation_prompt=True
+                )
             )
         except TemplateError as exc:
             raise ForgelineError(
@@ -411,6 +421,26 @@ class TorchEngine:
     def count_tokens(self, text: str) -> int:
         """Number of prompt tokens `generate` feeds the model for ``text``."""
         return len(self._encode(text))
+
+    # -- structured output (the `SamplingParams.guide` seam) ------------------------------
+
+    def guide_compiler(self) -> GuideCompiler:
+        """Compiles JSON schemas and grammars for this model's vocabulary and stop tokens (built once)."""
+        tokenizer = self._require_started()
+        with self._guides_lock:
+            if self._guides is None:
+                width = max(int(getattr(self._config, "vocab_size", 0) or 0), len(tokenizer))
+                self._guides = GuideCompiler(tokenizer, self._eos_ids, width)
+            return self._guides
+
+    def tool_format(self, adapter: str | None = None) -> ToolFormat | None:
+        """How this model (or ``adapter``, with its own template) writes tool calls; None when its template renders no tools.
+
+        Resolving a new adapter reads its folder: call it off the event loop then.
+        """
+        tokenizer = self._require_started()
+        own = self._resolve_adapter(adapter)[1].chat_template if adapter is not None else None
+        return detect_tool_format(own or getattr(tokenizer, "chat_template", None))
 
     # -- generation --------------------------------------------------------------------
 

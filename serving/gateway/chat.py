@@ -12,6 +12,8 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -20,9 +22,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from registry.keys import KeyRecord
 from serving.cpu_pool import run_cpu
 from serving.engine.base import Chunk
+from serving.engine.structured import StructuredEngine
 from serving.gateway.auth import get_principal
 from serving.gateway.generation import (
     SSE_DONE,
+    Completion,
     GatewaySettings,
     check_max_tokens,
     choice_params,
@@ -44,6 +48,7 @@ from serving.gateway.protocol import (
     DeltaMessage,
     UsageInfo,
 )
+from serving.gateway.structured import StructurePlan, ToolCallStream, parse_answer, plan_structure
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +74,28 @@ async def create_chat_completion(
         return await _pass_through(run, body, settings)
     try:
         engine = run.engine
-        body.refuse_unsupported(body.model, logprobs=engine.reports_logprobs)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        structured = isinstance(engine, StructuredEngine)
+        body.refuse_unsupported(body.model, logprobs=engine.reports_logprobs, structured=structured)
+        plan: StructurePlan | None = None
+        if structured:
+            if body.tools or (body.response_format or {}).get("type", "text") != "text":
+                # Off the event loop: a new adapter's template is read from its folder, schemas compile.
+                plan = await asyncio.to_thread(plan_structure, body, engine, run.adapter)
+            else:
+                plan = plan_structure(body, engine, run.adapter)  # touches no engine: messages only
+            messages: list[dict[str, Any]] = plan.messages
+        else:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         size = sum(len(m["content"]) for m in messages)
+        render = (
+            partial(engine.render_chat, tools=plan.tools) if plan is not None and plan.tools else engine.render_chat
+        )
         if run.adapter is None:
             # Off the event loop when large: a multi-MB prompt must not stall other requests.
-            prompt = await run_cpu(size, engine.render_chat, messages)
+            prompt = await run_cpu(size, render, messages)
         else:
             # The adapter's own chat template; a new adapter is looked up once, off the event loop.
-            prompt = await asyncio.to_thread(engine.render_chat, messages, adapter=run.adapter)
+            prompt = await asyncio.to_thread(render, messages, adapter=run.adapter)
         params = sampling_params(
             max_tokens=body.requested_max_tokens,
             max_tokens_field=body.max_tokens_field,
@@ -90,6 +108,8 @@ async def create_chat_completion(
             defaults=run.served.sampling_defaults,
             logprobs=body.top_logprobs_wanted,
         )
+        if plan is not None and plan.guide is not None:
+            params = replace(params, guide=plan.guide)
         # As at OpenAI: the prompt counts once, completion tokens are summed over the choices.
         per_choice = choice_params(params, body.choices)
         prompt_tokens = await run_cpu(len(prompt), engine.count_tokens, prompt)
@@ -99,15 +119,7 @@ async def create_chat_completion(
             done = await run.complete_choices(prompt, per_choice)
             response = ChatCompletionResponse(
                 model=body.model,
-                choices=[
-                    ChatChoice(
-                        index=i,
-                        message=ChatResponseMessage(content=d.text),
-                        finish_reason=d.finish_reason,
-                        logprobs=ChoiceLogprobs.of(d.logprobs),
-                    )
-                    for i, d in enumerate(done)
-                ],
+                choices=[_choice(i, d, plan) for i, d in enumerate(done)],
                 usage=UsageInfo.of(prompt_tokens, sum(d.completion_tokens for d in done)),
             )
             return JSONResponse(response.model_dump(mode="json"), headers=run.headers)
@@ -117,9 +129,32 @@ async def create_chat_completion(
         run.fail(exc)
         raise
     events = _chat_events(
-        chunks, choices=body.choices, model=body.model, prompt_tokens=prompt_tokens, include_usage=body.include_usage
+        chunks,
+        choices=body.choices,
+        model=body.model,
+        prompt_tokens=prompt_tokens,
+        include_usage=body.include_usage,
+        plan=plan,
     )
     return StreamingResponse(events, media_type="text/event-stream", headers=run.headers)
+
+
+def _choice(index: int, done: Completion, plan: StructurePlan | None) -> ChatChoice:
+    """One finished choice; with a tool format, its calls parsed out of the text."""
+    content: str | None = done.text
+    calls: list[dict[str, Any]] | None = None
+    finish = done.finish_reason
+    if plan is not None and plan.tool_format is not None:
+        content, parsed = parse_answer(plan.tool_format, done.text, parallel=plan.parallel)
+        if parsed:
+            calls = [c.wire() for c in parsed]
+            finish = "tool_calls" if finish == "stop" else finish
+    return ChatChoice(
+        index=index,
+        message=ChatResponseMessage(content=content, tool_calls=calls),
+        finish_reason=finish,
+        logprobs=ChoiceLogprobs.of(done.logprobs),
+    )
 
 
 async def _pass_through(run: RequestLifecycle, body: ChatCompletionRequest, settings: GatewaySettings) -> Response:
@@ -169,8 +204,13 @@ async def _chat_events(
     model: str,
     prompt_tokens: int,
     include_usage: bool,
+    plan: StructurePlan | None = None,
 ) -> AsyncIterator[str]:
-    """SSE events for ``choices`` interleaved choices; each event carries one choice's delta."""
+    """SSE events for ``choices`` interleaved choices; each event carries one choice's delta.
+
+    With a tool format, each choice's text goes through a `ToolCallStream`: content deltas
+    as they come, ``tool_calls`` deltas as calls complete, and ``finish_reason: tool_calls``.
+    """
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
 
@@ -179,6 +219,8 @@ async def _chat_events(
         chunk = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[choice])
         return sse(chunk.model_dump(mode="json"))
 
+    fmt = plan.tool_format if plan is not None else None
+    parsers = [ToolCallStream(fmt, parallel=plan.parallel) for _ in range(choices)] if fmt is not None and plan else []
     completion_tokens = 0
     try:
         # OpenAI's first chunk of each choice carries the role and empty content.
@@ -186,11 +228,19 @@ async def _chat_events(
             yield event(index, DeltaMessage(role="assistant", content=""))
         async for index, chunk in chunks:
             completion_tokens += len(chunk.token_ids)
+            text, calls = parsers[index].feed(chunk.text) if parsers else (chunk.text, [])
+            finish = chunk.finish_reason
+            if parsers and finish is not None:
+                rest, more = parsers[index].finish()
+                text, calls = text + rest, calls + more
+                finish = "tool_calls" if finish == "stop" and parsers[index].calls else finish
             # Tokens without text of their own (a stop token, half a character) still report their logprobs.
-            if chunk.text or chunk.logprobs:
-                yield event(index, DeltaMessage(content=chunk.text), logprobs=ChoiceLogprobs.of(chunk.logprobs))
-            if chunk.finish_reason is not None:
-                yield event(index, DeltaMessage(), chunk.finish_reason)
+            if text or chunk.logprobs:
+                yield event(index, DeltaMessage(content=text), logprobs=ChoiceLogprobs.of(chunk.logprobs))
+            for call in calls:
+                yield event(index, DeltaMessage(tool_calls=[call]))
+            if finish is not None:
+                yield event(index, DeltaMessage(), finish)
         if include_usage:
             usage = UsageInfo.of(prompt_tokens, completion_tokens)
             final = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[], usage=usage)

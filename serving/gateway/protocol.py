@@ -26,7 +26,7 @@ from serving.engine.base import TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 MAX_CHOICES = 8
 """Most choices (``n``) an engine of our own generates for one chat request."""
@@ -148,9 +148,10 @@ class ChatMessage(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
 
-    def unsupported_fields(self) -> list[str]:
-        """What an engine of our own (plain-text chat templates) cannot take from this message."""
-        fields = [name for name in ("name", "tool_calls") if _set(getattr(self, name))]
+    def unsupported_fields(self, *, structured: bool = False) -> list[str]:
+        """What an engine of our own cannot take from this message (``structured``: one that renders tool calls)."""
+        names = ("name",) if structured else ("name", "tool_calls")
+        fields = [name for name in names if _set(getattr(self, name)) and not (name == "name" and self.role == "tool")]
         if isinstance(self.content, list) and any(p.type != "text" or p.text is None for p in self.content):
             fields.append("content")
         return fields
@@ -200,11 +201,13 @@ class ChatCompletionRequest(_Request):
             raise ValueError("`top_logprobs` requires `logprobs` to be true; set `logprobs: true`")
         return self
 
-    def unsupported_fields(self, *, logprobs: bool = True) -> list[str]:
+    def unsupported_fields(self, *, logprobs: bool = True, structured: bool = False) -> list[str]:
         """Fields an engine of our own cannot honour (see `_Request.unsupported_fields`).
 
         Unlike completions, chat takes ``n`` up to `MAX_CHOICES` (see `refuse_unsupported`),
-        and ``logprobs`` / ``top_logprobs`` where the engine reports them (``logprobs``).
+        and ``logprobs`` / ``top_logprobs`` where the engine reports them (``logprobs``);
+        ``tools``, ``tool_choice``, assistant ``tool_calls`` and a JSON ``response_format``
+        where it constrains and parses output (``structured``, see `serving.gateway.structured`).
         """
         fields = [f for f in super().unsupported_fields() if f != "n"]
         if not logprobs:
@@ -217,31 +220,32 @@ class ChatCompletionRequest(_Request):
             "parallel_tool_calls": (None, True, False),
         }
         for name in (
-            "tools", "tool_choice", "functions", "function_call", "audio",
+            *(() if structured else ("tools", "tool_choice")), "functions", "function_call", "audio",
             "prediction", "web_search_options", "store", "service_tier", "reasoning_effort",
             "verbosity", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention",
         ):
             if _set(getattr(self, name), neutral.get(name, (None,))):
                 fields.append(name)
-        if self.response_format is not None and self.response_format.get("type") != "text":
+        if not structured and self.response_format is not None and self.response_format.get("type") != "text":
             fields.append("response_format")
         if self.modalities is not None and set(self.modalities) - {"text"}:
             fields.append("modalities")
         for i, message in enumerate(self.messages):
-            fields += [f"messages[{i}].{name}" for name in message.unsupported_fields()]
+            fields += [f"messages[{i}].{name}" for name in message.unsupported_fields(structured=structured)]
         return fields
 
-    def refuse_unsupported(self, model: str, *, logprobs: bool = True) -> None:
+    def refuse_unsupported(self, model: str, *, logprobs: bool = True, structured: bool = False) -> None:
         """As `_Request.refuse_unsupported`, and refuse more than `MAX_CHOICES` choices.
 
         Args:
             model: the model named in messages.
             logprobs: whether ``model``'s engine reports log-probabilities.
+            structured: whether it serves tools and JSON response formats.
 
         Raises:
             ForgelineError: ``invalid_request`` naming the first field ``model``'s engine cannot honour.
         """
-        super().refuse_unsupported(model, logprobs=logprobs)
+        _refuse(self.unsupported_fields(logprobs=logprobs, structured=structured), model)
         if self.choices > MAX_CHOICES:
             raise ForgelineError(
                 f"n is {self.n}, but the engine serving `{model}` generates at most {MAX_CHOICES} choices "
@@ -289,8 +293,9 @@ class UsageInfo(BaseModel):
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -348,6 +353,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatStreamChoice(BaseModel):

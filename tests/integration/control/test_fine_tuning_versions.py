@@ -109,3 +109,30 @@ def test_a_reinforcement_job_is_evaluated_with_its_grader_as_the_reward(plane: s
     assert set(evaluated[0].data["base_metrics"]) == set(metrics)  # type: ignore[index]
     info = Registry().get_version(done.fine_tuned_model, 1)
     assert info.metrics() == pytest.approx(metrics)  # recorded on the version, for the policy gates
+
+
+def test_a_tool_use_job_reports_tool_call_metrics_in_its_events(plane: str, org: Org, tmp_path: Path) -> None:
+    tools_data = REPO / "recipes" / "data" / "tool-use"
+    BaseModelStore().add("tiny-tools", str(TINY_BASE), actor="ops", adapter={"kind": "lora", "r": 16, "alpha": 32},
+                         chat_template=(REPO / "recipes" / "templates" / "tiny-tools.jinja").read_text(),
+                         train={**TINY_TRAIN_DEFAULTS, "max_length": 256})  # tool conversations run ~150 tokens
+    tess = org.client(plane, "tess")
+
+    def upload(name: str, source: Path, rows: int) -> str:
+        path = tmp_path / name
+        path.write_text("\n".join(source.read_text().splitlines()[:rows]) + "\n")  # OpenAI's format, tools and all
+        return tess.files.create(file=path.open("rb"), purpose="fine-tune").id
+
+    job = tess.fine_tuning.jobs.create(
+        model="tiny-tools", training_file=upload("train.jsonl", tools_data / "train.jsonl", 32),
+        validation_file=upload("valid.jsonl", tools_data / "eval.jsonl", 4), suffix="tools",
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 16}}},
+    )
+    done = wait_for("the job to finish", lambda: (j := tess.fine_tuning.jobs.retrieve(job.id)).finished_at and j)
+    assert done.status == "succeeded", done.error
+    evaluated = [e for e in all_events(tess, job.id) if e.message.startswith("Evaluated on the validation file")]
+    assert len(evaluated) == 1, [e.message for e in all_events(tess, job.id)]
+    metrics = evaluated[0].data["metrics"]  # type: ignore[index]
+    assert {"tool_call_accuracy", "schema_valid_rate", "final_answer_exact_match"} <= set(metrics)
+    assert set(evaluated[0].data["base_metrics"]) == set(metrics)  # type: ignore[index]
+    assert Registry().get_version(done.fine_tuned_model, 1).metrics() == pytest.approx(metrics)

@@ -184,12 +184,12 @@ def test_fields_the_torch_engine_cannot_honour_are_refused_by_name(client: opena
         ({"service_tier": "flex"}, "service_tier"),
         ({"prompt_cache_key": "k"}, "prompt_cache_key"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "yaml"}}, "response_format"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"messages": [{"role": "user", "content": "hi", "name": "ann"}]}, "messages[0].name"),
         (
-            {"messages": [*MESSAGES, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
-            f"messages[{len(MESSAGES)}].tool_calls",
+            {"messages": [*MESSAGES, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{x"}}]}]},
+            f"messages[{len(MESSAGES)}].tool_calls[0].function.arguments",
         ),
     ]
     for fields, param in refused:

@@ -60,11 +60,11 @@ def test_every_weighted_assistant_turn_is_trained_and_nothing_else(tokenizer) ->
     assert call in trained and "Order 123 has shipped." in trained
     assert trained.count(tokenizer.eos_token) == 2
     # Context is never trained: the weight-0 turn, user and system messages, the tool result, tool schemas.
-    for context in ("Hi there", "Where is order", "You help customers", "shipped\"}", "Where an order is"):
+    for context in ("Hi there", "Where is order", "You help customers", "shipped\"}", "Tools: lookup_order"):
         assert context not in trained, context
     # The whole conversation is in the input.
     full = tokenizer.decode(encoded["input_ids"])
-    assert "Hi there, how can I help?" in full and '{"status": "shipped"}' in full and "Where an order is." in full
+    assert "Hi there, how can I help?" in full and '{"status": "shipped"}' in full and "Tools: lookup_order(order_id)" in full
 
 
 def test_weight_one_on_every_turn_trains_every_turn(tokenizer) -> None:

@@ -1,0 +1,115 @@
+"""Tool-call formats per model family: parsing whole answers, streaming them, and their grammars."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from serving.engine.tool_formats import (
+    HermesFormat,
+    Llama3JsonFormat,
+    MistralFormat,
+    detect_tool_format,
+)
+from serving.gateway.structured import ToolCallStream
+
+HERMES = 'Let me look.<tool_call>\n{"name": "lookup_order", "arguments": {"order_id": "1"}}\n</tool_call><tool_call>{"name": "f", "arguments": {}}</tool_call>'
+LLAMA = '<|python_tag|>{"name": "lookup_order", "parameters": {"order_id": "1"}}'
+MISTRAL_V3 = '[TOOL_CALLS][{"name": "lookup_order", "arguments": {"order_id": "1"}}, {"name": "f", "arguments": {}}]'
+MISTRAL_V11 = '[TOOL_CALLS]lookup_order[ARGS]{"order_id": "1"}[TOOL_CALLS]f[ARGS]{}'
+
+
+@pytest.mark.parametrize(
+    ("fmt", "text", "content", "names"),
+    [
+        (HermesFormat(), HERMES, "Let me look.", ["lookup_order", "f"]),
+        (Llama3JsonFormat(), LLAMA, None, ["lookup_order"]),
+        (Llama3JsonFormat(), '{"name": "lookup_order", "parameters": {"order_id": "1"}}', None, ["lookup_order"]),
+        (MistralFormat(), MISTRAL_V3, None, ["lookup_order", "f"]),
+        (MistralFormat(), MISTRAL_V3.removeprefix("[TOOL_CALLS]"), None, ["lookup_order", "f"]),  # tag decoded away
+        (MistralFormat(), MISTRAL_V11, None, ["lookup_order", "f"]),
+    ],
+)
+def test_each_family_parses_its_calls(fmt, text: str, content: str | None, names: list[str]) -> None:
+    got_content, calls = fmt.parse(text)
+    assert got_content == content
+    assert [c.name for c in calls] == names
+    assert json.loads(calls[0].arguments) == ({"order_id": "1"} if names[0] == "lookup_order" else {})
+    assert len({c.id for c in calls}) == len(calls)
+
+
+@pytest.mark.parametrize("fmt", [HermesFormat(), Llama3JsonFormat(), MistralFormat()])
+def test_plain_text_and_broken_calls_stay_content(fmt) -> None:
+    for text in ("The order shipped.", '<tool_call>{"name": "f", "arguments": {bad</tool_call>', '{"name": 3}', "[{oops"):
+        assert fmt.parse(text) == (text, [])
+
+
+@pytest.mark.parametrize("pieces", [[HERMES], list(HERMES), [HERMES[:5], HERMES[5:40], HERMES[40:]]])
+def test_a_stream_sends_content_then_each_call_id_and_name_first(pieces: list[str]) -> None:
+    stream = ToolCallStream(HermesFormat())
+    content, deltas = "", []
+    for piece in pieces:
+        text, new = stream.feed(piece)
+        content, deltas = content + text, deltas + new
+    text, new = stream.finish()
+    content, deltas = content + text, deltas + new
+    assert content == "Let me look."  # no fragment of the <tool_call> marker leaks into content
+    assert [d["index"] for d in deltas] == [0, 0, 1, 1]
+    assert deltas[0]["function"] == {"name": "lookup_order", "arguments": ""} and deltas[0]["id"].startswith("call_")
+    assert "id" not in deltas[1] and json.loads(deltas[1]["function"]["arguments"]) == {"order_id": "1"}
+
+
+def test_a_stream_without_calls_is_all_content_and_one_call_without_parallel() -> None:
+    stream = ToolCallStream(HermesFormat())
+    assert stream.feed("a <tool")[0] == "a "
+    assert stream.finish() == ("<tool", [])
+    single = ToolCallStream(HermesFormat(), parallel=False)
+    single.feed(HERMES)
+    single.finish()
+    assert [c.name for c in single.calls] == ["lookup_order"]
+
+
+def test_templates_tell_their_format() -> None:
+    assert detect_tool_format("{% for tool in tools %}<tool_call>{% endfor %}").name == "hermes"
+    assert detect_tool_format("{% if tools %}[TOOL_CALLS]{% endif %}").name == "mistral"
+    assert detect_tool_format("{% if tools %}<|python_tag|>{% endif %}").name == "llama3_json"
+    assert detect_tool_format("{{ messages }}") is None
+    assert detect_tool_format(None) is None
+
+
+@pytest.mark.parametrize("fmt", [HermesFormat(), Llama3JsonFormat(), MistralFormat()])
+def test_each_forcing_grammar_compiles(fmt) -> None:
+    from serving.engine.grammar import GuideCompiler
+    from tests.unit.serving.tiny_model import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}}]
+    compiler = GuideCompiler(tokenizer, [tokenizer.eos_token_id], len(tokenizer))
+    guide = compiler.lark(fmt.grammar(tools, parallel=False), param="tools")()
+    import torch
+
+    logits = torch.zeros(len(tokenizer))
+    guide.mask(logits)
+    assert 0 < int(torch.isfinite(logits).sum()) < len(tokenizer)
+
+
+def test_the_auto_grammar_allows_text_or_valid_calls_and_nothing_else() -> None:
+    from serving.engine.grammar import GuideCompiler
+    from tests.unit.serving.tiny_model import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    tools = [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"], "additionalProperties": False}}}]
+    make = GuideCompiler(tokenizer, [tokenizer.eos_token_id], len(tokenizer)).lark(
+        HermesFormat().auto_grammar(tools, parallel=True) or "", param="tools")
+
+    def accepts(text: str) -> bool:
+        guide = make()
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return all(guide._matcher.consume_token(t) for t in ids) and guide.accepting
+
+    assert accepts("Your order shipped.")
+    assert accepts('Let me check.<tool_call>{"name":"f","arguments":{"x":3}}</tool_call>')
+    assert not accepts('<tool_call>{"name":"f","arguments":{"x":"three"}}</tool_call>')
+    assert not accepts('<tool_call>{"name":"g","arguments":{}}</tool_call>')
