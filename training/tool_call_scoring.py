@@ -5,7 +5,8 @@ one per assistant turn, each prompted with the conversation before it (rendered 
 the model's chat template with the tools, as the gateway renders it):
 
 - a **call item** (the turn has ``tool_calls``): ``tool_call_accuracy`` is 1 when the
-  answer's calls name the same functions in the same order with arguments equal as JSON;
+  answer's calls name the same functions in the same order with arguments equal as JSON
+  (``tool_name_accuracy``: the same functions in the same order, arguments aside);
   ``schema_valid_rate`` is 1 when every call names a declared tool and its arguments
   validate against that tool's ``parameters`` schema (and there is at least one call);
 - an **answer item** (a plain-text turn after tool results): ``final_answer_exact_match``
@@ -124,25 +125,35 @@ def score_tool_use(
     """Generate each item's answer greedily and score it (see the module docstring).
 
     Returns:
-        ``tool_call_accuracy`` and ``schema_valid_rate`` over call items, and
+        ``tool_call_accuracy``, ``tool_name_accuracy`` and ``schema_valid_rate`` over call items, and
         ``final_answer_exact_match`` over answer items (each only when there are such
         items), with the per-item scores; empty when no row has tools.
     """
     items = tool_items(rows, tokenizer, limit=max_samples)
     if not items:
         return {}, None
-    answers = generate_answers(model, tokenizer, [i.prompt for i in items], max_new_tokens=max_new_tokens, batch_size=batch_size)
+    # Calls are longer than the short answers exact match is sized for: room for the longest expected turn.
+    budget = max(max_new_tokens, *(_expected_tokens(tokenizer, i) + 16 for i in items))
+    answers = generate_answers(model, tokenizer, [i.prompt for i in items], max_new_tokens=budget, batch_size=batch_size)
     return score_answers(items, answers, parse)
+
+
+def _expected_tokens(tokenizer: Any, item: ToolItem) -> int:
+    calls = [{"name": name, "arguments": arguments} for name, arguments in item.calls or []]
+    return len(tokenizer(item.text + (json.dumps(calls) if calls else ""), add_special_tokens=False)["input_ids"])
 
 
 def score_answers(items: list[ToolItem], answers: list[str], parse: ParseCalls) -> tuple[dict[str, float], ItemScores | None]:
     """Score generated ``answers`` (one per item) as `score_tool_use` does."""
-    scores: dict[str, list[float]] = {"tool_call_accuracy": [], "schema_valid_rate": [], "final_answer_exact_match": []}
+    scores: dict[str, list[float]] = {
+        "tool_call_accuracy": [], "tool_name_accuracy": [], "schema_valid_rate": [], "final_answer_exact_match": []
+    }
     call_ids: list[str] = []
     for n, (item, answer) in enumerate(zip(items, answers, strict=True)):
         content, calls = parse(answer)
         if item.calls is not None:
             scores["tool_call_accuracy"].append(float(_same_calls(calls, item.calls)))
+            scores["tool_name_accuracy"].append(float([n for n, _ in calls] == [n for n, _ in item.calls]))
             scores["schema_valid_rate"].append(float(_schema_valid(calls, item.tools)))
             call_ids.append(f"{hashlib.sha256(item.prompt.encode()).hexdigest()[:16]}#{n}")
         else:

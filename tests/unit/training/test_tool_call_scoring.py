@@ -58,6 +58,7 @@ def test_scores_tell_right_calls_wrong_arguments_invalid_ones_and_answers(tokeni
     metrics, per_item = score_answers(scored, answers, _parse)
     assert metrics["tool_call_accuracy"] == pytest.approx(2 / 6)
     assert metrics["schema_valid_rate"] == pytest.approx(3 / 6)  # right, reordered, other values
+    assert metrics["tool_name_accuracy"] == pytest.approx(4 / 6)  # all but the unknown function and plain text
     assert metrics["final_answer_exact_match"] == pytest.approx(1 / 2)
     assert per_item is not None and per_item.scores["tool_call_accuracy"] == [1, 1, 0, 0, 0, 0]
     assert len(set(per_item.items)) == 6
