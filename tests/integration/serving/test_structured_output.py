@@ -73,16 +73,16 @@ ASK = [{"role": "user", "content": "Where is my order 28589?"}]
 
 
 @pytest.fixture(scope="module")
-def client(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+def client(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
     from transformers import AutoTokenizer
 
     tools_model = tmp_path_factory.mktemp("structured") / "tools-base"
-    shutil.copytree(tiny_base_dir, tools_model)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_base_dir)
+    shutil.copytree(tiny_base, tools_model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     tokenizer.chat_template = TOOLS_TEMPLATE.read_text()
     tokenizer.save_pretrained(tools_model)
     served = [
-        ServedModel(name="tiny", version="1", engine=TorchEngine(tiny_base_dir, device="cpu", model_id="tiny")),
+        ServedModel(name="tiny", version="1", engine=TorchEngine(tiny_base, device="cpu", model_id="tiny")),
         ServedModel(name="tools", version="1", engine=TorchEngine(tools_model, device="cpu", model_id="tools")),
     ]
     app = create_app(StaticCatalog(served), max_new_tokens=96)
