@@ -89,3 +89,23 @@ def test_no_reference_skips_and_an_unserved_judge_is_a_clear_error(gateway: tupl
         run_judge(_suite(url, judge="nobody@production", max_samples=2), model, tokenizer, model_name="support")
     with pytest.raises(ForgelineError, match="cannot reach the gateway"):
         run_judge(_suite("http://127.0.0.1:9/v1", max_samples=1), model, tokenizer, model_name="support")
+
+
+def test_forgeline_evaluate_runs_the_judge_suite_on_the_version(gateway: tuple[str, Path], tmp_path: Path) -> None:
+    """Through `pipeline.evaluate` (what `forgeline evaluate --suite` runs): the judge scores the version only."""
+    import yaml
+
+    from tests.conftest import SUPPORT_DATA
+    from training.config import EvaluateSpec
+
+    url, _ = gateway
+    raw = yaml.safe_load((REPO / "recipes" / "suites" / "judge.yaml").read_text())
+    raw.update(prompts=str(REPO / "recipes" / "suites" / "judge-prompts.jsonl"), gateway_url=url, max_samples=3, max_new_tokens=4)
+    suite = tmp_path / "judge.yaml"
+    suite.write_text(yaml.safe_dump(raw))
+    registry = Registry()
+    report = pipeline.evaluate(registry, "support", 1, spec=EvaluateSpec(max_samples=4, max_new_tokens=4, suites=[str(suite)]),
+                               data=str(SUPPORT_DATA / "eval.jsonl"), with_base=False)
+    assert report.metrics["judge_win_rate"] == 0.5 and report.metrics["judge_first_position_rate"] == 1.0
+    assert registry.get_version("support", 1).metrics()["judge_win_rate"] == 0.5
+    registry.close()
