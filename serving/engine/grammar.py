@@ -23,9 +23,10 @@ from serving.engine.base import TokenGuide
 
 logger = logging.getLogger(__name__)
 
-# Compact JSON, as OpenAI's structured outputs: free whitespace lets an untrained model
-# spend its whole token budget on blanks and never close the document.
-JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False}
+# One space after `:` and `,` (as json.dumps and Jinja's `tojson` write it, so as chat templates
+# render tool calls and models learn JSON) and no other whitespace: free whitespace lets a weak
+# model spend its whole token budget on blanks and never close the document.
+JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class GuideCompiler:

@@ -23,6 +23,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from serving.engine.grammar import JSON_OPTIONS
+
 
 @dataclass(frozen=True)
 class ToolCall:
@@ -70,8 +72,8 @@ def _function_schema(tool: dict[str, Any], args_key: str) -> dict[str, Any]:
 
 
 def _json_rule(schema: dict[str, Any]) -> str:
-    # Compact JSON, as in `serving.engine.grammar`: no whitespace for a weak model to loop on.
-    return "%json " + json.dumps({**schema, "x-guidance": {"whitespace_flexible": False}})
+    # JSON as templates render calls (`tojson`: ", " and ": "), no free whitespace; see `serving.engine.grammar`.
+    return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
 
 
 def _one_of_calls(tools: list[dict[str, Any]], args_key: str) -> str:

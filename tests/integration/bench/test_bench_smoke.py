@@ -56,3 +56,13 @@ def test_every_benchmark_runs_on_its_smoke_setting(tmp_path: Path) -> None:
         if name != "train_overhead":
             assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 0
     assert "_not run yet_" not in text.split("<!-- bench:gateway_overhead -->")[1].split("<!-- /bench:gateway_overhead -->")[0]
+
+
+def test_the_constrained_decoding_benchmark_runs_on_its_smoke_setting(tmp_path: Path) -> None:
+    # Not in the suite (its table in BENCHMARKS.md is written by hand): run on its own.
+    cmd = [sys.executable, "-m", "bench.constrained_decoding", "--setting", "smoke", "--results", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / "constrained_decoding.json").read_text())
+    assert result["engine"]["tokens_per_burst"] == {"free": 16, "constrained": 16}  # 2 requests x 8 tokens each
+    assert result["libraries"]["llguidance"]["coverage"] == "12/12"

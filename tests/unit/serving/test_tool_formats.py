@@ -112,6 +112,6 @@ def test_the_auto_grammar_allows_text_or_valid_calls_and_nothing_else() -> None:
         return all(guide._matcher.consume_token(t) for t in ids) and guide.accepting
 
     assert accepts("Your order shipped.")
-    assert accepts('Let me check.<tool_call>{"name":"f","arguments":{"x":3}}</tool_call>')
-    assert not accepts('<tool_call>{"name":"f","arguments":{"x":"three"}}</tool_call>')
-    assert not accepts('<tool_call>{"name":"g","arguments":{}}</tool_call>')
+    assert accepts('Let me check.<tool_call>{"name": "f", "arguments": {"x": 3}}</tool_call>')
+    assert not accepts('<tool_call>{"name": "f", "arguments": {"x": "three"}}</tool_call>')
+    assert not accepts('<tool_call>{"name": "g", "arguments": {}}</tool_call>')
