@@ -80,9 +80,8 @@ def test_templates_tell_their_format() -> None:
 
 @pytest.mark.parametrize("fmt", [HermesFormat(), Llama3JsonFormat(), MistralFormat()])
 def test_each_forcing_grammar_compiles(fmt) -> None:
-    from tests.support.tiny_model import load_tokenizer
-
     from serving.engine.grammar import GuideCompiler
+    from tests.support.tiny_model import load_tokenizer
 
     tokenizer = load_tokenizer()
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}}]
@@ -96,9 +95,8 @@ def test_each_forcing_grammar_compiles(fmt) -> None:
 
 
 def test_the_auto_grammar_allows_text_or_valid_calls_and_nothing_else() -> None:
-    from tests.support.tiny_model import load_tokenizer
-
     from serving.engine.grammar import GuideCompiler
+    from tests.support.tiny_model import load_tokenizer
 
     tokenizer = load_tokenizer()
     tools = [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
