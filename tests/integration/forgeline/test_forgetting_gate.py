@@ -50,11 +50,13 @@ def recipe(tmp: Path, train: Path, steps: int) -> Path:
 
 
 def evaluate_offline(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``forgeline evaluate`` as a job runs it, with the hub unreachable."""
+    """``forgeline evaluate --cluster``: the evaluation runs as a job on the local launcher, with the hub unreachable."""
+    cluster = home.parent / "local-cluster.yaml"
+    cluster.write_text("cluster:\n  kind: local\n")
     env = {**os.environ, "FORGELINE_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "OMP_NUM_THREADS": "2"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "forgeline", "evaluate", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "forgeline", "evaluate", *args, "--cluster", str(cluster)], env=env, capture_output=True,
                           text=True, timeout=900, cwd=REPO)
 
 
@@ -86,10 +88,11 @@ def versions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, R
         registry.close()
 
 
-def test_lm_eval_runs_offline_inside_forgeline_evaluate(versions: tuple[Path, Registry, subprocess.CompletedProcess[str]]) -> None:
+def test_lm_eval_runs_offline_inside_a_forgeline_evaluation_job(versions: tuple[Path, Registry, subprocess.CompletedProcess[str]]) -> None:
     _, registry, result = versions
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "general_accuracy" in result.stdout
+    assert "(evaluate: local job" in result.stdout  # submitted through the job seam, not run in the caller
     info = registry.get_version("forget", 2)
     assert info.tags[lineage.EVAL_SUITES] == "general"
     assert 0.0 <= info.metrics()["general_accuracy"] <= 1.0 and info.base_metrics()["general_accuracy"] > 0.6
