@@ -10,9 +10,13 @@ process over HTTP (``/v1/completions``, streamed), driven by the same client:
 * ``continuous`` - `serving.engine.torch_engine.TorchEngine` behind the forgeline gateway;
 * ``transformers_serve`` - ``transformers serve --continuous-batching`` on the same model folder.
 
-All three run on CPU with the same torch thread count. Per rate and target: time to first
-token, inter-token gap and end-to-end latency (p50, p99) and generated tokens/s over the
-run; the summary gives the ratios against the static engine and `transformers serve`.
+All three run on CPU with the same torch thread count, up at the same time; each rate runs
+the targets back to back (in an order rotating from rate to rate) so they see the same load
+on a shared machine. Requests ask for different ``max_tokens`` (uniform in a range, the same
+per request for every target), as real outputs differ in length: a static batch runs as long
+as its longest row. Per rate and target: time to first token, inter-token gap and
+end-to-end latency (p50, p99) and generated tokens/s over the run; the summary gives the
+ratios against the static engine and `transformers serve`.
 
 A second, in-process part measures prefix reuse: time to first token of requests sharing
 a long system prompt, with the continuous engine's prefix cache off and on.
@@ -35,7 +39,7 @@ import httpx
 
 from bench import harness
 from bench.models import TINY_BASE, build_llama, prompts
-from bench.procs import ServerProcess, free_port, python_module, running
+from bench.procs import ServerProcess, free_port, python_module
 from bench.stats import percentiles
 
 logger = logging.getLogger(__name__)
@@ -44,9 +48,10 @@ NAME = "open_loop"
 TARGETS = ("static", "continuous", "transformers_serve")
 
 SETTINGS: dict[str, dict[str, Any]] = {
-    "smoke": {"model": "tiny", "rates": [4.0], "requests": 8, "max_tokens": 8, "threads": 1, "prefix_requests": 2},
-    # The middle rate keeps the static engine busy (each batch runs ~1 s; requests keep arriving).
-    "full": {"model": "small", "rates": [2.0, 4.0, 8.0], "requests": 48, "max_tokens": 48, "threads": 1, "prefix_requests": 8},
+    "smoke": {"model": "tiny", "rates": [4.0], "requests": 8, "max_tokens": [4, 12], "threads": 1, "prefix_requests": 2},
+    # max_tokens is drawn per request from [low, high]. From 4 requests/s on, the static
+    # engine is busy: a batch is still decoding when the next requests arrive.
+    "full": {"model": "small", "rates": [2.0, 4.0, 8.0], "requests": 48, "max_tokens": [8, 96], "threads": 1, "prefix_requests": 8},
 }
 
 
@@ -101,16 +106,16 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: i
     }
 
 
-async def _drive(base_url: str, model: str, texts: list[str], offsets: list[float], max_tokens: int) -> list[dict[str, Any]]:
+async def _drive(base_url: str, model: str, texts: list[str], offsets: list[float], max_tokens: list[int]) -> list[dict[str, Any]]:
     limits = httpx.Limits(max_connections=len(texts) + 4, max_keepalive_connections=len(texts) + 4)
     async with httpx.AsyncClient(base_url=base_url, timeout=600.0, limits=limits) as client:
         began = time.perf_counter()
 
-        async def at(offset: float, text: str) -> dict[str, Any]:
+        async def at(offset: float, text: str, n: int) -> dict[str, Any]:
             await asyncio.sleep(max(0.0, offset - (time.perf_counter() - began)))
-            return await _one(client, model, text, max_tokens, began)
+            return await _one(client, model, text, n, began)
 
-        return await asyncio.gather(*(at(o, t) for o, t in zip(offsets, texts, strict=True)))
+        return await asyncio.gather(*(at(o, t, n) for o, t, n in zip(offsets, texts, max_tokens, strict=True)))
 
 
 def _figures(results: list[dict[str, Any]], rate: float) -> dict[str, Any]:
@@ -150,24 +155,52 @@ def _server(target: str, model_dir: Path, threads: int, work: Path) -> tuple[Ser
     return ServerProcess(target, argv, port=port, log_path=log, env=env), "bench"
 
 
-def _run_target(target: str, model_dir: Path, cfg: dict[str, Any], texts: list[str], work: Path) -> dict[str, Any]:
-    server, model = _server(target, model_dir, cfg["threads"], work)
-    with running(server):
-        started = server.wait_healthy("/health", timeout_s=300 * harness.time_scale())
-        asyncio.run(_drive(server.base_url, model, texts[:2], [0.0, 0.0], 4))  # warm-up (and transformers' lazy load)
-        out: dict[str, Any] = {"start_s": started, "rates": []}
+def _run_all(model_dir: Path, cfg: dict[str, Any], texts: list[str], work: Path) -> dict[str, dict[str, Any]]:
+    """Every target at every rate; all servers up at once, so each rate measures the targets back to back.
+
+    The machine's load drifts (it is shared), so the targets of one rate run minutes apart
+    at most, in an order that rotates from rate to rate.
+    """
+    by_target: dict[str, dict[str, Any]] = {}
+    servers: dict[str, tuple[ServerProcess, str]] = {}
+    try:
+        for target in TARGETS:
+            server, model = _server(target, model_dir, cfg["threads"], work)
+            try:
+                started = server.wait_healthy("/health", timeout_s=300 * harness.time_scale())
+                asyncio.run(_drive(server.base_url, model, texts[:2], [0.0, 0.0], [4, 4]))  # warm-up (and lazy loads)
+            except RuntimeError as exc:  # a target that cannot start is reported, the others still run
+                logger.error("%s did not run: %s", target, exc)
+                server.stop()
+                by_target[target] = {"error": str(exc)[-2000:], "rates": []}
+                continue
+            servers[target] = (server, model)
+            by_target[target] = {"start_s": started, "rates": []}
+        order = list(servers)
         for i, rate in enumerate(cfg["rates"]):
             offsets = _schedule(rate, cfg["requests"], seed=1000 + i)
-            results = asyncio.run(_drive(server.base_url, model, texts, offsets, cfg["max_tokens"]))
-            figures = _figures(results, rate)
-            figures["load_avg_1m"] = round(os.getloadavg()[0], 2)
-            logger.info(
-                "%s @ %.1f/s: %.0f tok/s, ttft p50 %.0f p99 %.0f ms, errors %d",
-                target, rate, figures["tokens_per_s"], figures["ttft_ms"]["p50"] or -1, figures["ttft_ms"]["p99"] or -1,
-                figures["errors"],
-            )  # fmt: skip
-            out["rates"].append(figures)
-    return out
+            lengths = _lengths(cfg["max_tokens"], cfg["requests"], seed=2000 + i)
+            for target in order[i % len(order) :] + order[: i % len(order)]:
+                server, model = servers[target]
+                results = asyncio.run(_drive(server.base_url, model, texts, offsets, lengths))
+                figures = _figures(results, rate)
+                figures["load_avg_1m"] = round(os.getloadavg()[0], 2)
+                logger.info(
+                    "%s @ %.1f/s: %.0f tok/s, ttft p50 %.0f p99 %.0f ms, errors %d",
+                    target, rate, figures["tokens_per_s"], figures["ttft_ms"]["p50"] or -1, figures["ttft_ms"]["p99"] or -1,
+                    figures["errors"],
+                )  # fmt: skip
+                by_target[target]["rates"].append(figures)
+    finally:
+        for server, _ in servers.values():
+            server.stop()
+    return by_target
+
+
+def _lengths(spec: list[int], count: int, seed: int) -> list[int]:
+    """Each request's ``max_tokens``: uniform in ``spec`` = [low, high] (outputs differ in length, as in real traffic)."""
+    rng = random.Random(seed)
+    return [rng.randint(spec[0], spec[1]) for _ in range(count)]
 
 
 def _prefix_reuse(model_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -230,13 +263,7 @@ def run(setting: str, work: Path) -> dict[str, Any]:
     cfg = SETTINGS[setting]
     model_dir = build_llama(work / f"llama-{cfg['model']}", cfg["model"])
     texts = prompts(TINY_BASE, cfg["requests"])
-    by_target: dict[str, dict[str, Any]] = {}
-    for target in TARGETS:
-        try:
-            by_target[target] = _run_target(target, model_dir, cfg, texts, work)
-        except RuntimeError as exc:  # a target that cannot start is reported, the others still run
-            logger.error("%s did not run: %s", target, exc)
-            by_target[target] = {"error": str(exc)[-2000:], "rates": []}
+    by_target = _run_all(model_dir, cfg, texts, work)
     ran = {t: v for t, v in by_target.items() if v["rates"]}
     return {
         "settings": cfg,

@@ -147,16 +147,24 @@ class Scheduler:
 
         with torch.inference_mode():
             while self._take_inbox():
-                self._drop_cancelled()
-                if self._group is None:
-                    self._admit()
-                if self._group is not None:
-                    self._prefill_step()
-                if self.running:
-                    self._decode_step()
-                if not self.running and self._group is None:
-                    self._close_batch()
+                try:
+                    self._step()
+                except Exception as exc:  # noqa: BLE001 - a bug here must not leave requests waiting forever
+                    logger.exception("engine %s: scheduler step failed", self.model_id)
+                    self._fail_everything(ForgelineError(f"generation failed: {exc}", code=ErrorCode.INTERNAL), queued=False)
         self._fail_everything(self.unavailable())
+
+    def _step(self) -> None:
+        """One round: admit, one prefill chunk, one decode step."""
+        self._drop_cancelled()
+        if self._group is None:
+            self._admit()
+        if self._group is not None:
+            self._prefill_step()
+        if self.running:
+            self._decode_step()
+        if not self.running and self._group is None:
+            self._close_batch()
 
     def unavailable(self) -> ForgelineError:
         return ForgelineError(f"engine for model `{self.model_id}` is not running", code=ErrorCode.UNAVAILABLE)
@@ -429,11 +437,15 @@ class Scheduler:
             context.close()
         self._mode = None
 
-    def _fail_everything(self, exc: BaseException) -> None:
-        rows = [*self.running, *(self._group.rows if self._group is not None else []), *self.waiting]
-        self._keep_running([])
+    def _fail_everything(self, exc: BaseException, *, queued: bool = True) -> None:
+        """End every row in flight (and, with ``queued``, every waiting one) with ``exc``."""
+        rows = [*self.running, *(self._group.rows if self._group is not None else [])]
+        if queued:
+            rows += self.waiting
+            self.waiting.clear()
+        self.running, self._names, self._last = [], [], []
+        self._cache = self._mask = self._next_pos = None
         self._group = None
-        self.waiting.clear()
         self._close_batch()
         for r in rows:
             r.fail(exc)
