@@ -10,7 +10,8 @@ process over HTTP (``/v1/completions``, streamed), driven by the same client:
 * ``continuous`` - `serving.engine.torch_engine.TorchEngine` behind the forgeline gateway;
 * ``transformers_serve`` - ``transformers serve --continuous-batching`` on the same model folder.
 
-All three run on CPU with the same torch thread count, up at the same time; each rate runs
+All three run on CPU with the same torch thread count (our two engines with the same
+``max_batch_size``; `transformers serve` with its own defaults), up at the same time; each rate runs
 the targets back to back (in an order rotating from rate to rate) so they see the same load
 on a shared machine. Requests ask for different ``max_tokens`` (uniform in a range, the same
 per request for every target), as real outputs differ in length: a static batch runs as long
@@ -48,10 +49,10 @@ NAME = "open_loop"
 TARGETS = ("static", "continuous", "transformers_serve")
 
 SETTINGS: dict[str, dict[str, Any]] = {
-    "smoke": {"model": "tiny", "rates": [4.0], "requests": 8, "max_tokens": [4, 12], "threads": 1, "prefix_requests": 2},
+    "smoke": {"model": "tiny", "rates": [4.0], "requests": 8, "max_tokens": [4, 12], "threads": 1, "max_batch_size": 16, "prefix_requests": 2},
     # max_tokens is drawn per request from [low, high]. From 4 requests/s on, the static
     # engine is busy: a batch is still decoding when the next requests arrive.
-    "full": {"model": "small", "rates": [2.0, 4.0, 8.0], "requests": 48, "max_tokens": [8, 96], "threads": 1, "prefix_requests": 8},
+    "full": {"model": "small", "rates": [2.0, 4.0, 8.0], "requests": 48, "max_tokens": [8, 96], "threads": 1, "max_batch_size": 32, "prefix_requests": 8},
 }
 
 
@@ -137,7 +138,8 @@ def _figures(results: list[dict[str, Any]], rate: float) -> dict[str, Any]:
     }
 
 
-def _server(target: str, model_dir: Path, threads: int, work: Path) -> tuple[ServerProcess, str]:
+def _server(target: str, model_dir: Path, cfg: dict[str, Any], work: Path) -> tuple[ServerProcess, str]:
+    threads = cfg["threads"]
     port = free_port()
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     log = work / "logs" / f"{target}.log"
@@ -150,8 +152,9 @@ def _server(target: str, model_dir: Path, threads: int, work: Path) -> tuple[Ser
         return ServerProcess(target, argv, port=port, log_path=log, env=env), str(model_dir)
     engine = "static" if target == "static" else "continuous"
     argv = python_module(
-        "bench.engine_server", "--engine", engine, "--model", str(model_dir), "--port", str(port), "--threads", str(threads)
-    )
+        "bench.engine_server", "--engine", engine, "--model", str(model_dir), "--port", str(port), "--threads", str(threads),
+        "--max-batch-size", str(cfg["max_batch_size"]),
+    )  # fmt: skip
     return ServerProcess(target, argv, port=port, log_path=log, env=env), "bench"
 
 
@@ -165,7 +168,7 @@ def _run_all(model_dir: Path, cfg: dict[str, Any], texts: list[str], work: Path)
     servers: dict[str, tuple[ServerProcess, str]] = {}
     try:
         for target in TARGETS:
-            server, model = _server(target, model_dir, cfg["threads"], work)
+            server, model = _server(target, model_dir, cfg, work)
             try:
                 started = server.wait_healthy("/health", timeout_s=300 * harness.time_scale())
                 asyncio.run(_drive(server.base_url, model, texts[:2], [0.0, 0.0], [4, 4]))  # warm-up (and lazy loads)

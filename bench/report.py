@@ -255,7 +255,8 @@ def open_loop_section(data: dict[str, Any], plots_rel: str) -> str:
         _meta(data),
         "",
         f"Model: `{cfg['model']}` Llama (random weights), {cfg['requests']} requests per rate, max_tokens {_span(cfg['max_tokens'])}, "
-        f"greedy, Poisson arrivals (same schedule and prompts for every target), {cfg['threads']} CPU thread(s) per server. "
+        f"greedy, Poisson arrivals (same schedule and prompts for every target), {cfg['threads']} CPU thread(s) per server, "
+        f"max_batch_size {cfg.get('max_batch_size', 16)} for our engines. "
         "The 1-minute load average when each rate finished is in the last column.",
         "",
         "| target | rate (req/s) | tokens/s | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) | e2e p50 / p99 (ms) | errors | load |",

@@ -242,7 +242,12 @@ class Scheduler:
             return
         if self._context is None:
             self._open_batch(self._mode_of(rows[0]))
-        self._group = self._new_group(rows, past)
+        try:
+            self._group = self._new_group(rows, past)
+        except Exception as exc:  # noqa: BLE001 - these rows are out of the queue: they must hear about it
+            logger.exception("engine %s: preparing a prefill of %d rows failed", self.model_id, len(rows))
+            for r in rows:
+                r.fail(ForgelineError(f"generation failed: {exc}", code=ErrorCode.INTERNAL))
 
     def _internal(self, r: Request) -> str | None:
         return self.adapters.internal(r.adapter) if self.adapters is not None else None
@@ -325,10 +330,10 @@ class Scheduler:
         group.done = end
         if end < width:
             return
-        self._group = None
         if self.prefix_cache is not None:
             self.prefix_cache.store(group.rows, [self._internal(r) for r in group.rows], group.cache, group.mask)
         self._first_tokens(group, logits)
+        self._group = None  # only now: if the splice fails, the group's rows are failed as in flight
 
     def _prefill_failed(self, group: _Group, exc: BaseException) -> None:
         if len(group.rows) == 1 or any(r.solo for r in group.rows):

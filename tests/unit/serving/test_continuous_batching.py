@@ -56,16 +56,19 @@ async def _stream(engine: TorchEngine, prompt: str, max_tokens: int, log: list[t
     return ids
 
 
-def _joining_run(engine: TorchEngine, max_tokens: list[int]) -> tuple[list[list[int]], list[tuple[str, int, Chunk]]]:
-    """Request 0 starts alone; 1 and 2 arrive once it streams, and join its batch."""
+def _joining_run(engine: TorchEngine, max_tokens: list[int]) -> tuple[list[Any], list[tuple[str, int, Chunk]]]:
+    """Request 0 starts alone; 1 and 2 arrive once it streams, and join its batch.
+
+    Returns each request's token ids (or the exception it ended with) and the chunk log.
+    """
     log: list[tuple[str, int, Chunk]] = []
 
-    async def main() -> list[list[int]]:
+    async def main() -> list[Any]:
         first = asyncio.create_task(_stream(engine, PROMPTS[0], max_tokens[0], log, "0"))
-        while not log:
+        while not log and not first.done():
             await asyncio.sleep(0.001)
         later = [asyncio.create_task(_stream(engine, PROMPTS[i], max_tokens[i], log, str(i))) for i in (1, 2)]
-        return [await first, *[await t for t in later]]
+        return await asyncio.gather(first, *later, return_exceptions=True)
 
     return asyncio.run(main()), log
 
@@ -167,3 +170,33 @@ def test_a_shared_prefix_is_reused_and_changes_nothing(tiny_artifact: Path) -> N
     assert shared >= cache.block
     assert cache.hits >= 2 * shared, "the second and third requests should reuse the system prompt's blocks"
     assert got == _reference(tiny_artifact, prompts, [8, 8, 8])
+
+
+def test_a_scheduler_bug_fails_the_rows_in_flight_and_the_engine_keeps_serving(
+    tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from registry.errors import ErrorCode, ForgelineError
+
+    real_join = scheduler_module.join
+    calls = 0
+
+    def broken_once(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected splice bug")
+        return real_join(*args)
+
+    monkeypatch.setattr(scheduler_module, "join", broken_once)
+    engine = TorchEngine(tiny_artifact, device="cpu", batch_window_ms=0)
+    asyncio.run(engine.start())
+    try:
+        failed, _ = _joining_run(engine, [60, 4, 4])  # the first join fails: the running row and the joining one end
+        error = failed[0]
+        assert isinstance(error, ForgelineError) and error.code == ErrorCode.INTERNAL
+        assert "injected splice bug" in error.message
+        got, _ = _joining_run(engine, [12, 4, 4])  # the same engine answers, rows joining again
+        prompts = [engine._encode(p) for p in PROMPTS]
+    finally:
+        asyncio.run(engine.stop())
+    assert got == _reference(tiny_artifact, prompts, [12, 4, 4])
