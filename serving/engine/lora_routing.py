@@ -86,6 +86,11 @@ class LoraRouter:
                 return f"it adapts `{name}` ({type(module).__name__}), which PEFT cannot batch per row"
         return None
 
+    @property
+    def exclusive(self) -> str | None:
+        """The adapter of the exclusive batch now running, if one is."""
+        return self._exclusive
+
     @contextmanager
     def batch(self, exclusive: str | None = None) -> Iterator[None]:
         """Hold the adapter state of one batch; it is reset on the way out, however that goes.
@@ -146,13 +151,3 @@ class LoraRouter:
 
 def _adapters_of(module: Any) -> set[str]:
     return set(module.lora_A.keys()) | set(getattr(module, "lora_embedding_A", {}).keys())
-
-
-def strip_lora(model: Any) -> None:
-    """Put back the original module wherever PEFT wrapped one in a LoRA layer (in place)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, BaseTunerLayer):
-                setattr(parent, child_name, child.get_base_layer())

@@ -9,11 +9,14 @@ continuous batching: joining a running batch would mean merging left-padded KV c
 different lengths, which transformers' caches do not support safely).
 
 Multi-LoRA: with an ``adapters`` source the engine serves PEFT LoRA adapters on its base
-weights. An adapter is loaded on first use (on the worker thread, between batches), rows
-with different adapters share one batch (`LoraRouter` names each row's adapter, also on
-mixture-of-experts blocks that flatten rows into tokens), and the least recently used
-adapter is unloaded once more than ``max_loaded_adapters`` are loaded. An adapter PEFT
-cannot batch per row (LoRA on fused MoE experts, DoRA) runs in batches of its own.
+weights. An adapter is loaded on first use (on the worker thread, between batches) by
+reading its files into a slot of the stacked layers (`serving.engine.multi_lora`), rows with
+different adapters share one batch (each layer applies every row's adapter with a gather and
+two batched matmuls, also on mixture-of-experts blocks that flatten rows into tokens), and
+the least recently used adapter is unloaded once more than ``max_loaded_adapters`` are
+loaded. An adapter the stacked layers cannot apply (LoRA on fused MoE experts, DoRA, modules
+to save) is loaded by PEFT into a copy of the model that shares the base weights
+(`LoraRouter`) and runs in batches of its own.
 
 Failure isolation: a batch that fails before it produced a token is retried row by row,
 so one bad request (or adapter) fails alone, and the adapter state is reset after every
@@ -40,7 +43,8 @@ from registry.errors import ConflictError, ErrorCode, ForgelineError, MissingDep
 from serving.cpu_pool import run_cpu
 from serving.engine.adapter_chat import BASE_CHAT, AdapterChat, read_adapter_chat
 from serving.engine.base import Chunk, FinishReason, Logprob, SamplingParams, TokenGuide, TokenLogprobs
-from serving.engine.lora_routing import BASE_ADAPTER, LoraRouter, strip_lora
+from serving.engine.lora_files import AdapterRefused
+from serving.engine.lora_routing import BASE_ADAPTER, LoraRouter
 from serving.engine.token_bytes import TokenBytes
 from serving.stop_tokens import stop_token_ids
 
@@ -239,7 +243,8 @@ class TorchEngine:
         self._loaded: OrderedDict[str, str] = OrderedDict()
         self._loaded_paths: dict[str, Path] = {}
         self._adapter_seq = 0
-        self._peft = False  # True once the base is wrapped in a PeftModel
+        self._stack: Any = None  # multi_lora.StackedLora on the base model, once started with adapters
+        self._peft_model: Any = None  # PEFT on a weight-sharing copy of the base, for exclusive adapters
         self._router: LoraRouter | None = None
         # public name -> why it cannot share a batch with other adapters (see LoraRouter).
         self._exclusive: dict[str, str] = {}
@@ -302,7 +307,8 @@ class TorchEngine:
             if isinstance(item, _Request):
                 item.deliver(self._unavailable())
         self._model = None
-        self._peft = False
+        self._stack = None
+        self._peft_model = None
         self._router = None
         self._exclusive.clear()
         self._loaded.clear()
@@ -355,6 +361,10 @@ class TorchEngine:
         self._max_prompt_chars = _max_prompt_chars(tokenizer, self._max_context)
         self._config = model.config
         self._model = model
+        if self._adapter_source is not None:
+            from serving.engine.multi_lora import StackedLora
+
+            self._stack = StackedLora(model, max_adapters=self.max_loaded_adapters)
 
     # -- text helpers ------------------------------------------------------------------
 
@@ -600,42 +610,49 @@ class TorchEngine:
             self._unload_adapter(victim)
         self._adapter_seq += 1
         internal = f"adapter{self._adapter_seq}"  # PEFT names become module keys: no dots
+        try:
+            layers = self._stack.plan(path)
+            if not isinstance(layers, str):
+                self._stack.load(internal, layers)
+        except AdapterRefused as exc:
+            raise ConflictError(f"adapter `{name}` cannot be served on `{self.model_id}`: {exc}", param="model") from None
+        if isinstance(layers, str):
+            self._load_peft_adapter(name, path, internal, why=layers)
+        self._loaded[name] = internal
+        self._loaded_paths[name] = path
+        logger.info("engine %s: loaded adapter %s from %s (%d loaded)", self.model_id, name, path, len(self._loaded))
+
+    def _load_peft_adapter(self, name: str, path: Path, internal: str, *, why: str) -> None:
+        """Load through PEFT an adapter the stacked layers cannot apply; it runs in batches of its own."""
         with _LOAD_LOCK:  # engines share the process: adapter loads race like base loads (see `_load`)
-            if not self._peft:
+            if self._peft_model is None:
                 try:
                     from peft import PeftModel
                 except ImportError as exc:
                     raise MissingDependencyError("serving LoRA adapters needs peft: pip install peft") from exc
-                try:
-                    self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=internal).eval()
-                except Exception:
-                    # PEFT injects its layers into the base in place before it loads the weights:
-                    # take them out again, or the base would answer with a half-loaded adapter.
-                    strip_lora(self._model)
-                    raise
-                self._peft = True
-                self._router = LoraRouter(self._model)
+                from serving.engine.multi_lora import shared_copy
+
+                # PEFT injects its layers into the model it gets: a copy sharing the base weights,
+                # so a failed load leaves nothing behind and stacked batches never meet its layers.
+                peft_model = PeftModel.from_pretrained(shared_copy(self._model), str(path), adapter_name=internal)
+                self._peft_model = peft_model.eval()
+                self._router = LoraRouter(self._peft_model)
             else:
                 try:
-                    self._model.load_adapter(str(path), adapter_name=internal)
+                    self._peft_model.load_adapter(str(path), adapter_name=internal)
                 except Exception:
                     self._forget_internal(internal)
                     raise
-                self._model.eval()
+                self._peft_model.eval()
         assert self._router is not None
         self._router.refresh()
-        self._loaded[name] = internal
-        self._loaded_paths[name] = path
-        reason = self._router.exclusive_reason(internal)
-        if reason is not None:
-            self._exclusive[name] = reason
-            logger.info("engine %s: adapter %s runs in batches of its own: %s", self.model_id, name, reason)
-        logger.info("engine %s: loaded adapter %s from %s (%d loaded)", self.model_id, name, path, len(self._loaded))
+        self._exclusive[name] = self._router.exclusive_reason(internal) or why
+        logger.info("engine %s: adapter %s runs in batches of its own: %s", self.model_id, name, self._exclusive[name])
 
     def _forget_internal(self, internal: str) -> None:
         """Remove what a failed load left of PEFT adapter ``internal`` (best effort)."""
         try:
-            self._model.delete_adapter(internal)
+            self._peft_model.delete_adapter(internal)
         except Exception:  # noqa: BLE001 - nothing of it may have been created
             logger.debug("nothing to clean up for adapter %s", internal, exc_info=True)
         if self._router is not None:
@@ -645,9 +662,12 @@ class TorchEngine:
         internal = self._loaded.pop(name)
         self._loaded_paths.pop(name, None)
         self._exclusive.pop(name, None)
-        self._model.delete_adapter(internal)
-        if self._router is not None:
-            self._router.refresh()
+        if internal in self._stack:
+            self._stack.unload(internal)
+        else:
+            self._peft_model.delete_adapter(internal)
+            if self._router is not None:
+                self._router.refresh()
         logger.info("engine %s: unloaded adapter %s", self.model_id, name)
 
     def _worker(self) -> None:
@@ -717,11 +737,14 @@ class TorchEngine:
     def _forward(
         self, input_ids: Any, attention_mask: Any, position_ids: Any, cache: Any, adapter_names: list[str] | None = None
     ) -> Any:
-        if self._router is not None:
-            # Always name every row's adapter once wrapped: unnamed rows would get PEFT's
-            # active adapter, base-only rows included.
-            self._router.route(adapter_names or [BASE_ADAPTER] * input_ids.shape[0], input_ids.shape[1])
-        out = self._model(
+        names = adapter_names or [BASE_ADAPTER] * input_ids.shape[0]
+        model = self._model
+        if self._router is not None and self._router.exclusive is not None:
+            model = self._peft_model  # an exclusive adapter's batch runs on PEFT's layers
+            self._router.route(names, input_ids.shape[1])
+        elif self._stack is not None:
+            self._stack.select(names, input_ids.shape[1])  # re-indexes only when the rows changed
+        out = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -764,7 +787,9 @@ class TorchEngine:
             self._decode(batch, input_ids, attention_mask, position_ids, next_pos, cache, names)
 
     def _adapter_state(self, exclusive: str | None) -> AbstractContextManager[None]:
-        return self._router.batch(exclusive) if self._router is not None else nullcontext()
+        if exclusive is not None and self._router is not None:
+            return self._router.batch(exclusive)
+        return self._stack.batch() if self._stack is not None else nullcontext()
 
     def _decode(
         self,
