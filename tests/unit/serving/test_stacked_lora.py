@@ -53,7 +53,9 @@ def _peft_logits(base: Path, adapter: Path | None, ids: Any) -> Any:
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_mixed_rows_equal_peft_unmerged_lora(name: str, family_checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
+def test_mixed_rows_equal_peft_unmerged_lora(
+    name: str, family_checkpoint: Callable[[str], Path], tmp_path: Path
+) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
@@ -144,7 +146,10 @@ def test_adapters_the_stacked_path_cannot_apply_are_refused_or_left_to_peft(tiny
         stack.plan(renamed)
 
     wide = variant("wide")
-    save_file({k: torch.zeros(4, 65) if "q_proj.lora_A" in k else v for k, v in tensors.items()}, wide / "adapter_model.safetensors")
+    save_file(
+        {k: torch.zeros(4, 65) if "q_proj.lora_A" in k else v for k, v in tensors.items()},
+        wide / "adapter_model.safetensors",
+    )
     with pytest.raises(AdapterRefused, match="takes 64 inputs and gives 64 outputs but the adapter's LoRA is 65 -> 64"):
         stack.plan(wide)
 
