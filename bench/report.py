@@ -262,9 +262,31 @@ def multi_lora_section(data: dict[str, Any], plots_rel: str) -> str:
         f"Adapters over merged: **{_x(ratio)}** (goal ≥ {data['goal_ratio']:g}×: {_verdict(ok)}). "
         f"Loading all {data['loaded_adapters']} adapters (cold start, first request of each): {s['cold_start_s']:.1f} s.",
         "",
+        *_multi_lora_loading(data),
         _image("multi_lora", plots_rel),
     ]
     return "\n".join(lines)
+
+
+def _multi_lora_loading(data: dict[str, Any]) -> list[str]:
+    loading = data.get("loading")
+    if not loading:
+        return []
+    names = {"base": f"`{data['model']['name']}`", "tiny": "tiny base"}
+    lines = [
+        f"Loading {data['settings']['adapters']} adapters alone, same run (old: through PEFT; new: files into stacked slots):",
+        "",
+        "| base | PEFT (old) | stacked (new) | speed-up |",
+        "|---|---|---|---|",
+    ]
+    for key, t in loading.items():
+        old, speedup = (f"{t['peft_s']:.2f} s", f"{t['speedup']:.0f}×") if "peft_s" in t else ("not measured", "")
+        lines.append(f"| {names.get(key, key)} | {old} | {t['stacked_s']:.2f} s | {speedup} |")
+    tiny = loading.get("tiny", loading.get("base"))
+    goal = data.get("goal_load_s")
+    if goal is not None and tiny is not None:
+        lines += ["", f"Goal: ≤ {goal:g} s on the tiny base: {_verdict(tiny['stacked_s'] <= goal)}."]
+    return [*lines, ""]
 
 
 def multi_lora_plot(data: dict[str, Any], path: Path) -> None:

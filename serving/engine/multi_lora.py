@@ -99,10 +99,9 @@ class StackedLoraLinear(nn.Module):
             a[:, :, : self.rank] = self.a
             b[:, : self.rank, :] = self.b
             self.a, self.b = a, b
-        self.a[slot].zero_()
-        self.b[slot].zero_()
-        self.a[slot, :, :r] = lora.a.t().to(self.a)
-        self.b[slot, :r, :] = lora.b.t().to(self.b)
+        # A free slot is all zeros (see `clear`), so a smaller rank's padding needs no writing.
+        self.a[slot, :, :r].copy_(lora.a.t())
+        self.b[slot, :r, :].copy_(lora.b.t())
         self.filled.add(slot)
 
     def clear(self, slot: int) -> None:
