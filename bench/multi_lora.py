@@ -39,7 +39,7 @@ GOAL_LOAD_S = 3.0  # all adapters of the `full` setting, on the tiny base
 SETTINGS: dict[str, dict[str, Any]] = {
     "smoke": {"model": "tiny-base", "adapters": 3, "rank": 8, "concurrency": 4, "requests": 8, "max_tokens": 4, "rounds": 1, "budget_s": 60.0},
     # Rounds stop early when the next would overrun budget_s (counted after the cold start).
-    "full": {"model": "small", "adapters": 50, "rank": 16, "concurrency": 16, "requests": 32, "max_tokens": 16, "rounds": 3, "budget_s": 75.0},
+    "full": {"model": "small", "adapters": 50, "rank": 16, "concurrency": 16, "requests": 32, "max_tokens": 16, "rounds": 5, "budget_s": 90.0},
 }
 
 
@@ -105,6 +105,49 @@ def load_times(base: Path, adapters: dict[str, Path], *, peft: bool = True) -> d
     times["speedup"] = times["peft_s"] / times["stacked_s"] if times["stacked_s"] > 0 else 0.0
     logger.info("loading %d adapters on %s: PEFT %.2f s, stacked %.2f s", len(names), base.name, times["peft_s"], times["stacked_s"])
     return times
+
+
+def step_times(merged: Path, base: Path, adapters: dict[str, Path], *, rows: int, threads: int, reps: int) -> dict[str, Any]:
+    """The model's decode step alone (no engine): merged vs ``rows`` rows each with its own stacked adapter.
+
+    The closed loop above also pays the engine's per-token work (sampling, detokenising,
+    streaming), the same for both; this isolates what the stacked layers add to a step.
+    Interleaved repetitions, each the mean over 8 steps after a 32-token prefill.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from serving.engine.multi_lora import StackedLora
+
+    torch.set_num_threads(threads)
+    names = sorted(adapters)[:rows]
+    with torch.inference_mode():
+        plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+        lora = AutoModelForCausalLM.from_pretrained(base).eval()
+        stack = StackedLora(lora, max_adapters=len(names))
+        for name in names:
+            stack.load(name, stack.plan(adapters[name]))  # type: ignore[arg-type]
+
+        def step_ms(model: Any, select: bool) -> float:
+            cache = DynamicCache(config=model.config)
+            ids = torch.randint(8, 300, (len(names), 32), generator=torch.Generator().manual_seed(0))
+            if select:
+                stack.select(names, ids.shape[1])
+            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            if select:
+                stack.select(names, 1)
+            began = time.perf_counter()
+            for _ in range(8):
+                model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            return (time.perf_counter() - began) / 8 * 1000
+
+        merged_ms, lora_ms = [], []
+        for _ in range(reps):
+            merged_ms.append(step_ms(plain, False))
+            lora_ms.append(step_ms(lora, True))
+    ratios = [m / s for m, s in zip(merged_ms, lora_ms, strict=True)]
+    logger.info("decode step, %d rows: merged %.1f ms, %d adapters %.1f ms", len(names), min(merged_ms), len(names), min(lora_ms))
+    return {"rows": len(names), "merged_ms": spread(merged_ms), "lora_ms": spread(lora_ms), "speed_ratio": spread(ratios)}
 
 
 def run(setting: str, work: Path) -> dict[str, Any]:
@@ -175,10 +218,12 @@ def run(setting: str, work: Path) -> dict[str, Any]:
     loading = {"base": load_times(base, adapters, peft=base == TINY_BASE)}
     if base != TINY_BASE:
         loading["tiny"] = load_times(TINY_BASE, build_adapters(TINY_BASE, work / "tiny-adapters", cfg["adapters"], r=cfg["rank"]))
+    step = step_times(merged, base, adapters, rows=batch, threads=threads, reps=cfg["rounds"] * 2)
     return {
         "goal_ratio": GOAL_RATIO,
         "goal_load_s": GOAL_LOAD_S,
         "loading": loading,
+        "decode_step": step,
         "model": {"name": cfg["model"], "parameters": model_parameters(base)},
         "settings": cfg,
         "cpu_threads": threads,

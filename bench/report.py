@@ -282,6 +282,16 @@ def _multi_lora_loading(data: dict[str, Any]) -> list[str]:
     for key, t in loading.items():
         old, speedup = (f"{t['peft_s']:.2f} s", f"{t['speedup']:.0f}×") if "peft_s" in t else ("not measured", "")
         lines.append(f"| {names.get(key, key)} | {old} | {t['stacked_s']:.2f} s | {speedup} |")
+    step = data.get("decode_step")
+    if step:
+        lines = [
+            f"The model's decode step alone (no engine), {step['rows']} rows each with its own adapter: merged "
+            f"{fmt_spread(step['merged_ms'], '{:.1f}')} ms, stacked {fmt_spread(step['lora_ms'], '{:.1f}')} ms, "
+            f"speed ratio **{_x(step['speed_ratio'])}** (the closed loop's ratio also carries the engine's per-token "
+            "work, the same for both).",
+            "",
+            *lines,
+        ]
     tiny = loading.get("tiny", loading.get("base"))
     goal = data.get("goal_load_s")
     if goal is not None and tiny is not None:
