@@ -294,7 +294,7 @@ def _multi_lora_loading(data: dict[str, Any]) -> list[str]:
         ]
     tiny = loading.get("tiny", loading.get("base"))
     goal = data.get("goal_load_s")
-    if goal is not None and tiny is not None:
+    if goal is not None and tiny is not None and data["settings"]["adapters"] >= 50:  # the goal is 50 adapters'
         lines += ["", f"Goal: ≤ {goal:g} s on the tiny base: {_verdict(tiny['stacked_s'] <= goal)}."]
     return [*lines, ""]
 
