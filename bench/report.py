@@ -347,9 +347,41 @@ def multi_lora_section(data: dict[str, Any], plots_rel: str) -> str:
         f"Adapters over merged: **{_x(ratio)}** (goal ≥ {data['goal_ratio']:g}×: {_verdict(ok)}). "
         f"Loading all {data['loaded_adapters']} adapters (cold start, first request of each): {s['cold_start_s']:.1f} s.",
         "",
+        *_multi_lora_loading(data),
         _image("multi_lora", plots_rel),
     ]
     return "\n".join(lines)
+
+
+def _multi_lora_loading(data: dict[str, Any]) -> list[str]:
+    loading = data.get("loading")
+    if not loading:
+        return []
+    names = {"base": f"`{data['model']['name']}`", "tiny": "tiny base"}
+    lines = [
+        f"Loading {data['settings']['adapters']} adapters alone, same run (old: through PEFT; new: files into stacked slots):",
+        "",
+        "| base | PEFT (old) | stacked (new) | speed-up |",
+        "|---|---|---|---|",
+    ]
+    for key, t in loading.items():
+        old, speedup = (f"{t['peft_s']:.2f} s", f"{t['speedup']:.0f}×") if "peft_s" in t else ("not measured", "")
+        lines.append(f"| {names.get(key, key)} | {old} | {t['stacked_s']:.2f} s | {speedup} |")
+    step = data.get("decode_step")
+    if step:
+        lines = [
+            f"The model's decode step alone (no engine), {step['rows']} rows each with its own adapter: merged "
+            f"{fmt_spread(step['merged_ms'], '{:.1f}')} ms, stacked {fmt_spread(step['lora_ms'], '{:.1f}')} ms, "
+            f"speed ratio **{_x(step['speed_ratio'])}** (the closed loop's ratio also carries the engine's per-token "
+            "work, the same for both).",
+            "",
+            *lines,
+        ]
+    tiny = loading.get("tiny", loading.get("base"))
+    goal = data.get("goal_load_s")
+    if goal is not None and tiny is not None and data["settings"]["adapters"] >= 50:  # the goal is 50 adapters'
+        lines += ["", f"Goal: ≤ {goal:g} s on the tiny base: {_verdict(tiny['stacked_s'] <= goal)}."]
+    return [*lines, ""]
 
 
 def multi_lora_plot(data: dict[str, Any], path: Path) -> None:

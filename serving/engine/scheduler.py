@@ -12,8 +12,8 @@ leading columns that became padding in every row.
 Why our own scheduler and not transformers' ``ContinuousBatchingManager`` (read in
 transformers 5.24, ``generation/continuous_batching/``): the manager packs all requests into
 one flat row over a paged cache and swaps the model's attention implementation for its
-paged kernels. That leaves no batch rows for PEFT's per-row ``adapter_names`` (our
-`LoraRouter`, mixture-of-experts routing included), its logits processors are configured
+paged kernels. That leaves no batch rows for per-row adapters (the stacked multi-LoRA
+layers gather each row's A/B; PEFT's ``adapter_names`` likewise), its logits processors are configured
 per manager rather than per request (no per-request seeds, `TokenGuide` masks or top-k
 logprobs), and cancellation and streaming are per request id with its own thread. So the
 scheduler is built on transformers' `DynamicCache` and model forward, with explicit
@@ -21,9 +21,12 @@ per-row ``position_ids`` (rotary and learned absolute positions stay right under
 A model whose cache layers cannot be joined row-wise (`kv_rows.UnsplicableCacheError`)
 falls back to static batching: new rows are admitted only when the running batch is empty.
 
-Adapters: rows of different adapters share the batch through `AdapterCache` (its
-``set_rows`` names each row's adapter before every forward). An adapter PEFT cannot mix
-per row runs in a batch of its own: admission is first-come first-served, and a request
+Adapters: rows of different adapters share the batch through `AdapterCache` (stacked
+multi-LoRA). Their adapters are resolved into `AdapterRows` (the stacked layers' row index)
+only where the set of rows changes: a prefill group is formed, rows join the running batch,
+rows leave it; every forward then just names the `AdapterRows` of its rows, so the prefill
+group and the running batch take turns without re-indexing. An adapter the stacked layers
+cannot apply (it runs on PEFT) runs in a batch of its own: admission is first-come first-served, and a request
 that does not fit the running batch's mode waits (so do those behind it) until it drains.
 
 Failure isolation: a prefill group that fails is retried row by row (a row that fails
@@ -37,7 +40,7 @@ import logging
 import queue
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -55,8 +58,10 @@ logger = logging.getLogger(__name__)
 
 STOP = object()  # sentinel that tells the worker thread to exit
 
-Forward = Callable[[Any, Any, Any, Any, list[str]], Any]
-"""``(input_ids, attention_mask, position_ids, cache, adapter_names) -> last-column logits``."""
+Forward = Callable[[Any, Any, Any, Any, Sequence[str]], Any]
+"""``(input_ids, attention_mask, position_ids, cache, adapter_names) -> last-column logits``.
+
+``adapter_names``: one internal adapter name per row, as `AdapterRows` when the engine serves adapters."""
 
 
 @dataclass
@@ -64,7 +69,7 @@ class _Group:
     """Rows being prefilled together into a cache of their own."""
 
     rows: list[Request]
-    names: list[str]
+    names: Sequence[str]  # `AdapterRows` of the group (empty without adapters)
     cache: Any
     input_ids: Any  # (rows, width) left-padded prompt tokens not yet in the cache
     mask: Any  # (rows, past + width): cached prefix columns, then the prompt columns
@@ -124,7 +129,7 @@ class Scheduler:
         self.observe = observe
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self._names: list[str] = []
+        self._names: Sequence[str] = []  # `AdapterRows` of the running batch, rebuilt when rows join or leave
         self._cache: Any = None
         self._mask: Any = None
         self._next_pos: Any = None
@@ -249,6 +254,10 @@ class Scheduler:
             for r in rows:
                 r.fail(ForgelineError(f"generation failed: {exc}", code=ErrorCode.INTERNAL))
 
+    def _rows(self, names: list[str]) -> Sequence[str]:
+        """Resolve the adapters of a new set of rows, once (not per step)."""
+        return self.adapters.rows(names) if self.adapters is not None else []
+
     def _internal(self, r: Request) -> str | None:
         return self.adapters.internal(r.adapter) if self.adapters is not None else None
 
@@ -287,7 +296,7 @@ class Scheduler:
     def _new_group(self, rows: list[Request], past: int) -> _Group:
         import torch
 
-        names = [self.adapters.internal(r.adapter) for r in rows] if self.adapters is not None else []
+        names = self._rows([self.adapters.internal(r.adapter) for r in rows] if self.adapters is not None else [])
         cache = None
         if past and self.prefix_cache is not None:
             cache = self.prefix_cache.lookup([r.prompt_ids for r in rows], [self._internal(r) for r in rows], past)
@@ -369,7 +378,6 @@ class Scheduler:
         if len(keep) < len(group.rows):
             mask = select(cache, mask, keep)
         rows = [group.rows[i] for i in keep]
-        names = [group.names[i] for i in keep] if group.names else []
         next_pos = torch.tensor([len(r.prompt_ids) for r in rows], dtype=torch.long, device=self.device)
         last = [tokens[i] for i in keep]
         if not self.running:
@@ -384,8 +392,11 @@ class Scheduler:
         else:
             self._mask = join(self._cache, self._mask, cache, mask)
             self._next_pos = torch.cat([self._next_pos, next_pos])
+        if not self.running and len(keep) == len(group.rows):
+            self._names = group.names  # the group becomes the batch: its rows' index is already built
+        elif group.names:
+            self._names = self._rows([*self._names, *(group.names[i] for i in keep)])
         self.running.extend(rows)
-        self._names.extend(names)
         self._last.extend(last)
 
     def _decode_step(self) -> None:
@@ -425,7 +436,7 @@ class Scheduler:
         self._mask = select(self._cache, self._mask, keep)
         self._next_pos = self._next_pos.index_select(0, self._mask.new_tensor(keep))
         self.running = [self.running[i] for i in keep]
-        self._names = [self._names[i] for i in keep] if self._names else []
+        self._names = self._rows([self._names[i] for i in keep]) if self._names else []
         self._last = [self._last[i] for i in keep]
 
     # -- adapter state -----------------------------------------------------------------

@@ -12,7 +12,8 @@ own ``ContinuousBatchingManager``). The parts, one module each:
 * `prefix_cache` - reused KV of shared prompt prefixes (opt-in, ``prefix_cache_tokens``);
 * `sampling` - guides, greedy / temperature / top-p, logprobs, per-request seeds;
 * `detokenizer` - streamed text, stop strings and stop tokens;
-* `adapter_cache` - LoRA adapters loaded on first use, LRU-evicted, routed per row.
+* `adapter_cache` - LoRA adapters loaded on first use, LRU-evicted, mixed per row by the
+  stacked layers of `multi_lora` (PEFT, in batches of their own, for the rest).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,7 @@ class TorchEngine:
         self._max_prompt_chars: int | None = None
         self._cache_kwarg = "past_key_values"
         self._forward_kwargs: dict[str, Any] = {}
-        self._model: Any = None  # the base model; `_adapters.model` once adapters wrap it
+        self._model: Any = None  # the base model (`_adapters.model` runs a batch when adapters are served)
         self._adapter_source = adapters
         self._adapter_paths: dict[str, Path] = {}  # resolved once per public name
         self._adapter_chats: dict[str, AdapterChat] = {}  # each adapter's own chat conventions
@@ -405,7 +406,9 @@ class TorchEngine:
         assert self._scheduler is not None
         self._scheduler.run()
 
-    def _forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, cache: Any, adapter_names: list[str]) -> Any:
+    def _forward(
+        self, input_ids: Any, attention_mask: Any, position_ids: Any, cache: Any, adapter_names: Sequence[str]
+    ) -> Any:
         """Run the model on a batch; the logits of each row's last column, as float32."""
         adapters = self._adapters
         if adapters is not None:

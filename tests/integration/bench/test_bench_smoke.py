@@ -49,6 +49,7 @@ def test_every_benchmark_runs_on_its_smoke_setting(tmp_path: Path) -> None:
     lora = data["multi_lora"]
     assert lora["loaded_adapters"] == lora["settings"]["adapters"]
     assert all(r["lora"]["tokens"] > 0 and r["merged"]["tokens"] > 0 for r in lora["rounds"])
+    assert lora["loading"]["base"]["stacked_s"] > 0 and lora["loading"]["base"]["peft_s"] > 0  # tiny base: both
 
     lead = data["lead_time"]
     assert set(lead["recipe_to_endpoint"]["stages_s"]) >= {"train", "evaluate", "promote", "build", "serve"}
