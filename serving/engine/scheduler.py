@@ -2,9 +2,10 @@
 
 One worker thread owns the model and loops: take new requests from the inbox, admit the
 ones that fit into a *prefill group*, run one prefill chunk of that group, then one decode
-step of the running batch. A group's prompts are left-padded and prefilled into a cache of
-their own, ``prefill_chunk`` tokens per step, so a long prompt never stalls the running rows
-for more than one chunk; when the group's last chunk is done its rows sample their first
+step of the running batch. A group's prompts (at most half of it padding) are left-padded
+and prefilled into a cache of their own, ``prefill_chunk`` tokens per step while rows
+decode (all at once when none do), so a long prompt never stalls the running rows for more
+than one chunk; when the group's last chunk is done its rows sample their first
 token and their KV rows are spliced into the running batch's cache (`kv_rows.join`). Rows
 that finish or whose consumer went away leave with `kv_rows.select`, which also trims the
 leading columns that became padding in every row.
@@ -235,8 +236,9 @@ class Scheduler:
                 break
             hit = self._hit(r)
             width = max(len(x.prompt_ids) for x in [*rows, r]) - hit
-            if rows and (r.solo or hit != past or (len(rows) + 1) * width > self.prefill_chunk):
-                break  # long prompts prefill alone, in chunks; a retried row runs alone
+            real = sum(len(x.prompt_ids) - hit for x in [*rows, r])
+            if rows and (r.solo or hit != past or (len(rows) + 1) * width > 2 * real):
+                break  # at most half of a group is padding; a retried row runs alone
             past = hit  # a group's rows reuse cached prefixes of one length
             self.waiting.popleft()
             r.generator = make_generator(r.params, self.device)
@@ -321,7 +323,8 @@ class Scheduler:
         group = self._group
         assert group is not None
         width = group.input_ids.shape[1]
-        columns = max(1, self.prefill_chunk // len(group.rows))
+        # Chunks only matter while rows decode: an idle engine prefills the group at once.
+        columns = max(1, self.prefill_chunk // len(group.rows)) if self.running else width
         start, end = group.done, min(group.done + columns, width)
         try:
             self.observe(len(group.rows))
