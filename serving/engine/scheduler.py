@@ -27,8 +27,11 @@ multi-LoRA). Their adapters are resolved into `AdapterRows` (the stacked layers'
 only where the set of rows changes: a prefill group is formed, rows join the running batch,
 rows leave it; every forward then just names the `AdapterRows` of its rows, so the prefill
 group and the running batch take turns without re-indexing. An adapter the stacked layers
-cannot apply (it runs on PEFT) runs in a batch of its own: admission is first-come first-served, and a request
-that does not fit the running batch's mode waits (so do those behind it) until it drains.
+cannot apply (it runs on PEFT) runs in a batch of its own. Admission is first-come
+first-served, except that requests whose adapter the running batch already has may go ahead
+of ones that would add an adapter, for at most ``affinity_wait_s`` (fewer distinct adapters
+per step); a request that does not fit the running batch's mode waits (so do those behind
+it) until it drains.
 
 Failure isolation: a prefill group that fails is retried row by row (a row that fails
 alone gets the error); a failing decode step fails the rows of the running batch, which
@@ -58,6 +61,10 @@ from serving.engine.sampling import Sampler, make_generator
 logger = logging.getLogger(__name__)
 
 STOP = object()  # sentinel that tells the worker thread to exit
+
+AFFINITY_WAIT_S = 0.2
+"""How long a request that would add an adapter to the running batch may be passed over for
+requests whose adapter is already in it (see `Scheduler._prefer_batch_adapters`)."""
 
 Forward = Callable[[Any, Any, Any, Any, Sequence[str]], Any]
 """``(input_ids, attention_mask, position_ids, cache, adapter_names) -> last-column logits``.
@@ -96,6 +103,7 @@ class Scheduler:
         prefill_chunk: most prompt tokens prefilled per step (all rows of a group together).
         prefix_cache: reuses prompt-prefix KV across requests, or None.
         observe: called with the row count of every forward (metrics).
+        affinity_wait_s: longest a request is passed over for ones whose adapter the batch has.
     """
 
     def __init__(
@@ -114,6 +122,7 @@ class Scheduler:
         prefill_chunk: int,
         prefix_cache: PrefixCache | None = None,
         observe: Callable[[int], None] = lambda rows: None,
+        affinity_wait_s: float = AFFINITY_WAIT_S,
     ) -> None:
         self.model_id = model_id
         self.inbox = inbox
@@ -128,6 +137,7 @@ class Scheduler:
         self.prefill_chunk = max(prefill_chunk, 1)
         self.prefix_cache = prefix_cache
         self.observe = observe
+        self.affinity_wait_s = affinity_wait_s
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._names: Sequence[str] = []  # `AdapterRows` of the running batch, rebuilt when rows join or leave
@@ -196,6 +206,9 @@ class Scheduler:
             if item is STOP:
                 self.waiting.extend(r for r in items if isinstance(r, Request))
                 return False
+        now = time.monotonic()
+        for r in items:
+            r.arrived = r.arrived or now
         self.waiting.extend(items)
         return True
 
@@ -215,10 +228,30 @@ class Scheduler:
         exclusive = self.adapters.exclusive if self.adapters is not None else {}
         return r.adapter if r.adapter in exclusive else None
 
+    def _prefer_batch_adapters(self) -> None:
+        """Let waiting requests whose adapter the running batch already has go first.
+
+        Every distinct adapter in a step is one more A/B per layer to read (`multi_lora`), so
+        rows of adapters already in the batch (or of the base) join ahead of rows that would
+        add one. A request is passed over only until it has waited `affinity_wait_s`; then it
+        keeps its first-come place, so none starves.
+        """
+        if self.adapters is None or not self.running or self._mode is not None or len(self.waiting) < 2:
+            return
+        in_batch = {r.adapter for r in self.running} | {None}
+        deadline = time.monotonic() - self.affinity_wait_s
+        first = [r for r in self.waiting if r.adapter in in_batch or r.arrived <= deadline]
+        if len(first) in (0, len(self.waiting)):
+            return
+        later = [r for r in self.waiting if not (r.adapter in in_batch or r.arrived <= deadline)]
+        self.waiting = deque([*first, *later])
+
     def _admit(self) -> None:
-        """Start a prefill group from the head of ``waiting`` (first come, first served)."""
+        """Start a prefill group from the head of ``waiting`` (first come, first served, but see
+        `_prefer_batch_adapters`)."""
         if self.running and not self.splicable:
             return
+        self._prefer_batch_adapters()
         room = self.max_batch_size - len(self.running)
         rows: list[Request] = []
         past = 0

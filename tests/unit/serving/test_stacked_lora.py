@@ -224,3 +224,64 @@ def test_the_engine_stacks_plain_lora_indexes_rows_per_batch_change_and_leaves_d
     for (names, selection, _), (next_names, next_selection, _) in decode_steps:
         assert (selection is next_selection) == (names == next_names), steps
     assert any(s[1] is None for s in steps), "the DoRA adapter's rows run on PEFT, without a stacked selection"
+
+
+def test_waiting_rows_of_an_adapter_already_in_the_batch_join_first(tiny_base: Path, tmp_path: Path) -> None:
+    import threading
+    import time
+
+    adapters = {
+        "a": _save_lora(tiny_base, tmp_path / "a", seed=10, r=4, target_modules=["q_proj"]),
+        "b": _save_lora(tiny_base, tmp_path / "b", seed=11, r=4, target_modules=["q_proj"]),
+    }
+    engine = TorchEngine(tiny_base, device="cpu", batch_window_ms=0, adapters=adapters, max_batch_size=2)
+    prefills: list[list[str]] = []
+    hold, blocked, release = threading.Event(), threading.Event(), threading.Event()
+    forward = engine._forward
+
+    def record(*args: Any) -> Any:
+        if hold.is_set():
+            blocked.set()
+            release.wait(timeout=30)  # the worker waits here while both requests queue up
+        if args[0].shape[1] > 1:
+            prefills.append(list(args[4]))
+        return forward(*args)
+
+    engine._forward = record  # type: ignore[method-assign]
+
+    async def text(adapter: str, max_tokens: int, started: asyncio.Event | None = None) -> None:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0)
+        async for _ in engine.generate(PROMPT, params, adapter=adapter):
+            if started is not None:
+                started.set()
+
+    async def scenario() -> None:
+        await engine.start()
+        try:
+            assert engine._scheduler is not None
+            engine._scheduler.affinity_wait_s = 60.0  # however slow this box is, `b` is not yet overdue
+            started = asyncio.Event()
+            long = asyncio.create_task(text("a", 24, started))
+            await started.wait()
+            hold.set()
+            await asyncio.to_thread(blocked.wait, 30)
+            # While the worker is held mid-step, `b` queues first, then another `a`; the batch
+            # has one row of room.
+            queued = []
+            for adapter in ("b", "a"):
+                queued.append(asyncio.create_task(text(adapter, 2)))
+                deadline = time.monotonic() + 30
+                while engine._inbox.qsize() < len(queued) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+            assert engine._inbox.qsize() == 2
+            hold.clear()
+            release.set()
+            await asyncio.gather(long, *queued)
+        finally:
+            release.set()
+            await engine.stop()
+
+    asyncio.run(scenario())
+    assert len(prefills) == 3, prefills
+    assert prefills[1] == prefills[0], f"the second `a` must join before `b` adds an adapter: {prefills}"
+    assert prefills[2] != prefills[0]
