@@ -153,25 +153,35 @@ def test_a_cache_that_cannot_be_spliced_falls_back_to_static_batching(
     assert all(i > long_end for i, (tag, _, _) in enumerate(log) if tag != "0"), "rows joined an unsplicable batch"
 
 
-def test_a_shared_prefix_is_reused_and_changes_nothing(tiny_artifact: Path) -> None:
-    suffixes = ["Where is my order?", "Can I get a refund?", "When does it arrive?"]
-    engine = TorchEngine(tiny_artifact, device="cpu", batch_window_ms=0, prefix_cache_tokens=1024)
+def test_a_shared_prefix_is_reused_and_changes_nothing(tmp_path_factory: pytest.TempPathFactory) -> None:
+    folder = build_family("llama3", tmp_path_factory.mktemp("cb-prefix"), **SENSITIVE)
+    suffixes = ["Where is my order?", "Can I get a refund for the broken one?", "When does it arrive?", "Thanks!"]
+    engine = TorchEngine(folder, device="cpu", batch_window_ms=200, prefix_cache_tokens=1024)
 
     async def one(prompt: str) -> list[int]:
         return [t async for c in engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0)) for t in c.token_ids]
 
+    async def together(prompts: list[str]) -> list[list[int]]:
+        return await asyncio.gather(*(one(p) for p in prompts))
+
     asyncio.run(engine.start())
     try:
-        got = [asyncio.run(one(SYSTEM + s)) for s in suffixes]
-        prompts = [engine._encode(SYSTEM + s) for s in suffixes]
+        # Two prompts of different lengths prefilled as one left-padded group fill the cache...
+        got = asyncio.run(together([SYSTEM + s for s in suffixes[:2]]))
         cache = engine.prefix_cache
-        assert cache is not None
+        assert cache is not None and cache.hits == 0
+        # ...then the others reuse the system prompt's blocks, alone and as a group.
+        got.append(asyncio.run(one(SYSTEM + suffixes[2])))
+        alone = cache.hits
+        got += asyncio.run(together([SYSTEM + suffixes[3], SYSTEM + suffixes[0]]))
+        prompts = [engine._encode(SYSTEM + s) for s in [*suffixes, suffixes[0]]]
         shared = len(engine._encode(SYSTEM)) // cache.block * cache.block
     finally:
         asyncio.run(engine.stop())
     assert shared >= cache.block
-    assert cache.hits >= 2 * shared, "the second and third requests should reuse the system prompt's blocks"
-    assert got == _reference(tiny_artifact, prompts, [8, 8, 8])
+    assert alone >= shared, "the third request should reuse the system prompt's blocks"
+    assert cache.hits >= alone + 2 * shared, "both rows of the last group should reuse cached blocks"
+    assert got == _reference(folder, prompts, [8] * 5)
 
 
 def test_a_scheduler_bug_fails_the_rows_in_flight_and_the_engine_keeps_serving(
