@@ -52,6 +52,7 @@ def suite() -> list[Benchmark]:
     benches = [
         Benchmark("gateway_overhead", {"smoke": 240, "full": 330}),
         Benchmark("engine_batching", {"smoke": 180, "full": 240}),
+        Benchmark("open_loop", {"smoke": 420, "full": 900}),
         Benchmark("multi_lora", {"smoke": 180, "full": 240}),
     ]
     script = REPO / "bench" / "train_overhead.py"

@@ -5,9 +5,10 @@ Measures, each against a ceiling measured in the same run:
 * memory bandwidth: a large device-to-device copy (bytes read + written per second);
 * matmul throughput: an 8192^3 bf16 matrix product (the compute ceiling, next to the
   datasheet's 989 TFLOP/s dense bf16 for H100/H200 SXM);
-* decode with `serving.engine.torch_engine.TorchEngine` (bf16, random weights, batch 1
-  and larger): tokens/s and the fraction of measured bandwidth the decode steps use
-  (weights + KV cache read per step);
+* decode with `serving.engine.torch_engine.TorchEngine` (continuous batching) and the static
+  engine before it (`bench.static_engine`), bf16, random weights, batch 1 and larger:
+  tokens/s and the fraction of measured bandwidth the decode steps use (weights + KV cache
+  read per step); then requests arriving one every 50 ms: tokens/s and time to first token;
 * LoRA SFT (PEFT, rank 16 on every linear layer, bf16): tokens/s and model FLOP
   utilisation, counted two ways: 6N (the usual full-fine-tuning count) and 4N (LoRA: the
   frozen base needs no weight gradients), plus attention.
@@ -142,15 +143,30 @@ async def _decode_run(engine: Any, batch: int, max_tokens: int, prompt: str) -> 
     return sum(counts), time.perf_counter() - t0
 
 
-def bench_decode(folder: Path, model: dict[str, Any], bandwidth_gbps: float, *, device: str, batches: list[int], max_tokens: int) -> list[dict[str, Any]]:
-    """Decode throughput of the PyTorch engine at each batch size."""
+ENGINES = ("continuous", "static")
+"""`TorchEngine` (continuous batching) and the engine before it (`bench.static_engine`)."""
+
+
+def _engine(kind: str, folder: Path, *, device: str, max_batch_size: int) -> Any:
+    if kind == "static":
+        from bench.static_engine import StaticTorchEngine
+
+        return StaticTorchEngine(folder, device=device, max_batch_size=max_batch_size, batch_window_ms=20.0, model_id="bench")
     from serving.engine.torch_engine import TorchEngine
 
+    return TorchEngine(folder, device=device, max_batch_size=max_batch_size, batch_window_ms=20.0, model_id="bench")
+
+
+def bench_decode(
+    folder: Path, model: dict[str, Any], bandwidth_gbps: float, *, device: str, batches: list[int], max_tokens: int,
+    engines: tuple[str, ...] = ENGINES,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Decode throughput of each PyTorch engine at each batch size (all requests submitted together)."""
     prompt = "The quick brown fox jumps over the lazy dog. " * 4
     results: list[dict[str, Any]] = []
 
-    async def run() -> None:
-        engine = TorchEngine(folder, device=device, max_batch_size=max(batches), batch_window_ms=20.0, model_id="bench")
+    async def run(kind: str) -> None:
+        engine = _engine(kind, folder, device=device, max_batch_size=max(batches))
         await engine.start()
         try:
             prompt_tokens = engine.count_tokens(prompt)
@@ -164,15 +180,66 @@ def bench_decode(folder: Path, model: dict[str, Any], bandwidth_gbps: float, *, 
                 step_bytes = model["weight_bytes"] + kv_bytes
                 achieved = step_bytes * steps / seconds / 1e9
                 results.append({
-                    "batch": batch, "max_tokens": max_tokens, "tokens": tokens, "seconds": round(seconds, 3),
+                    "engine": kind, "batch": batch, "max_tokens": max_tokens, "tokens": tokens, "seconds": round(seconds, 3),
                     "tokens_per_s": tokens / seconds, "ms_per_step": 1000 * seconds / steps,
                     "achieved_gb_per_s": achieved, "fraction_of_measured_bandwidth": achieved / bandwidth_gbps,
                 })  # fmt: skip
-                logger.info("decode batch %d: %.0f tokens/s, %.1f%% of measured bandwidth", batch, tokens / seconds, 100 * achieved / bandwidth_gbps)
+                logger.info(
+                    "%s decode batch %d: %.0f tokens/s, %.1f%% of measured bandwidth",
+                    kind, batch, tokens / seconds, 100 * achieved / bandwidth_gbps,
+                )  # fmt: skip
         finally:
             await engine.stop()
 
-    asyncio.run(run())
+    for kind in engines:
+        asyncio.run(run(kind))
+    return results
+
+
+def bench_arrivals(
+    folder: Path, *, device: str, requests: int, gap_s: float, max_tokens: int, engines: tuple[str, ...] = ENGINES
+) -> list[dict[str, Any]]:
+    """Requests arriving one every ``gap_s`` (not all at once): tokens/s and time to first token per engine.
+
+    Where continuous batching shows: the static engine makes a request that arrives while a
+    batch decodes wait for the whole batch.
+    """
+    from serving.engine.base import SamplingParams
+
+    prompt = "The quick brown fox jumps over the lazy dog. " * 4
+    results: list[dict[str, Any]] = []
+
+    async def run(kind: str) -> None:
+        engine = _engine(kind, folder, device=device, max_batch_size=requests)
+        await engine.start()
+        try:
+            await _decode_run(engine, 1, 8, prompt)  # warm-up
+            ttft: list[float] = []
+
+            async def one(delay: float) -> int:
+                await asyncio.sleep(delay)
+                sent, tokens = time.perf_counter(), 0
+                async for chunk in engine.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0)):
+                    if not tokens:
+                        ttft.append(time.perf_counter() - sent)
+                    tokens += len(chunk.token_ids)
+                return tokens
+
+            t0 = time.perf_counter()
+            counts = await asyncio.gather(*(one(i * gap_s) for i in range(requests)))
+            seconds = time.perf_counter() - t0
+            ttft.sort()
+            results.append({
+                "engine": kind, "requests": requests, "gap_ms": 1000 * gap_s, "max_tokens": max_tokens,
+                "tokens_per_s": sum(counts) / seconds, "ttft_p50_ms": 1000 * ttft[len(ttft) // 2],
+                "ttft_max_ms": 1000 * ttft[-1],
+            })  # fmt: skip
+            logger.info("%s arrivals: %.0f tokens/s, ttft max %.0f ms", kind, results[-1]["tokens_per_s"], results[-1]["ttft_max_ms"])
+        finally:
+            await engine.stop()
+
+    for kind in engines:
+        asyncio.run(run(kind))
     return results
 
 
@@ -240,14 +307,23 @@ def markdown(report: dict[str, Any]) -> str:
         f"- bf16 matmul {mm['n']}^3: **{mm['tflops']:.0f} TFLOP/s** (datasheet dense {H200_DENSE_BF16_TFLOPS:.0f})",
         f"- Model: random Llama, {report['model']['params'] / 1e9:.2f} B parameters, {report['model']['dtype']}",
         "",
-        "| PyTorch engine decode | tokens/s | ms/step | achieved GB/s | of measured bandwidth |",
-        "|---|---|---|---|---|",
+        "| PyTorch engine decode | engine | tokens/s | ms/step | achieved GB/s | of measured bandwidth |",
+        "|---|---|---|---|---|---|",
     ]
     for row in report["decode"]:
         lines.append(
-            f"| batch {row['batch']} × {row['max_tokens']} tokens | {row['tokens_per_s']:.0f} | {row['ms_per_step']:.1f} "
+            f"| batch {row['batch']} × {row['max_tokens']} tokens | {row.get('engine', 'continuous')} "
+            f"| {row['tokens_per_s']:.0f} | {row['ms_per_step']:.1f} "
             f"| {row['achieved_gb_per_s']:.0f} | {100 * row['fraction_of_measured_bandwidth']:.1f}% |"
         )
+    arrivals = report.get("arrivals") or []
+    if arrivals:
+        lines += ["", "| Requests arriving one every gap | engine | tokens/s | TTFT p50 ms | TTFT max ms |", "|---|---|---|---|---|"]
+        for row in arrivals:
+            lines.append(
+                f"| {row['requests']} × {row['max_tokens']} tokens, every {row['gap_ms']:.0f} ms | {row['engine']} "
+                f"| {row['tokens_per_s']:.0f} | {row['ttft_p50_ms']:.0f} | {row['ttft_max_ms']:.0f} |"
+            )
     lines += [
         "",
         f"LoRA SFT (r=16, all linear layers, batch {sft['batch']} × {sft['seq_len']} tokens): **{sft['tokens_per_s']:.0f} tokens/s**, "
@@ -290,6 +366,10 @@ def run(out: Path, *, smoke: bool) -> dict[str, Any]:
         report["decode"] = bench_decode(
             folder, report["model"], report["bandwidth"]["gb_per_s"], device=device.type,
             batches=[1, 4] if smoke else [1, 8, 32], max_tokens=16 if smoke else 256,
+        )  # fmt: skip
+        report["arrivals"] = bench_arrivals(
+            folder, device=device.type, requests=4 if smoke else 32, gap_s=0.01 if smoke else 0.05,
+            max_tokens=16 if smoke else 256,
         )  # fmt: skip
     if cuda:
         torch.cuda.empty_cache()

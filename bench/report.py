@@ -259,6 +259,91 @@ def batching_plot(data: dict[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
+# -- open-loop engine load ---------------------------------------------------------------
+
+OPEN_LOOP_LABELS = {"static": "static engine", "continuous": "continuous engine", "transformers_serve": "`transformers serve`"}
+
+
+def _r(x: float | None, fmt: str = "{:.2f}×") -> str:
+    return "n/a" if x is None else fmt.format(x)
+
+
+def _span(x: Any) -> str:
+    return f"{x[0]}–{x[1]} (uniform per request)" if isinstance(x, list) else str(x)
+
+
+def open_loop_section(data: dict[str, Any], plots_rel: str) -> str:
+    cfg = data["settings"]
+    lines = [
+        _meta(data),
+        "",
+        f"Model: `{cfg['model']}` Llama (random weights), {cfg['requests']} requests per rate, max_tokens {_span(cfg['max_tokens'])}, "
+        f"greedy, Poisson arrivals (same schedule and prompts for every target), {cfg['threads']} CPU thread(s) per server, "
+        f"max_batch_size {cfg.get('max_batch_size', 16)} for our engines. "
+        "The 1-minute load average when each rate finished is in the last column.",
+        "",
+        "| target | rate (req/s) | tokens/s | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) | e2e p50 / p99 (ms) | errors | load |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for target, result in data["targets"].items():
+        label = OPEN_LOOP_LABELS.get(target, target)
+        if not result.get("rates"):
+            lines.append(f"| {label} | did not run: {str(result.get('error', '?')).splitlines()[0][:120]} | | | | | | |")
+            continue
+        for r in result["rates"]:
+            ttft, itl, e2e = r["ttft_ms"], r["itl_ms"], r["e2e_ms"]
+            lines.append(
+                f"| {label} | {r['rate_per_s']:g} | {r['tokens_per_s']:.0f} | {_r(ttft['p50'], '{:.0f}')} / {_r(ttft['p99'], '{:.0f}')} "
+                f"| {_r(itl['p50'], '{:.0f}')} / {_r(itl['p99'], '{:.0f}')} | {_r(e2e['p50'], '{:.0f}')} / {_r(e2e['p99'], '{:.0f}')} "
+                f"| {r['errors']} | {r.get('load_avg_1m', '?')} |"
+            )
+    lines += [
+        "",
+        "Continuous engine against the others (below 1 is better for TTFT and e2e, above 1 for tokens/s):",
+        "",
+        "| rate (req/s) | vs static: TTFT p99 | tokens/s | e2e p99 | vs `transformers serve`: TTFT p99 | tokens/s | e2e p99 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in data.get("ratios", []):
+        st, ts = row.get("vs_static") or {}, row.get("vs_transformers_serve") or {}
+        lines.append(
+            f"| {row['rate_per_s']:g} | {_r(st.get('ttft_p99'))} | {_r(st.get('tokens_per_s'))} | {_r(st.get('e2e_p99'))} "
+            f"| {_r(ts.get('ttft_p99'))} | {_r(ts.get('tokens_per_s'))} | {_r(ts.get('e2e_p99'))} |"
+        )
+    prefix = data.get("prefix_reuse")
+    if prefix:
+        off, on = prefix["off"], prefix["on"]
+        lines += [
+            "",
+            f"Prefix reuse (in process, requests one after another sharing a system prompt; {on['prompt_tokens']}-token prompts): "
+            f"TTFT p50 {_r(off['ttft_ms']['p50'], '{:.0f}')} ms with the prefix cache off, {_r(on['ttft_ms']['p50'], '{:.0f}')} ms "
+            f"on (**{_r(prefix['ttft_p50_ratio_on_vs_off'])}**; {on['reused_tokens']} prompt tokens reused).",
+        ]
+    lines += ["", _image("open_loop", plots_rel)]
+    return "\n".join(lines)
+
+
+def open_loop_plot(data: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    colors = {"static": "#a0aec0", "continuous": "#2b6cb0", "transformers_serve": "#dd6b20"}
+    for target, result in data["targets"].items():
+        rates = result.get("rates") or []
+        if not rates:
+            continue
+        xs = [r["rate_per_s"] for r in rates]
+        label = OPEN_LOOP_LABELS.get(target, target).strip("`")
+        ax1.plot(xs, [r["ttft_ms"]["p99"] or 0 for r in rates], marker="o", label=label, color=colors.get(target))
+        ax2.plot(xs, [r["tokens_per_s"] for r in rates], marker="o", label=label, color=colors.get(target))
+    ax1.set_xlabel("arrival rate (req/s)")
+    ax1.set_ylabel("TTFT p99 (ms)")
+    ax2.set_xlabel("arrival rate (req/s)")
+    ax2.set_ylabel("tokens/s")
+    ax1.legend(fontsize=8)
+    fig.suptitle("PyTorch engines under Poisson arrivals", fontsize=10)
+    _save(fig, path)
+
+
 # -- multi-LoRA ------------------------------------------------------------------------
 
 
@@ -285,9 +370,41 @@ def multi_lora_section(data: dict[str, Any], plots_rel: str) -> str:
         f"Adapters over merged: **{_x(ratio)}** (goal ≥ {data['goal_ratio']:g}×: {_verdict(ok)}). "
         f"Loading all {data['loaded_adapters']} adapters (cold start, first request of each): {s['cold_start_s']:.1f} s.",
         "",
+        *_multi_lora_loading(data),
         _image("multi_lora", plots_rel),
     ]
     return "\n".join(lines)
+
+
+def _multi_lora_loading(data: dict[str, Any]) -> list[str]:
+    loading = data.get("loading")
+    if not loading:
+        return []
+    names = {"base": f"`{data['model']['name']}`", "tiny": "tiny base"}
+    lines = [
+        f"Loading {data['settings']['adapters']} adapters alone, same run (old: through PEFT; new: files into stacked slots):",
+        "",
+        "| base | PEFT (old) | stacked (new) | speed-up |",
+        "|---|---|---|---|",
+    ]
+    for key, t in loading.items():
+        old, speedup = (f"{t['peft_s']:.2f} s", f"{t['speedup']:.0f}×") if "peft_s" in t else ("not measured", "")
+        lines.append(f"| {names.get(key, key)} | {old} | {t['stacked_s']:.2f} s | {speedup} |")
+    step = data.get("decode_step")
+    if step:
+        lines = [
+            f"The model's decode step alone (no engine), {step['rows']} rows each with its own adapter: merged "
+            f"{fmt_spread(step['merged_ms'], '{:.1f}')} ms, stacked {fmt_spread(step['lora_ms'], '{:.1f}')} ms, "
+            f"speed ratio **{_x(step['speed_ratio'])}** (the closed loop's ratio also carries the engine's per-token "
+            "work, the same for both).",
+            "",
+            *lines,
+        ]
+    tiny = loading.get("tiny", loading.get("base"))
+    goal = data.get("goal_load_s")
+    if goal is not None and tiny is not None and data["settings"]["adapters"] >= 50:  # the goal is 50 adapters'
+        lines += ["", f"Goal: ≤ {goal:g} s on the tiny base: {_verdict(tiny['stacked_s'] <= goal)}."]
+    return [*lines, ""]
 
 
 def multi_lora_plot(data: dict[str, Any], path: Path) -> None:
@@ -378,6 +495,7 @@ def train_overhead_section(data: dict[str, Any], plots_rel: str) -> str:
 SECTIONS: dict[str, tuple[Callable[[dict[str, Any], str], str], Callable[[dict[str, Any], Path], None] | None]] = {
     "gateway_overhead": (gateway_section, gateway_plot),
     "engine_batching": (batching_section, batching_plot),
+    "open_loop": (open_loop_section, open_loop_plot),
     "multi_lora": (multi_lora_section, multi_lora_plot),
     "train_overhead": (train_overhead_section, None),
     "lead_time": (lead_time_section, lead_time_plot),

@@ -65,7 +65,7 @@ LORA_KINDS = lineage.LORA_KINDS
 def torch_engine(
     path: Path, info: VersionInfo, model_id: str, spec: ServeSpec, adapters: Callable[[str], Path]
 ) -> Engine:
-    """The default `EngineFactory`: the batched PyTorch engine with multi-LoRA."""
+    """The default `EngineFactory`: the continuous-batching PyTorch engine with multi-LoRA."""
     return TorchEngine(
         path,
         device=spec.device,
@@ -74,6 +74,8 @@ def torch_engine(
         model_id=model_id,
         adapters=adapters,
         max_loaded_adapters=spec.max_loaded_adapters,
+        prefill_chunk=spec.prefill_chunk,
+        prefix_cache_tokens=spec.prefix_cache_tokens,
     )
 
 

@@ -86,6 +86,11 @@ class LoraRouter:
                 return f"it adapts `{name}` ({type(module).__name__}), which PEFT cannot batch per row"
         return None
 
+    @property
+    def exclusive(self) -> str | None:
+        """The adapter of the exclusive batch now running, if one is."""
+        return self._exclusive
+
     @contextmanager
     def batch(self, exclusive: str | None = None) -> Iterator[None]:
         """Hold the adapter state of one batch; it is reset on the way out, however that goes.

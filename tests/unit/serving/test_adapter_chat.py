@@ -10,7 +10,8 @@ import pytest
 
 from registry.errors import ConflictError
 from serving.engine.base import SamplingParams
-from serving.engine.torch_engine import TorchEngine, _Request
+from serving.engine.request import Request
+from serving.engine.torch_engine import TorchEngine
 from tests.support.tiny_model import build_tiny_adapter
 
 OWN_TEMPLATE = (
@@ -72,8 +73,9 @@ def test_an_adapter_stops_at_its_own_end_of_turn_token(chat_engine: TorchEngine)
     loop = asyncio.new_event_loop()
 
     def ends_at(token: int, stop_ids: frozenset[int]) -> bool:
-        r = _Request([1], SamplingParams(max_tokens=8), loop, asyncio.Queue(), stop_ids=stop_ids)
-        return chat_engine._advance(r, token, [])
+        r = Request([1], SamplingParams(max_tokens=8), loop, asyncio.Queue(), stop_ids=stop_ids)
+        assert chat_engine._detokenizer is not None
+        return chat_engine._detokenizer.advance(r, token, [])
 
     try:
         own_stops = chat_engine._adapter_chats["own"].stop_ids

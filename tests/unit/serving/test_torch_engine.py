@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,14 +46,15 @@ def test_batched_greedy_equals_transformers_generate(engine: TorchEngine, tiny_a
             out = model.generate(**enc, do_sample=False, max_new_tokens=n, pad_token_id=tokenizer.pad_token_id)
         expected.append(out[0, enc["input_ids"].shape[1] :].tolist())
 
-    batches: list[int] = []
-    run_batch = engine._run_batch
+    prefills: list[int] = []
+    forward = engine._forward
 
-    def counting(batch: list) -> None:
-        batches.append(len(batch))
-        run_batch(batch)
+    def counting(*args: Any) -> Any:
+        if args[0].shape[1] > 1:
+            prefills.append(args[0].shape[0])
+        return forward(*args)
 
-    engine._run_batch = counting  # type: ignore[method-assign]
+    engine._forward = counting  # type: ignore[method-assign]
 
     async def main() -> list[list[Chunk]]:
         return await asyncio.gather(
@@ -65,8 +67,8 @@ def test_batched_greedy_equals_transformers_generate(engine: TorchEngine, tiny_a
     try:
         results = asyncio.run(main())
     finally:
-        del engine._run_batch
-    assert batches == [3], "the three concurrent requests should be decoded as one batch"
+        del engine._forward
+    assert prefills == [3], "the three concurrent requests should be prefilled as one batch"
     for chunks, want, n in zip(results, expected, max_tokens, strict=True):
         assert _ids(chunks) == want
         assert _text(chunks) == tokenizer.decode(want, skip_special_tokens=True)

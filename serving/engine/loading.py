@@ -1,0 +1,129 @@
+"""Load a transformers causal LM and its tokenizer for serving, refusing incomplete weights."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from registry.errors import ErrorCode, ForgelineError
+from serving.stop_tokens import stop_token_ids
+
+logger = logging.getLogger(__name__)
+
+LOAD_LOCK = threading.Lock()
+"""Serialises model (and adapter) loading in this process.
+
+transformers' lazy module import is not thread-safe (a second thread got "cannot import
+name AutoModelForCausalLM"), and loading patches process-wide state (weight-init
+functions, default device), so `serve --base a --base b` failed at start-up or kept
+randomly initialised weights."""
+
+
+def max_prompt_chars(tokenizer: Any, max_context: int | None) -> int | None:
+    """Characters beyond which a prompt cannot fit ``max_context`` tokens, or None when unknown.
+
+    No token covers more characters than its vocabulary string has (byte-level tokens have
+    one symbol per byte, every character is at least one byte), so a prompt longer than
+    ``max_context`` times the longest one needs more tokens than fit. Only sound when the
+    tokenizer has no normalizer (which could shrink the text first, e.g. by stripping accents).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if max_context is None or backend is None or backend.normalizer is not None:
+        return None
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    longest = max((len(t) for t in tokens if t), default=0)
+    return max_context * longest if longest else None
+
+
+def check_loading_info(source: str, info: Mapping[str, Any]) -> None:
+    """Refuse weights that loaded incompletely (transformers only warns, then serves random weights).
+
+    Args:
+        source: the folder loaded, for the message.
+        info: ``from_pretrained(..., output_loading_info=True)``'s second value.
+
+    Raises:
+        ForgelineError: ``unavailable`` naming the missing, unexpected or mismatched weights.
+    """
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        found = [str(k) for k in (info.get(kind) or ())]
+        if found:
+            shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+            problems.append(f"{kind.replace('_', ' ')}: {shown}")
+    if problems:
+        raise ForgelineError(
+            f"the weights in {source} loaded incompletely ({'; '.join(problems)}); refusing to serve a partly "
+            "random model; fix: rebuild the engine artifact (`forgeline build`) and check it matches its config",
+            code=ErrorCode.UNAVAILABLE,
+        )
+
+
+@dataclass
+class LoadedModel:
+    """What serving needs to know about a loaded model."""
+
+    model: Any
+    tokenizer: Any
+    device: Any
+    eos_ids: set[int]
+    pad_id: int
+    max_context: int | None
+    cache_kwarg: str  # the forward's name for the KV cache argument
+    forward_kwargs: dict[str, Any]
+    num_threads: int | None  # CPU intra-op threads for the worker, None on GPUs
+
+
+def load_model(model_dir: Path, device_spec: str, num_threads: int | None) -> LoadedModel:
+    """Load ``model_dir`` on ``device_spec`` (``auto``, ``cpu``, ``cuda[:N]``), one load at a time.
+
+    Raises:
+        ForgelineError: ``unavailable`` when the weights load incompletely.
+    """
+    with LOAD_LOCK:
+        return _load(model_dir, device_spec, num_threads)
+
+
+def _load(model_dir: Path, device_spec: str, num_threads: int | None) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device_spec == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(device_spec)
+    # bf16 matmuls are slow on most CPUs; on GPUs keep the dtype the artifact was saved in.
+    dtype: Any = torch.float32 if device.type == "cpu" else "auto"
+    logger.info("loading %s on %s", model_dir, device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    loaded: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, output_loading_info=True)
+    model, info = loaded
+    check_loading_info(str(model_dir), info)
+    model = model.to(device).eval()
+
+    # The artifact's generation_config lists every turn-ending token (one source of truth).
+    eos = set(stop_token_ids(model.generation_config, tokenizer))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    params = inspect.signature(model.forward).parameters
+    threads = None
+    if device.type == "cpu":
+        cores = os.cpu_count() or 1
+        threads = num_threads or min(torch.get_num_threads(), max(1, cores - 1))
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        eos_ids=eos,
+        pad_id=int(pad) if pad is not None else 0,
+        max_context=getattr(model.config, "max_position_embeddings", None),
+        # transformers 5.2x renamed `past_key_values` to `cache` (old name deprecated until 5.40).
+        cache_kwarg="cache" if "cache" in params else "past_key_values",
+        forward_kwargs={"logits_to_keep": 1} if "logits_to_keep" in params else {},
+        num_threads=threads,
+    )

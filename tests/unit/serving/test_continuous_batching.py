@@ -1,0 +1,214 @@
+"""Continuous batching: rows join a running batch, long prompts prefill in chunks, prefixes are reused.
+
+Every family is checked token for token against greedy ``model.generate`` while requests
+join and leave a running batch, with a prefill chunk small enough that prompts are split.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from serving.engine import scheduler as scheduler_module
+from serving.engine.base import Chunk, SamplingParams
+from serving.engine.kv_rows import UnsplicableCacheError
+from serving.engine.torch_engine import TorchEngine
+from tests.support.families import FAMILIES, build_family
+
+SYSTEM = "You are a support agent. Answer questions about orders, refunds and deliveries briefly and politely. "
+PROMPTS = [
+    "What is 2 + 3?",
+    SYSTEM + "Where is my order?",
+    "The quick brown fox jumps over the lazy dog. " * 3,
+]
+# Large initial weights make the random models' greedy outputs depend on their input (at the
+# default scale most repeat one token whatever they see, and a wrong position or mask would
+# go unnoticed); gemma2 also needs untied embeddings for that. Sliding-window families get a
+# window shorter than their prompts, so the window matters.
+SENSITIVE = {"initializer_range": 1.0}
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "gemma2": {**SENSITIVE, "sliding_window": 8, "tie_word_embeddings": False},
+    "mixtral": {**SENSITIVE, "sliding_window": 8},
+}
+
+
+def _reference(folder: Path, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    out = []
+    for ids, n in zip(prompts, max_tokens, strict=True):
+        with torch.no_grad():
+            got = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n)
+        out.append(got[0, len(ids) :].tolist())
+    return out
+
+
+async def _stream(engine: TorchEngine, prompt: str, max_tokens: int, log: list[tuple[str, int, Chunk]], tag: str) -> list[int]:
+    ids: list[int] = []
+    async for chunk in engine.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0)):
+        log.append((tag, len(ids), chunk))
+        ids.extend(chunk.token_ids)
+    return ids
+
+
+def _joining_run(engine: TorchEngine, max_tokens: list[int]) -> tuple[list[Any], list[tuple[str, int, Chunk]]]:
+    """Request 0 starts alone; 1 and 2 arrive once it streams, and join its batch.
+
+    Returns each request's token ids (or the exception it ended with) and the chunk log.
+    """
+    log: list[tuple[str, int, Chunk]] = []
+
+    async def main() -> list[Any]:
+        first = asyncio.create_task(_stream(engine, PROMPTS[0], max_tokens[0], log, "0"))
+        while not log and not first.done():
+            await asyncio.sleep(0.001)
+        later = [asyncio.create_task(_stream(engine, PROMPTS[i], max_tokens[i], log, str(i))) for i in (1, 2)]
+        return await asyncio.gather(first, *later, return_exceptions=True)
+
+    return asyncio.run(main()), log
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_rows_joining_a_running_batch_decode_exactly_as_generate(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    folder = build_family(name, tmp_path_factory.mktemp(f"cb-{name}"), **OVERRIDES.get(name, SENSITIVE))
+    engine = TorchEngine(folder, device="cpu", batch_window_ms=0, prefill_chunk=8, model_id=name)
+    forwards: list[tuple[int, int]] = []
+    forward = engine._forward
+
+    def record(*args: Any) -> Any:
+        forwards.append(tuple(args[0].shape))
+        return forward(*args)
+
+    engine._forward = record  # type: ignore[method-assign]
+    asyncio.run(engine.start())
+    try:
+        max_tokens = [40, 12, 16]
+        got, _ = _joining_run(engine, max_tokens)
+        prompts = [engine._encode(p) for p in PROMPTS]
+    finally:
+        asyncio.run(engine.stop())
+    assert got == _reference(folder, prompts, max_tokens)
+    joined = next(i for i, (_, width) in enumerate(forwards) if width == 1)  # request 0 decodes from here
+    assert all(width <= 8 for _, width in forwards[joined:]), "joining prompts must be prefilled in chunks of 8 tokens"
+    assert sum(width > 1 for _, width in forwards[joined:]) >= 3, "the joining prompts should have taken several chunks"
+    assert any(rows > 1 and width == 1 for rows, width in forwards), "the later requests never joined the batch"
+
+
+def test_a_joining_request_gets_its_first_token_before_the_longest_request_ends(engine: TorchEngine) -> None:
+    got, log = _joining_run(engine, [200, 4, 4])
+    assert len(got[0]) == 200, "the long request ended early; pick a prompt that runs to max_tokens"
+    long_end = next(i for i, (tag, _, chunk) in enumerate(log) if tag == "0" and chunk.finish_reason)
+    for tag in ("1", "2"):
+        first = next(i for i, (t, _, _) in enumerate(log) if t == tag)
+        done = next(i for i, (t, _, chunk) in enumerate(log) if t == tag and chunk.finish_reason)
+        assert first < long_end and done < long_end, f"request {tag} waited for the running batch to finish"
+
+
+def test_a_long_prompt_is_prefilled_between_decode_steps(tiny_artifact: Path) -> None:
+    engine = TorchEngine(tiny_artifact, device="cpu", batch_window_ms=0, prefill_chunk=4)
+    forwards: list[tuple[int, int]] = []
+    forward = engine._forward
+
+    def record(*args: Any) -> Any:
+        forwards.append(tuple(args[0].shape))
+        return forward(*args)
+
+    engine._forward = record  # type: ignore[method-assign]
+    asyncio.run(engine.start())
+    try:
+        _joining_run(engine, [60, 4, 4])
+        long_prompt = len(engine._encode(PROMPTS[2]))
+    finally:
+        asyncio.run(engine.stop())
+    assert long_prompt > 12
+    # After the first request's prefill, every prefill chunk is followed by a decode step of the running rows.
+    start = next(i for i, (_, width) in enumerate(forwards) if width == 1)
+    for i in range(start, len(forwards) - 1):
+        if forwards[i][1] > 1:
+            assert forwards[i + 1][1] == 1, f"two prefill chunks in a row stalled decoding: {forwards[i : i + 2]}"
+
+
+def test_a_cache_that_cannot_be_spliced_falls_back_to_static_batching(
+    tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(cache: Any) -> None:
+        raise UnsplicableCacheError("test: no joining")
+
+    monkeypatch.setattr(scheduler_module, "check_splicable", refuse)
+    engine = TorchEngine(tiny_artifact, device="cpu", batch_window_ms=0)
+    asyncio.run(engine.start())
+    try:
+        got, log = _joining_run(engine, [30, 4, 4])
+        prompts = [engine._encode(p) for p in PROMPTS]
+        assert engine._scheduler is not None and not engine._scheduler.splicable
+    finally:
+        asyncio.run(engine.stop())
+    assert got == _reference(tiny_artifact, prompts, [30, 4, 4])
+    long_end = next(i for i, (tag, _, chunk) in enumerate(log) if tag == "0" and chunk.finish_reason)
+    assert all(i > long_end for i, (tag, _, _) in enumerate(log) if tag != "0"), "rows joined an unsplicable batch"
+
+
+def test_a_shared_prefix_is_reused_and_changes_nothing(tmp_path_factory: pytest.TempPathFactory) -> None:
+    folder = build_family("llama3", tmp_path_factory.mktemp("cb-prefix"), **SENSITIVE)
+    suffixes = ["Where is my order?", "Can I get a refund for the broken one?", "When does it arrive?", "Thanks!"]
+    engine = TorchEngine(folder, device="cpu", batch_window_ms=200, prefix_cache_tokens=1024)
+
+    async def one(prompt: str) -> list[int]:
+        return [t async for c in engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0)) for t in c.token_ids]
+
+    async def together(prompts: list[str]) -> list[list[int]]:
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    asyncio.run(engine.start())
+    try:
+        # Two prompts of different lengths prefilled as one left-padded group fill the cache...
+        got = asyncio.run(together([SYSTEM + s for s in suffixes[:2]]))
+        cache = engine.prefix_cache
+        assert cache is not None and cache.hits == 0
+        # ...then the others reuse the system prompt's blocks, alone and as a group.
+        got.append(asyncio.run(one(SYSTEM + suffixes[2])))
+        alone = cache.hits
+        got += asyncio.run(together([SYSTEM + suffixes[3], SYSTEM + suffixes[0]]))
+        prompts = [engine._encode(SYSTEM + s) for s in [*suffixes, suffixes[0]]]
+        shared = len(engine._encode(SYSTEM)) // cache.block * cache.block
+    finally:
+        asyncio.run(engine.stop())
+    assert shared >= cache.block
+    assert alone >= shared, "the third request should reuse the system prompt's blocks"
+    assert cache.hits >= alone + 2 * shared, "both rows of the last group should reuse cached blocks"
+    assert got == _reference(folder, prompts, [8] * 5)
+
+
+def test_a_scheduler_bug_fails_the_rows_in_flight_and_the_engine_keeps_serving(
+    tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from registry.errors import ErrorCode, ForgelineError
+
+    real_join = scheduler_module.join
+    calls = 0
+
+    def broken_once(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected splice bug")
+        return real_join(*args)
+
+    monkeypatch.setattr(scheduler_module, "join", broken_once)
+    engine = TorchEngine(tiny_artifact, device="cpu", batch_window_ms=0)
+    asyncio.run(engine.start())
+    try:
+        failed, _ = _joining_run(engine, [60, 4, 4])  # the first join fails: the running row and the joining one end
+        error = failed[0]
+        assert isinstance(error, ForgelineError) and error.code == ErrorCode.INTERNAL
+        assert "injected splice bug" in error.message
+        got, _ = _joining_run(engine, [12, 4, 4])  # the same engine answers, rows joining again
+        prompts = [engine._encode(p) for p in PROMPTS]
+    finally:
+        asyncio.run(engine.stop())
+    assert got == _reference(tiny_artifact, prompts, [12, 4, 4])
