@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import static_engine
 from bench.__main__ import suite
 
 REPO = Path(__file__).resolve().parents[3]
@@ -43,7 +44,9 @@ def test_every_benchmark_runs_on_its_smoke_setting(tmp_path: Path) -> None:
     assert all(r["tokens"] > 0 for r in batching["one_by_one"] + batching["batched"])
 
     open_loop = data["open_loop"]["targets"]
-    for target in ("static", "continuous"):  # transformers serve may lack its extras; it is reported, not asserted
+    # transformers serve may lack its extras, and the static engine is read from git history,
+    # which a shallow clone lacks: those are reported, not asserted.
+    for target in ("static", "continuous") if static_engine.available() else ("continuous",):
         assert all(r["errors"] == 0 and r["tokens"] > 0 for r in open_loop[target]["rates"])
 
     lora = data["multi_lora"]
