@@ -34,10 +34,8 @@ def build_app(upstream: str, *, tokenizer: str, key_file: Path | None, max_new_t
     from registry.keys import KeyStore
     from serving.config import ServeSpec
     from serving.engine.upstream import UpstreamEngine
-    from serving.gateway.app import create_app
     from serving.gateway.catalog import ServedModel, StaticCatalog
-    from serving.gateway.quota import create_limiter
-    from serving.service import configure_access_log
+    from serving.service import configure_access_log, gateway_app
 
     spec = ServeSpec(engine="upstream", upstream_url=upstream, max_new_tokens=max_new_tokens, auth=key_file is not None)
     engine = UpstreamEngine(upstream, "fake", tokenizer=tokenizer, adapter_mode="none", model_id=MODEL)
@@ -50,14 +48,7 @@ def build_app(upstream: str, *, tokenizer: str, key_file: Path | None, max_new_t
         key_file.write_text(secret)
     if access_log:
         configure_access_log()
-    return create_app(
-        catalog,
-        max_new_tokens=spec.max_new_tokens,
-        keys=keys,
-        key_cache_s=spec.key_cache_s,
-        limiter=create_limiter(spec.redis_url) if keys is not None else None,
-        max_body_bytes=spec.max_body_bytes,
-    )
+    return gateway_app(catalog, spec, keys)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -219,10 +219,9 @@ def build_from_config(config: GatewayConfig) -> FastAPI:
     """The gateway app for ``config`` (models load in its lifespan)."""
     from registry.keys import KeyStore
     from serving import telemetry
-    from serving.gateway.app import create_app
     from serving.gateway.catalog import ModelCatalog, StaticCatalog
-    from serving.gateway.quota import create_limiter
     from serving.registry_catalog import RegistryCatalog
+    from serving.service import gateway_app
 
     t = config.telemetry
     telemetry.configure_tracing(endpoint=t.otlp_endpoint, service_name=t.service_name, sample_ratio=t.sample_ratio)
@@ -237,15 +236,7 @@ def build_from_config(config: GatewayConfig) -> FastAPI:
     else:
         catalog = StaticCatalog(static)
     keys = KeyStore(config.keys.db_url) if config.keys.enabled else None
-    return create_app(
-        catalog,
-        max_new_tokens=spec.max_new_tokens,
-        keys=keys,
-        key_cache_s=spec.key_cache_s,
-        limiter=create_limiter(spec.redis_url) if keys is not None else None,
-        max_body_bytes=spec.max_body_bytes,
-        metrics_per_key=t.metrics_per_key,
-    )
+    return gateway_app(catalog, spec, keys, metrics_per_key=t.metrics_per_key)
 
 
 def _static_model(index: int, model: ModelConfig, config: GatewayConfig, spec: ServeSpec) -> Any:

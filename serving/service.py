@@ -16,6 +16,7 @@ from registry.client import Registry
 from registry.keys import KeyStore
 from serving.config import ServeSpec
 from serving.gateway.app import create_app
+from serving.gateway.catalog import ModelCatalog
 from serving.gateway.quota import create_limiter
 from serving.registry_catalog import RegistryCatalog
 from serving.registry_models import BaseSource, EngineFactory, served_base, torch_engine
@@ -46,16 +47,22 @@ def build_gateway(
     served_bases = [served_base(registry, b, spec=spec, engine_factory=engine_factory) for b in bases]
     catalog = RegistryCatalog(registry, refs, spec=spec, engine_factory=engine_factory, bases=served_bases)
     store = (keys or KeyStore()) if spec.auth else None
-    limiter = create_limiter(spec.redis_url) if spec.auth else None
     if not spec.auth:
         logger.warning("API-key auth is off: anyone who reaches %s:%s can call the models", spec.host, spec.port)
+    return gateway_app(catalog, spec, store)
+
+
+def gateway_app(catalog: ModelCatalog, spec: ServeSpec, keys: KeyStore | None, *, metrics_per_key: bool = False) -> FastAPI:
+    """`create_app` for ``catalog`` with ``spec``'s limits; with ``keys``, quotas go through ``spec.redis_url``
+    (in-process when it is unset), and without keys there are none."""
     return create_app(
         catalog,
         max_new_tokens=spec.max_new_tokens,
-        keys=store,
+        keys=keys,
         key_cache_s=spec.key_cache_s,
-        limiter=limiter,
+        limiter=create_limiter(spec.redis_url) if keys is not None else None,
         max_body_bytes=spec.max_body_bytes,
+        metrics_per_key=metrics_per_key,
     )
 
 

@@ -73,10 +73,8 @@ def _joining_run(engine: TorchEngine, max_tokens: list[int]) -> tuple[list[Any],
     return asyncio.run(main()), log
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_rows_joining_a_running_batch_decode_exactly_as_generate(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
-    folder = build_family(name, tmp_path_factory.mktemp(f"cb-{name}"), **OVERRIDES.get(name, SENSITIVE))
-    engine = TorchEngine(folder, device="cpu", batch_window_ms=0, prefill_chunk=8, model_id=name)
+def _record_forwards(engine: TorchEngine) -> list[tuple[int, int]]:
+    """The (rows, tokens) shape of every forward ``engine`` runs from now on."""
     forwards: list[tuple[int, int]] = []
     forward = engine._forward
 
@@ -85,6 +83,14 @@ def test_rows_joining_a_running_batch_decode_exactly_as_generate(name: str, tmp_
         return forward(*args)
 
     engine._forward = record  # type: ignore[method-assign]
+    return forwards
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_rows_joining_a_running_batch_decode_exactly_as_generate(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    folder = build_family(name, tmp_path_factory.mktemp(f"cb-{name}"), **OVERRIDES.get(name, SENSITIVE))
+    engine = TorchEngine(folder, device="cpu", batch_window_ms=0, prefill_chunk=8, model_id=name)
+    forwards = _record_forwards(engine)
     asyncio.run(engine.start())
     try:
         max_tokens = [40, 12, 16]
@@ -111,14 +117,7 @@ def test_a_joining_request_gets_its_first_token_before_the_longest_request_ends(
 
 def test_a_long_prompt_is_prefilled_between_decode_steps(tiny_artifact: Path) -> None:
     engine = TorchEngine(tiny_artifact, device="cpu", batch_window_ms=0, prefill_chunk=4)
-    forwards: list[tuple[int, int]] = []
-    forward = engine._forward
-
-    def record(*args: Any) -> Any:
-        forwards.append(tuple(args[0].shape))
-        return forward(*args)
-
-    engine._forward = record  # type: ignore[method-assign]
+    forwards = _record_forwards(engine)
     asyncio.run(engine.start())
     try:
         _joining_run(engine, [60, 4, 4])
