@@ -19,23 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from training.config import AdapterSpec, DataSpec, DistributedSpec, ModelSpec, SFTMethod, TrainSpec
-from training.job import TrainJob
+from tests.support.train_jobs import train_job  # noqa: F401 - a fixture, found by pytest through this import
 
 REPO = Path(__file__).resolve().parents[3]
 SLURM_SH = REPO / ".ci" / "services" / "slurm.sh"
 SUPPORT = REPO / "recipes" / "data" / "support-tickets"
-
-
-@pytest.fixture
-def train_job() -> TrainJob:
-    """A resolved job to launch (for tests that do not train it)."""
-    return TrainJob(
-        name="support-router", model=ModelSpec(base="Qwen/Qwen2.5-0.5B-Instruct"),
-        data=DataSpec(train="/shared/data/train.jsonl"), method=SFTMethod(), adapter=AdapterSpec(r=8),
-        train=TrainSpec(max_steps=100), distributed=DistributedSpec(strategy="deepspeed", zero_stage=3),
-        recipe_hash="0123456789abcdef",
-    )
 
 
 @pytest.fixture

@@ -1,18 +1,3 @@
 """A resolved training job to launch (nothing here trains it)."""
 
-from __future__ import annotations
-
-import pytest
-
-from training.config import AdapterSpec, DataSpec, DistributedSpec, ModelSpec, SFTMethod, TrainSpec
-from training.job import TrainJob
-
-
-@pytest.fixture
-def train_job() -> TrainJob:
-    return TrainJob(
-        name="support-router", model=ModelSpec(base="Qwen/Qwen2.5-0.5B-Instruct"),
-        data=DataSpec(train="/shared/data/train.jsonl"), method=SFTMethod(), adapter=AdapterSpec(r=8),
-        train=TrainSpec(max_steps=100), distributed=DistributedSpec(strategy="deepspeed", zero_stage=3),
-        recipe_hash="0123456789abcdef",
-    )
+from tests.support.train_jobs import train_job  # noqa: F401 - a fixture, found by pytest through this import
