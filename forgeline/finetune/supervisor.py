@@ -257,7 +257,7 @@ class Supervisor:
     def _trained_tokens(self, job: JobRow) -> int | None:
         """The tokens the training job counted (a tag on its run; None when it could not count them)."""
         run = self._run(job)
-        value = run.data.tags.get(lineage.TRAINED_TOKENS, "") if run is not None else ""
+        value = run.tags.get(lineage.TRAINED_TOKENS, "") if run is not None else ""
         return int(value) if value.isdigit() else None
 
     def _stage_job(self, job: JobRow, stage: str, known: set[str], make_spec: Callable[[str, ClusterSpec], JobSpec],
