@@ -19,11 +19,22 @@ from registry.errors import ForgelineError
 pytestmark = pytest.mark.integration
 
 
+LATER_COLUMNS = {"training_jobs": ["stage"]}
+"""Columns today's tables have that revisions after the baseline added (0003_job_stage)."""
+
+
 def _legacy_install(url: str, tables: list[str] | None = None) -> None:
-    """What forgeline did before migrations: ``create_all`` of the declared tables, then rows."""
+    """What forgeline did before migrations: ``create_all`` of the declared tables, then rows.
+
+    Today's declarations have the columns later revisions add; a legacy install did not.
+    """
     engine = create_engine(url)
-    metadata.create_all(engine, tables=[metadata.tables[t] for t in tables] if tables else None)
+    chosen = [metadata.tables[t] for t in tables] if tables else list(metadata.tables.values())
+    metadata.create_all(engine, tables=chosen)
     with engine.begin() as conn:
+        for table in chosen:
+            for column in LATER_COLUMNS.get(table.name, []):
+                conn.execute(text(f"ALTER TABLE {table.name} DROP COLUMN {column}"))
         conn.execute(insert(alias_events), [
             {"model": "m", "alias": "production", "from_version": None, "to_version": 1, "actor": "ana",
              "reason": "first", "action": "promote", "policy_result": None, "created_at": now() - timedelta(days=3)},
