@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from serving.engine.sse_relay import SseBlock
+
 logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
@@ -232,6 +234,10 @@ class ChatRelay(Protocol):
         """The worker's ``chat.completion`` answer to a non-streamed request."""
         ...
 
-    def relay_chat_stream(self, body: dict[str, Any], *, adapter: str | None = None) -> AsyncGenerator[dict[str, Any], None]:
-        """The worker's ``chat.completion.chunk`` events, ending with a usage event."""
+    def relay_chat_stream(
+        self, body: dict[str, Any], *, adapter: str | None = None, include_usage: bool = False
+    ) -> AsyncGenerator[SseBlock, None]:
+        """The worker's ``chat.completion.chunk`` events as it sent them, in blocks of whole
+        events; the last block's ``usage`` is the request's (its event stays in only with
+        ``include_usage``)."""
         ...

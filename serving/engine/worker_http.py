@@ -63,6 +63,10 @@ class StreamedAnswer(Protocol):
 
     def lines(self) -> AsyncIterator[str]: ...
 
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body in the pieces it arrives in (no waiting to fill a buffer)."""
+        ...
+
 
 class WorkerClient(Protocol):
     """What `UpstreamEngine` needs of an HTTP client."""
@@ -154,6 +158,13 @@ class _AiohttpStream:
         except self._client._errors() as exc:
             raise self._client._mapped(exc) from exc
 
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for data in self._response.content.iter_any():
+                yield data
+        except self._client._errors() as exc:
+            raise self._client._mapped(exc) from exc
+
 
 class HttpxWorkerClient:
     """Workers over httpx, through a given transport (tests script workers with ``httpx.MockTransport``)."""
@@ -215,6 +226,13 @@ class _HttpxStream:
         try:
             async for line in self._response.aiter_lines():
                 yield line
+        except self._client._httpx.HTTPError as exc:
+            raise self._client._mapped(exc) from exc
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for data in self._response.aiter_bytes():
+                yield data
         except self._client._httpx.HTTPError as exc:
             raise self._client._mapped(exc) from exc
 

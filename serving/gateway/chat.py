@@ -8,6 +8,7 @@ renamed, so tools, JSON schema, logprobs and ``n`` work wherever the worker has 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -22,8 +23,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from registry.keys import KeyRecord
 from serving.cpu_pool import run_cpu
 from serving.engine.base import Chunk
+from serving.engine.sse_relay import SseBlock, rename_model
 from serving.engine.structured import StructuredEngine
 from serving.gateway.auth import get_principal
+from serving.gateway.event_stream import EventStreamResponse
 from serving.gateway.generation import (
     SSE_DONE,
     Completion,
@@ -167,12 +170,12 @@ async def _pass_through(run: RequestLifecycle, body: ChatCompletionRequest, sett
             answer = await run.relay(forward)
             answer["model"] = body.model
             return JSONResponse(answer, headers=run.headers)
-        events = await run.relay_stream(forward)
+        blocks = await run.relay_stream(forward, include_usage=body.include_usage)
     except BaseException as exc:
         run.fail(exc)
         raise
-    relayed = _relayed_events(events, model=body.model, include_usage=body.include_usage)
-    return StreamingResponse(relayed, media_type="text/event-stream", headers=run.headers)
+    relayed = _relayed_events(blocks, model=body.model)
+    return EventStreamResponse(relayed, headers=run.headers, tail=SSE_DONE.encode())
 
 
 def _estimated_prompt_tokens(body: ChatCompletionRequest) -> int:
@@ -180,21 +183,18 @@ def _estimated_prompt_tokens(body: ChatCompletionRequest) -> int:
     return sum(len(m.text()) for m in body.messages) // 4
 
 
-async def _relayed_events(
-    events: AsyncGenerator[dict[str, Any], None], *, model: str, include_usage: bool
-) -> AsyncIterator[str]:
+async def _relayed_events(blocks: AsyncGenerator[SseBlock, None], *, model: str) -> AsyncIterator[bytes]:
+    """The worker's events as it sent them, with the client's model name: no event is parsed here."""
+    name = json.dumps(model).encode()
     try:
-        async for event in events:
-            if not event.get("choices") and event.get("usage") and not include_usage:
-                continue  # asked of the worker for accounting, not by the client
-            event["model"] = model
-            yield sse(event)
+        async for block in blocks:
+            if block.data:
+                yield rename_model(block.data, name)
     except Exception as exc:  # noqa: BLE001 - headers are sent; the error must travel in the stream
         logger.warning("relayed chat stream for %s failed: %s", model, exc)
-        yield sse_error(exc)
+        yield sse_error(exc).encode()
     finally:
-        await events.aclose()
-    yield SSE_DONE
+        await blocks.aclose()
 
 
 async def _chat_events(

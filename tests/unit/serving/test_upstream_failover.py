@@ -108,7 +108,8 @@ def test_a_stream_fails_over_before_its_first_event_but_not_after(tiny_base: Pat
 async def _first_text(engine: UpstreamEngine) -> str:
     stream = engine.relay_chat_stream({"model": "public", "messages": [{"role": "user", "content": "q"}]})
     try:
-        event = await anext(stream)
+        block = await anext(stream)
+        event = json.loads(block.payloads()[0])
         return str(event["choices"][0]["delta"]["content"])
     finally:
         await stream.aclose()
