@@ -11,12 +11,15 @@ limit). httptools parses a request in C, which is most of the server's cost per 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from registry.errors import ErrorCode
 from serving.config import ServerLimits
+from serving.gateway.errors import error_body
 
 try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -27,6 +30,17 @@ logger = logging.getLogger(__name__)
 
 _REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 _HEADERS_TOO_LARGE = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+
+
+_OVERLOADED_BODY = json.dumps(
+    error_body("The server is handling as many requests as it can; retry shortly.", 503, code=ErrorCode.UNAVAILABLE)
+).encode()
+_OVERLOADED_HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"content-length", str(len(_OVERLOADED_BODY)).encode()),
+    (b"retry-after", b"1"),
+    (b"connection", b"close"),
+]
 
 
 def http_implementation() -> str:
@@ -59,6 +73,12 @@ class _LimitedMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # uvicorn answers requests over its concurrency limit with a plain-text 503; the check
+        # is taken over here so that clients get an OpenAI-shaped error body they can parse.
+        self._concurrency_cap: int | None = self.limit_concurrency
+        self.limit_concurrency = None
+        self._asgi_app = self.app
+        self.app = self._admit
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._got_bytes = False
@@ -108,6 +128,16 @@ class _LimitedMixin:
             self._body_timer.cancel()
             self._body_timer = None
         super().on_response_complete()
+
+    async def _admit(self, scope: Any, receive: Any, send: Any) -> None:
+        cap = self._concurrency_cap
+        # As uvicorn counts, but from inside the request's own task (already among ``tasks``).
+        if scope["type"] == "http" and cap is not None and (len(self.connections) >= cap or len(self.tasks) > cap):
+            logger.warning("answering 503: over the concurrency limit of %d", cap)
+            await send({"type": "http.response.start", "status": 503, "headers": _OVERLOADED_HEADERS})
+            await send({"type": "http.response.body", "body": _OVERLOADED_BODY, "more_body": False})
+            return
+        await self._asgi_app(scope, receive, send)
 
     # -- timers ------------------------------------------------------------------------
 
