@@ -222,6 +222,15 @@ class Engine(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class RelayedAnswer:
+    """A worker's whole answer: the bytes it sent (relayed with a cheap rewrite, not
+    serialised again) and the same parsed (for its ``usage``)."""
+
+    body: bytes
+    json: dict[str, Any]
+
+
 class ChatRelay(Protocol):
     """Takes OpenAI chat requests whole to workers that speak chat (tools, JSON schema, logprobs, n).
 
@@ -230,7 +239,7 @@ class ChatRelay(Protocol):
     as OpenAI JSON, its ``usage`` being what the gateway counts.
     """
 
-    async def relay_chat(self, body: dict[str, Any], *, adapter: str | None = None) -> dict[str, Any]:
+    async def relay_chat(self, body: dict[str, Any], *, adapter: str | None = None) -> RelayedAnswer:
         """The worker's ``chat.completion`` answer to a non-streamed request."""
         ...
 

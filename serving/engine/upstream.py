@@ -44,7 +44,7 @@ import httpx
 
 from registry.errors import ErrorCode, ForgelineError, ModelNotFoundError
 from serving import request_id, telemetry
-from serving.engine.base import Chunk, FinishReason, SamplingParams
+from serving.engine.base import Chunk, FinishReason, RelayedAnswer, SamplingParams
 from serving.engine.pool import Outcome, PoolPolicy, Worker, WorkerPool
 from serving.engine.sse_relay import SseBlock, SseSplitter, WorkerEventError, inspect
 from serving.engine.worker_http import (
@@ -456,7 +456,7 @@ class UpstreamEngine:
 
     # -- chat pass-through (ChatRelay) -------------------------------------------------
 
-    async def relay_chat(self, body: dict[str, Any], *, adapter: str | None = None) -> dict[str, Any]:
+    async def relay_chat(self, body: dict[str, Any], *, adapter: str | None = None) -> RelayedAnswer:
         """Send a non-streamed chat request to a worker and return its answer.
 
         Nothing reaches the client before the whole answer is here, so a failed attempt is
@@ -467,7 +467,8 @@ class UpstreamEngine:
         """
         body = self.route_adapter({**body, "stream": False}, adapter)
         body.pop("stream_options", None)
-        return await self._post_unary("/v1/chat/completions", body, adapter)
+        answer, raw = await self._post_unary("/v1/chat/completions", body, adapter)
+        return RelayedAnswer(raw, answer)
 
     async def complete(self, prompt: str, params: SamplingParams, *, adapter: str | None = None) -> tuple[str, int, FinishReason]:
         """A whole, non-streamed completion of ``prompt``: ``(text, completion tokens, finish reason)``.
@@ -483,7 +484,7 @@ class UpstreamEngine:
         body = self.request_body(prompt, params, adapter)
         body["stream"] = False
         body.pop("stream_options", None)
-        answer = await self._post_unary("/v1/completions", body, adapter)
+        answer, _ = await self._post_unary("/v1/completions", body, adapter)
         choice = (answer.get("choices") or [{}])[0]
         text = str(choice.get("text") or "")
         tokens = (answer.get("usage") or {}).get("completion_tokens")
@@ -491,8 +492,8 @@ class UpstreamEngine:
             tokens = len(self._require_tokenizer()(text, add_special_tokens=False)["input_ids"])
         return text, int(tokens), _finish_reason(choice.get("finish_reason"))
 
-    async def _post_unary(self, path: str, body: dict[str, Any], adapter: str | None) -> dict[str, Any]:
-        """POST a non-streamed request to a worker and return its JSON answer, retrying
+    async def _post_unary(self, path: str, body: dict[str, Any], adapter: str | None) -> tuple[dict[str, Any], bytes]:
+        """POST a non-streamed request to a worker and return its JSON answer (parsed, and as sent), retrying
         failed attempts on other workers within the pool's retry budget."""
         client = self._require_client()
         tried: list[Worker] = []
@@ -514,7 +515,7 @@ class UpstreamEngine:
                     answer = response.json()
                     usage = answer.get("usage") or {}
                     tokens, outcome = int(usage.get("completion_tokens") or 0), Outcome.OK
-                    return answer
+                    return answer, response.body
                 error = _upstream_error(response.status, response.body, self.model_id)
                 if response.status < 500:
                     outcome = Outcome.OK  # the worker is fine; 429 alone is worth another worker

@@ -168,8 +168,9 @@ async def _pass_through(run: RequestLifecycle, body: ChatCompletionRequest, sett
         await run.admit(_estimated_prompt_tokens(body))
         if not body.stream:
             answer = await run.relay(forward)
-            answer["model"] = body.model
-            return JSONResponse(answer, headers=run.headers)
+            # The worker's bytes with the client's model name: not parsed and serialised again.
+            renamed = rename_model(answer.body, json.dumps(body.model).encode())
+            return Response(renamed, media_type="application/json", headers=run.headers)
         blocks = await run.relay_stream(forward, include_usage=body.include_usage)
     except BaseException as exc:
         run.fail(exc)

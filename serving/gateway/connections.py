@@ -137,7 +137,11 @@ class _LimitedMixin:
             await send({"type": "http.response.start", "status": 503, "headers": _OVERLOADED_HEADERS})
             await send({"type": "http.response.body", "body": _OVERLOADED_BODY, "more_body": False})
             return
-        await self._asgi_app(scope, receive, send)
+        cycle = getattr(send, "__self__", None)  # uvicorn's RequestResponseCycle.send
+        if getattr(cycle, "transport", None) is None:
+            await self._asgi_app(scope, receive, send)
+            return
+        await self._asgi_app(scope, receive, _one_write_start(cycle, send, self.loop))
 
     # -- timers ------------------------------------------------------------------------
 
@@ -183,6 +187,64 @@ class _LimitedMixin:
             return
         logger.info("closing %s: no request body data for %.0f s", self.client, self.body_timeout_s)
         self.transport.close()  # the app sees http.disconnect
+
+
+def _one_write_start(cycle: Any, send: Any, loop: asyncio.AbstractEventLoop) -> Any:
+    """``send``, with the status line and headers held back until the body's first bytes.
+
+    uvicorn writes a response's head to the socket at once and its body in a second write:
+    two system calls (and, on loopback, two wake-ups of the client) for every answer. Held
+    until the body follows, both leave in one write. The head waits for nothing: a body
+    sent right after it (a JSON answer, a stream's first event) joins it, and otherwise it
+    is written when the event loop next runs.
+    """
+
+    async def one_write_send(message: Any) -> None:
+        held = cycle.transport
+        if message["type"] == "http.response.start" and not isinstance(held, _HeldWrites):
+            holding = cycle.transport = _HeldWrites(held)
+            loop.call_soon(_release, cycle, holding)
+            await send(message)
+            return
+        if not isinstance(held, _HeldWrites):
+            await send(message)
+            return
+        try:
+            await send(message)  # its bytes join the held head
+        finally:
+            _release(cycle, held)
+
+    return one_write_send
+
+
+def _release(cycle: Any, holding: _HeldWrites) -> None:
+    if cycle.transport is holding:
+        cycle.transport = holding.transport
+    holding.flush()
+
+
+class _HeldWrites:
+    """A transport that keeps what is written until `flush` (closing flushes first)."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self._held: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self._held.append(data)
+
+    def flush(self) -> None:
+        if self._held:
+            data, self._held = b"".join(self._held), []
+            if not self.transport.is_closing():
+                self.transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
 
 
 class _LimitedH11(_LimitedMixin, H11Protocol):

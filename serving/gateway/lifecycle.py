@@ -18,7 +18,7 @@ from fastapi import Request
 from registry.errors import ForgelineError
 from registry.keys import KeyRecord
 from serving import telemetry
-from serving.engine.base import ChatRelay, Chunk, Engine, SamplingParams, TokenLogprobs
+from serving.engine.base import ChatRelay, Chunk, Engine, RelayedAnswer, SamplingParams, TokenLogprobs
 from serving.engine.sse_relay import SseBlock
 from serving.engine.upstream import UpstreamEngine
 from serving.gateway.auth import check_model_allowed, may_route
@@ -239,11 +239,11 @@ class RequestLifecycle:
 
     # -- pass-through chat: the worker's answer is relayed, its ``usage`` counted ----------
 
-    async def relay(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def relay(self, body: dict[str, Any]) -> RelayedAnswer:
         """Send a non-streamed chat request whole to the served model's workers; account for it."""
         relay = self._relay()
         answer = await relay.relay_chat(body, adapter=self.adapter)
-        self._count_usage(answer.get("usage"))
+        self._count_usage(answer.json.get("usage"))
         self.finish(200)
         return answer
 

@@ -70,7 +70,7 @@ def test_unary_chat_fails_over_and_the_refusing_worker_is_ejected(tiny_base: Pat
         try:
             # They fail after the health checks passed: only requests find out.
             fleet.modes.update(w0="refuse", w1="500")
-            return [await engine.relay_chat({"model": "public", "messages": []}) for _ in range(20)]
+            return [(await engine.relay_chat({"model": "public", "messages": []})).json for _ in range(20)]
         finally:
             await engine.stop()
 
