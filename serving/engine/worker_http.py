@@ -99,6 +99,7 @@ class AiohttpWorkerClient:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=KEEPALIVE_S)
         self._session = aiohttp.ClientSession(
             connector=connector, headers=headers, timeout=self._timeout, json_serialize=_dumps,
+            cookie_jar=aiohttp.DummyCookieJar(),  # workers set no cookies worth keeping; a jar costs every request
             read_bufsize=4 * 1024 * 1024,  # one SSE line (an event) may be long: tool calls, logprobs
         )
 
