@@ -18,7 +18,7 @@ from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from registry.keys import KeyRecord
 from serving.cpu_pool import run_cpu
@@ -139,7 +139,7 @@ async def create_chat_completion(
         include_usage=body.include_usage,
         plan=plan,
     )
-    return StreamingResponse(events, media_type="text/event-stream", headers=run.headers)
+    return EventStreamResponse(events, headers=run.headers)
 
 
 def _choice(index: int, done: Completion, plan: StructurePlan | None) -> ChatChoice:

@@ -22,14 +22,16 @@ class EventStreamResponse(Response):
     """``text/event-stream`` from an async iterable of encoded events.
 
     Args:
-        events: each item is sent to the client as it comes (one write each).
+        events: each item is sent to the client as it comes (one write each); text is sent as UTF-8.
         headers: extra response headers.
         tail: sent with the end of the body (``data: [DONE]``), after ``events`` ends or fails.
     """
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterable[bytes], *, headers: Mapping[str, str] | None = None, tail: bytes = b"") -> None:
+    def __init__(
+        self, events: AsyncIterable[bytes] | AsyncIterable[str], *, headers: Mapping[str, str] | None = None, tail: bytes = b""
+    ) -> None:
         self.events = events
         self.tail = tail
         self.status_code = 200
@@ -54,7 +56,8 @@ class EventStreamResponse(Response):
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async for item in self.events:
-                await send({"type": "http.response.body", "body": item, "more_body": True})
+                body = item.encode() if isinstance(item, str) else item
+                await send({"type": "http.response.body", "body": body, "more_body": True})
             ending = True
             await send({"type": "http.response.body", "body": self.tail, "more_body": False})
         except asyncio.CancelledError:
