@@ -6,7 +6,8 @@ model, its own process), driven by the same load generator (`bench.loadgen`, the
 
 * ``direct``: the client calls the worker itself (the baseline);
 * ``forgeline``: the forgeline gateway (`bench.gateway_proc`: API keys on, quotas,
-  metrics, access log, `UpstreamEngine` relaying to the worker's ``/v1/completions``);
+  metrics, access log, `UpstreamEngine` passing chat through whole to the worker's
+  ``/v1/chat/completions``, as production does for a chat-capable worker);
 * ``forgeline-2p``: the same gateway as two processes on one port (``--workers 2``; the
   ``full`` setting only), to see how throughput scales with processes;
 * ``litellm``: the LiteLLM proxy (``litellm[proxy]``, master key on) relaying to the
@@ -212,7 +213,8 @@ def run(setting: str, work: Path) -> dict[str, Any]:
         "settings": {k: v for k, v in cfg.items() if k != "requests"} | {"requests": {str(k): v for k, v in cfg["requests"].items()}},
         "targets": {
             "direct": "fake worker (Starlette on uvicorn, asyncio loop, h11)",
-            "forgeline": "forgeline gateway: auth on, quotas, metrics, one JSON access log; UpstreamEngine; uvicorn on uvloop + httptools",
+            "forgeline": "forgeline gateway: auth on, quotas, metrics, one JSON access log; UpstreamEngine, chat passed through "
+                         "to the worker's /v1/chat/completions; uvicorn on uvloop + httptools",
             **{t: f"the forgeline gateway as {t.split('-')[1][:-1]} processes (--workers)" for t in targets if t.startswith("forgeline-")},
             **({"litellm": f"LiteLLM proxy {_litellm_version()}: master key, no database; uvicorn uvloop, h11"} if "litellm" in servers else {}),
         },

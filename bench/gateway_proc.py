@@ -29,8 +29,17 @@ MODEL = "bench"
 ARGS_ENV = "BENCH_GATEWAY_ARGS"
 
 
-def build_app(upstream: str, *, tokenizer: str, key_file: Path | None, max_new_tokens: int, access_log: bool, auth: bool | None = None) -> object:
-    """The gateway app (auth on when ``key_file`` is given, or ``auth``: keys made elsewhere)."""
+def build_app(
+    upstream: str, *, tokenizer: str, key_file: Path | None, max_new_tokens: int, access_log: bool, auth: bool | None = None,
+    upstream_api: str = "chat",
+) -> object:
+    """The gateway app (auth on when ``key_file`` is given, or ``auth``: keys made elsewhere).
+
+    ``upstream_api="chat"`` (the default) relays chat requests whole to the worker's
+    ``/v1/chat/completions``, as production does for a chat-capable worker (vLLM,
+    trtllm-serve, SGLang); ``completions`` renders the chat template in the gateway and
+    calls ``/v1/completions``.
+    """
     from registry.keys import KeyStore
     from serving.config import ServeSpec
     from serving.engine.upstream import UpstreamEngine
@@ -38,8 +47,11 @@ def build_app(upstream: str, *, tokenizer: str, key_file: Path | None, max_new_t
     from serving.service import configure_access_log, gateway_app
 
     spec = ServeSpec(engine="upstream", upstream_url=upstream, max_new_tokens=max_new_tokens, auth=key_file is not None)
-    engine = UpstreamEngine(upstream, "fake", tokenizer=tokenizer, adapter_mode="none", model_id=MODEL)
-    catalog = StaticCatalog([ServedModel(name=MODEL, version="1", engine=engine, aliases=(f"{MODEL}@production",))])
+    engine = UpstreamEngine(
+        upstream, "fake", tokenizer=tokenizer, adapter_mode="none", model_id=MODEL, upstream_api=upstream_api  # type: ignore[arg-type]
+    )
+    served = ServedModel(name=MODEL, version="1", engine=engine, aliases=(f"{MODEL}@production",), chat_relay=engine.chat_relay)
+    catalog = StaticCatalog([served])
     keys = None
     if key_file is not None or auth:
         keys = KeyStore()
@@ -61,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--quiet", action="store_true", help="no access logs (ours nor uvicorn's): to see what logging costs")
     parser.add_argument("--workers", type=int, default=1, help="gateway processes sharing the port")
+    parser.add_argument("--upstream-api", choices=("chat", "completions"), default="chat",
+                        help="chat: pass chat requests through whole (production, chat-capable workers); completions: template here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.workers > 1:
@@ -73,12 +87,13 @@ def main(argv: list[str] | None = None) -> None:
             args.key_file.write_text(secret)
         os.environ[ARGS_ENV] = json.dumps(
             {"upstream": args.upstream, "tokenizer": args.tokenizer, "auth": args.key_file is not None,
-             "max_new_tokens": args.max_new_tokens, "access_log": not args.quiet}
+             "max_new_tokens": args.max_new_tokens, "access_log": not args.quiet, "upstream_api": args.upstream_api}
         )
         run_server("bench.gateway_proc:app_from_env", args.host, args.port, log_level="warning", workers=args.workers)
         return
     app = build_app(
-        args.upstream, tokenizer=args.tokenizer, key_file=args.key_file, max_new_tokens=args.max_new_tokens, access_log=not args.quiet
+        args.upstream, tokenizer=args.tokenizer, key_file=args.key_file, max_new_tokens=args.max_new_tokens, access_log=not args.quiet,
+        upstream_api=args.upstream_api,
     )
     if args.quiet:
         import uvicorn

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from serving.engine.sse_relay import SseBlock
+
 logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
@@ -220,6 +222,15 @@ class Engine(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class RelayedAnswer:
+    """A worker's whole answer: the bytes it sent (relayed with a cheap rewrite, not
+    serialised again) and the same parsed (for its ``usage``)."""
+
+    body: bytes
+    json: dict[str, Any]
+
+
 class ChatRelay(Protocol):
     """Takes OpenAI chat requests whole to workers that speak chat (tools, JSON schema, logprobs, n).
 
@@ -228,10 +239,14 @@ class ChatRelay(Protocol):
     as OpenAI JSON, its ``usage`` being what the gateway counts.
     """
 
-    async def relay_chat(self, body: dict[str, Any], *, adapter: str | None = None) -> dict[str, Any]:
+    async def relay_chat(self, body: dict[str, Any], *, adapter: str | None = None) -> RelayedAnswer:
         """The worker's ``chat.completion`` answer to a non-streamed request."""
         ...
 
-    def relay_chat_stream(self, body: dict[str, Any], *, adapter: str | None = None) -> AsyncGenerator[dict[str, Any], None]:
-        """The worker's ``chat.completion.chunk`` events, ending with a usage event."""
+    def relay_chat_stream(
+        self, body: dict[str, Any], *, adapter: str | None = None, include_usage: bool = False
+    ) -> AsyncGenerator[SseBlock, None]:
+        """The worker's ``chat.completion.chunk`` events as it sent them, in blocks of whole
+        events; the last block's ``usage`` is the request's (its event stays in only with
+        ``include_usage``)."""
         ...

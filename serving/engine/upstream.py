@@ -44,8 +44,9 @@ import httpx
 
 from registry.errors import ErrorCode, ForgelineError, ModelNotFoundError
 from serving import request_id, telemetry
-from serving.engine.base import Chunk, FinishReason, SamplingParams
+from serving.engine.base import Chunk, FinishReason, RelayedAnswer, SamplingParams
 from serving.engine.pool import Outcome, PoolPolicy, Worker, WorkerPool
+from serving.engine.sse_relay import SseBlock, SseSplitter, WorkerEventError, inspect
 from serving.engine.worker_http import (
     AiohttpWorkerClient,
     HttpxWorkerClient,
@@ -455,7 +456,7 @@ class UpstreamEngine:
 
     # -- chat pass-through (ChatRelay) -------------------------------------------------
 
-    async def relay_chat(self, body: dict[str, Any], *, adapter: str | None = None) -> dict[str, Any]:
+    async def relay_chat(self, body: dict[str, Any], *, adapter: str | None = None) -> RelayedAnswer:
         """Send a non-streamed chat request to a worker and return its answer.
 
         Nothing reaches the client before the whole answer is here, so a failed attempt is
@@ -466,7 +467,8 @@ class UpstreamEngine:
         """
         body = self.route_adapter({**body, "stream": False}, adapter)
         body.pop("stream_options", None)
-        return await self._post_unary("/v1/chat/completions", body, adapter)
+        answer, raw = await self._post_unary("/v1/chat/completions", body, adapter)
+        return RelayedAnswer(raw, answer)
 
     async def complete(self, prompt: str, params: SamplingParams, *, adapter: str | None = None) -> tuple[str, int, FinishReason]:
         """A whole, non-streamed completion of ``prompt``: ``(text, completion tokens, finish reason)``.
@@ -482,7 +484,7 @@ class UpstreamEngine:
         body = self.request_body(prompt, params, adapter)
         body["stream"] = False
         body.pop("stream_options", None)
-        answer = await self._post_unary("/v1/completions", body, adapter)
+        answer, _ = await self._post_unary("/v1/completions", body, adapter)
         choice = (answer.get("choices") or [{}])[0]
         text = str(choice.get("text") or "")
         tokens = (answer.get("usage") or {}).get("completion_tokens")
@@ -490,8 +492,8 @@ class UpstreamEngine:
             tokens = len(self._require_tokenizer()(text, add_special_tokens=False)["input_ids"])
         return text, int(tokens), _finish_reason(choice.get("finish_reason"))
 
-    async def _post_unary(self, path: str, body: dict[str, Any], adapter: str | None) -> dict[str, Any]:
-        """POST a non-streamed request to a worker and return its JSON answer, retrying
+    async def _post_unary(self, path: str, body: dict[str, Any], adapter: str | None) -> tuple[dict[str, Any], bytes]:
+        """POST a non-streamed request to a worker and return its JSON answer (parsed, and as sent), retrying
         failed attempts on other workers within the pool's retry budget."""
         client = self._require_client()
         tried: list[Worker] = []
@@ -513,7 +515,7 @@ class UpstreamEngine:
                     answer = response.json()
                     usage = answer.get("usage") or {}
                     tokens, outcome = int(usage.get("completion_tokens") or 0), Outcome.OK
-                    return answer
+                    return answer, response.body
                 error = _upstream_error(response.status, response.body, self.model_id)
                 if response.status < 500:
                     outcome = Outcome.OK  # the worker is fine; 429 alone is worth another worker
@@ -549,16 +551,20 @@ class UpstreamEngine:
                 raise error
             logger.info("retrying a %s request on another worker after %s: %s", self.model_id, worker.url, error.message)
 
-    def relay_chat_stream(self, body: dict[str, Any], *, adapter: str | None = None) -> AsyncGenerator[dict[str, Any], None]:
-        """Stream a chat request's events from a worker (each event parsed; ``[DONE]`` left out).
+    def relay_chat_stream(
+        self, body: dict[str, Any], *, adapter: str | None = None, include_usage: bool = False
+    ) -> AsyncGenerator[SseBlock, None]:
+        """Stream a chat request's events from a worker, as the bytes it sent (``[DONE]`` left out).
 
-        The worker is asked for usage (``stream_options.include_usage``) so the gateway can
-        count tokens; the caller drops that event when its client did not ask for it.
-        Retried on another worker only until the first event is yielded.
+        Each `SseBlock` holds the whole events one read from the worker delivered, so the
+        caller can write them to its client at once. The worker is asked for usage
+        (``stream_options.include_usage``) so the gateway can count tokens; the usage-only
+        event is left out unless ``include_usage`` (the client asked for it too).
+        Retried on another worker only until the first block is yielded.
         """
         body = self.route_adapter({**body, "stream": True}, adapter)
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        return self._stream_events("/v1/chat/completions", body, adapter)
+        return self._stream_blocks("/v1/chat/completions", body, adapter, keep_usage=include_usage)
 
     def _may_retry(self, tried: list[Worker], *, refused: bool = False) -> bool | None:
         """Whether to try another worker: None for no, else whether the retry holds one of the
@@ -573,7 +579,21 @@ class UpstreamEngine:
         return True if self.pool.take_retry() else None
 
     async def _stream_events(self, path: str, body: dict[str, Any], adapter: str | None) -> AsyncGenerator[dict[str, Any], None]:
-        """POST a streamed request to a worker and yield its SSE events as JSON objects.
+        """POST a streamed request to a worker and yield its SSE events as JSON objects (see `_stream_blocks`)."""
+        blocks = self._stream_blocks(path, body, adapter, keep_usage=True)
+        try:
+            async for block in blocks:
+                for payload in block.payloads():
+                    try:
+                        event = json.loads(payload)
+                    except ValueError as exc:
+                        raise self._unavailable(f"a worker sent an event that is not JSON: {exc}") from exc
+                    yield event
+        finally:
+            await blocks.aclose()
+
+    async def _stream_blocks(self, path: str, body: dict[str, Any], adapter: str | None, *, keep_usage: bool) -> AsyncGenerator[SseBlock, None]:
+        """POST a streamed request to a worker and yield its whole SSE events, a block per read.
 
         A request that fails before its first event is retried on another worker, within
         the pool's retry budget; after that a failure ends the stream with ``unavailable``.
@@ -600,27 +620,32 @@ class UpstreamEngine:
                             outcome = Outcome.OK  # the worker is fine; 429 alone is worth another worker
                             fatal = response.status != 429
                     else:
-                        async for line in response.lines():
+                        splitter = SseSplitter()
+                        async for data in response.chunks():
                             # After [DONE], read on to the end of the body instead of breaking out: a
                             # connection whose response was not read to the end is closed, not reused,
                             # so breaking made every request open a new TCP connection to the worker.
-                            if done or not line.startswith("data:"):
+                            if done:
                                 continue
-                            data = line[5:].strip()
-                            if data == "[DONE]":
-                                done = True
+                            whole = splitter.feed(data)
+                            if not whole:
                                 continue
-                            event = json.loads(data)
-                            if event.get("error"):
-                                # The worker failed after it answered 200: it reports in-band.
-                                raise _upstream_error(500, data, self.model_id)
-                            usage = event.get("usage")
-                            if usage and usage.get("completion_tokens") is not None:
-                                tokens = int(usage["completion_tokens"])
+                            block = inspect(whole, keep_usage=keep_usage)
+                            done = block.done
+                            if block.usage and block.usage.get("completion_tokens") is not None:
+                                tokens = int(block.usage["completion_tokens"])
+                            if not block.data and block.usage is None:
+                                continue
                             if not yielded and attempt is not None:
                                 attempt.add_event("first_token")
                             yielded = True
-                            yield event
+                            yield block
+                        if not done and (rest := splitter.rest()):
+                            block = inspect(rest, keep_usage=keep_usage)
+                            done = block.done
+                            if block.data or block.usage is not None:
+                                yielded = True
+                                yield block
                         if done:
                             outcome = Outcome.OK
                         else:
@@ -638,9 +663,9 @@ class UpstreamEngine:
             except WorkerError as exc:
                 error = self._unavailable(f"{worker.url}: the stream broke: {exc}")
             except json.JSONDecodeError as exc:
-                error = self._unavailable(f"{worker.url} sent an event that is not JSON: {exc}")
-            except ForgelineError as exc:
-                error = exc  # an in-band error event
+                error = self._unavailable(f"{worker.url} sent a usage event that is not JSON: {exc}")
+            except WorkerEventError as exc:
+                error = _upstream_error(500, exc.payload, self.model_id)  # the worker failed after it answered 200
             finally:
                 telemetry.end_span(attempt, error=error)
                 elapsed = time.perf_counter() - started if outcome is Outcome.OK else 0.0

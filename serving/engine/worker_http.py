@@ -63,6 +63,10 @@ class StreamedAnswer(Protocol):
 
     def lines(self) -> AsyncIterator[str]: ...
 
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body in the pieces it arrives in (no waiting to fill a buffer)."""
+        ...
+
 
 class WorkerClient(Protocol):
     """What `UpstreamEngine` needs of an HTTP client."""
@@ -95,6 +99,7 @@ class AiohttpWorkerClient:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=KEEPALIVE_S)
         self._session = aiohttp.ClientSession(
             connector=connector, headers=headers, timeout=self._timeout, json_serialize=_dumps,
+            cookie_jar=aiohttp.DummyCookieJar(),  # workers set no cookies worth keeping; a jar costs every request
             read_bufsize=4 * 1024 * 1024,  # one SSE line (an event) may be long: tool calls, logprobs
         )
 
@@ -151,6 +156,13 @@ class _AiohttpStream:
         try:
             async for raw in self._response.content:
                 yield raw.decode().rstrip("\r\n")
+        except self._client._errors() as exc:
+            raise self._client._mapped(exc) from exc
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for data in self._response.content.iter_any():
+                yield data
         except self._client._errors() as exc:
             raise self._client._mapped(exc) from exc
 
@@ -215,6 +227,13 @@ class _HttpxStream:
         try:
             async for line in self._response.aiter_lines():
                 yield line
+        except self._client._httpx.HTTPError as exc:
+            raise self._client._mapped(exc) from exc
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for data in self._response.aiter_bytes():
+                yield data
         except self._client._httpx.HTTPError as exc:
             raise self._client._mapped(exc) from exc
 

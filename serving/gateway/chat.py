@@ -8,6 +8,7 @@ renamed, so tools, JSON schema, logprobs and ``n`` work wherever the worker has 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -17,13 +18,15 @@ from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from registry.keys import KeyRecord
 from serving.cpu_pool import run_cpu
 from serving.engine.base import Chunk
+from serving.engine.sse_relay import SseBlock, rename_model
 from serving.engine.structured import StructuredEngine
 from serving.gateway.auth import get_principal
+from serving.gateway.event_stream import EventStreamResponse
 from serving.gateway.generation import (
     SSE_DONE,
     Completion,
@@ -136,7 +139,7 @@ async def create_chat_completion(
         include_usage=body.include_usage,
         plan=plan,
     )
-    return StreamingResponse(events, media_type="text/event-stream", headers=run.headers)
+    return EventStreamResponse(events, headers=run.headers)
 
 
 def _choice(index: int, done: Completion, plan: StructurePlan | None) -> ChatChoice:
@@ -165,14 +168,15 @@ async def _pass_through(run: RequestLifecycle, body: ChatCompletionRequest, sett
         await run.admit(_estimated_prompt_tokens(body))
         if not body.stream:
             answer = await run.relay(forward)
-            answer["model"] = body.model
-            return JSONResponse(answer, headers=run.headers)
-        events = await run.relay_stream(forward)
+            # The worker's bytes with the client's model name: not parsed and serialised again.
+            renamed = rename_model(answer.body, json.dumps(body.model).encode())
+            return Response(renamed, media_type="application/json", headers=run.headers)
+        blocks = await run.relay_stream(forward, include_usage=body.include_usage)
     except BaseException as exc:
         run.fail(exc)
         raise
-    relayed = _relayed_events(events, model=body.model, include_usage=body.include_usage)
-    return StreamingResponse(relayed, media_type="text/event-stream", headers=run.headers)
+    relayed = _relayed_events(blocks, model=body.model)
+    return EventStreamResponse(relayed, headers=run.headers, tail=SSE_DONE.encode())
 
 
 def _estimated_prompt_tokens(body: ChatCompletionRequest) -> int:
@@ -180,21 +184,18 @@ def _estimated_prompt_tokens(body: ChatCompletionRequest) -> int:
     return sum(len(m.text()) for m in body.messages) // 4
 
 
-async def _relayed_events(
-    events: AsyncGenerator[dict[str, Any], None], *, model: str, include_usage: bool
-) -> AsyncIterator[str]:
+async def _relayed_events(blocks: AsyncGenerator[SseBlock, None], *, model: str) -> AsyncIterator[bytes]:
+    """The worker's events as it sent them, with the client's model name: no event is parsed here."""
+    name = json.dumps(model).encode()
     try:
-        async for event in events:
-            if not event.get("choices") and event.get("usage") and not include_usage:
-                continue  # asked of the worker for accounting, not by the client
-            event["model"] = model
-            yield sse(event)
+        async for block in blocks:
+            if block.data:
+                yield rename_model(block.data, name)
     except Exception as exc:  # noqa: BLE001 - headers are sent; the error must travel in the stream
         logger.warning("relayed chat stream for %s failed: %s", model, exc)
-        yield sse_error(exc)
+        yield sse_error(exc).encode()
     finally:
-        await events.aclose()
-    yield SSE_DONE
+        await blocks.aclose()
 
 
 async def _chat_events(

@@ -8,12 +8,13 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from registry.keys import KeyRecord
 from serving.cpu_pool import run_cpu
 from serving.engine.base import Chunk
 from serving.gateway.auth import get_principal
+from serving.gateway.event_stream import EventStreamResponse
 from serving.gateway.generation import SSE_DONE, GatewaySettings, get_settings, sampling_params, sse, sse_error
 from serving.gateway.lifecycle import RequestLifecycle
 from serving.gateway.protocol import (
@@ -81,7 +82,7 @@ async def create_completion(
         run.fail(exc)
         raise
     events = _completion_events(chunks, model=body.model, prompt_tokens=prompt_tokens, include_usage=body.include_usage)
-    return StreamingResponse(events, media_type="text/event-stream", headers=run.headers)
+    return EventStreamResponse(events, headers=run.headers)
 
 
 async def _completion_events(

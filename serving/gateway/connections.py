@@ -11,12 +11,15 @@ limit). httptools parses a request in C, which is most of the server's cost per 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from registry.errors import ErrorCode
 from serving.config import ServerLimits
+from serving.gateway.errors import error_body
 
 try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -27,6 +30,17 @@ logger = logging.getLogger(__name__)
 
 _REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 _HEADERS_TOO_LARGE = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+
+
+_OVERLOADED_BODY = json.dumps(
+    error_body("The server is handling as many requests as it can; retry shortly.", 503, code=ErrorCode.UNAVAILABLE)
+).encode()
+_OVERLOADED_HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"content-length", str(len(_OVERLOADED_BODY)).encode()),
+    (b"retry-after", b"1"),
+    (b"connection", b"close"),
+]
 
 
 def http_implementation() -> str:
@@ -59,6 +73,12 @@ class _LimitedMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # uvicorn answers requests over its concurrency limit with a plain-text 503; the check
+        # is taken over here so that clients get an OpenAI-shaped error body they can parse.
+        self._concurrency_cap: int | None = self.limit_concurrency
+        self.limit_concurrency = None
+        self._asgi_app = self.app
+        self.app = self._admit
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._got_bytes = False
@@ -109,6 +129,20 @@ class _LimitedMixin:
             self._body_timer = None
         super().on_response_complete()
 
+    async def _admit(self, scope: Any, receive: Any, send: Any) -> None:
+        cap = self._concurrency_cap
+        # As uvicorn counts, but from inside the request's own task (already among ``tasks``).
+        if scope["type"] == "http" and cap is not None and (len(self.connections) >= cap or len(self.tasks) > cap):
+            logger.warning("answering 503: over the concurrency limit of %d", cap)
+            await send({"type": "http.response.start", "status": 503, "headers": _OVERLOADED_HEADERS})
+            await send({"type": "http.response.body", "body": _OVERLOADED_BODY, "more_body": False})
+            return
+        cycle = getattr(send, "__self__", None)  # uvicorn's RequestResponseCycle.send
+        if getattr(cycle, "transport", None) is None:
+            await self._asgi_app(scope, receive, send)
+            return
+        await self._asgi_app(scope, receive, _one_write_start(cycle, send, self.loop))
+
     # -- timers ------------------------------------------------------------------------
 
     def _awaiting_request(self) -> bool:
@@ -153,6 +187,64 @@ class _LimitedMixin:
             return
         logger.info("closing %s: no request body data for %.0f s", self.client, self.body_timeout_s)
         self.transport.close()  # the app sees http.disconnect
+
+
+def _one_write_start(cycle: Any, send: Any, loop: asyncio.AbstractEventLoop) -> Any:
+    """``send``, with the status line and headers held back until the body's first bytes.
+
+    uvicorn writes a response's head to the socket at once and its body in a second write:
+    two system calls (and, on loopback, two wake-ups of the client) for every answer. Held
+    until the body follows, both leave in one write. The head waits for nothing: a body
+    sent right after it (a JSON answer, a stream's first event) joins it, and otherwise it
+    is written when the event loop next runs.
+    """
+
+    async def one_write_send(message: Any) -> None:
+        held = cycle.transport
+        if message["type"] == "http.response.start" and not isinstance(held, _HeldWrites):
+            holding = cycle.transport = _HeldWrites(held)
+            loop.call_soon(_release, cycle, holding)
+            await send(message)
+            return
+        if not isinstance(held, _HeldWrites):
+            await send(message)
+            return
+        try:
+            await send(message)  # its bytes join the held head
+        finally:
+            _release(cycle, held)
+
+    return one_write_send
+
+
+def _release(cycle: Any, holding: _HeldWrites) -> None:
+    if cycle.transport is holding:
+        cycle.transport = holding.transport
+    holding.flush()
+
+
+class _HeldWrites:
+    """A transport that keeps what is written until `flush` (closing flushes first)."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self._held: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self._held.append(data)
+
+    def flush(self) -> None:
+        if self._held:
+            data, self._held = b"".join(self._held), []
+            if not self.transport.is_closing():
+                self.transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
 
 
 class _LimitedH11(_LimitedMixin, H11Protocol):

@@ -18,7 +18,8 @@ from fastapi import Request
 from registry.errors import ForgelineError
 from registry.keys import KeyRecord
 from serving import telemetry
-from serving.engine.base import ChatRelay, Chunk, Engine, SamplingParams, TokenLogprobs
+from serving.engine.base import ChatRelay, Chunk, Engine, RelayedAnswer, SamplingParams, TokenLogprobs
+from serving.engine.sse_relay import SseBlock
 from serving.engine.upstream import UpstreamEngine
 from serving.gateway.auth import check_model_allowed, may_route
 from serving.gateway.catalog import Lease, ModelCatalog, Route, ServedModel, model_not_found
@@ -40,11 +41,6 @@ async def _chunks_only(pairs: AsyncGenerator[tuple[int, Chunk], None]) -> AsyncG
             yield chunk
     finally:
         await pairs.aclose()
-
-
-def _has_output(choice: dict[str, Any]) -> bool:
-    delta = choice.get("delta") or {}
-    return bool(delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content"))
 
 
 def _status_of(exc: BaseException) -> int:
@@ -243,24 +239,27 @@ class RequestLifecycle:
 
     # -- pass-through chat: the worker's answer is relayed, its ``usage`` counted ----------
 
-    async def relay(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def relay(self, body: dict[str, Any]) -> RelayedAnswer:
         """Send a non-streamed chat request whole to the served model's workers; account for it."""
         relay = self._relay()
         answer = await relay.relay_chat(body, adapter=self.adapter)
-        self._count_usage(answer.get("usage"))
+        self._count_usage(answer.json.get("usage"))
         self.finish(200)
         return answer
 
-    async def relay_stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
-        """Start a streamed pass-through chat request; errors before its first event raise here."""
-        events = self._relay().relay_chat_stream(body, adapter=self.adapter)
+    async def relay_stream(self, body: dict[str, Any], *, include_usage: bool = False) -> AsyncGenerator[SseBlock, None]:
+        """Start a streamed pass-through chat request; errors before its first event raise here.
+
+        The worker's events come as it sent them (see `ChatRelay.relay_chat_stream`).
+        """
+        blocks = self._relay().relay_chat_stream(body, adapter=self.adapter, include_usage=include_usage)
         try:
             with telemetry.span("gateway.queue", current=False, **{"gen_ai.request.model": self.model}):
-                first = await anext(events)
+                first = await anext(blocks)
         except BaseException:
-            await events.aclose()
+            await blocks.aclose()
             raise
-        return self._relayed(first, events)
+        return self._relayed(first, blocks)
 
     def _relay(self) -> ChatRelay:
         relay = self.served.chat_relay
@@ -273,32 +272,36 @@ class RequestLifecycle:
             self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             self.completion_tokens = int(usage.get("completion_tokens") or 0)
 
-    async def _relayed(
-        self, first: dict[str, Any], events: AsyncGenerator[dict[str, Any], None]
-    ) -> AsyncGenerator[dict[str, Any], None]:
+    async def _relayed(self, first: SseBlock, blocks: AsyncGenerator[SseBlock, None]) -> AsyncGenerator[SseBlock, None]:
         status = 200
         last = self.started
+        itl = self._metrics.itl.labels(*self._labels)
         try:
-            event: dict[str, Any] | None = first
-            while event is not None:
-                if event.get("usage"):
-                    self._count_usage(event["usage"])
-                elif any(_has_output(c) for c in event.get("choices") or ()):
+            block: SseBlock | None = first
+            while block is not None:
+                if block.usage:
+                    self._count_usage(block.usage)
+                outputs = block.outputs()
+                if outputs:
                     now = time.perf_counter()
                     if self.first_token_at is None:
                         self.first_token_at = now
                         self._metrics.ttft.labels(*self._labels).observe(now - self.started)
                         telemetry.event("first_token")
+                        # Output events that arrived with the first one add no gaps of their own.
+                        outputs, gap = outputs - 1, 0.0
                     else:
-                        self._metrics.itl.labels(*self._labels).observe(now - last)
+                        gap = (now - last) / outputs
+                    for _ in range(outputs):
+                        itl.observe(gap)
                     last = now
-                yield event
-                event = await anext(events, None)
+                yield block
+                block = await anext(blocks, None)
         except BaseException as exc:
             status = _status_of(exc)
             raise
         finally:
-            await events.aclose()
+            await blocks.aclose()
             self.finish(status)
 
     def fail(self, exc: BaseException) -> None:

@@ -24,7 +24,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -45,6 +46,12 @@ _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""prometheus_client's multiprocess mode: set before it is imported, in every process."""
+
+Families = Callable[[Any], Iterable[Metric]]
+"""A metric -> its families (this process's own, or summed over processes)."""
 
 
 class _EngineCollector(Collector):
@@ -144,9 +151,12 @@ gauges) -> the forgeline series it is derived from (summed over version and adap
 class _VllmCollector(Collector):
     """Our measurements under vLLM's names and ``model_name`` label, computed at scrape time."""
 
-    def __init__(self, metrics: GatewayMetrics, models: Callable[[], Iterable[ServedModel]]) -> None:
+    def __init__(
+        self, metrics: GatewayMetrics, models: Callable[[], Iterable[ServedModel]], families: Families | None = None
+    ) -> None:
         self._metrics = metrics
         self._models = models
+        self._families: Families = families or (lambda metric: metric.collect())
 
     def collect(self) -> Iterable[Any]:
         m = self._metrics
@@ -156,15 +166,15 @@ class _VllmCollector(Collector):
             ("vllm:time_per_output_token_seconds", m.itl),  # vLLM's older name for the same measurement
             ("vllm:e2e_request_latency_seconds", m.e2e),
         ):
-            yield _histogram_by_model(name, source)
+            yield _histogram_by_model(name, self._families(source), source._documentation)
         for name, counter in (("vllm:prompt_tokens", m.prompt_tokens), ("vllm:generation_tokens", m.generation_tokens)):
             family = CounterMetricFamily(name, counter._documentation, labels=["model_name"])
-            for model, value in _summed_by(counter, "_total", "model").items():
+            for model, value in _summed_by(self._families(counter), "_total", "model").items():
                 family.add_metric([model], value)
             yield family
         success = CounterMetricFamily("vllm:request_success", "Requests answered successfully.", labels=["model_name"])
         ok: dict[str, float] = {}
-        for sample in _samples(m.requests, "_total"):
+        for sample in _samples(self._families(m.requests), "_total"):
             if int(sample.labels.get("status", "500")) < 400:
                 ok[sample.labels["model"]] = ok.get(sample.labels["model"], 0.0) + sample.value
         for model, value in ok.items():
@@ -204,25 +214,25 @@ class _VllmCollector(Collector):
         yield from (running, waiting, gpu, kv)
 
 
-def _samples(metric: Any, suffix: str) -> Iterable[Any]:
-    for family in metric.collect():
+def _samples(families: Iterable[Metric], suffix: str) -> Iterable[Any]:
+    for family in families:
         for sample in family.samples:
             if sample.name.endswith(suffix):
                 yield sample
 
 
-def _summed_by(metric: Any, suffix: str, label: str) -> dict[str, float]:
+def _summed_by(families: Iterable[Metric], suffix: str, label: str) -> dict[str, float]:
     out: dict[str, float] = {}
-    for sample in _samples(metric, suffix):
+    for sample in _samples(families, suffix):
         out[sample.labels[label]] = out.get(sample.labels[label], 0.0) + sample.value
     return out
 
 
-def _histogram_by_model(name: str, source: Histogram) -> HistogramMetricFamily:
-    """``source`` (labelled model, version, adapter) summed into one histogram per model."""
+def _histogram_by_model(name: str, families: Iterable[Metric], documentation: str) -> HistogramMetricFamily:
+    """A histogram's ``families`` (labelled model, version, adapter) summed into one histogram per model."""
     buckets: dict[str, dict[str, float]] = {}
     sums: dict[str, float] = {}
-    for family in source.collect():
+    for family in families:
         for sample in family.samples:
             model = sample.labels["model"]
             if sample.name.endswith("_bucket"):
@@ -230,7 +240,7 @@ def _histogram_by_model(name: str, source: Histogram) -> HistogramMetricFamily:
                 per[sample.labels["le"]] = per.get(sample.labels["le"], 0.0) + sample.value
             elif sample.name.endswith("_sum"):
                 sums[model] = sums.get(model, 0.0) + sample.value
-    family = HistogramMetricFamily(name, source._documentation, labels=["model_name"])
+    family = HistogramMetricFamily(name, documentation, labels=["model_name"])
     for model, per in buckets.items():
         ordered = sorted(per.items(), key=lambda kv: float(kv[0]))
         family.add_metric([model], buckets=ordered, sum_value=sums.get(model, 0.0))
@@ -247,6 +257,7 @@ class GatewayMetrics:
 
     def __init__(self, *, per_key: bool = False) -> None:
         self.registry = CollectorRegistry()
+        self._models: Callable[[], Iterable[ServedModel]] | None = None
         self.per_key = per_key
         r = self.registry
         per_request = ["model", "version", "adapter"]
@@ -286,7 +297,8 @@ class GatewayMetrics:
             "forgeline_model_swaps", "Hot swaps: an alias moved and a new version took over.", ["model"], registry=r
         )
         self.canary_active = Gauge(
-            "forgeline_canary_active", "1 while a canary version receives traffic.", ["model", "version"], registry=r
+            "forgeline_canary_active", "1 while a canary version receives traffic.", ["model", "version"], registry=r,
+            multiprocess_mode="max",  # every process routes the same canary
         )
         self.canary_rollbacks = Counter(
             "forgeline_canary_rollbacks", "Canaries stopped for breaching their SLO.", ["model"], registry=r
@@ -304,6 +316,7 @@ class GatewayMetrics:
         """Export engine gauges for ``catalog``'s models and count their decode batch sizes."""
         # A rolling catalog also has versions that are loaded but not routed (canaries, draining).
         models = catalog.loaded
+        self._models = models
         self.registry.register(_EngineCollector(models))
         self.registry.register(_PoolCollector(models))
         self.registry.register(_VllmCollector(self, models))
@@ -315,8 +328,36 @@ class GatewayMetrics:
         served.engine.step_listener = self.batch_size.labels(served.model, served.version).observe
 
     def render(self) -> bytes:
-        """The text exposition format."""
-        return generate_latest(self.registry)
+        """The text exposition format.
+
+        Under ``PROMETHEUS_MULTIPROC_DIR`` (`forgeline serve --workers N`) the counters and
+        histograms are summed over every process, whichever answers the scrape; the engine and
+        pool gauges are this process's view (each process routes to the same workers).
+        """
+        path = os.environ.get(MULTIPROC_ENV)
+        if not path:
+            return generate_latest(self.registry)
+        shared = list(MultiProcessCollector(None, path=path).collect())
+        by_name: dict[str, list[Metric]] = {}
+        for family in shared:
+            by_name.setdefault(family.name, []).append(family)
+        registry = CollectorRegistry()
+        registry.register(_Fixed(shared))
+        if self._models is not None:
+            registry.register(_EngineCollector(self._models))
+            registry.register(_PoolCollector(self._models))
+            registry.register(_VllmCollector(self, self._models, lambda metric: by_name.get(metric._name, [])))
+        return generate_latest(registry)
+
+
+class _Fixed(Collector):
+    """Families collected already (the processes' shared metrics, read once per scrape)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
 
 
 @router.get("/metrics", include_in_schema=False)

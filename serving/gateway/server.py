@@ -13,7 +13,10 @@ reproducible from the environment (``forgeline serve`` passes its options that w
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +28,7 @@ from fastapi import FastAPI
 from registry.errors import ErrorCode, ForgelineError
 from serving.config import ServerLimits
 from serving.gateway.connections import limited_protocol
+from serving.gateway.metrics import MULTIPROC_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -133,11 +137,21 @@ def _run_processes(factory: str, host: str, port: int, *, log_level: str, limits
     from uvicorn.supervisors import Multiprocess
 
     config = server_config(factory, limits, host=host, port=port, log_level=log_level, lifespan="on", factory=True, workers=workers)
+    # prometheus_client's multiprocess mode: each process keeps its counters in files here, and
+    # /metrics, whichever process answers it, sums them all. Set before the processes start
+    # (they import prometheus_client afresh); an operator's own directory is kept.
+    own_dir = None
+    if not os.environ.get(MULTIPROC_ENV):
+        own_dir = tempfile.mkdtemp(prefix="forgeline-metrics-")
+        os.environ[MULTIPROC_ENV] = own_dir
     sock = config.bind_socket()
     try:
         Multiprocess(config, sockets=[sock]).run()
     finally:
         sock.close()
+        if own_dir is not None:
+            del os.environ[MULTIPROC_ENV]
+            shutil.rmtree(own_dir, ignore_errors=True)
 
 
 def startup_error(app: FastAPI, records: list[logging.LogRecord]) -> ForgelineError:

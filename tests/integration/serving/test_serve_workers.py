@@ -78,13 +78,23 @@ def test_two_processes_share_the_port_and_one_quota_through_redis(tmp_path: Path
                                   json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
             statuses.append(response.status_code)
         refilled = int((time.monotonic() - began) * 6 / 60)  # the bucket refills 6 a minute
+        # /metrics sums both processes' counters, whichever process answers the scrape.
+        scrapes = [httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text for _ in range(6)]
     finally:
         proc.terminate()
         proc.wait(30)
     assert len(_pids(log)) == 2, "every request went to one process"
     # One budget of 6 across both processes: the 7th request onwards is refused by either
     # (each process alone would have allowed 6).
+    counted = [_summed(text, "forgeline_requests_total{") for text in scrapes]
+    assert counted == [len(statuses)] * len(scrapes), (counted, len(statuses))
+    # The vLLM names are derived from the summed series too.
+    assert {_summed(text, 'vllm:request_success_total{model_name="m"}') for text in scrapes} == {statuses.count(200)}
     assert 6 <= statuses.count(200) <= 6 + refilled and statuses.count(200) + statuses.count(429) == len(statuses), statuses
+
+
+def _summed(metrics: str, prefix: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith(prefix))
 
 
 def _pids(log: Path) -> set[int]:

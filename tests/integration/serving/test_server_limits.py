@@ -119,6 +119,24 @@ def test_connections_beyond_the_cap_are_closed_at_once() -> None:
         stop()
 
 
+def test_a_request_over_the_concurrency_limit_gets_an_openai_shaped_503() -> None:
+    limits = ServerLimits(max_connections=3, header_timeout_s=30)
+    url, stop = serve_in_background(_app(), limits=limits)
+    port = int(url.rsplit(":", 1)[1])
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    try:
+        time.sleep(0.3)
+        busy = httpx.get(url + "/health", timeout=5)  # the third connection: at the limit
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        assert busy.json()["error"]["code"] == "unavailable" and busy.json()["error"]["type"]
+        for s in idle:
+            s.close()
+        time.sleep(0.3)
+        assert httpx.get(url + "/health", timeout=5).status_code == 200
+    finally:
+        stop()
+
+
 def test_sigterm_mid_upload_exits_within_the_graceful_shutdown_bound() -> None:
     from registry.keys import KeyStore
 

@@ -167,6 +167,28 @@ async def _unary(
         results.append((bool(ok), time.perf_counter() - began))
 
 
+def test_a_client_leaving_a_relayed_stream_ends_the_worker_request_at_once(tmp_path: Path, tiny_base: Path, stack: ExitStack) -> None:
+    worker = _worker(tmp_path, "w0", delay_ms=200)  # 16 tokens: 3.2 s to the end
+    stack.callback(worker.stop)
+    served = _served([worker.base_url], "pool", tiny_base)
+    url, stop = serve_in_background(create_app(StaticCatalog([served])))
+    stack.callback(stop)
+    body = {"model": "pool", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with httpx.Client(timeout=10) as client, client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+        lines = response.iter_lines()  # held: a dropped iterator closes the response
+        first = next(lines)
+        assert first.startswith("data: ") and json.loads(first[6:])["model"] == "pool"
+        (w0,) = served.engine.pool.workers
+        assert w0.outstanding == 1
+    left = time.monotonic()
+    while w0.outstanding and time.monotonic() - left < 2.0:
+        time.sleep(0.02)
+    # Freed while the worker was still between tokens, long before its answer would have ended.
+    assert w0.outstanding == 0, "the worker request outlived its client"
+    metrics = httpx.get(f"{url}/metrics", timeout=5).text
+    assert 'forgeline_requests_total{adapter="",model="pool",status="499",version="1"} 1.0' in metrics
+
+
 async def _streams(client: httpx.AsyncClient, model: str, outcomes: list[str], until: float) -> None:
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
     while time.perf_counter() < until:

@@ -70,7 +70,7 @@ def test_unary_chat_fails_over_and_the_refusing_worker_is_ejected(tiny_base: Pat
         try:
             # They fail after the health checks passed: only requests find out.
             fleet.modes.update(w0="refuse", w1="500")
-            return [await engine.relay_chat({"model": "public", "messages": []}) for _ in range(20)]
+            return [(await engine.relay_chat({"model": "public", "messages": []})).json for _ in range(20)]
         finally:
             await engine.stop()
 
@@ -108,7 +108,8 @@ def test_a_stream_fails_over_before_its_first_event_but_not_after(tiny_base: Pat
 async def _first_text(engine: UpstreamEngine) -> str:
     stream = engine.relay_chat_stream({"model": "public", "messages": [{"role": "user", "content": "q"}]})
     try:
-        event = await anext(stream)
+        block = await anext(stream)
+        event = json.loads(block.payloads()[0])
         return str(event["choices"][0]["delta"]["content"])
     finally:
         await stream.aclose()
