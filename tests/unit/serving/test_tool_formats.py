@@ -45,19 +45,53 @@ def test_plain_text_and_broken_calls_stay_content(fmt) -> None:
         assert fmt.parse(text) == (text, [])
 
 
+def _streamed(stream: ToolCallStream, pieces: list[str]) -> tuple[str, list[dict]]:
+    content, deltas = "", []
+    for piece in [*pieces, None]:
+        text, new = stream.feed(piece) if piece is not None else stream.finish()
+        content, deltas = content + text, deltas + new
+    return content, deltas
+
+
+def _reassembled(deltas: list[dict]) -> list[tuple[str, str]]:
+    calls: dict[int, list[str]] = {}
+    for d in deltas:
+        calls.setdefault(d["index"], [d["function"].get("name"), ""])[1] += d["function"]["arguments"]
+    return [tuple(calls[i]) for i in sorted(calls)]
+
+
 @pytest.mark.parametrize("pieces", [[HERMES], list(HERMES), [HERMES[:5], HERMES[5:40], HERMES[40:]]])
 def test_a_stream_sends_content_then_each_call_id_and_name_first(pieces: list[str]) -> None:
-    stream = ToolCallStream(HermesFormat())
-    content, deltas = "", []
-    for piece in pieces:
-        text, new = stream.feed(piece)
-        content, deltas = content + text, deltas + new
-    text, new = stream.finish()
-    content, deltas = content + text, deltas + new
+    content, deltas = _streamed(ToolCallStream(HermesFormat()), pieces)
     assert content == "Let me look."  # no fragment of the <tool_call> marker leaks into content
-    assert [d["index"] for d in deltas] == [0, 0, 1, 1]
     assert deltas[0]["function"] == {"name": "lookup_order", "arguments": ""} and deltas[0]["id"].startswith("call_")
-    assert "id" not in deltas[1] and json.loads(deltas[1]["function"]["arguments"]) == {"order_id": "1"}
+    assert all("id" not in d and "name" not in d["function"] for d in deltas[1:] if d["index"] == 0)
+    firsts = [d for d in deltas if "id" in d]
+    assert [d["index"] for d in firsts] == [0, 1] and firsts[1]["function"]["name"] == "f"
+    _, unary = HermesFormat().parse(HERMES)
+    assert _reassembled(deltas) == [(c.name, c.arguments) for c in unary]
+    assert json.loads(unary[0].arguments) == {"order_id": "1"}
+
+
+@pytest.mark.parametrize(("fmt", "text"), [
+    (HermesFormat(), HERMES), (Llama3JsonFormat(), LLAMA), (Llama3JsonFormat(), LLAMA + '; {"name": "f", "parameters": {}}'),
+    (MistralFormat(), MISTRAL_V3), (MistralFormat(), MISTRAL_V3.removeprefix("[TOOL_CALLS]")), (MistralFormat(), MISTRAL_V11),
+])
+def test_every_format_streams_arguments_token_by_token_as_the_unary_answer_has_them(fmt, text: str) -> None:
+    content, deltas = _streamed(ToolCallStream(fmt), list(text))  # one character a token
+    _, unary = fmt.parse(text)
+    assert unary and _reassembled(deltas) == [(c.name, c.arguments) for c in unary]
+    first_args = [d["function"]["arguments"] for d in deltas if d["index"] == 0]
+    assert first_args[0] == "" and len(first_args) > 5  # the name first, then the arguments piece by piece
+    assert json.loads(unary[0].arguments) == {"order_id": "1"}
+
+
+def test_arguments_stream_before_the_call_closes() -> None:
+    stream = ToolCallStream(HermesFormat())
+    _, deltas = stream.feed('<tool_call>{"name": "lookup_order", "arguments": {"order_id": "4')
+    assert [d["function"]["arguments"] for d in deltas] == ["", '{"order_id": "4']
+    _, deltas = stream.feed('82"}}</tool_call>')
+    assert [d["function"]["arguments"] for d in deltas] == ['82"}']  # the call's own closing brace is not an argument
 
 
 def test_a_stream_without_calls_is_all_content_and_one_call_without_parallel() -> None:
