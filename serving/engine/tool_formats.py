@@ -11,8 +11,13 @@ format is recognised from the template text (`detect_tool_format`):
   (v3 tokenizers) or ``name[ARGS]{...}`` per call (v11+). ``[TOOL_CALLS]`` is a special
   token, removed when the engine decodes text, so a list of calls at the very start counts too.
 
+Calls are read incrementally (`ToolFormat.partial_calls`): in the usual key order (name first)
+a call is known from its name on and its arguments are the generated text itself, growing
+token by token, so a stream can send them as they come and a unary answer carries the same text.
+
 A format also gives the llguidance grammar that forces a call (``tool_choice`` ``required``
-or a named function), with each function's arguments constrained to its JSON schema.
+or a named function), with each function's arguments constrained to its JSON schema, and the
+one for ``strict`` tools under ``auto`` (free text that does not start a call, or valid calls).
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ Rules, as OpenAI's:
 - ``response_format`` ``json_object`` / ``json_schema`` constrain the content when no call is forced.
 - ``parallel_tool_calls: false`` allows one call.
 - ``strict`` tools under ``auto``: free text that never opens a call, or calls that follow the
-  schemas (Hermes format; Llama-3 JSON and Mistral answers under ``auto`` are not constrained).
+  schemas (for Llama-3 JSON: text that does not start with `{`; for Mistral: text that does not start
+  as a list of calls and never writes `[TOOL_CALLS]`).
   Non-strict tools under ``auto`` are parsed, not constrained.
 """
 
