@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -147,3 +148,41 @@ def test_the_auto_grammar_allows_text_or_valid_calls_and_nothing_else() -> None:
     assert accepts('Let me check.<tool_call>{"name": "f", "arguments": {"x": 3}}</tool_call>')
     assert not accepts('<tool_call>{"name": "f", "arguments": {"x": "three"}}</tool_call>')
     assert not accepts('<tool_call>{"name": "g", "arguments": {}}</tool_call>')
+
+
+@pytest.fixture(scope="module")
+def matcher_of():
+    import llguidance
+    import llguidance.hf
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(Path(__file__).resolve().parents[3] / "assets" / "tiny-base")
+    ll = llguidance.hf.from_tokenizer(hf, n_vocab=len(hf), eos_token=[hf.eos_token_id])
+
+    def accepts(grammar: str, text: str) -> bool:
+        matcher = llguidance.LLMatcher(ll, llguidance.LLMatcher.grammar_from_lark(grammar), log_level=0)
+        return all(matcher.consume_token(t) for t in hf.encode(text, add_special_tokens=False)) and matcher.is_accepting()
+
+    return accepts
+
+
+STRICT = [{"type": "function", "function": {"name": "lookup_order", "strict": True, "parameters": {
+    "type": "object", "properties": {"order_id": {"type": "string", "pattern": "^#[0-9]{3}$"}}, "required": ["order_id"],
+    "additionalProperties": False}}}]
+
+
+@pytest.mark.parametrize(("fmt", "call", "bad_call"), [
+    (HermesFormat(), '<tool_call>{"name": "lookup_order", "arguments": {"order_id": "#482"}}</tool_call>',
+     '<tool_call>{"name": "lookup_order", "arguments": {"order_id": "482"}}</tool_call>'),
+    (Llama3JsonFormat(), '{"name": "lookup_order", "parameters": {"order_id": "#482"}}',
+     '{"name": "lookup_order", "parameters": {"order_id": "482"}}'),
+    (MistralFormat(), '[TOOL_CALLS][{"name": "lookup_order", "arguments": {"order_id": "#482"}}]',
+     '[TOOL_CALLS][{"name": "lookup_order", "arguments": {"order_id": "482"}}]'),
+])
+def test_strict_auto_grammars_allow_text_or_valid_calls_only(matcher_of, fmt, call: str, bad_call: str) -> None:
+    grammar = fmt.auto_grammar(STRICT, parallel=True)
+    assert matcher_of(grammar, "The order shipped.") and matcher_of(grammar, call)
+    assert not matcher_of(grammar, bad_call)  # the pattern holds
+    assert fmt.parse(call)[1] and matcher_of(fmt.grammar(STRICT, parallel=False), call)
+    if not isinstance(fmt, HermesFormat):  # text that starts as a call but is none
+        assert not matcher_of(grammar, call[: call.index('"name"')] + "oops")
