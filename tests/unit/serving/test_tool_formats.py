@@ -186,3 +186,22 @@ def test_strict_auto_grammars_allow_text_or_valid_calls_only(matcher_of, fmt, ca
     assert fmt.parse(call)[1] and matcher_of(fmt.grammar(STRICT, parallel=False), call)
     if not isinstance(fmt, HermesFormat):  # text that starts as a call but is none
         assert not matcher_of(grammar, call[: call.index('"name"')] + "oops")
+
+
+def test_a_literal_that_is_a_control_token_matches_the_token_too(tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from serving.engine.grammar import GuideCompiler
+    from tests.support.families import build_family
+
+    tok = AutoTokenizer.from_pretrained(build_family("mixtral", tmp_path))  # [INST] is a special token there
+    inst = tok.convert_tokens_to_ids("[INST]")
+    guide = GuideCompiler(tok, [tok.eos_token_id], len(tok)).lark('start: "[INST]" "x"', param="tools")()
+    logits = torch.zeros(len(tok))
+    guide.mask(logits)
+    allowed = np.flatnonzero(np.isfinite(logits.numpy()))
+    assert inst in allowed and len(allowed) > 1  # the control token, or the text spelled out
+    guide.accept(inst)
+    assert not guide.accepting
