@@ -45,6 +45,9 @@ class GuideCompiler:
         self.vocab_size = vocab_size
         # Expensive (~1 s on large vocabularies): one per engine, built at start.
         self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=self.stop_ids)
+        # Control tokens such as Mistral's [TOOL_CALLS]: a grammar's literal of the same text matches
+        # only the spelled-out bytes, so `lark` lets the token itself match too.
+        self._special = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
 
     def json_schema(self, schema: dict[str, Any] | None, *, param: str) -> Callable[[], TokenGuide]:
         """Guides that allow only JSON documents valid under ``schema`` (None: any JSON object).
@@ -64,11 +67,18 @@ class GuideCompiler:
     def lark(self, grammar: str, *, param: str) -> Callable[[], TokenGuide]:
         """Guides for a Lark grammar (llguidance's dialect: ``%json {schema}`` embeds a JSON schema).
 
+        A quoted literal that is the text of one of the tokenizer's special tokens also matches
+        that token (a model emits ``[TOOL_CALLS]`` as its control token, not as spelled-out text).
+
         Raises:
             ForgelineError: ``invalid_request`` naming ``param`` when the grammar cannot be compiled.
         """
         import llguidance
 
+        for text, token_id in self._special.items():
+            literal = json.dumps(text)
+            if literal in grammar:
+                grammar = grammar.replace(literal, f"({literal} | <[{token_id}]>)")
         return self._compile(llguidance.LLMatcher.grammar_from_lark(grammar), param)
 
     def _compile(self, grammar: str, param: str) -> Callable[[], TokenGuide]:

@@ -11,8 +11,13 @@ format is recognised from the template text (`detect_tool_format`):
   (v3 tokenizers) or ``name[ARGS]{...}`` per call (v11+). ``[TOOL_CALLS]`` is a special
   token, removed when the engine decodes text, so a list of calls at the very start counts too.
 
+Calls are read incrementally (`ToolFormat.partial_calls`): in the usual key order (name first)
+a call is known from its name on and its arguments are the generated text itself, growing
+token by token, so a stream can send them as they come and a unary answer carries the same text.
+
 A format also gives the llguidance grammar that forces a call (``tool_choice`` ``required``
-or a named function), with each function's arguments constrained to its JSON schema.
+or a named function), with each function's arguments constrained to its JSON schema, and the
+one for ``strict`` tools under ``auto`` (free text that does not start a call, or valid calls).
 """
 
 from __future__ import annotations
@@ -40,16 +45,73 @@ class ToolCall:
         return entry if index is None else {"index": index, **entry}
 
 
+def new_call_id() -> str:
+    """A fresh OpenAI-style call id."""
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 def new_call(name: str, arguments: Any) -> ToolCall:
     """A call with a fresh OpenAI-style id; ``arguments`` as an object or its JSON text."""
     text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=name, arguments=text)
+    return ToolCall(id=new_call_id(), name=name, arguments=text)
 
 
-def _call_of(obj: Any, args_key: str) -> ToolCall | None:
+@dataclass(frozen=True)
+class PartialCall:
+    """A call as generated so far: its name, its arguments' JSON text so far, whether it is whole.
+
+    ``arguments`` only grows while the call is generated, so a stream can send the new part
+    of it after each token; ``complete`` once the arguments are a closed, valid JSON object
+    and the format's closing (if any) is there.
+    """
+
+    name: str
+    arguments: str
+    complete: bool
+
+
+# `{"name": "f", "arguments": {` — the key order every template we know renders calls in (and
+# our grammars force): the name is known before the arguments, which then stream as they come.
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
+_CLOSE_BRACE = re.compile(r"\s*\}")
+_DECODER = json.JSONDecoder()
+
+
+def _object_end(text: str, pos: int) -> int | None:
+    """Where the JSON object opening at ``text[pos]`` ends (after its ``}``), or None if still open."""
+    depth, in_string, escaped = 0, False, False
+    for i in range(pos, len(text)):
+        ch = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
+
+
+def _is_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+def _whole_call(obj: Any) -> PartialCall | None:
+    """A call from a decoded ``{"name", "arguments" | "parameters"}`` object (arguments re-encoded)."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
-    arguments = obj.get(args_key, obj.get("arguments", obj.get("parameters", {})))
+    arguments = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)
@@ -57,7 +119,37 @@ def _call_of(obj: Any, args_key: str) -> ToolCall | None:
             return None
     if not isinstance(arguments, dict):
         return None
-    return new_call(obj["name"], arguments)
+    return PartialCall(obj["name"], json.dumps(arguments, ensure_ascii=False), True)
+
+
+def _args_call(name: str, text: str, pos: int) -> tuple[PartialCall, int | None]:
+    """The call named ``name`` whose arguments object opens at ``text[pos]``; the end of the arguments."""
+    end = _object_end(text, pos)
+    if end is None:
+        return PartialCall(name, text[pos:], False), None
+    arguments = text[pos:end]
+    return PartialCall(name, arguments, _is_object(arguments)), end
+
+
+def _scan_object(text: str, pos: int) -> tuple[PartialCall | None, int | None]:
+    """The call object starting at ``pos`` (after whitespace) as generated so far, and where it ends.
+
+    In the usual key order (``_HEAD``) the call is known from its name on and its arguments are
+    the generated text itself; in any other shape it is known only once the object is whole.
+    """
+    head = _HEAD.match(text, pos)
+    if head is not None:
+        call, end = _args_call(json.loads(f'"{head.group(1)}"'), text, head.end())
+        close = _CLOSE_BRACE.match(text, end) if end is not None else None
+        if close is None:
+            return PartialCall(call.name, call.arguments, False), None
+        return call, close.end()
+    at = len(text) - len(text[pos:].lstrip())
+    try:
+        obj, end = _DECODER.raw_decode(text, at)
+    except ValueError:
+        return None, None
+    return _whole_call(obj), end
 
 
 def _function_schema(tool: dict[str, Any], args_key: str) -> dict[str, Any]:
@@ -81,6 +173,36 @@ def _one_of_calls(tools: list[dict[str, Any]], args_key: str) -> str:
     return _json_rule(schemas[0] if len(schemas) == 1 else {"anyOf": schemas})
 
 
+def _separated_calls(text: str, pos: int, separator: str) -> list[PartialCall]:
+    """Call objects from ``pos`` on, separated by ``separator`` (Llama-3 ``;``, a Mistral list's ``,``)."""
+    calls: list[PartialCall] = []
+    while True:
+        call, end = _scan_object(text, pos)
+        if call is None:
+            return calls
+        calls.append(call)
+        if end is None or not call.complete:
+            return calls
+        rest = text[end:].lstrip()
+        if not rest.startswith(separator):
+            return calls
+        pos = len(text) - len(rest) + 1
+
+
+def _calls_end(text: str, pos: int, separator: str) -> int | None:
+    """Where the separated calls from ``pos`` end when nothing but whitespace follows them, else None."""
+    while True:
+        _, end = _scan_object(text, pos)
+        if end is None:
+            return None
+        rest = text[end:].lstrip()
+        if not rest:
+            return end
+        if not rest.startswith(separator):
+            return None
+        pos = len(text) - len(rest) + 1
+
+
 class ToolFormat:
     """Base: a format whose calls take the whole answer (decided at its first characters)."""
 
@@ -95,9 +217,13 @@ class ToolFormat:
         """Trailing characters of ``text`` that may still grow into the start of a call (not yet content)."""
         return 0
 
-    def complete_calls(self, region: str, *, final: bool) -> list[ToolCall]:
-        """The calls in ``region`` (from `start` on) that are complete; ``final`` once generation ended."""
+    def partial_calls(self, region: str) -> list[PartialCall]:
+        """The calls in ``region`` (from `start` on) as generated so far, in order (see `PartialCall`)."""
         raise NotImplementedError
+
+    def complete_calls(self, region: str) -> list[ToolCall]:
+        """The whole calls in ``region`` (a finished answer from `start` on)."""
+        return [ToolCall(new_call_id(), c.name, c.arguments) for c in self.partial_calls(region) if c.complete]
 
     def grammar(self, tools: list[dict[str, Any]], *, parallel: bool) -> str:
         """A Lark grammar (llguidance dialect) that allows only calls of ``tools``."""
@@ -113,7 +239,7 @@ class ToolFormat:
         at = self.start(text)
         if at is None:
             return text, []
-        calls = self.complete_calls(text[at:], final=True)
+        calls = self.complete_calls(text[at:])
         if not calls:
             return text, []
         content = text[:at].strip()
@@ -125,7 +251,6 @@ class HermesFormat(ToolFormat):
 
     name = "hermes"
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
-    _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
     def start(self, text: str) -> int | None:
         at = text.find(self.OPEN)
@@ -137,15 +262,18 @@ class HermesFormat(ToolFormat):
                 return size
         return 0
 
-    def complete_calls(self, region: str, *, final: bool) -> list[ToolCall]:
-        calls = []
-        for block in self._BLOCK.findall(region):
-            try:
-                call = _call_of(json.loads(block), "arguments")
-            except ValueError:
-                call = None
+    def partial_calls(self, region: str) -> list[PartialCall]:
+        calls: list[PartialCall] = []
+        pos = 0
+        while (at := region.find(self.OPEN, pos)) >= 0:
+            call, end = _scan_object(region, at + len(self.OPEN))
+            close = region.find(self.CLOSE, end if end is not None else at)
             if call is not None:
-                calls.append(call)
+                closed = end is not None and region[end:close].strip() == "" and close >= 0
+                calls.append(PartialCall(call.name, call.arguments, call.complete and closed))
+            if close < 0 or (call is not None and not calls[-1].complete):
+                break  # still being generated (or broken: nothing after it counts)
+            pos = close + len(self.CLOSE)
         return calls
 
     def grammar(self, tools: list[dict[str, Any]], *, parallel: bool) -> str:
@@ -178,23 +306,29 @@ class Llama3JsonFormat(ToolFormat):
             return offset
         return offset if stripped.startswith("{") else None
 
-    def complete_calls(self, region: str, *, final: bool) -> list[ToolCall]:
-        if not final:
-            return []  # one JSON value: complete only when generation ends
-        body = region.strip().removeprefix(self.TAG).strip()
-        calls = []
-        for part in body.split(";") if body.count("{") > 1 else [body]:
-            try:
-                call = _call_of(json.loads(part), "parameters")
-            except ValueError:
-                return []
-            if call is None:
-                return []
-            calls.append(call)
-        return calls
+    def partial_calls(self, region: str) -> list[PartialCall]:
+        return _separated_calls(region.lstrip().removeprefix(self.TAG), 0, ";")
+
+    def complete_calls(self, region: str) -> list[ToolCall]:
+        # The whole answer is the calls: any other text after them means it was not a call after all.
+        body = region.lstrip().removeprefix(self.TAG)
+        calls = _separated_calls(body, 0, ";")
+        if not calls or not all(c.complete for c in calls) or _calls_end(body, 0, ";") is None:
+            return []
+        return super().complete_calls(region)
 
     def grammar(self, tools: list[dict[str, Any]], *, parallel: bool) -> str:
-        return "start: " + _one_of_calls(tools, "parameters")
+        call = _one_of_calls(tools, "parameters")
+        more = ' ("; " call)*' if parallel else ""
+        return f"start: call{more}\ncall: {call}"
+
+    def auto_grammar(self, tools: list[dict[str, Any]], *, parallel: bool) -> str | None:
+        # Text that does not start as a call does (`{` or the python tag), or the calls alone.
+        return (
+            f"{self.grammar(tools, parallel=parallel).replace('start: call', 'calls: call', 1)}\n"
+            "start: TEXT | calls\n"
+            r"TEXT: /(?s:.+)/ & ~/(?s:\s*(\{|<\|python_tag\|>).*)/"
+        )
 
 
 class MistralFormat(ToolFormat):
@@ -202,7 +336,7 @@ class MistralFormat(ToolFormat):
 
     name = "mistral"
     TAG = "[TOOL_CALLS]"
-    _NAMED = re.compile(r"([A-Za-z0-9_.-]+)\[ARGS\]")
+    _NAMED = re.compile(r"\s*(?:\[TOOL_CALLS\])?\s*([A-Za-z0-9_.-]+)\[ARGS\](?=\s*\{)")
 
     def start(self, text: str) -> int | None:
         at = text.find(self.TAG)
@@ -220,31 +354,23 @@ class MistralFormat(ToolFormat):
                 return size
         return 0
 
-    def complete_calls(self, region: str, *, final: bool) -> list[ToolCall]:
-        if not final:
-            return []
-        body = region.replace(self.TAG, "").strip()
+    def partial_calls(self, region: str) -> list[PartialCall]:
+        body = region.lstrip().removeprefix(self.TAG).lstrip()
         if body.startswith("["):
-            try:
-                items = json.loads(body)
-            except ValueError:
-                return []
-            calls = [_call_of(item, "arguments") for item in items] if isinstance(items, list) else []
-            return [c for c in calls if c is not None] if calls and all(calls) else []
-        calls = []
-        decoder = json.JSONDecoder()
+            return _separated_calls(body, 1, ",")
+        calls: list[PartialCall] = []
         pos = 0
-        while (match := self._NAMED.search(body, pos)) is not None:
-            try:
-                arguments, end = decoder.raw_decode(body, match.end())
-            except ValueError:
-                return []
-            call = _call_of({"name": match.group(1), "arguments": arguments}, "arguments")
-            if call is None:
-                return []
+        while (named := self._NAMED.match(body, pos)) is not None:
+            call, end = _args_call(named.group(1), body, named.end())
             calls.append(call)
+            if end is None or not call.complete:
+                break
             pos = end
         return calls
+
+    def complete_calls(self, region: str) -> list[ToolCall]:
+        calls = self.partial_calls(region)
+        return super().complete_calls(region) if calls and all(c.complete for c in calls) else []
 
     def grammar(self, tools: list[dict[str, Any]], *, parallel: bool) -> str:
         schemas = [_function_schema(t, "arguments") for t in tools]
@@ -253,6 +379,11 @@ class MistralFormat(ToolFormat):
         if not parallel:
             array["maxItems"] = 1
         return f'start: "{self.TAG}" {_json_rule(array)}'
+
+    def auto_grammar(self, tools: list[dict[str, Any]], *, parallel: bool) -> str | None:
+        # Text that neither holds the tag nor starts as a list of calls, or the tag and the calls.
+        calls = self.grammar(tools, parallel=parallel).removeprefix("start: ")
+        return f"start: TEXT | {calls}\n" r"TEXT: /(?s:.+)/ & ~/(?s:(\s*\[\{|.*\[TOOL_CALLS\]).*)/"
 
 
 FORMATS: dict[str, type[ToolFormat]] = {f.name: f for f in (HermesFormat, Llama3JsonFormat, MistralFormat)}

@@ -4,8 +4,8 @@
 the chat template, a guide factory (constrained decoding) and the model's tool-call format
 to parse answers with. `ToolCallStream` splits a streamed answer into content deltas and
 OpenAI ``tool_calls`` deltas: each call's id, type and name first (arguments ``""``), then
-its arguments, sent as soon as the call is complete in the text (Hermes blocks one by one;
-Llama-3 and Mistral calls, being one JSON value, when generation ends).
+its arguments piece by piece as they are generated, in every format (Hermes, Llama-3 JSON,
+Mistral).
 
 Rules, as OpenAI's:
 - ``tool_choice`` ``none`` leaves the tools out of the prompt and parses nothing; ``auto``
@@ -14,7 +14,8 @@ Rules, as OpenAI's:
 - ``response_format`` ``json_object`` / ``json_schema`` constrain the content when no call is forced.
 - ``parallel_tool_calls: false`` allows one call.
 - ``strict`` tools under ``auto``: free text that never opens a call, or calls that follow the
-  schemas (Hermes format; Llama-3 JSON and Mistral answers under ``auto`` are not constrained).
+  schemas (for Llama-3 JSON: text that does not start with `{`; for Mistral: text that does not start
+  as a list of calls and never writes `[TOOL_CALLS]`).
   Non-strict tools under ``auto`` are parsed, not constrained.
 """
 
@@ -29,7 +30,7 @@ from registry.errors import ErrorCode, ForgelineError
 from serving.engine.base import TokenGuide
 from serving.engine.grammar import schema_of_response_format
 from serving.engine.structured import StructuredEngine
-from serving.engine.tool_formats import FORMATS, ToolCall, ToolFormat, select_tools
+from serving.engine.tool_formats import FORMATS, ToolCall, ToolFormat, new_call_id, select_tools
 from serving.gateway.protocol import ChatCompletionRequest, ChatMessage
 
 
@@ -168,7 +169,13 @@ def plan_structure(body: ChatCompletionRequest, engine: StructuredEngine, adapte
 
 
 class ToolCallStream:
-    """Splits one choice's streamed text into content and OpenAI ``tool_calls`` deltas."""
+    """Splits one choice's streamed text into content and OpenAI ``tool_calls`` deltas.
+
+    As OpenAI streams them: a call's first delta has its ``index``, ``id``, ``type`` and
+    ``function.name`` with ``arguments: ""``, then each new piece of its arguments follows
+    as generated. A call counts from its first delta on, so once a call has started the
+    answer stays a call (under free decoding a call that never closes keeps what was sent).
+    """
 
     def __init__(self, fmt: ToolFormat, *, parallel: bool = True) -> None:
         self._fmt = fmt
@@ -176,6 +183,7 @@ class ToolCallStream:
         self._text = ""
         self._emitted = 0  # characters delivered as content
         self._start: int | None = None
+        self._sent: list[int] = []  # characters of each call's arguments sent so far
         self.calls: list[ToolCall] = []
 
     def feed(self, piece: str) -> tuple[str, list[dict[str, Any]]]:
@@ -186,28 +194,35 @@ class ToolCallStream:
         end = self._start if self._start is not None else len(self._text) - self._fmt.holdback(self._text)
         content = self._text[self._emitted : end] if end > self._emitted else ""
         self._emitted = max(self._emitted, end)
-        return content, self._new_calls(final=False)
+        return content, self._new_deltas()
 
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
-        """What is left once generation ended: held-back content, the last calls."""
-        deltas = self._new_calls(final=True)
+        """What is left once generation ended: held-back content, the last argument pieces."""
+        deltas = self._new_deltas()
         content = ""
         if not self.calls:  # no call after all: everything is content
             content, self._emitted = self._text[self._emitted :], len(self._text)
         return content, deltas
 
-    def _new_calls(self, *, final: bool) -> list[dict[str, Any]]:
+    def _new_deltas(self) -> list[dict[str, Any]]:
         if self._start is None:
             return []
-        found = self._fmt.complete_calls(self._text[self._start :], final=final)
+        found = self._fmt.partial_calls(self._text[self._start :])
         if not self._parallel:
             found = found[:1]
         deltas: list[dict[str, Any]] = []
-        for index in range(len(self.calls), len(found)):
-            call = found[index]
-            self.calls.append(call)
-            deltas.append({"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}})
-            deltas.append({"index": index, "function": {"arguments": call.arguments}})
+        for index, partial in enumerate(found):
+            if index == len(self.calls):
+                call = ToolCall(new_call_id(), partial.name, partial.arguments)
+                self.calls.append(call)
+                self._sent.append(0)
+                deltas.append({"index": index, "id": call.id, "type": "function",
+                               "function": {"name": call.name, "arguments": ""}})
+            else:
+                self.calls[index] = ToolCall(self.calls[index].id, partial.name, partial.arguments)
+            if len(partial.arguments) > self._sent[index]:
+                deltas.append({"index": index, "function": {"arguments": partial.arguments[self._sent[index] :]}})
+                self._sent[index] = len(partial.arguments)
         return deltas
 
 

@@ -1,18 +1,20 @@
 """Tool use end to end: recipes/tiny/sft-tools.yaml → `forgeline evaluate` → policy → served tool calls.
 
-The recipe as shipped (80 full fine-tuning steps of the tiny base; ~40 s on 2 idle cores,
-~6 min under load average 12) → `forgeline evaluate` records ``tool_call_accuracy``,
+The recipe as shipped (160 full fine-tuning steps of batch 8 of the tiny base; about a minute on
+2 idle cores, ~7 min under load average 5) → `forgeline evaluate` records ``tool_call_accuracy``,
 ``tool_name_accuracy``, ``schema_valid_rate`` and ``final_answer_exact_match`` for the
 version and its base → recipes/policies/tools.yaml decides exactly as the numbers say → the
 built version, served, answers the stock ``openai`` SDK with ``tool_calls`` (unary and
-streamed; forced by ``tool_choice: required`` and unconstrained) and goes on after the
-``tool`` result.
+streamed, the arguments piece by piece; forced by ``tool_choice: required`` and unconstrained)
+and goes on after the ``tool`` result.
 
-Measured: tool_name_accuracy 1.0 and schema_valid_rate 1.0 (base 0.0 and 0.0), but
-tool_call_accuracy 0.0 for both: the 0.9M-parameter base calls the right function with
-a well-formed order number, not the one in the question (it does not learn to copy 5
-digits in 80 steps). So the issue's "tool-call accuracy beats the base" is not met on the
-tiny base; the policy gates on the right function and valid arguments instead.
+Measured (160 steps of batch 8): tool_call_accuracy 0.2 (base 0.0), tool_name_accuracy 1.0
+and schema_valid_rate 1.0 (base 0.0 and 0.0), final_answer_exact_match 0.2 (base 0.0). The
+exact calls are the 8 `transfer` calls (all right), whose argument the question implies; the
+0.9M-parameter base does not learn to copy order numbers in CI time (recipes/tiny/sft-tools.yaml
+lists what was tried), so every call with an order number has a well-formed but wrong one. The policy
+(recipes/policies/tools.yaml) gates on tool_call_accuracy better than the base's and at least
+0.1; the test fails if the tuned model makes no exact call the base does not.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from tests.integration.forgeline.test_quickstart import REPO, forgeline
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 NAME = "tiny-sft-tools"
-STEPS = int(os.environ.get("FORGELINE_TOOL_TEST_STEPS", "80"))  # the recipe's own; fewer checks only the plumbing
+STEPS = int(os.environ.get("FORGELINE_TOOL_TEST_STEPS", "160"))  # the recipe's own; fewer checks only the plumbing
 TOOLS = json.loads((REPO / "recipes" / "data" / "tool-use" / "eval.jsonl").read_text().splitlines()[0])["tools"]
 
 
@@ -43,7 +45,7 @@ def _recipe(tmp: Path) -> Path:
     raw["model"]["chat_template"] = str((src.parent / raw["model"]["chat_template"]).resolve())
     raw["data"] = {k: str((src.parent / v).resolve()) for k, v in raw["data"].items()}
     raw["train"].update(max_steps=STEPS, save_steps=STEPS)
-    raw["evaluate"].update(max_samples=30)
+    raw["evaluate"].update(max_samples=80)  # every item of the 40 eval rows: ~40 calls, ~10 of them `transfer`
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -106,7 +108,7 @@ def client(home: Path) -> Iterator[openai.OpenAI]:
 
 
 def test_the_served_version_answers_forced_calls_and_goes_on_after_the_result(client: openai.OpenAI) -> None:
-    ask = [{"role": "user", "content": "Where is my order 28589?"}]
+    ask = [{"role": "user", "content": "Where is my order #482?"}]
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
     reply = client.chat.completions.create(model=f"{NAME}@1", messages=ask, tools=TOOLS, tool_choice="required",  # type: ignore[arg-type]
                                            temperature=0, max_tokens=64, parallel_tool_calls=False)
@@ -128,36 +130,44 @@ def test_the_served_version_answers_forced_calls_and_goes_on_after_the_result(cl
     assert "".join(d.function.arguments or "" for d in deltas if d.function) == call.function.arguments  # type: ignore[union-attr]
 
     follow = [*ask, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-              {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"order_id": "28589", "status": "shipped"})}]
+              {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"order_id": "#482", "status": "shipped"})}]
     answer = client.chat.completions.create(model=f"{NAME}@1", messages=follow, tools=TOOLS, tool_choice="none",  # type: ignore[arg-type]
                                             temperature=0, max_tokens=32)
     assert answer.choices[0].finish_reason in ("stop", "length") and not answer.choices[0].message.tool_calls
     assert answer.usage is not None and answer.usage.prompt_tokens > reply.usage.prompt_tokens  # type: ignore[union-attr]
 
 
-@pytest.mark.skipif(STEPS < 80, reason="the tiny base learns the call format in ~80 full fine-tuning steps")
-def test_the_tuned_model_calls_the_right_tool_unconstrained(client: openai.OpenAI, home: Path) -> None:
+@pytest.mark.skipif(STEPS < 160, reason="the tiny base learns exact transfer calls in ~160 steps of batch 8")
+def test_the_tuned_model_makes_exact_calls_the_base_does_not(client: openai.OpenAI, home: Path) -> None:
     from registry.client import Registry
 
     info = Registry().get_version(NAME, 1)
     metrics, base = info.metrics(), info.base_metrics()
-    assert metrics["tool_name_accuracy"] > base["tool_name_accuracy"]
-    assert metrics["schema_valid_rate"] > base["schema_valid_rate"]
+    for metric in ("tool_call_accuracy", "tool_name_accuracy", "schema_valid_rate"):
+        assert metrics[metric] > base[metric], (metric, metrics, base)
     promoted = forgeline(home, "promote", NAME, "1", "--to", "staging", "--policy",
                          str(REPO / "recipes" / "policies" / "tools.yaml"), "--local-admin", "ops")
     assert promoted.returncode == 0, promoted.stderr[-2000:]
-    ask = [{"role": "user", "content": "Where is my order 28589?"}]
+
+    # A call whose argument the question implies (nothing to copy), unconstrained; streamed alike.
+    ask = [{"role": "user", "content": "I was charged twice this month."}]
     reply = client.chat.completions.create(model=f"{NAME}@1", messages=ask, tools=TOOLS, temperature=0, max_tokens=64)  # type: ignore[arg-type]
     print(f"\nunconstrained: {reply.choices[0].message}")
     assert reply.choices[0].finish_reason == "tool_calls"
     call = (reply.choices[0].message.tool_calls or [])[0]
-    assert call.function.name == "lookup_order" and set(json.loads(call.function.arguments)) == {"order_id"}  # type: ignore[union-attr]
+    assert call.function.name == "transfer"  # type: ignore[union-attr]
+    jsonschema.validate(json.loads(call.function.arguments), {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}["transfer"])  # type: ignore[union-attr]
     stream = client.chat.completions.create(model=f"{NAME}@1", messages=ask, tools=TOOLS, temperature=0, max_tokens=64, stream=True)  # type: ignore[arg-type]
     deltas = [d for e in stream for c in e.choices for d in (c.delta.tool_calls or [])]
-    assert deltas[0].function.name == "lookup_order"  # type: ignore[union-attr]
+    assert deltas[0].function.name == "transfer" and len(deltas) > 2  # type: ignore[union-attr]  # name, then argument pieces
     assert "".join(d.function.arguments or "" for d in deltas if d.function) == call.function.arguments  # type: ignore[union-attr]
-    follow = [*ask, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-              {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"order_id": "28589", "status": "shipped"})}]
+
+    where = [{"role": "user", "content": "Where is my order #482?"}]
+    looked = client.chat.completions.create(model=f"{NAME}@1", messages=where, tools=TOOLS, temperature=0, max_tokens=64)  # type: ignore[arg-type]
+    (lookup,) = looked.choices[0].message.tool_calls or []
+    assert lookup.function.name == "lookup_order" and set(json.loads(lookup.function.arguments)) == {"order_id"}  # type: ignore[union-attr]
+    follow = [*where, {"role": "assistant", "content": None, "tool_calls": [lookup.model_dump()]},
+              {"role": "tool", "tool_call_id": lookup.id, "content": json.dumps({"order_id": "#482", "status": "shipped"})}]
     answer = client.chat.completions.create(model=f"{NAME}@1", messages=follow, tools=TOOLS, temperature=0, max_tokens=48)  # type: ignore[arg-type]
     print(f"after the tool: {answer.choices[0].message}")
     assert answer.choices[0].finish_reason == "stop" and not answer.choices[0].message.tool_calls

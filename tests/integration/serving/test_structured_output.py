@@ -180,21 +180,22 @@ def test_strict_tools_under_auto_give_text_or_valid_calls(client: openai.OpenAI)
 
 
 def test_streamed_tool_calls_arrive_as_openai_deltas(client: openai.OpenAI) -> None:
-    stream = client.chat.completions.create(
-        model="tools", messages=ASK, tools=[LOOKUP], tool_choice="required", seed=2, max_tokens=96, stream=True,  # type: ignore[list-item]
-        parallel_tool_calls=False,
-    )
+    request: dict[str, Any] = {"model": "tools", "messages": ASK, "tools": [LOOKUP, REFUND], "tool_choice": "required",
+                               "seed": 2, "temperature": 1.0, "max_tokens": 96, "parallel_tool_calls": False}
+    unary = (client.chat.completions.create(**request).choices[0].message.tool_calls or [])[0]
     deltas, finish = [], None
-    for event in stream:
+    for event in client.chat.completions.create(stream=True, **request):
         for choice in event.choices:
             deltas += choice.delta.tool_calls or []
             finish = choice.finish_reason or finish
     assert finish == "tool_calls"
     first, rest = deltas[0], deltas[1:]
-    assert first.id and first.function and first.function.name == "lookup_order" and first.function.arguments == ""
-    arguments = "".join(d.function.arguments or "" for d in rest if d.function)
+    assert first.id and first.function and first.function.name == unary.function.name and first.function.arguments == ""  # type: ignore[union-attr]
     assert all(d.index == 0 and d.id is None for d in rest)
-    jsonschema.validate(json.loads(arguments), LOOKUP["function"]["parameters"])
+    pieces = [d.function.arguments for d in rest if d.function and d.function.arguments]
+    assert len(pieces) > 1  # piece by piece as generated, not one block
+    assert "".join(pieces) == unary.function.arguments  # type: ignore[union-attr]  # the same seed: the same call
+    jsonschema.validate(json.loads("".join(pieces)), {"lookup_order": LOOKUP, "start_refund": REFUND}[first.function.name]["function"]["parameters"])
 
 
 def test_a_conversation_with_tool_results_renders(client: openai.OpenAI) -> None:

@@ -36,21 +36,22 @@ def test_items_are_the_call_turns_and_the_answers_after_tool_results(tokenizer) 
     answers = [i for i in items if i.calls is None]
     assert calls and answers
     first = calls[0]
-    assert first.prompt.endswith("<|assistant|>\n") and "Tools: lookup_order(order_id) start_refund(order_id, reason)" in first.prompt
+    assert first.prompt.endswith("<|assistant|>\n") and "Tools: lookup_order(order_id) start_refund(order_id, reason) escalate(order_id, priority)" in first.prompt
     # An answer item is prompted with the call and its result.
     assert "<tool_call>" in answers[0].prompt and "<|tool|>" in answers[0].prompt
     assert len(tool_items(rows, tokenizer, limit=2)) == 2
 
 
 def test_scores_tell_right_calls_wrong_arguments_invalid_ones_and_answers(tokenizer) -> None:
-    rows = [json.loads(line) for line in EVAL.read_text().splitlines()[:1]]
+    rows = [r for r in map(json.loads, EVAL.read_text().splitlines()) if "order_id" in json.dumps(r["messages"][-3])][:1]
     items = tool_items(rows, tokenizer, limit=100)
     call, answer = items[0], items[1]
     assert call.calls is not None and answer.calls is None
     name, args = call.calls[0]
     right = f'<tool_call>{json.dumps({"name": name, "arguments": args})}</tool_call>'
     reordered = f'<tool_call>{json.dumps({"name": name, "arguments": dict(reversed(list(args.items())))})}</tool_call>'
-    wrong_value = f'<tool_call>{json.dumps({"name": name, "arguments": {k: "nope" for k in args}})}</tool_call>'
+    other_order = args["order_id"][:-1] + ("1" if args["order_id"][-1] != "1" else "2")  # valid, but not the one asked about
+    wrong_value = f'<tool_call>{json.dumps({"name": name, "arguments": {**args, "order_id": other_order}})}</tool_call>'
     invalid = f'<tool_call>{json.dumps({"name": name, "arguments": {}})}</tool_call>'  # misses required keys
     unknown = '<tool_call>{"name": "drop_tables", "arguments": {}}</tool_call>'
     answers = [right, reordered, wrong_value, invalid, unknown, "plain text", answer.text.upper(), "something else"]
