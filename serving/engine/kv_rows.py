@@ -5,6 +5,11 @@ common width, with a 2-D attention mask marking each row's real columns. Because
 is only ever on the left, a row's real tokens stay contiguous, so column distances equal
 position distances and sliding-window masks computed over columns stay right (the cache is
 built without sliding-window layers, which would crop columns row-blind).
+
+The cache's layers are `GrowableLayer`s: their keys and values are views of buffers with
+spare columns, so a decode step writes its column in place instead of transformers'
+`DynamicLayer` concatenating it onto a copy of the whole layer every step; joins allocate the
+joined buffers with spare columns, leaves keep them, and trimming padding is a view.
 """
 
 from __future__ import annotations
@@ -16,22 +21,118 @@ class UnsplicableCacheError(TypeError):
     """The model filled its cache with layers whose rows cannot be joined (not plain `DynamicLayer`s)."""
 
 
+SPARE_COLUMNS = 64
+"""Least spare columns a grown layer keeps, so a decode step appends in place (see `GrowableLayer`)."""
+
+
+def _append(buffer: Any, used: int, new: Any) -> tuple[Any, int]:
+    """Write ``new`` after the first ``used`` columns of ``buffer``, growing it (with room to spare) if full."""
+    columns = new.shape[-2]
+    total = used + columns
+    if buffer is None or buffer.shape[-2] < total or buffer.shape[0] != new.shape[0]:
+        grown = new.new_empty((*new.shape[:2], total + max(SPARE_COLUMNS, total // 2), new.shape[-1]))
+        if used:
+            grown[:, :, :used] = buffer[:, :, :used]
+        buffer = grown
+    buffer[:, :, used:total] = new
+    return buffer, total
+
+
+def _growable_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowableLayer(DynamicLayer):
+        """A `DynamicLayer` whose decode steps append in place instead of concatenating.
+
+        transformers' `DynamicLayer.update` concatenates each step's column onto the whole
+        layer (a copy of every row's keys and values per layer per step); here keys and
+        values are views of the first ``used`` columns of buffers with spare columns, so a
+        step writes one column and a copy happens only when a buffer is full (amortised;
+        `SPARE_COLUMNS`). Assigning ``keys``/``values`` (row surgery in this module,
+        transformers' own `batch_select_indices`) replaces the buffer.
+        """
+
+        _kbuf: Any = None
+        _vbuf: Any = None
+        _kused = 0
+        _vused = 0
+
+        @property  # type: ignore[override]
+        def keys(self) -> Any:
+            return None if self._kbuf is None else self._kbuf[:, :, : self._kused]
+
+        @keys.setter
+        def keys(self, value: Any) -> None:
+            usable = value is not None and value.dim() == 4
+            self._kbuf, self._kused = (value, value.shape[-2]) if usable else (None, 0)
+
+        @property  # type: ignore[override]
+        def values(self) -> Any:
+            return None if self._vbuf is None else self._vbuf[:, :, : self._vused]
+
+        @values.setter
+        def values(self, value: Any) -> None:
+            usable = value is not None and value.dim() == 4
+            self._vbuf, self._vused = (value, value.shape[-2]) if usable else (None, 0)
+
+        def get_seq_length(self) -> int:
+            return self._kused if self.is_initialized else 0
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self._kbuf, self._kused = _append(self._kbuf, self._kused, key_states)
+            self._vbuf, self._vused = _append(self._vbuf, self._vused, value_states)
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: Any) -> None:
+            # Select from the whole buffers: the spare columns stay (one copy, not two).
+            if self._kbuf is not None:
+                self._kbuf = self._kbuf.index_select(0, indices)
+                self._vbuf = self._vbuf.index_select(0, indices)
+
+        def drop_leading(self, columns: int) -> None:
+            """Forget the first ``columns`` columns (a view: the spare columns stay)."""
+            self._kbuf, self._kused = self._kbuf[:, :, columns:], self._kused - columns
+            self._vbuf, self._vused = self._vbuf[:, :, columns:], self._vused - columns
+
+        def replace(self, keys: Any, values: Any, used: int) -> None:
+            """Take buffers whose first ``used`` columns are this layer's keys and values."""
+            self._kbuf, self._kused, self._vbuf, self._vused = keys, used, values, used
+            self.is_initialized = True
+
+    return GrowableLayer
+
+
+_LAYER: type | None = None
+
+
+def growable_layer() -> type:
+    """The `GrowableLayer` class (built on first use: transformers is imported lazily)."""
+    global _LAYER
+    if _LAYER is None:
+        _LAYER = _growable_layer_class()
+    return _LAYER
+
+
 def new_cache() -> Any:
-    """An empty cache of plain full-length layers (no config: no row-blind sliding-window cropping)."""
+    """An empty cache of full-length growable layers (no config: no row-blind sliding-window cropping)."""
     from transformers import DynamicCache
 
-    return DynamicCache()
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = growable_layer()
+    return cache
 
 
 def check_splicable(cache: Any) -> None:
-    """Raise `UnsplicableCacheError` unless every layer of ``cache`` is a plain `DynamicLayer`."""
+    """Raise `UnsplicableCacheError` unless every layer of ``cache`` is a plain (or growable) `DynamicLayer`."""
     from transformers.cache_utils import DynamicLayer
 
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise UnsplicableCacheError(f"{type(cache).__name__} has no per-layer key/value tensors")
     for layer in layers:
-        if type(layer) is not DynamicLayer:
+        if type(layer) not in (DynamicLayer, growable_layer()):
             raise UnsplicableCacheError(f"cache layer {type(layer).__name__} cannot be joined row-wise")
 
 
@@ -45,6 +146,15 @@ def _pad_left(t: Any, columns: int, dim: int) -> Any:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+def _joined(ours: Any, theirs: Any, target: int, spare: int) -> Any:
+    """``ours`` rows then ``theirs``, each right-aligned to ``target`` columns, in a buffer with ``spare`` more."""
+    rows = ours.shape[0] + theirs.shape[0]
+    out = ours.new_zeros((rows, ours.shape[1], target + spare, ours.shape[3]))
+    out[: ours.shape[0], :, target - ours.shape[2] : target] = ours
+    out[ours.shape[0] :, :, target - theirs.shape[2] : target] = theirs
+    return out
+
+
 def join(cache: Any, mask: Any, other: Any, other_mask: Any) -> Any:
     """Append ``other``'s rows to ``cache`` (in place) and return the joined mask.
 
@@ -54,7 +164,12 @@ def join(cache: Any, mask: Any, other: Any, other_mask: Any) -> Any:
 
     width, other_width = mask.shape[1], other_mask.shape[1]
     target = max(width, other_width)
+    growable = growable_layer()
     for layer, extra in zip(cache.layers, other.layers, strict=True):
+        if type(layer) is growable:
+            spare = max(SPARE_COLUMNS, target // 2)
+            layer.replace(_joined(layer.keys, extra.keys, target, spare), _joined(layer.values, extra.values, target, spare), target)
+            continue
         layer.keys = torch.cat([_pad_left(layer.keys, target - width, 2), _pad_left(extra.keys, target - other_width, 2)])
         layer.values = torch.cat(
             [_pad_left(layer.values, target - width, 2), _pad_left(extra.values, target - other_width, 2)]
@@ -77,7 +192,11 @@ def trim(cache: Any, mask: Any) -> Any:
     leading = int(mask.argmax(dim=1).min().item())  # first real column of the row that starts earliest
     if leading == 0:
         return mask
+    growable = growable_layer()
     for layer in cache.layers:
+        if type(layer) is growable:
+            layer.drop_leading(leading)
+            continue
         layer.keys = layer.keys[:, :, leading:, :]
         layer.values = layer.values[:, :, leading:, :]
     return mask[:, leading:]

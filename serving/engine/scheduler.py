@@ -17,8 +17,10 @@ paged kernels. That leaves no batch rows for per-row adapters (the stacked multi
 layers gather each row's A/B; PEFT's ``adapter_names`` likewise), its logits processors are configured
 per manager rather than per request (no per-request seeds, `TokenGuide` masks or top-k
 logprobs), and cancellation and streaming are per request id with its own thread. So the
-scheduler is built on transformers' `DynamicCache` and model forward, with explicit
-per-row ``position_ids`` (rotary and learned absolute positions stay right under padding).
+scheduler is built on transformers' `DynamicCache` (its layers replaced by
+`kv_rows`' growable ones, which append a decode step's column in place) and model forward,
+with explicit per-row ``position_ids`` (rotary and learned absolute positions stay right
+under padding).
 A model whose cache layers cannot be joined row-wise (`kv_rows.UnsplicableCacheError`)
 falls back to static batching: new rows are admitted only when the running batch is empty.
 
