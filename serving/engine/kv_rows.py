@@ -85,6 +85,20 @@ def _growable_layer_class() -> type:
             self._vbuf, self._vused = _append(self._vbuf, self._vused, value_states)
             return self.keys, self.values
 
+        def keep_rows(self, order: list[int]) -> None:
+            """Row ``i`` becomes old row ``order[i]``: only the rows that move are copied (see `select`)."""
+            import torch
+
+            if self._kbuf is None:
+                return
+            moves = [(i, src) for i, src in enumerate(order) if i != src]
+            if moves:
+                dst = self._kbuf.new_tensor([i for i, _ in moves], dtype=torch.long)
+                src = self._kbuf.new_tensor([j for _, j in moves], dtype=torch.long)
+                self._kbuf[dst] = self._kbuf[src]
+                self._vbuf[dst] = self._vbuf[src]
+            self._kbuf, self._vbuf = self._kbuf[: len(order)], self._vbuf[: len(order)]
+
         def batch_select_indices(self, indices: Any) -> None:
             # Select from the whole buffers: the spare columns stay (one copy, not two).
             if self._kbuf is not None:
@@ -177,14 +191,37 @@ def join(cache: Any, mask: Any, other: Any, other_mask: Any) -> Any:
     return torch.cat([_pad_left(mask, target - width, 1), _pad_left(other_mask, target - other_width, 1)])
 
 
-def select(cache: Any, mask: Any, keep: list[int]) -> Any:
-    """Keep only rows ``keep`` of ``cache`` (in place), drop all-padding leading columns; return the mask."""
+def fill_order(rows: int, keep: list[int]) -> list[int]:
+    """The new row order after keeping ``keep`` (ascending) of ``rows``: kept rows past the new
+    end move into the holes that leaving rows open, the others stay where they are."""
+    kept = set(keep)
+    holes = [i for i in range(len(keep)) if i not in kept]
+    movers = [k for k in keep if k >= len(keep)]
+    order = list(range(len(keep)))
+    for hole, mover in zip(holes, movers, strict=True):
+        order[hole] = mover
+    return order
+
+
+def select(cache: Any, mask: Any, keep: list[int]) -> tuple[Any, list[int]]:
+    """Keep only rows ``keep`` of ``cache`` (in place), drop all-padding leading columns.
+
+    Returns the mask and the rows' new order (old row indices; the caller reorders its own
+    per-row state the same way). Growable layers move only the rows past the new end into
+    the leaving rows' places instead of copying every row (`fill_order`).
+    """
     import torch
 
-    index = torch.tensor(keep, dtype=torch.long, device=mask.device)
-    cache.batch_select_indices(index)
+    growable = growable_layer()
+    order = fill_order(mask.shape[0], keep) if all(type(layer) is growable for layer in cache.layers) else keep
+    index = torch.tensor(order, dtype=torch.long, device=mask.device)
+    for layer in cache.layers:
+        if type(layer) is growable:
+            layer.keep_rows(order)
+        else:
+            layer.batch_select_indices(index)
     mask = mask.index_select(0, index)
-    return trim(cache, mask)
+    return trim(cache, mask), order
 
 
 def trim(cache: Any, mask: Any) -> Any:

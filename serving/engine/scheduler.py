@@ -414,7 +414,7 @@ class Scheduler:
             return
         cache, mask = group.cache, group.mask
         if len(keep) < len(group.rows):
-            mask = select(cache, mask, keep)
+            mask, keep = select(cache, mask, keep)
         rows = [group.rows[i] for i in keep]
         next_pos = torch.tensor([len(r.prompt_ids) for r in rows], dtype=torch.long, device=self.device)
         last = [tokens[i] for i in keep]
@@ -471,7 +471,7 @@ class Scheduler:
             self.running, self._names, self._last = [], [], []
             self._cache = self._mask = self._next_pos = None
             return
-        self._mask = select(self._cache, self._mask, keep)
+        self._mask, keep = select(self._cache, self._mask, keep)  # keep: the rows' new order
         self._next_pos = self._next_pos.index_select(0, self._mask.new_tensor(keep))
         self.running = [self.running[i] for i in keep]
         self._names = self._rows([self._names[i] for i in keep]) if self._names else []

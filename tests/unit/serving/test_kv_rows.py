@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from transformers import DynamicCache  # noqa: E402
 
-from serving.engine.kv_rows import growable_layer, join, new_cache, select  # noqa: E402
+from serving.engine.kv_rows import fill_order, growable_layer, join, new_cache, select  # noqa: E402
 
 LAYERS = 2
 
@@ -26,10 +26,12 @@ def _fill(cache: Any, rows: int, columns: int, seed: int) -> Any:
     return fed
 
 
-def _same(a: Any, b: Any) -> None:
+def _same(a: Any, b: Any, order: list[int] | None = None) -> None:
+    """Equal layers; with ``order``, ``a``'s rows are ``b``'s in that order."""
     for la, lb in zip(a.layers, b.layers, strict=True):
-        assert torch.equal(la.keys, lb.keys)
-        assert torch.equal(la.values, lb.values)
+        index = torch.tensor(order if order is not None else range(lb.keys.shape[0]))
+        assert torch.equal(la.keys, lb.keys[index])
+        assert torch.equal(la.values, lb.values[index])
 
 
 def test_a_decode_step_writes_in_place_and_returns_what_concatenation_would() -> None:
@@ -61,18 +63,37 @@ def test_join_select_and_trim_agree_with_plain_layers_and_keep_spare_columns() -
     _same(ours, plain)
     assert joined.shape == (5, 9) and joined[:2, :3].sum() == 0  # the narrower rows are left-padded
 
-    # The two wider rows leave: the columns that are padding in every remaining row go.
-    kept, kept_plain = select(ours, joined, [0, 1, 4]), select(plain, joined, [0, 1, 4])
+    # Rows 2 and 3 leave: row 4 moves into row 2's place, nothing else is copied.
+    kept, order = select(ours, joined, [0, 1, 4])
+    assert order == [0, 1, 4]
+    kept_plain, _ = select(plain, joined, [0, 1, 4])
     assert torch.equal(kept, kept_plain)
     _same(ours, plain)
     assert kept.shape[1] == 9 and ours.get_seq_length() == 9
-    kept, kept_plain = select(ours, kept, [0, 1]), select(plain, kept_plain, [0, 1])
-    assert torch.equal(kept, kept_plain)
-    assert kept.shape[1] == 6
+    # Row 0 leaves: the last (wide) row takes its place.
+    kept, order = select(ours, kept, [1, 2])
+    assert order == [2, 1]
+    kept_plain, plain_order = select(plain, kept_plain, [1, 2])
+    assert plain_order == [1, 2]
+    assert torch.equal(kept, kept_plain[[1, 0]])
+    assert kept.shape[1] == 9
+    _same(ours, plain, order=[1, 0])
+    # The wide row leaves: the three columns that are padding in the narrow one go (a view).
+    kept, order = select(ours, kept, [1])
+    kept_plain, _ = select(plain, kept_plain, [0])
+    assert order == [1] and torch.equal(kept, kept_plain) and kept.shape[1] == 6
     _same(ours, plain)
 
     buffer = ours.layers[0]._kbuf.data_ptr()
-    _fill(ours, 2, 1, seed=3)
-    _fill(plain, 2, 1, seed=3)
+    _fill(ours, 1, 1, seed=3)
+    _fill(plain, 1, 1, seed=3)
     _same(ours, plain)
     assert ours.layers[0]._kbuf.data_ptr() == buffer  # spare columns survived the join, the leave and the trim
+
+
+@pytest.mark.parametrize(
+    ("rows", "keep", "order"),
+    [(4, [0, 1, 2, 3], [0, 1, 2, 3]), (4, [0, 2], [0, 2]), (4, [1, 3], [3, 1]), (5, [0, 3, 4], [0, 3, 4]), (5, [2, 4], [2, 4]), (5, [0, 1, 4], [0, 1, 4]), (3, [2], [2])],
+)
+def test_fill_order_moves_only_rows_past_the_new_end(rows: int, keep: list[int], order: list[int]) -> None:
+    assert fill_order(rows, keep) == order
