@@ -24,17 +24,22 @@ class UnsplicableCacheError(TypeError):
 SPARE_COLUMNS = 64
 """Least spare columns a grown layer keeps, so a decode step appends in place (see `GrowableLayer`)."""
 
+SPARE_ROWS = 8
+"""Least spare rows a joined layer keeps, so rows joining later are written in place."""
 
-def _append(buffer: Any, used: int, new: Any) -> tuple[Any, int]:
-    """Write ``new`` after the first ``used`` columns of ``buffer``, growing it (with room to spare) if full."""
+
+def _append(buffer: Any, rows: int, used: int, new: Any) -> tuple[Any, int]:
+    """Write ``new`` after the first ``used`` columns of ``buffer``'s first ``rows`` rows, growing it
+    (with columns to spare, keeping its spare rows) if full; return the buffer and the columns used."""
     columns = new.shape[-2]
     total = used + columns
-    if buffer is None or buffer.shape[-2] < total or buffer.shape[0] != new.shape[0]:
-        grown = new.new_empty((*new.shape[:2], total + max(SPARE_COLUMNS, total // 2), new.shape[-1]))
-        if used:
-            grown[:, :, :used] = buffer[:, :, :used]
+    if buffer is None or buffer.shape[-2] < total or rows != new.shape[0]:
+        capacity = buffer.shape[0] if buffer is not None and rows == new.shape[0] else new.shape[0]
+        grown = new.new_empty((capacity, new.shape[1], total + max(SPARE_COLUMNS, total // 2), new.shape[-1]))
+        if used and rows == new.shape[0]:
+            grown[:rows, :, :used] = buffer[:rows, :, :used]
         buffer = grown
-    buffer[:, :, used:total] = new
+    buffer[: new.shape[0], :, used:total] = new
     return buffer, total
 
 
@@ -46,34 +51,37 @@ def _growable_layer_class() -> type:
 
         transformers' `DynamicLayer.update` concatenates each step's column onto the whole
         layer (a copy of every row's keys and values per layer per step); here keys and
-        values are views of the first ``used`` columns of buffers with spare columns, so a
-        step writes one column and a copy happens only when a buffer is full (amortised;
-        `SPARE_COLUMNS`). Assigning ``keys``/``values`` (row surgery in this module,
-        transformers' own `batch_select_indices`) replaces the buffer.
+        values are views of the first ``rows`` rows and ``used`` columns of buffers with spare
+        rows and columns, so a step writes one column, a joining row is written into a spare
+        row, and a copy happens only when a buffer is full (amortised; `SPARE_COLUMNS`).
+        Assigning ``keys``/``values`` (transformers' own code) replaces the buffer.
         """
 
         _kbuf: Any = None
         _vbuf: Any = None
+        _rows = 0
         _kused = 0
         _vused = 0
 
         @property  # type: ignore[override]
         def keys(self) -> Any:
-            return None if self._kbuf is None else self._kbuf[:, :, : self._kused]
+            return None if self._kbuf is None else self._kbuf[: self._rows, :, : self._kused]
 
         @keys.setter
         def keys(self, value: Any) -> None:
             usable = value is not None and value.dim() == 4
             self._kbuf, self._kused = (value, value.shape[-2]) if usable else (None, 0)
+            self._rows = value.shape[0] if usable else 0
 
         @property  # type: ignore[override]
         def values(self) -> Any:
-            return None if self._vbuf is None else self._vbuf[:, :, : self._vused]
+            return None if self._vbuf is None else self._vbuf[: self._rows, :, : self._vused]
 
         @values.setter
         def values(self, value: Any) -> None:
             usable = value is not None and value.dim() == 4
             self._vbuf, self._vused = (value, value.shape[-2]) if usable else (None, 0)
+            self._rows = value.shape[0] if usable else 0
 
         def get_seq_length(self) -> int:
             return self._kused if self.is_initialized else 0
@@ -81,8 +89,9 @@ def _growable_layer_class() -> type:
         def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
-            self._kbuf, self._kused = _append(self._kbuf, self._kused, key_states)
-            self._vbuf, self._vused = _append(self._vbuf, self._vused, value_states)
+            self._kbuf, self._kused = _append(self._kbuf, self._rows, self._kused, key_states)
+            self._vbuf, self._vused = _append(self._vbuf, self._rows, self._vused, value_states)
+            self._rows = key_states.shape[0]
             return self.keys, self.values
 
         def keep_rows(self, order: list[int]) -> None:
@@ -97,22 +106,36 @@ def _growable_layer_class() -> type:
                 src = self._kbuf.new_tensor([j for _, j in moves], dtype=torch.long)
                 self._kbuf[dst] = self._kbuf[src]
                 self._vbuf[dst] = self._vbuf[src]
-            self._kbuf, self._vbuf = self._kbuf[: len(order)], self._vbuf[: len(order)]
+            self._rows = len(order)  # the rows past it stay as spare rows
 
         def batch_select_indices(self, indices: Any) -> None:
             # Select from the whole buffers: the spare columns stay (one copy, not two).
             if self._kbuf is not None:
-                self._kbuf = self._kbuf.index_select(0, indices)
-                self._vbuf = self._vbuf.index_select(0, indices)
+                self._kbuf = self._kbuf[: self._rows].index_select(0, indices)
+                self._vbuf = self._vbuf[: self._rows].index_select(0, indices)
+                self._rows = self._kbuf.shape[0]
 
         def drop_leading(self, columns: int) -> None:
             """Forget the first ``columns`` columns (a view: the spare columns stay)."""
             self._kbuf, self._kused = self._kbuf[:, :, columns:], self._kused - columns
             self._vbuf, self._vused = self._vbuf[:, :, columns:], self._vused - columns
 
-        def replace(self, keys: Any, values: Any, used: int) -> None:
-            """Take buffers whose first ``used`` columns are this layer's keys and values."""
-            self._kbuf, self._kused, self._vbuf, self._vused = keys, used, values, used
+        def add_rows(self, keys: Any, values: Any) -> bool:
+            """Write rows no wider than this layer into its spare rows, right-aligned (left padding
+            zeroed); False when there are too few spare rows or the rows are wider."""
+            rows, width = keys.shape[0], keys.shape[2]
+            if self._kbuf is None or self._rows + rows > self._kbuf.shape[0] or width > self._kused:
+                return False
+            for buffer, new in ((self._kbuf, keys), (self._vbuf, values)):
+                region = buffer[self._rows : self._rows + rows, :, : self._kused]
+                region[:, :, : self._kused - width] = 0  # masked out, but never garbage (NaN * 0 is NaN)
+                region[:, :, self._kused - width :] = new
+            self._rows += rows
+            return True
+
+        def replace(self, keys: Any, values: Any, rows: int, used: int) -> None:
+            """Take buffers whose first ``rows`` rows and ``used`` columns are this layer's keys and values."""
+            self._kbuf, self._vbuf, self._rows, self._kused, self._vused = keys, values, rows, used, used
             self.is_initialized = True
 
     return GrowableLayer
@@ -161,11 +184,12 @@ def _pad_left(t: Any, columns: int, dim: int) -> Any:
 
 
 def _joined(ours: Any, theirs: Any, target: int, spare: int) -> Any:
-    """``ours`` rows then ``theirs``, each right-aligned to ``target`` columns, in a buffer with ``spare`` more."""
+    """``ours`` rows then ``theirs``, each right-aligned to ``target`` columns, in a buffer with
+    ``spare`` more columns and spare rows."""
     rows = ours.shape[0] + theirs.shape[0]
-    out = ours.new_zeros((rows, ours.shape[1], target + spare, ours.shape[3]))
+    out = ours.new_zeros((rows + max(SPARE_ROWS, rows // 2), ours.shape[1], target + spare, ours.shape[3]))
     out[: ours.shape[0], :, target - ours.shape[2] : target] = ours
-    out[ours.shape[0] :, :, target - theirs.shape[2] : target] = theirs
+    out[ours.shape[0] : rows, :, target - theirs.shape[2] : target] = theirs
     return out
 
 
@@ -181,8 +205,11 @@ def join(cache: Any, mask: Any, other: Any, other_mask: Any) -> Any:
     growable = growable_layer()
     for layer, extra in zip(cache.layers, other.layers, strict=True):
         if type(layer) is growable:
+            if layer.add_rows(extra.keys, extra.values):
+                continue  # into spare rows: no copy of the batch's rows
             spare = max(SPARE_COLUMNS, target // 2)
-            layer.replace(_joined(layer.keys, extra.keys, target, spare), _joined(layer.values, extra.values, target, spare), target)
+            keys = _joined(layer.keys, extra.keys, target, spare)
+            layer.replace(keys, _joined(layer.values, extra.values, target, spare), layer.keys.shape[0] + extra.keys.shape[0], target)
             continue
         layer.keys = torch.cat([_pad_left(layer.keys, target - width, 2), _pad_left(extra.keys, target - other_width, 2)])
         layer.values = torch.cat(

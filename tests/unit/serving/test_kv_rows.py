@@ -97,3 +97,27 @@ def test_join_select_and_trim_agree_with_plain_layers_and_keep_spare_columns() -
 )
 def test_fill_order_moves_only_rows_past_the_new_end(rows: int, keep: list[int], order: list[int]) -> None:
     assert fill_order(rows, keep) == order
+
+
+def test_a_narrower_group_joins_into_spare_rows_without_copying_the_batch() -> None:
+    ours, plain = new_cache(), DynamicCache()
+    _fill(ours, 2, 6, seed=4)
+    _fill(plain, 2, 6, seed=4)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    wide_ours, wide_plain = new_cache(), DynamicCache()
+    _fill(wide_ours, 1, 8, seed=5)
+    _fill(wide_plain, 1, 8, seed=5)
+    mask = join(ours, mask, wide_ours, torch.ones(1, 8, dtype=torch.long))  # wider: a new buffer with spare rows
+    plain_mask = join(plain, torch.ones(2, 6, dtype=torch.long), wide_plain, torch.ones(1, 8, dtype=torch.long))
+    buffer = ours.layers[0]._kbuf.data_ptr()
+    narrow_ours, narrow_plain = new_cache(), DynamicCache()
+    _fill(narrow_ours, 2, 3, seed=6)
+    _fill(narrow_plain, 2, 3, seed=6)
+    mask = join(ours, mask, narrow_ours, torch.ones(2, 3, dtype=torch.long))
+    plain_mask = join(plain, plain_mask, narrow_plain, torch.ones(2, 3, dtype=torch.long))
+    assert torch.equal(mask, plain_mask) and mask.shape == (5, 8)
+    _same(ours, plain)
+    assert ours.layers[0]._kbuf.data_ptr() == buffer  # written into spare rows
+    _fill(ours, 5, 1, seed=7)
+    _fill(plain, 5, 1, seed=7)
+    _same(ours, plain)
