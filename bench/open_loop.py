@@ -49,10 +49,14 @@ NAME = "open_loop"
 TARGETS = ("static", "continuous", "transformers_serve")
 
 SETTINGS: dict[str, dict[str, Any]] = {
-    "smoke": {"model": "tiny", "rates": [4.0], "requests": 8, "max_tokens": [4, 12], "threads": 1, "max_batch_size": 16, "prefix_requests": 2},
+    "smoke": {"model": "tiny", "rates": [4.0], "requests": 8, "max_tokens": [4, 12], "threads": 1, "max_batch_size": 16, "prefix_requests": 2, "step_rows": [1, 4], "long_context": 200},
     # max_tokens is drawn per request from [low, high]. From 4 requests/s on, the static
-    # engine is busy on a loaded 2-core box; on a quiet one from about 8 requests/s.
-    "full": {"model": "small", "rates": [4.0, 8.0, 16.0], "requests": 96, "max_tokens": [8, 96], "threads": 1, "max_batch_size": 32, "prefix_requests": 8},
+    # engine is busy on a loaded 2-core box; on a quiet one from about 8 requests/s. At 32
+    # requests/s arrivals outrun every target, so the batch stays full (saturation).
+    "full": {
+        "model": "small", "rates": [4.0, 8.0, 16.0, 32.0], "requests": 96, "max_tokens": [8, 96], "threads": 1,
+        "max_batch_size": 32, "prefix_requests": 8, "step_rows": [1, 4, 16, 32],
+    },  # fmt: skip
 }
 
 
@@ -240,6 +244,57 @@ def _prefix_reuse(model_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     return {"off": off, "on": on, "ttft_p50_ratio_on_vs_off": ratio}
 
 
+def _decode_cpu(model: Any, cache: Any, rows: int, context: int, steps: int) -> tuple[float, float]:
+    """(prefill CPU seconds for ``rows`` x ``context`` columns, CPU seconds per decode step after it)."""
+    import torch
+
+    ids = torch.randint(5, 1000, (rows, context))
+    mask = torch.ones(rows, context, dtype=torch.long)
+    began = time.thread_time()
+    model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    prefill = time.thread_time() - began
+    began = time.thread_time()
+    for step in range(steps):
+        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+        position = torch.full((rows, 1), context + step)
+        model(input_ids=ids[:, :1], attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)
+    return prefill, (time.thread_time() - began) / steps
+
+
+def _step_cost(model_dir: Path, cfg: dict[str, Any], context: int = 100, steps: int = 24) -> dict[str, Any]:
+    """CPU time of one decode step (and of prefill, per prompt column) by batch rows, on the engine's KV cache.
+
+    Bounds what scheduling can gain on this machine: continuous batching keeps the batch
+    fuller than a static batch that drains, which pays only where a step of many rows costs
+    much less per row than a step of few. Thread CPU time, so other processes' load inflates
+    it less than wall time. Also a step at a long context on transformers' `DynamicCache`
+    (which concatenates every step) against the engine's in-place growable layers.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from serving.engine.kv_rows import new_cache
+
+    torch.set_num_threads(cfg["threads"])
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    by_rows = []
+    with torch.inference_mode():
+        _decode_cpu(model, new_cache(), 1, 8, 2)  # warm-up
+        for rows in cfg["step_rows"]:
+            prefill, step_s = _decode_cpu(model, new_cache(), rows, context, steps)
+            by_rows.append({
+                "rows": rows, "context": context, "step_ms": step_s * 1000, "ms_per_token": step_s * 1000 / rows,
+                "prefill_ms_per_column": prefill * 1000 / (rows * context),
+            })  # fmt: skip
+        rows, long = cfg["step_rows"][-1] // 2 or 1, cfg.get("long_context", 1000)
+        _, plain = _decode_cpu(model, DynamicCache(), rows, long, steps)
+        _, growable = _decode_cpu(model, new_cache(), rows, long, steps)
+    return {
+        "by_rows": by_rows,
+        "long_context": {"rows": rows, "context": long, "dynamic_cache_step_ms": plain * 1000, "engine_cache_step_ms": growable * 1000},
+    }
+
+
 def _ratios(by_target: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for i, rate in enumerate(by_target["continuous"]["rates"]):
@@ -273,6 +328,7 @@ def run(setting: str, work: Path) -> dict[str, Any]:
         "targets": by_target,
         "ratios": _ratios(ran) if "continuous" in ran else [],
         "prefix_reuse": _prefix_reuse(model_dir, cfg),
+        "step_cost": _step_cost(model_dir, cfg),
     }
 
 

@@ -319,6 +319,27 @@ def open_loop_section(data: dict[str, Any], plots_rel: str) -> str:
             f"TTFT p50 {_r(off['ttft_ms']['p50'], '{:.0f}')} ms with the prefix cache off, {_r(on['ttft_ms']['p50'], '{:.0f}')} ms "
             f"on (**{_r(prefix['ttft_p50_ratio_on_vs_off'])}**; {on['reused_tokens']} prompt tokens reused).",
         ]
+    cost = data.get("step_cost")
+    if cost:
+        steps, long = cost["by_rows"], cost["long_context"]
+        lines += [
+            "",
+            f"The model's own cost on this CPU (thread CPU time, {steps[0]['context']}-column context, the engine's KV cache): "
+            "a decode step by batch rows, and prefill per prompt column.",
+            "",
+            "| rows | decode step (ms) | per token (ms) | prefill per column (ms) |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {s['rows']} | {s['step_ms']:.1f} | {s['ms_per_token']:.2f} | {s['prefill_ms_per_column']:.2f} |"
+            for s in steps
+        ]
+        lines += [
+            "",
+            f"A decode step of {long['rows']} rows at a {long['context']}-column context: {long['dynamic_cache_step_ms']:.1f} ms "
+            f"on transformers' `DynamicCache` (a concatenation per layer per step), {long['engine_cache_step_ms']:.1f} ms on the "
+            f"engine's in-place growable layers (**{_r(long['engine_cache_step_ms'] / long['dynamic_cache_step_ms'])}**).",
+        ]
     lines += ["", _image("open_loop", plots_rel)]
     return "\n".join(lines)
 

@@ -17,8 +17,10 @@ paged kernels. That leaves no batch rows for per-row adapters (the stacked multi
 layers gather each row's A/B; PEFT's ``adapter_names`` likewise), its logits processors are configured
 per manager rather than per request (no per-request seeds, `TokenGuide` masks or top-k
 logprobs), and cancellation and streaming are per request id with its own thread. So the
-scheduler is built on transformers' `DynamicCache` and model forward, with explicit
-per-row ``position_ids`` (rotary and learned absolute positions stay right under padding).
+scheduler is built on transformers' `DynamicCache` (its layers replaced by
+`kv_rows`' growable ones, which append a decode step's column in place) and model forward,
+with explicit per-row ``position_ids`` (rotary and learned absolute positions stay right
+under padding).
 A model whose cache layers cannot be joined row-wise (`kv_rows.UnsplicableCacheError`)
 falls back to static batching: new rows are admitted only when the running batch is empty.
 
@@ -412,7 +414,7 @@ class Scheduler:
             return
         cache, mask = group.cache, group.mask
         if len(keep) < len(group.rows):
-            mask = select(cache, mask, keep)
+            mask, keep = select(cache, mask, keep)
         rows = [group.rows[i] for i in keep]
         next_pos = torch.tensor([len(r.prompt_ids) for r in rows], dtype=torch.long, device=self.device)
         last = [tokens[i] for i in keep]
@@ -469,7 +471,7 @@ class Scheduler:
             self.running, self._names, self._last = [], [], []
             self._cache = self._mask = self._next_pos = None
             return
-        self._mask = select(self._cache, self._mask, keep)
+        self._mask, keep = select(self._cache, self._mask, keep)  # keep: the rows' new order
         self._next_pos = self._next_pos.index_select(0, self._mask.new_tensor(keep))
         self.running = [self.running[i] for i in keep]
         self._names = self._rows([self._names[i] for i in keep]) if self._names else []
