@@ -12,7 +12,8 @@ recipe's policy while a client asks the running gateway every 50 ms which versio
 answers (``x-forgeline-model-version``). The clock runs from the promote call to the first
 answer from the new version. Two ways, alternating:
 
-* hot swap: the gateway follows the alias itself (``serve.poll_interval_s``), loads the new
+* hot swap: the gateway follows the alias itself (it watches the audit log for alias moves
+  every ``serve.watch_interval_s`` and re-reads aliases every ``serve.poll_interval_s``), loads the new
   version beside the old one and switches; no request fails;
 * restart (the baseline without hot swap): promote, stop the gateway, start it again.
 """
@@ -244,6 +245,7 @@ def run(setting: str, work: Path) -> dict[str, Any]:
         "recipe": "recipes/quickstart.yaml" + (" (shortened: 1 step, 4 eval rows, no gates)" if cfg["shorten"] else ""),
         "settings": cfg,
         "poll_interval_s": recipe.serve.poll_interval_s,
+        "watch_interval_s": recipe.serve.watch_interval_s,
         "recipe_to_endpoint": part1,
         "promotion_to_serving": {
             "hot_swap": swaps,

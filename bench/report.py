@@ -445,6 +445,13 @@ def multi_lora_plot(data: dict[str, Any], path: Path) -> None:
 # -- lead time -------------------------------------------------------------------------
 
 
+def _follow(data: dict[str, Any]) -> str:
+    """How the gateway followed the alias in that run (results before the watcher lack it)."""
+    watch = data.get("watch_interval_s")
+    poll = f"alias re-read every {data['poll_interval_s']:g} s"
+    return f"audit-log watch every {watch:g} s, {poll}" if watch else f"gateway {poll}, no watch"
+
+
 def lead_time_section(data: dict[str, Any], plots_rel: str) -> str:
     p1 = data["recipe_to_endpoint"]
     p2 = data["promotion_to_serving"]["summary"]
@@ -457,7 +464,7 @@ def lead_time_section(data: dict[str, Any], plots_rel: str) -> str:
         f"Training is {p1['train_share'] * 100:.0f} % of the lead time ({p1['stages_s']['train']:.1f} s of {p1['total_s']:.1f} s); "
         "`serve` is `forgeline serve` starting as a process until its first answer.",
         "",
-        f"Promotion → first answer from the new version (gateway alias poll interval {data['poll_interval_s']:g} s):",
+        "Promotion → first answer from the new version (" + _follow(data) + "):",
         "",
         "| | seconds | failed requests meanwhile |",
         "|---|---|---|",
