@@ -22,6 +22,9 @@ the assistant tells the customer. Some rows carry an earlier small-talk turn wit
 (context, not trained), so the data exercises every part of the format: ``tools``,
 ``tool_calls``, ``tool`` results, several assistant turns and per-message weights.
 
+``preferences-{train,eval}.jsonl`` are DPO pairs from the same conversations: at the tool
+call, the right call chosen and a call of another tool rejected (``recipes/tiny/dpo-tools.yaml``).
+
 Run from the repository root::
 
     python assets/make_tool_use_data.py
@@ -112,12 +115,32 @@ def conversation(rng: random.Random, i: int) -> dict[str, object]:
     return {"messages": messages, "tools": TOOLS}
 
 
+def preference_pair(row: dict[str, object], rng: random.Random) -> dict[str, object]:
+    """A DPO pair from a conversation: at its tool call, the right call chosen, a wrong one rejected.
+
+    The rejected call names another tool with the same arguments (the mistake the tuned
+    model is to unlearn: the wrong function), in TRL's conversational preference format.
+    """
+    messages = row["messages"]
+    assert isinstance(messages, list)
+    at = next(i for i, m in enumerate(messages) if m.get("tool_calls"))
+    chosen = messages[at]
+    call = chosen["tool_calls"][0]
+    wrong = rng.choice([t["function"]["name"] for t in TOOLS if t["function"]["name"] != call["function"]["name"]])
+    rejected = {"role": "assistant", "content": "", "tool_calls": [{**call, "function": {**call["function"], "name": wrong}}]}
+    prompt = [{k: v for k, v in m.items() if k != "weight"} for m in messages[:at]]
+    return {"prompt": prompt, "chosen": [chosen], "rejected": [rejected], "tools": row["tools"]}
+
+
 def main() -> None:
     rng = random.Random(SEED)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
+    pairs_rng = random.Random(SEED + 1)  # its own stream: the conversations stay as they were
     for name, count, offset in (("train", N_TRAIN, 0), ("eval", N_EVAL, N_TRAIN)):
         rows = [conversation(rng, offset + i) for i in range(count)]
         (OUT_DIR / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        pairs = [preference_pair(r, pairs_rng) for r in rows]
+        (OUT_DIR / f"preferences-{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
 
 
 if __name__ == "__main__":

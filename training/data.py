@@ -18,6 +18,7 @@ from registry.errors import ErrorCode, ForgelineError
 
 from .config import DataSpec, DPOMethod, GRPOMethod, MethodSpec, SFTMethod
 from .conversations import check_conversation, is_conversation
+from .preferences import check_tool_preference, is_tool_preference
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +85,16 @@ def check_dpo_row(row: Any) -> str | None:
     """Why a row is not a valid preference pair, or None when it is.
 
     Accepted: ``{"prompt", "chosen", "rejected"}`` all strings, or a message-list prompt
-    with assistant-message ``chosen`` and ``rejected`` — TRL's preference formats.
+    with assistant-message ``chosen`` and ``rejected`` — TRL's preference formats — which
+    may carry ``tools``, tool calls and tool results (see ``training.preferences``).
     """
     if not isinstance(row, dict):
         return f"expected a JSON object, got {type(row).__name__}"
     missing = [key for key in ("prompt", "chosen", "rejected") if key not in row]
     if missing:
         return f"missing {', '.join(f'`{k}`' for k in missing)}; a preference row needs prompt, chosen and rejected"
+    if is_tool_preference(row):
+        return check_tool_preference(row)
     prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
     if isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):
         if not prompt or not chosen or not rejected:

@@ -27,6 +27,7 @@ from typing import Any
 from registry.errors import ErrorCode, ForgelineError
 from serving.gateway.json_body import UntrustedJSONError, loads_untrusted
 from training.conversations import check_conversation, is_conversation, to_template_messages
+from training.preferences import check_tool_preference, is_tool_preference
 
 _SHOWN = 5
 _ROLES = ("system", "user", "assistant", "tool")
@@ -126,15 +127,16 @@ def _message_problem(message: Any, where: str, *, final: bool = False) -> str | 
     return None
 
 
-def _messages_problem(messages: Any, where: str, *, last_role: str) -> str | None:
+def _messages_problem(messages: Any, where: str, *, last_role: str | tuple[str, ...]) -> str | None:
     if not isinstance(messages, list) or not messages:
         return f"`{where}` must be a non-empty list of messages"
     for i, message in enumerate(messages):
         problem = _message_problem(message, f"{where}[{i}]", final=i == len(messages) - 1)
         if problem:
             return problem
-    if messages[-1]["role"] != last_role:
-        return f"`{where}` must end with a {last_role} message, not {messages[-1]['role']!r}"
+    allowed = (last_role,) if isinstance(last_role, str) else last_role
+    if messages[-1]["role"] not in allowed:
+        return f"`{where}` must end with a {' or '.join(allowed)} message, not {messages[-1]['role']!r}"
     return None
 
 
@@ -153,8 +155,8 @@ def _output_problem(value: Any, name: str) -> str | None:
         return problem
     if value[0]["role"] != "assistant":
         return f"`{name}[0]` must be an assistant message, not {value[0]['role']!r}"
-    if not value[0]["content"]:
-        return f"`{name}[0].content` is empty"
+    if not value[0].get("content") and not value[0].get("tool_calls"):
+        return f"`{name}[0].content` is empty (and it makes no `tool_calls`)"
     return None
 
 
@@ -168,12 +170,20 @@ def _classify(row: dict[str, Any]) -> tuple[FileFormat | None, str | None]:
             return FileFormat.PREFERENCE, '`input` must be an object {"messages": [...]}'
         problem = (
             _unsupported(row["input"], "input.")
-            or _messages_problem(row["input"].get("messages"), "input.messages", last_role="user")
+            or _messages_problem(row["input"].get("messages"), "input.messages", last_role=("user", "tool"))
             or _output_problem(row["preferred_output"], "preferred_output")
             or _output_problem(row["non_preferred_output"], "non_preferred_output")
         )
-        if problem is None and row["preferred_output"][0]["content"] == row["non_preferred_output"][0]["content"]:
-            problem = "`preferred_output` and `non_preferred_output` are identical; the pair teaches nothing"
+        if problem is None:
+            pair = _preference_row(row)
+            if is_tool_preference(pair):  # tool calls name declared tools, results answer calls
+                problem = check_tool_preference(pair)
+            elif pair["chosen"] == pair["rejected"]:
+                problem = "`chosen` and `rejected` are identical; the pair teaches nothing"
+            if problem:  # in the names of the uploaded format
+                for ours, theirs in (("prompt", "input.messages"), ("chosen", "preferred_output"),
+                                     ("rejected", "non_preferred_output")):
+                    problem = problem.replace(f"`{ours}", f"`{theirs}")
         return FileFormat.PREFERENCE, problem
     if "messages" not in row:
         return None, (
@@ -282,6 +292,21 @@ def _strip(message: dict[str, Any]) -> dict[str, Any]:
     return {"role": message["role"], "content": message["content"]}
 
 
+def _preference_row(row: dict[str, Any]) -> dict[str, Any]:
+    # Tool calls keep their arguments (as objects, for the template); `training.preferences`
+    # renders rows with tools for TRL.
+    pair = {
+        "prompt": to_template_messages(row["input"]["messages"]),
+        "chosen": [_answer(m) for m in row["preferred_output"]],
+        "rejected": [_answer(m) for m in row["non_preferred_output"]],
+    }
+    return pair | ({"tools": row["input"]["tools"]} if row["input"].get("tools") else {})
+
+
+def _answer(message: dict[str, Any]) -> dict[str, Any]:
+    return to_template_messages([message])[0] if message.get("tool_calls") else _strip(message)
+
+
 def _chat_row(row: dict[str, Any]) -> dict[str, Any]:
     if is_conversation(row):
         # Tools, tool calls, several assistant turns or weights: trained turn by turn
@@ -325,15 +350,7 @@ def training_rows(path: Path, method: str) -> list[dict[str, Any]]:
     if wanted is FileFormat.CHAT:
         return [_chat_row(row) for row in rows]
     if wanted is FileFormat.PREFERENCE:
-        return [
-            {
-                "prompt": to_template_messages(row["input"]["messages"]),
-                "chosen": [_strip(m) for m in row["preferred_output"]],
-                "rejected": [_strip(m) for m in row["non_preferred_output"]],
-            }
-            | ({"tools": row["input"]["tools"]} if row["input"].get("tools") else {})  # TRL's DPO renders them
-            for row in rows
-        ]
+        return [_preference_row(row) for row in rows]
     return [
         {"prompt": [_strip(m) for m in row["messages"]], **{k: v for k, v in row.items() if k != "messages"}}
         for row in rows

@@ -1,4 +1,4 @@
-"""DPO on TRL's ``DPOTrainer``: preference pairs, chat or plain.
+"""DPO on TRL's ``DPOTrainer``: preference pairs, chat or plain, with or without tools.
 
 With a LoRA adapter the reference model is the base with the adapter switched off (no
 second copy in memory); for a full fine-tune TRL loads the reference from the base.
@@ -11,6 +11,7 @@ from typing import Any
 
 from ..adapters import peft_config
 from ..config import DPOMethod
+from ..preferences import preference_dataset_rows
 from .base import TrainerInputs, common_args, eval_rows
 
 
@@ -33,10 +34,13 @@ def build_dpo_trainer(method: DPOMethod, inputs: TrainerInputs, args: Any) -> An
     from trl import DPOTrainer
 
     held_out = eval_rows(inputs)
+    # Pairs with tools are rendered through the chat template here (see `training.preferences`).
+    train = preference_dataset_rows(inputs.train_rows, inputs.tokenizer)
+    held_out = preference_dataset_rows(held_out, inputs.tokenizer) if held_out else held_out
     return DPOTrainer(
         model=inputs.model,
         args=args,
-        train_dataset=Dataset.from_list(inputs.train_rows),
+        train_dataset=Dataset.from_list(train),
         eval_dataset=Dataset.from_list(held_out) if held_out else None,
         processing_class=inputs.tokenizer,
         peft_config=peft_config(inputs.adapter),

@@ -1,7 +1,7 @@
 """Each method learns on the tiny base, read back from the MLflow metrics of its run.
 
 SFT lowers the eval loss (and logs exact-match accuracy at each evaluation, keeping the
-best checkpoint); DPO raises the chosen-vs-rejected reward margin; GRPO, started from a
+best checkpoint); DPO raises the chosen-vs-rejected reward margin, also on tool calls; GRPO, started from a
 short SFT cold start as in the R1 recipe, raises the mean verifiable reward.
 """
 
@@ -74,6 +74,20 @@ def test_dpo_raises_the_chosen_vs_rejected_margin(tiny_recipe: Callable[..., Pat
     accuracies = history(registry, result.run_id, "eval_rewards/accuracies")
     assert accuracies[0][1] == 0.0 and accuracies[-1][1] > 0.6, accuracies  # chosen ranked above rejected
     assert result.version.tags[lineage.METHOD] == "dpo" and result.version.tags[lineage.ADAPTER] == "lora"
+
+
+def test_dpo_on_tool_calls_prefers_the_right_function(tiny_recipe: Callable[..., Path], one_thread: None) -> None:
+    # Pairs with tools whose chosen and rejected answers are tool calls (recipes/data/tool-use/preferences-*),
+    # rendered through the recipe's tool template (training/preferences.py).
+    path = tiny_recipe("dpo-tools", train={"max_steps": 20, "logging_steps": 2, "save_steps": 20, "eval_steps": 20, "eval_samples": 16})
+    registry = Registry()
+    result = pipeline.train(load_recipe(path), path, registry=registry)
+
+    margins = history(registry, result.run_id, "rewards/margins")
+    assert margins[0] == (1, 0.0) and mean([v for _, v in margins[-3:]]) > 0.2, margins
+    accuracies = history(registry, result.run_id, "eval_rewards/accuracies")
+    assert accuracies[0][1] == 0.0 and accuracies[-1][1] > 0.6, accuracies  # the right call ranked above the wrong one
+    assert result.version.tags[lineage.METHOD] == "dpo"
 
 
 @pytest.mark.slow

@@ -215,3 +215,21 @@ def test_unknown_method(tmp_path: Path) -> None:
     with pytest.raises(FileFormatError, match="use one of supervised, dpo, reinforcement") as info:
         training_rows(write(tmp_path, [CHAT]), "ppo")
     assert info.value.param == "method"
+
+
+def test_preference_rows_with_tool_calls_become_dpo_rows(tmp_path: Path) -> None:
+    # OpenAI's preference format with `input.tools` and tool-call outputs (the right call preferred).
+    pair = json.loads((Path(__file__).resolve().parents[4] / "recipes/data/tool-use/preferences-train.jsonl").read_text().splitlines()[0])
+    row = {"input": {"messages": pair["prompt"], "tools": pair["tools"]},
+           "preferred_output": pair["chosen"], "non_preferred_output": pair["rejected"]}
+    assert inspect_jsonl(write(tmp_path, [row])).format is FileFormat.PREFERENCE
+    rows = training_rows(write(tmp_path, [row]), "dpo")
+    call = rows[0]["chosen"][0]["tool_calls"][0]["function"]
+    assert call["name"] == pair["chosen"][0]["tool_calls"][0]["function"]["name"]
+    assert call["arguments"] == json.loads(pair["chosen"][0]["tool_calls"][0]["function"]["arguments"])
+    assert rows[0]["tools"] == pair["tools"] and check_dpo_row(rows[0]) is None
+
+    row["non_preferred_output"][0]["tool_calls"][0]["function"]["name"] = "drop_tables"
+    with pytest.raises(FileFormatError) as info:
+        inspect_jsonl(write(tmp_path, [row]))
+    assert "`input.messages` + `non_preferred_output`" in info.value.message and "does not declare" in info.value.message
