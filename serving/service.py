@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -66,11 +67,28 @@ def gateway_app(catalog: ModelCatalog, spec: ServeSpec, keys: KeyStore | None, *
     )
 
 
+class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler on whatever ``sys.stdout`` is when a line is written.
+
+    A plain ``StreamHandler(sys.stdout)`` keeps the stream of the moment it was made; where
+    stdout is swapped later (pytest's capture per test, a daemonising wrapper) a gateway still
+    running writes into a closed file and logging prints a traceback instead of the line.
+    """
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler.__init__ and setStream assign it
+        pass
+
+
 def configure_access_log() -> None:
     """Send the JSON access log (``forgeline.access``) to stdout, one object per line."""
     access = logging.getLogger("forgeline.access")
     if not access.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         access.addHandler(handler)
     access.setLevel(logging.INFO)
