@@ -3,7 +3,16 @@
 Starts the fake worker and the gateway as `bench.gateway_overhead` does, drives one cell
 of load with `bench.loadgen` and records the gateway process with ``py-spy record``
 (sampling, no code changes). Prints the functions with the largest share of samples,
-inclusive and self, and writes the raw collapsed stacks next to the results.
+inclusive and self, and the gateway's user and system CPU per request, and writes the raw
+collapsed stacks next to the results.
+
+Samples are taken of the thread holding the GIL, with the process paused for each sample
+(py-spy's default). ``--nonblocking`` (no pause) reads stacks while they change: it tore
+about a third of them in the 2026-12-01 profiles (stacks with no root), and it counts a
+thread blocked in a system call as busy, which put uvloop's idle wait among the "busy"
+samples. Time spent in a write() while holding the GIL still shows (``_HeldWrites.flush``,
+aiohttp's ``_writelines``); on a loaded box it is mostly the wait for the core after
+waking the reader, so read it next to the system CPU figure, not as CPU.
 
     python -m bench.profile_gateway [--stream] [--concurrency 1] [--seconds 20] [--quiet]
 
@@ -16,6 +25,7 @@ import argparse
 import asyncio
 import collections
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -61,6 +71,25 @@ def _layer(frame: str) -> str:
     return "other (stdlib, interpreter)"
 
 
+def _user_system_s(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of process ``pid`` (the gateway runs as one process here)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rfind(")") + 2 :].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _served(gateway: ServerProcess) -> int:
+    """Chat requests the gateway answered so far, from its own /metrics."""
+    import httpx
+
+    text = httpx.get(f"{gateway.base_url}/metrics", timeout=10).text
+    return int(sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+        if line.startswith("forgeline_http_requests_total{") and "/v1/chat/completions" in line
+    ))  # fmt: skip
+
+
 def summarise(collapsed: Path, top: int = 30) -> str:
     """Inclusive and self sample shares per function from py-spy's collapsed stacks."""
     inclusive: collections.Counter[str] = collections.Counter()
@@ -97,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--quiet", action="store_true", help="gateway without access logs")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "profile")
+    parser.add_argument("--nonblocking", action="store_true", help="sample without pausing the gateway (torn stacks)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("httpx", "httpx2", "openai", "httpcore"):
@@ -104,8 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
         work = Path(tmp)
-        import os
-
         os.environ["FORGELINE_HOME"] = str(work / "home")
         port = free_port()
         upstream = ServerProcess("upstream", python_module("bench.fake_upstream", "--port", str(port), "--tokens", str(TOKENS)), port=port, log_path=work / "upstream.log")
@@ -136,14 +164,23 @@ def main(argv: list[str] | None = None) -> int:
 
             thread = threading.Thread(target=load, daemon=True)
             thread.start()
+            mode = ["--nonblocking"] if args.nonblocking else ["--gil"]
+            served_before, cpu_before = _served(gateway), _user_system_s(gateway.pid)
             subprocess.run(
                 [py_spy(), "record", "--pid", str(gateway.pid), "--duration", str(int(args.seconds)), "--rate", "200",
-                 "--format", "raw", "--output", str(collapsed), "--nonblocking"],
+                 "--format", "raw", "--output", str(collapsed), *mode],
                 check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
+            served = _served(gateway) - served_before
+            user, system = (after - before for after, before in zip(_user_system_s(gateway.pid), cpu_before, strict=True))
             stop.set()
             thread.join(timeout=30)
             text = summarise(collapsed)
+            if served > 0:
+                text += (
+                    f"\n\ngateway CPU per request while sampled ({served} requests): user {1000 * user / served:.2f} ms, "
+                    f"system {1000 * system / served:.2f} ms (sampling itself adds some)"
+                )
             (args.out / f"gateway-{tag}-summary.txt").write_text(text + "\n")
             sys.stdout.write(text + "\n")
         finally:

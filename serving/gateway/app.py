@@ -99,7 +99,9 @@ def create_app(
     app.state.max_body_bytes = max_body_bytes
     gateway_metrics.watch(catalog)
     install_error_handlers(app)
-    for module in (health, metrics, models, chat, completions):
+    # Routes are matched in order, one by one: the chat route, which nearly every request
+    # takes, goes first (no two routes here overlap, so the order changes no answer).
+    for module in (chat, completions, models, health, metrics):
         app.include_router(module.router)
     document_errors(app, {"*": (401, 403, 404, 429, 503), "POST": (413,)})
     # Refuses JSON that parses but cannot be processed (surrogates, deep nesting) with a 400.

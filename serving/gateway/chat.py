@@ -33,7 +33,6 @@ from serving.gateway.generation import (
     GatewaySettings,
     check_max_tokens,
     choice_params,
-    get_settings,
     sampling_params,
     sse,
     sse_error,
@@ -69,9 +68,10 @@ async def create_chat_completion(
     request: Request,
     body: ChatCompletionRequest,
     principal: KeyRecord | None = Depends(get_principal),
-    settings: GatewaySettings = Depends(get_settings),
 ) -> Response:
     """Create a chat completion (OpenAI ``chat.completions.create``)."""
+    # Read here, not through a dependency: FastAPI solves each dependency per request.
+    settings: GatewaySettings = request.app.state.settings
     run = await RequestLifecycle.begin(request, body.model, principal)
     if run.served.chat_relay is not None:
         return await _pass_through(run, body, settings)
