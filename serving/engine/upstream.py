@@ -46,7 +46,7 @@ from registry.errors import ErrorCode, ForgelineError, ModelNotFoundError
 from serving import request_id, telemetry
 from serving.engine.base import Chunk, FinishReason, RelayedAnswer, SamplingParams
 from serving.engine.pool import Outcome, PoolPolicy, Worker, WorkerPool
-from serving.engine.sse_relay import SseBlock, SseSplitter, WorkerEventError, inspect
+from serving.engine.sse_relay import SseBlock, WorkerEventError, inspect, whole_events
 from serving.engine.worker_http import (
     AiohttpWorkerClient,
     HttpxWorkerClient,
@@ -620,15 +620,11 @@ class UpstreamEngine:
                             outcome = Outcome.OK  # the worker is fine; 429 alone is worth another worker
                             fatal = response.status != 429
                     else:
-                        splitter = SseSplitter()
-                        async for data in response.chunks():
+                        async for whole in whole_events(response.chunks()):
                             # After [DONE], read on to the end of the body instead of breaking out: a
                             # connection whose response was not read to the end is closed, not reused,
                             # so breaking made every request open a new TCP connection to the worker.
                             if done:
-                                continue
-                            whole = splitter.feed(data)
-                            if not whole:
                                 continue
                             block = inspect(whole, keep_usage=keep_usage)
                             done = block.done
@@ -640,12 +636,6 @@ class UpstreamEngine:
                                 attempt.add_event("first_token")
                             yielded = True
                             yield block
-                        if not done and (rest := splitter.rest()):
-                            block = inspect(rest, keep_usage=keep_usage)
-                            done = block.done
-                            if block.data or block.usage is not None:
-                                yielded = True
-                                yield block
                         if done:
                             outcome = Outcome.OK
                         else:
