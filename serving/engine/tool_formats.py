@@ -173,6 +173,11 @@ def _one_of_calls(tools: list[dict[str, Any]], args_key: str) -> str:
     return _json_rule(schemas[0] if len(schemas) == 1 else {"anyOf": schemas})
 
 
+def _whole_calls(calls: list[PartialCall]) -> list[ToolCall]:
+    """The complete ones of ``calls``, each with a fresh id."""
+    return [ToolCall(new_call_id(), c.name, c.arguments) for c in calls if c.complete]
+
+
 def _separated_calls(text: str, pos: int, separator: str) -> list[PartialCall]:
     """Call objects from ``pos`` on, separated by ``separator`` (Llama-3 ``;``, a Mistral list's ``,``)."""
     calls: list[PartialCall] = []
@@ -223,7 +228,7 @@ class ToolFormat:
 
     def complete_calls(self, region: str) -> list[ToolCall]:
         """The whole calls in ``region`` (a finished answer from `start` on)."""
-        return [ToolCall(new_call_id(), c.name, c.arguments) for c in self.partial_calls(region) if c.complete]
+        return _whole_calls(self.partial_calls(region))
 
     def grammar(self, tools: list[dict[str, Any]], *, parallel: bool) -> str:
         """A Lark grammar (llguidance dialect) that allows only calls of ``tools``."""
@@ -315,7 +320,7 @@ class Llama3JsonFormat(ToolFormat):
         calls = _separated_calls(body, 0, ";")
         if not calls or not all(c.complete for c in calls) or _calls_end(body, 0, ";") is None:
             return []
-        return super().complete_calls(region)
+        return _whole_calls(calls)
 
     def grammar(self, tools: list[dict[str, Any]], *, parallel: bool) -> str:
         call = _one_of_calls(tools, "parameters")
@@ -370,7 +375,7 @@ class MistralFormat(ToolFormat):
 
     def complete_calls(self, region: str) -> list[ToolCall]:
         calls = self.partial_calls(region)
-        return super().complete_calls(region) if calls and all(c.complete for c in calls) else []
+        return _whole_calls(calls) if calls and all(c.complete for c in calls) else []
 
     def grammar(self, tools: list[dict[str, Any]], *, parallel: bool) -> str:
         schemas = [_function_schema(t, "arguments") for t in tools]
