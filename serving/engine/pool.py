@@ -31,8 +31,9 @@ When no worker is eligible the pool *panics* like Envoy: it routes among workers
 health check passes (ejections ignored), else all members, rather than failing outright.
 
 Retries (`WorkerPool.take_retry`) draw on a budget: at most ``retry_budget_ratio`` of the
-requests in flight, but always ``retry_budget_min``, so a dying worker cannot double the
-load on the others.
+requests in flight, but always ``retry_budget_min``, so a worker answering errors cannot
+double the load on the others. Retries after a lost connection are not charged to it
+(`UpstreamEngine._may_retry`): the lost worker's work ended with the connection.
 """
 
 from __future__ import annotations

@@ -546,7 +546,7 @@ class UpstreamEngine:
             tried.append(worker)
             if fatal:
                 raise error
-            budgeted = self._may_retry(tried, refused=isinstance(failure, WorkerRefusedError))
+            budgeted = self._may_retry(tried, lost=isinstance(failure, WorkerRefusedError | WorkerBrokenError))
             if budgeted is None:
                 raise error
             logger.info("retrying a %s request on another worker after %s: %s", self.model_id, worker.url, error.message)
@@ -566,15 +566,20 @@ class UpstreamEngine:
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return self._stream_blocks("/v1/chat/completions", body, adapter, keep_usage=include_usage)
 
-    def _may_retry(self, tried: list[Worker], *, refused: bool = False) -> bool | None:
+    def _may_retry(self, tried: list[Worker], *, lost: bool = False) -> bool | None:
         """Whether to try another worker: None for no, else whether the retry holds one of the
-        budget's (then release it with ``pool.end_retry()``). A refused connection reached no
-        worker and cost none of them anything, so its retry is free: a worker that just died
-        refuses every request routed to it before it is ejected, and those must not fail."""
+        budget's (then release it with ``pool.end_retry()``).
+
+        The budget keeps a worker that answers errors from doubling the others' load. A lost
+        connection (refused, or closed mid-answer) is not that: a refused one reached no
+        worker, and a closed one ended the worker's work with it, so its retry moves load
+        instead of adding it and is free (``max_attempts`` still bounds it). A worker that
+        dies takes every request it was answering with it, often more than the budget's
+        floor, and refuses those routed to it before it is ejected; none of them may fail."""
         others = sum(1 for w in self.pool.workers if not w.draining and w not in tried)
         if others == 0 or len(tried) >= self.pool.policy.max_attempts:
             return None
-        if refused:
+        if lost:
             return False
         return True if self.pool.take_retry() else None
 
@@ -606,7 +611,7 @@ class UpstreamEngine:
             retried = bool(tried)
             self.pool.begin(worker)
             started, outcome, tokens, yielded, done = time.perf_counter(), Outcome.ERROR, 0, False, False
-            refused = False
+            lost = False  # the connection was refused or closed (see _may_retry)
             error: ForgelineError | None = None
             fatal = False  # the request itself is wrong: another worker would say the same
             attempt = _attempt_span(worker, path, retried)
@@ -646,7 +651,7 @@ class UpstreamEngine:
                 raise
             except (WorkerRefusedError, WorkerBrokenError) as exc:
                 outcome = _refused_or_error(exc) if not yielded else Outcome.ERROR
-                refused = isinstance(exc, WorkerRefusedError)
+                lost = True
                 error = self._unavailable(f"{worker.url}: the stream broke: {exc}")
             except WorkerTimeoutError as exc:
                 error = self._unavailable(f"{worker.url} sent no data for {self._read_timeout:.0f} s ({exc})")
@@ -667,7 +672,7 @@ class UpstreamEngine:
             tried.append(worker)
             if fatal or yielded:
                 raise error
-            budgeted = self._may_retry(tried, refused=refused)
+            budgeted = self._may_retry(tried, lost=lost)
             if budgeted is None:
                 raise error
             logger.info("retrying a %s request on another worker after %s: %s", self.model_id, worker.url, error.message)

@@ -31,7 +31,8 @@ def _sse(events: list[dict[str, Any]], done: bool = True) -> bytes:
 
 
 class Fleet:
-    """Workers by host: ``ok``, ``refuse`` (connection refused), ``500``, or ``break`` (stream cut after one event)."""
+    """Workers by host: ``ok``, ``refuse`` (connection refused), ``drop`` (connection closed
+    before the answer), ``500``, or ``break`` (stream cut after one event)."""
 
     def __init__(self, modes: dict[str, str]) -> None:
         self.modes = modes
@@ -44,6 +45,8 @@ class Fleet:
         if request.url.path == "/health":
             return httpx.Response(200 if mode != "500" else 503)
         self.calls.append(host)
+        if mode == "drop":
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
         if mode == "500":
             return httpx.Response(500, json={"error": {"message": "worker fell over"}})
         body = json.loads(request.content)
@@ -81,6 +84,38 @@ def test_unary_chat_fails_over_and_the_refusing_worker_is_ejected(tiny_base: Pat
     # Ejected at its third 500 in a row, so it never saw more than three requests.
     assert fleet.calls.count("w1") <= 3 and w1.ejections == (fleet.calls.count("w1") == 3)
     assert fleet.calls.count("w2") == 20 and w2.outstanding == 0
+
+
+def test_a_lost_connection_is_retried_even_when_the_budget_is_spent_and_a_500_is_not(tiny_base: Path) -> None:
+    # A worker SIGKILLed under load drops every request it was answering at once, more than
+    # the budget's floor: those retries move load, they do not add it, so none may fail.
+    fleet = Fleet({"w0": "ok", "w1": "ok"})
+    urls = [f"http://{host}:8000" for host in fleet.modes]
+    no_budget = PoolPolicy(retry_budget_min=0, retry_budget_ratio=0.0, consecutive_failures=100)
+    engine = UpstreamEngine(urls, "m", tokenizer=tiny_base, upstream_api="chat", transport=httpx.MockTransport(fleet), policy=no_budget)
+
+    async def main() -> tuple[list[str], int]:
+        await engine.start()
+        try:
+            fleet.modes["w0"] = "500"
+            failed = 0
+            for _ in range(6):
+                try:
+                    await engine.relay_chat({"model": "public", "messages": []})
+                except ForgelineError:
+                    failed += 1
+            fleet.modes["w0"] = "drop"  # many requests in flight when it goes
+            unary = [engine.relay_chat({"model": "public", "messages": []}) for _ in range(6)]
+            answers = await asyncio.gather(*unary, *(_first_text(engine) for _ in range(6)))
+            texts = [a if isinstance(a, str) else a.json["choices"][0]["message"]["content"] for a in answers]
+            return texts, failed
+        finally:
+            await engine.stop()
+
+    texts, failed = asyncio.run(main())
+    assert texts == ["hi"] * 12
+    assert fleet.calls.count("w0") > 0  # the dropping worker was tried, and its requests were retried
+    assert failed > 0  # a worker answering 500 gets no retry from a spent budget
 
 
 def test_a_stream_fails_over_before_its_first_event_but_not_after(tiny_base: Path) -> None:
