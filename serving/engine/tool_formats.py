@@ -178,33 +178,22 @@ def _whole_calls(calls: list[PartialCall]) -> list[ToolCall]:
     return [ToolCall(new_call_id(), c.name, c.arguments) for c in calls if c.complete]
 
 
-def _separated_calls(text: str, pos: int, separator: str) -> list[PartialCall]:
-    """Call objects from ``pos`` on, separated by ``separator`` (Llama-3 ``;``, a Mistral list's ``,``)."""
+def _separated_calls(text: str, pos: int, separator: str) -> tuple[list[PartialCall], int | None]:
+    """Call objects from ``pos`` on, separated by ``separator`` (Llama-3 ``;``, a Mistral list's
+    ``,``), and where they end when they are complete and only whitespace follows (else None)."""
     calls: list[PartialCall] = []
     while True:
         call, end = _scan_object(text, pos)
         if call is None:
-            return calls
+            return calls, None
         calls.append(call)
         if end is None or not call.complete:
-            return calls
-        rest = text[end:].lstrip()
-        if not rest.startswith(separator):
-            return calls
-        pos = len(text) - len(rest) + 1
-
-
-def _calls_end(text: str, pos: int, separator: str) -> int | None:
-    """Where the separated calls from ``pos`` end when nothing but whitespace follows them, else None."""
-    while True:
-        _, end = _scan_object(text, pos)
-        if end is None:
-            return None
+            return calls, None
         rest = text[end:].lstrip()
         if not rest:
-            return end
+            return calls, end
         if not rest.startswith(separator):
-            return None
+            return calls, None
         pos = len(text) - len(rest) + 1
 
 
@@ -312,13 +301,13 @@ class Llama3JsonFormat(ToolFormat):
         return offset if stripped.startswith("{") else None
 
     def partial_calls(self, region: str) -> list[PartialCall]:
-        return _separated_calls(region.lstrip().removeprefix(self.TAG), 0, ";")
+        return _separated_calls(region.lstrip().removeprefix(self.TAG), 0, ";")[0]
 
     def complete_calls(self, region: str) -> list[ToolCall]:
         # The whole answer is the calls: any other text after them means it was not a call after all.
         body = region.lstrip().removeprefix(self.TAG)
-        calls = _separated_calls(body, 0, ";")
-        if not calls or not all(c.complete for c in calls) or _calls_end(body, 0, ";") is None:
+        calls, end = _separated_calls(body, 0, ";")
+        if end is None:
             return []
         return _whole_calls(calls)
 
@@ -362,7 +351,7 @@ class MistralFormat(ToolFormat):
     def partial_calls(self, region: str) -> list[PartialCall]:
         body = region.lstrip().removeprefix(self.TAG).lstrip()
         if body.startswith("["):
-            return _separated_calls(body, 1, ",")
+            return _separated_calls(body, 1, ",")[0]
         calls: list[PartialCall] = []
         pos = 0
         while (named := self._NAMED.match(body, pos)) is not None:
