@@ -114,7 +114,8 @@ class Scheduler:
         prefix_cache: reuses prompt-prefix KV across requests, or None.
         observe: called with the row count of every forward (metrics).
         affinity_wait_s: longest a request is passed over for ones whose adapter the batch has.
-        join_rows: fewest free rows of a nearly full running batch worth a prefill forward.
+        join_rows: fewest free rows of a nearly full running batch worth a prefill forward
+            (at most an eighth of ``max_batch_size``; 1 turns holding off).
         join_wait_s: longest a request is held back so that it joins with others.
     """
 
@@ -152,7 +153,8 @@ class Scheduler:
         self.prefix_cache = prefix_cache
         self.observe = observe
         self.affinity_wait_s = affinity_wait_s
-        self.join_rows = max(join_rows, 1)
+        # Holding rows out of a small batch costs a larger share of it: at most an eighth of it.
+        self.join_rows = max(1, min(join_rows, max_batch_size // 8))
         self.join_wait_s = join_wait_s
         self._holding_since: float | None = None  # when `_join_now` began holding waiting requests back
         self.waiting: deque[Request] = deque()
