@@ -9,7 +9,8 @@ zero: it is the row without an adapter. Its forward is
 
     y = base(x) + bmm(bmm(x, a[slot_of_row]), b[slot_of_row])
 
-two batched products per layer however many adapters the batch mixes. `StackedLora.select`
+two batched products per layer however many adapters the batch mixes (the second one adds into
+the base layer's output in place, ``baddbmm_``). `StackedLora.select`
 turns a set of rows into a `RowSelection` (the slot of every row) when that set forms: with
 continuous batching, when a prefill group is formed and when rows join or leave the running
 batch, not at every step. Each layer gathers its per-row ``a``/``b`` into the selection the
@@ -147,9 +148,13 @@ class StackedLoraLinear(nn.Module):
             )
         # (rows, tokens, in) as it comes, or flattened to (rows * tokens, in) by mixture-of-experts
         # blocks before their shared expert: each row's tokens stay together, row after row.
-        h = x.reshape(batch, -1, self.in_features)
-        delta = torch.bmm(torch.bmm(h.to(a.dtype), a), b)
-        return y + delta.reshape(y.shape).to(y.dtype)
+        h = torch.bmm(x.reshape(batch, -1, self.in_features).to(a.dtype), a)
+        if y.dtype == b.dtype and y.is_contiguous():
+            # Added inside the product, in place: y is this call's own fresh output, and a separate
+            # delta and sum would be two more allocations of its size per layer (page faults on CPU).
+            y.view(batch, -1, self.out_features).baddbmm_(h, b)
+            return y
+        return y + torch.bmm(h, b).reshape(y.shape).to(y.dtype)
 
 
 class StackedLora:

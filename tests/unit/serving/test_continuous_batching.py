@@ -211,3 +211,39 @@ def test_a_scheduler_bug_fails_the_rows_in_flight_and_the_engine_keeps_serving(
     finally:
         asyncio.run(engine.stop())
     assert got == _reference(tiny_artifact, prompts, [12, 4, 4])
+
+
+def test_a_nearly_full_batch_lets_waiting_requests_gather_for_one_prefill(monkeypatch: pytest.MonkeyPatch) -> None:
+    import queue
+
+    now = [100.0]
+    monkeypatch.setattr(scheduler_module.time, "monotonic", lambda: now[0])
+    s = scheduler_module.Scheduler(
+        model_id="t", inbox=queue.Queue(), forward=lambda *a: None, sampler=None, detokenizer=None,  # type: ignore[arg-type]
+        adapters=None, device="cpu", pad_id=0, max_batch_size=32, batch_window_s=0.0, prefill_chunk=256,
+        join_rows=4, join_wait_s=0.1,
+    )  # fmt: skip
+    row: Any = object()
+    s.waiting.extend([row] * 5)
+    s.running = [row] * 26
+    assert s._join_now(), "a batch with room for join_rows admits at once"
+    s.running = [row] * 31
+    assert not s._join_now(), "one free row of a nearly full batch: wait for more to leave"
+    now[0] += 0.05
+    assert not s._join_now()
+    s.running = [row] * 28
+    assert s._join_now(), "four rows left: prefill them together"
+    s.running = [row] * 31
+    assert not s._join_now()
+    now[0] += 0.11
+    assert s._join_now(), "held for join_wait_s: admit what fits"
+    s.waiting.clear()
+    s.waiting.append(row)
+    assert s._join_now(), "a lone waiting request fills the one free row at once"
+    small = scheduler_module.Scheduler(
+        model_id="t", inbox=queue.Queue(), forward=lambda *a: None, sampler=None, detokenizer=None,  # type: ignore[arg-type]
+        adapters=None, device="cpu", pad_id=0, max_batch_size=4, batch_window_s=0.0, prefill_chunk=256,
+    )  # fmt: skip
+    small.waiting.extend([row] * 3)
+    small.running = [row] * 3
+    assert small._join_now(), "a small batch never holds rows back (at most an eighth of it)"
