@@ -295,6 +295,10 @@ class RequestLifecycle:
                     for _ in range(outputs):
                         itl.observe(gap)
                     last = now
+                if block.done:
+                    # The answer is whole: accounted for now, so the access-log line written with the
+                    # client's last bytes has it (the worker's body is read to its end after them).
+                    self.finish(200)
                 yield block
                 block = await anext(blocks, None)
         except BaseException as exc:
