@@ -330,7 +330,8 @@ class RequestLifecycle:
             # Prompt tokens beyond those admitted up front: a pass-through request learns its
             # prompt size from the worker's usage.
             owed = self.completion_tokens + max(0, self.prompt_tokens - self._admitted_tokens)
-            if self._limiter is not None and self.principal is not None and owed:
+            # Only a tpm bucket takes tokens: for a key without one, no task is scheduled.
+            if self._limiter is not None and self.principal is not None and owed and self.principal.tpm is not None:
                 self._charge(owed)
         self._access.update(
             prompt_tokens=self.prompt_tokens,
