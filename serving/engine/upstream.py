@@ -635,8 +635,8 @@ class UpstreamEngine:
                             done = block.done
                             if block.usage and block.usage.get("completion_tokens") is not None:
                                 tokens = int(block.usage["completion_tokens"])
-                            if not block.data and block.usage is None:
-                                continue
+                            if not block.data and block.usage is None and not block.done:
+                                continue  # (a block with the end marker alone still says the answer is whole)
                             if not yielded and attempt is not None:
                                 attempt.add_event("first_token")
                             yielded = True

@@ -17,6 +17,7 @@ from serving.gateway import chat, completions, health, metrics, models
 from serving.gateway.auth import KeyAuth, KeyVerifier, check_declared
 from serving.gateway.catalog import ModelCatalog, ServedModel, StaticCatalog
 from serving.gateway.errors import document_errors, install_error_handlers
+from serving.gateway.fast_chat import ChatFastPath
 from serving.gateway.generation import GatewaySettings
 from serving.gateway.json_body import MAX_JSON_DEPTH, StrictJSONMiddleware
 from serving.gateway.metrics import AccessLogMiddleware, GatewayMetrics
@@ -104,6 +105,9 @@ def create_app(
     for module in (chat, completions, models, health, metrics):
         app.include_router(module.router)
     document_errors(app, {"*": (401, 403, 404, 429, 503), "POST": (413,)})
+    # Innermost: chat completions, nearly every request, skip FastAPI's per-request machinery
+    # (the same validation, authorization and endpoint; anything else goes on to the router).
+    app.add_middleware(ChatFastPath)
     # Refuses JSON that parses but cannot be processed (surrogates, deep nesting) with a 400.
     app.add_middleware(StrictJSONMiddleware)
     check_declared(app)  # a route without a declared authorization rule is a bug: refuse to start

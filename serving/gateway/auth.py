@@ -109,9 +109,12 @@ def _bearer(authorization: str | None) -> str:
 
 def http_routes(app: FastAPI) -> list[object]:
     """Every route an app serves, those of included routers too (FastAPI >= 0.160 keeps
-    included routers unflattened in ``app.routes``; ``iter_route_contexts`` walks them)."""
+    included routers unflattened in ``app.routes``; ``iter_route_contexts`` walks them),
+    and those a middleware answers before the router (`serving.gateway.fast_chat`: it
+    declares its ``path`` and ``methods`` as a route does)."""
     walk = getattr(fastapi.routing, "iter_route_contexts", None)
-    return list(walk(app.routes)) if walk is not None else list(app.routes)
+    routes = list(walk(app.routes)) if walk is not None else list(app.routes)
+    return routes + [m.cls for m in app.user_middleware if isinstance(getattr(m.cls, "path", None), str)]
 
 
 def check_declared(app: FastAPI) -> None:

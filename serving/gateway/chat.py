@@ -26,7 +26,7 @@ from serving.engine.base import Chunk
 from serving.engine.sse_relay import SseBlock, rename_model
 from serving.engine.structured import StructuredEngine
 from serving.gateway.auth import get_principal
-from serving.gateway.event_stream import EventStreamResponse
+from serving.gateway.event_stream import EventStreamResponse, LastEvents
 from serving.gateway.generation import (
     SSE_DONE,
     Completion,
@@ -189,7 +189,10 @@ async def _relayed_events(blocks: AsyncGenerator[SseBlock, None], *, model: str)
     name = json.dumps(model).encode()
     try:
         async for block in blocks:
-            if block.data:
+            if block.done:
+                # The worker's answer is whole: these events and [DONE] leave in one write.
+                yield LastEvents(rename_model(block.data, name) if block.data else b"")
+            elif block.data:
                 yield rename_model(block.data, name)
     except Exception as exc:  # noqa: BLE001 - headers are sent; the error must travel in the stream
         logger.warning("relayed chat stream for %s failed: %s", model, exc)

@@ -98,7 +98,8 @@ class _LimitedMixin:
 
     def data_received(self, data: bytes) -> None:
         before = self.cycle
-        if self._awaiting_request():
+        awaiting = self._awaiting_request()
+        if awaiting:
             self._got_bytes = True
             # Bytes of the request line and headers so far: up to their blank line, if it is here.
             # Counted before parsing, so neither parser ever holds more (h11's own bound only
@@ -110,13 +111,15 @@ class _LimitedMixin:
                 self.transport.write(_HEADERS_TOO_LARGE)
                 self.transport.close()
                 return
-            if self._header_timer is None:
-                self._arm_header_timer()
         super().data_received(data)
         if self.cycle is not before:  # the headers of a new request are complete
             self._cancel_header_timer()
             self._got_bytes = False
             self._header_bytes = 0
+        elif awaiting and self._header_timer is None and not self.transport.is_closing():
+            # Armed only for headers still incomplete after this read: nearly every request's
+            # headers arrive whole in one, and a timer made and cancelled per request costs.
+            self._arm_header_timer()
         if self.cycle is not None and self.cycle.more_body and not self.cycle.response_complete:
             self._arm_body_timer()  # restarted by every piece of body
         elif self._body_timer is not None:

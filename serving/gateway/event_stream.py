@@ -18,11 +18,21 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 
+class LastEvents(bytes):
+    """A stream's last events: they leave with the tail, in the one write that ends the body.
+
+    What the event iterable does after yielding them is not sent: a relay reads its
+    worker's answer to the end there (so the connection is reused), after the client has
+    its whole answer and ``[DONE]``.
+    """
+
+
 class EventStreamResponse(Response):
     """``text/event-stream`` from an async iterable of encoded events.
 
     Args:
         events: each item is sent to the client as it comes (one write each); text is sent as UTF-8.
+            A `LastEvents` item ends the body, with the tail.
         headers: extra response headers.
         tail: sent with the end of the body (``data: [DONE]``), after ``events`` ends or fails.
     """
@@ -55,11 +65,17 @@ class EventStreamResponse(Response):
         watcher = asyncio.get_running_loop().create_task(watch())
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            last = b""
             async for item in self.events:
+                if isinstance(item, LastEvents):
+                    last = item
+                    break
                 body = item.encode() if isinstance(item, str) else item
                 await send({"type": "http.response.body", "body": body, "more_body": True})
             ending = True
-            await send({"type": "http.response.body", "body": self.tail, "more_body": False})
+            await send({"type": "http.response.body", "body": last + self.tail, "more_body": False})
+            async for _ in self.events:
+                pass  # after the end (see `LastEvents`): nothing more is sent
         except asyncio.CancelledError:
             if not left:
                 raise

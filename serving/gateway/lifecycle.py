@@ -295,6 +295,10 @@ class RequestLifecycle:
                     for _ in range(outputs):
                         itl.observe(gap)
                     last = now
+                if block.done:
+                    # The answer is whole: accounted for now, so the access-log line written with the
+                    # client's last bytes has it (the worker's body is read to its end after them).
+                    self.finish(200)
                 yield block
                 block = await anext(blocks, None)
         except BaseException as exc:
@@ -326,7 +330,8 @@ class RequestLifecycle:
             # Prompt tokens beyond those admitted up front: a pass-through request learns its
             # prompt size from the worker's usage.
             owed = self.completion_tokens + max(0, self.prompt_tokens - self._admitted_tokens)
-            if self._limiter is not None and self.principal is not None and owed:
+            # Only a tpm bucket takes tokens: for a key without one, no task is scheduled.
+            if self._limiter is not None and self.principal is not None and owed and self.principal.tpm is not None:
                 self._charge(owed)
         self._access.update(
             prompt_tokens=self.prompt_tokens,

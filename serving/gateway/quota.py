@@ -98,7 +98,8 @@ class Limiter(Protocol):
         ...
 
     async def charge(self, key: str, limits: Limits, tokens: int) -> None:
-        """Take ``tokens`` more tokens (completion tokens), even into debt."""
+        """Take ``tokens`` more tokens (completion tokens), even into debt; nothing without a ``tpm``
+        (the gateway does not call it then)."""
         ...
 
     async def close(self) -> None:

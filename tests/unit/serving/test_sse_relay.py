@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from serving.engine.sse_relay import SseSplitter, WorkerEventError, inspect, rename_model, whole_events
-from serving.gateway.event_stream import EventStreamResponse
+from serving.gateway.event_stream import EventStreamResponse, LastEvents
 
 
 def _event(payload: dict[str, Any], *, spaced: bool = False) -> bytes:
@@ -115,3 +115,31 @@ def test_event_stream_sends_the_tail_with_the_end_and_stops_when_the_client_leav
     assert sent[-1]["more_body"] is False and trail == ["closed"]
     left, trail = asyncio.run(scenario(0.05))
     assert [m.get("body") for m in left[1:]] == [b"data: 1\n\n"] and trail == ["closed"]
+
+
+def test_last_events_leave_with_the_tail_and_what_follows_them_is_read_not_sent() -> None:
+    async def scenario() -> tuple[list[dict[str, Any]], list[str]]:
+        sent: list[dict[str, Any]] = []
+        trail: list[str] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        async def receive() -> dict[str, Any]:
+            await asyncio.Event().wait()  # the client stays
+            return {"type": "http.disconnect"}
+
+        async def events() -> AsyncIterator[bytes]:
+            yield b"data: 1\n\n"
+            yield LastEvents(b"data: 2\n\n")
+            trail.append("read on")  # a relay reading its worker's body to the end
+            yield b"data: late error\n\n"
+
+        await EventStreamResponse(events(), tail=b"data: [DONE]\n\n")({"type": "http"}, receive, send)
+        return sent, trail
+
+    sent, trail = asyncio.run(scenario())
+    assert [(m.get("body"), m.get("more_body")) for m in sent[1:]] == [
+        (b"data: 1\n\n", True), (b"data: 2\n\ndata: [DONE]\n\n", False)
+    ]
+    assert trail == ["read on"]
