@@ -55,13 +55,11 @@ class Answer:
 
 
 class StreamedAnswer(Protocol):
-    """A response being read: its status, then its body whole or line by line."""
+    """A response being read: its status, then its body whole or in the pieces it arrives in."""
 
     status: int
 
     async def read(self) -> bytes: ...
-
-    def lines(self) -> AsyncIterator[str]: ...
 
     def chunks(self) -> AsyncIterator[bytes]:
         """The body in the pieces it arrives in (no waiting to fill a buffer)."""
@@ -152,13 +150,6 @@ class _AiohttpStream:
     async def read(self) -> bytes:
         return bytes(await self._response.read())
 
-    async def lines(self) -> AsyncIterator[str]:
-        try:
-            async for raw in self._response.content:
-                yield raw.decode().rstrip("\r\n")
-        except self._client._errors() as exc:
-            raise self._client._mapped(exc) from exc
-
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
             async for data in self._response.content.iter_any():
@@ -222,13 +213,6 @@ class _HttpxStream:
 
     async def read(self) -> bytes:
         return bytes(await self._response.aread())
-
-    async def lines(self) -> AsyncIterator[str]:
-        try:
-            async for line in self._response.aiter_lines():
-                yield line
-        except self._client._httpx.HTTPError as exc:
-            raise self._client._mapped(exc) from exc
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
