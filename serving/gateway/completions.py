@@ -15,7 +15,7 @@ from serving.cpu_pool import run_cpu
 from serving.engine.base import Chunk
 from serving.gateway.auth import get_principal
 from serving.gateway.event_stream import EventStreamResponse
-from serving.gateway.generation import SSE_DONE, GatewaySettings, get_settings, sampling_params, sse, sse_error
+from serving.gateway.generation import SSE_DONE, GatewaySettings, sampling_params, sse, sse_error
 from serving.gateway.lifecycle import RequestLifecycle
 from serving.gateway.protocol import (
     SSE_EVENT_SCHEMA,
@@ -42,9 +42,9 @@ async def create_completion(
     request: Request,
     body: CompletionRequest,
     principal: KeyRecord | None = Depends(get_principal),
-    settings: GatewaySettings = Depends(get_settings),
 ) -> Response:
     """Create a text completion (OpenAI ``completions.create``)."""
+    settings: GatewaySettings = request.app.state.settings  # as the chat route reads it
     run = await RequestLifecycle.begin(request, body.model, principal)
     try:
         body.refuse_unsupported(body.model, logprobs=run.engine.reports_logprobs)

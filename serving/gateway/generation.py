@@ -38,12 +38,6 @@ async def get_catalog(request: Request) -> ModelCatalog:
     return request.app.state.catalog
 
 
-async def get_settings(request: Request) -> GatewaySettings:
-    """The settings `create_app` stored on the app (``async``: FastAPI runs a plain ``def``
-    dependency in its thread pool, a hand-off per request for a field read)."""
-    return request.app.state.settings
-
-
 def resolve_model(catalog: ModelCatalog, model: str) -> tuple[ServedModel, str | None]:
     """Resolve ``model`` to a served model and an optional adapter (``name:adapter``)."""
     return split_adapter(catalog, model)
