@@ -127,16 +127,15 @@ def _message_problem(message: Any, where: str, *, final: bool = False) -> str | 
     return None
 
 
-def _messages_problem(messages: Any, where: str, *, last_role: str | tuple[str, ...]) -> str | None:
+def _messages_problem(messages: Any, where: str, *, last_roles: tuple[str, ...]) -> str | None:
     if not isinstance(messages, list) or not messages:
         return f"`{where}` must be a non-empty list of messages"
     for i, message in enumerate(messages):
         problem = _message_problem(message, f"{where}[{i}]", final=i == len(messages) - 1)
         if problem:
             return problem
-    allowed = (last_role,) if isinstance(last_role, str) else last_role
-    if messages[-1]["role"] not in allowed:
-        return f"`{where}` must end with a {' or '.join(allowed)} message, not {messages[-1]['role']!r}"
+    if messages[-1]["role"] not in last_roles:
+        return f"`{where}` must end with a {' or '.join(last_roles)} message, not {messages[-1]['role']!r}"
     return None
 
 
@@ -170,7 +169,7 @@ def _classify(row: dict[str, Any]) -> tuple[FileFormat | None, str | None]:
             return FileFormat.PREFERENCE, '`input` must be an object {"messages": [...]}'
         problem = (
             _unsupported(row["input"], "input.")
-            or _messages_problem(row["input"].get("messages"), "input.messages", last_role=("user", "tool"))
+            or _messages_problem(row["input"].get("messages"), "input.messages", last_roles=("user", "tool"))
             or _output_problem(row["preferred_output"], "preferred_output")
             or _output_problem(row["non_preferred_output"], "non_preferred_output")
         )
@@ -194,7 +193,7 @@ def _classify(row: dict[str, Any]) -> tuple[FileFormat | None, str | None]:
     fmt = FileFormat.CHAT if isinstance(last, dict) and last.get("role") == "assistant" else FileFormat.PROMPT
     problem = _unsupported(row)
     if fmt is FileFormat.CHAT:
-        problem = problem or _messages_problem(messages, "messages", last_role="assistant")
+        problem = problem or _messages_problem(messages, "messages", last_roles=("assistant",))
         if problem is None and not any(m["role"] == "user" for m in messages[:-1]):
             problem = "`messages` needs a user message before the final assistant message"
         if problem is None and is_conversation(row):
@@ -202,7 +201,7 @@ def _classify(row: dict[str, Any]) -> tuple[FileFormat | None, str | None]:
         elif problem is None and not messages[-1]["content"]:
             problem = "the final assistant message has empty `content`"
     else:
-        problem = problem or _messages_problem(messages, "messages", last_role="user")
+        problem = problem or _messages_problem(messages, "messages", last_roles=("user",))
         if problem is None and "prompt" in row:
             problem = "a reference field may not be named `prompt` (the trainer's prompt column); rename it"
     return fmt, problem
