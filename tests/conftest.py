@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +28,16 @@ def point_home(monkeypatch: pytest.MonkeyPatch, home: Path) -> Path:
     for var in STATE_VARS:
         monkeypatch.delenv(var, raising=False)
     return home
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A throwaway home for the whole session, under the per-test one: module- and
+    session-scoped fixtures run before `isolated_home` and must not reach ~/.forgeline either."""
+    home = tempfile.mkdtemp(prefix="forgeline-test-home-")
+    config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
+    os.environ["FORGELINE_HOME"] = home
+    for var in STATE_VARS:
+        os.environ.pop(var, None)
 
 
 @pytest.fixture(autouse=True)
