@@ -31,6 +31,7 @@ from serving.cpu_pool import run_cpu
 from serving.engine.adapter_cache import AdapterCache
 from serving.engine.adapter_chat import BASE_CHAT, AdapterChat, read_adapter_chat
 from serving.engine.base import Chunk, EngineStats, SamplingParams
+from serving.engine.counted_prompts import CountedPrompts
 from serving.engine.detokenizer import Detokenizer
 from serving.engine.grammar import GuideCompiler
 from serving.engine.loading import load_model, max_prompt_chars
@@ -127,6 +128,7 @@ class TorchEngine:
         self._eos_ids: set[int] = set()
         self._max_context: int | None = None
         self._max_prompt_chars: int | None = None
+        self._counted = CountedPrompts()
         self._cache_kwarg = "past_key_values"
         self._forward_kwargs: dict[str, Any] = {}
         self._model: Any = None  # the base model (`_adapters.model` runs a batch when adapters are served)
@@ -177,6 +179,7 @@ class TorchEngine:
         if self._thread is not None:
             return
         self._inbox = queue.Queue()
+        self._counted = CountedPrompts()  # a new tokenizer may be loaded
         await asyncio.to_thread(self._load)
         self._thread = threading.Thread(target=self._worker, name=f"forgeline-engine-{self.model_id}", daemon=True)
         self._thread.start()
@@ -307,8 +310,10 @@ class TorchEngine:
             ) from exc
 
     def count_tokens(self, text: str) -> int:
-        """Number of prompt tokens `generate` feeds the model for ``text``."""
-        return len(self._encode(text))
+        """Number of prompt tokens `generate` feeds the model for ``text`` (its ids are kept for `generate`)."""
+        ids = self._encode(text)
+        self._counted.keep(text, ids)
+        return len(ids)
 
     # -- structured output (the `SamplingParams.guide` seam) ------------------------------
 
@@ -343,7 +348,9 @@ class TorchEngine:
                 ``model_not_found`` for an adapter, ``unavailable`` when the engine is stopped.
         """
         adapter_path, chat = await self._adapter_path(adapter) if adapter is not None else (None, BASE_CHAT)
-        prompt_ids = await run_cpu(len(prompt), self._encode, prompt)
+        prompt_ids = self._counted.take(prompt)
+        if prompt_ids is None:
+            prompt_ids = await run_cpu(len(prompt), self._encode, prompt)
         if not prompt_ids:
             raise ForgelineError("the prompt is empty", code=ErrorCode.INVALID_REQUEST, param="prompt")
         limit = self._max_context

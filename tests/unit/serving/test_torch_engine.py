@@ -149,6 +149,34 @@ def test_render_chat_and_count_tokens(engine: TorchEngine) -> None:
     assert engine.count_tokens(prompt) > engine.count_tokens("Hello") > 0
 
 
+def test_a_counted_prompt_is_tokenized_once_and_generates_the_same(engine: TorchEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    uncounted = _ids(asyncio.run(_collect(engine, PROMPTS[1], params)))
+    calls: list[str] = []
+    encode = engine._encode
+    monkeypatch.setattr(engine, "_encode", lambda text: calls.append(text) or encode(text))
+    assert engine.count_tokens(PROMPTS[1]) > 0
+    assert _ids(asyncio.run(_collect(engine, PROMPTS[1], params))) == uncounted
+    assert calls == [PROMPTS[1]]  # counted once, and generate took the counted ids
+    asyncio.run(_collect(engine, PROMPTS[1], params))
+    assert calls == [PROMPTS[1]] * 2  # taken means forgotten: an uncounted prompt is tokenized again
+
+
+def test_counted_prompts_are_bounded_by_entries_and_characters() -> None:
+    from serving.engine.counted_prompts import CountedPrompts
+
+    counted = CountedPrompts(max_entries=2, max_chars=10)
+    counted.keep("a", [1])
+    counted.keep("b", [2])
+    counted.keep("c", [3])  # over two entries: the oldest ("a") falls out
+    assert counted.take("a") is None and len(counted) == 2
+    counted.keep("123456789", [9])  # 11 characters with "b" and "c": the oldest ("b") falls out
+    assert counted.take("b") is None
+    assert counted.take("c") == [3] and counted.take("123456789") == [9] and len(counted) == 0
+    counted.keep("x" * 11, [1])  # longer than the bound itself: not kept
+    assert len(counted) == 0
+
+
 def test_too_long_request_is_refused(engine: TorchEngine) -> None:
     with pytest.raises(ForgelineError, match="maximum context length") as info:
         asyncio.run(_collect(engine, "Hello", SamplingParams(max_tokens=10_000)))
