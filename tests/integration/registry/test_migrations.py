@@ -7,10 +7,16 @@ from datetime import timedelta
 
 import pytest
 from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from sqlalchemy import Connection, create_engine, insert, inspect, text
 
-import forgeline.finetune.files  # noqa: F401  (declares `files` on registry.db.metadata)
+import forgeline.finetune.base_models  # noqa: F401  (declare their tables on registry.db.metadata)
+import forgeline.finetune.files  # noqa: F401
+import forgeline.finetune.jobs  # noqa: F401
 import jobs.store  # noqa: F401  (declares `jobs`)
+import registry.events  # noqa: F401
+import registry.keys  # noqa: F401
 from registry import migrations
 from registry.approvals import ApprovalStore
 from registry.audit import AuditLog, alias_events
@@ -133,6 +139,9 @@ def test_0004_and_0005_upgrade_with_rows_and_downgrade_back(empty_db: str) -> No
             assert conn.execute(text("SELECT id, stage FROM jobs")).all() == [("job-1", "build")]
             for table in ("approvals", "alias_events"):
                 assert conn.execute(text(f"SELECT model, org FROM {table}")).all() == [("m", None)]
+            # the upgraded schema is the one the code declares (as for a database made at head)
+            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
+            assert diff == [], diff
         with engine.begin() as conn:
             conn.execute(text("UPDATE approvals SET org = 'acme'"))
             command.downgrade(migrations.config(conn), "0003_job_stage")
