@@ -41,6 +41,14 @@ class AuditedAliases:
     names the org every audit row of the model is written and read for).
     """
 
+    client: MlflowClient
+    audit: AuditLog
+    events: WebhookDispatcher
+    get_version: Callable[[str, int], Any]
+    governance_org: Callable[[str], str]
+    aliases: Callable[[str], dict[str, int]]
+    alias_holder: Callable[[str, str], _Holder | None]
+
     def alias_history(self, name: str, alias: str | None = None, *, org: str | None = None) -> list[AuditEntry]:
         """Every audited move of ``name``'s aliases (or one ``alias``) by its owning org, oldest first.
 
@@ -50,14 +58,6 @@ class AuditedAliases:
                 shown.
         """
         return self.audit.history(name, alias, org=org or self.governance_org(name))
-
-    client: MlflowClient
-    audit: AuditLog
-    events: WebhookDispatcher
-    get_version: Callable[[str, int], Any]
-    governance_org: Callable[[str], str]
-    aliases: Callable[[str], dict[str, int]]
-    alias_holder: Callable[[str, str], _Holder | None]
 
     def move_alias(
         self,
