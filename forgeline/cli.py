@@ -453,7 +453,7 @@ def models_history(
     """Which version held each alias when (from the append-only audit log)."""
     registry = open_registry()
     table = Table("when (UTC)", "alias", "from", "to", "action", "who", "why")
-    for e in registry.audit.history(name, alias):
+    for e in registry.alias_history(name, alias):
         table.add_row(str(e.created_at), e.alias, str(e.from_version or "-"), str(e.to_version or "-"), e.action, e.actor, e.reason)
     console.print(table)
 

@@ -2,8 +2,10 @@
 
 Every forgeline process migrates the control database when it opens it
 (:mod:`registry.migrations`), so ``upgrade`` is only needed to migrate ahead of a rollout
-(e.g. once, before restarting many replicas on PostgreSQL). Self-contained so ``cli``
-registers it with one ``add_typer`` line.
+(e.g. once, before restarting many replicas on PostgreSQL). After Alembic, ``upgrade``
+also gives approval and audit rows written before organisations were recorded to their
+model's owner in MLflow (:mod:`registry.legacy_orgs`; the control plane does so when it
+starts). Self-contained so ``cli`` registers it with one ``add_typer`` line.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
 from forgeline.cli_shared import console, handles_errors
-from registry import migrations, settings
+from registry import legacy_orgs, migrations, settings
+from registry.audit import AuditLog
+from registry.client import Registry
 from registry.db import create_control_engine
 
 db_app = typer.Typer(no_args_is_help=True, help="Control database: schema revision and migrations.")
@@ -36,14 +40,18 @@ def status(db_url: DbUrl = None) -> None:
             console.print(f"{where}: no database yet (made at revision {migrations.head()} on first use)")
             return
     engine = create_engine(url)
+    head = migrations.head()
     try:
         with engine.connect() as conn:
             current = migrations.current(conn)
+        left = legacy_orgs.unclaimed(engine) if current == head else 0
     finally:
         engine.dispose()
-    head = migrations.head()
     if current == head:
         state = "up to date"
+        if left:
+            state += (f"; {left} approval and audit rows from before organisations were recorded count for nobody "
+                      "(`forgeline db upgrade` gives those newer than their model to its owner)")
     elif current is None:
         state = "made before migrations; the next forgeline command upgrades it in place"
     else:
@@ -62,4 +70,15 @@ def upgrade(db_url: DbUrl = None) -> None:
             current = migrations.current(conn)
     finally:
         engine.dispose()
-    console.print(f"{make_url(url).render_as_string(hide_password=True)}: at revision {current}")
+    where = make_url(url).render_as_string(hide_password=True)
+    console.print(f"{where}: at revision {current}")
+    registry = Registry(audit=AuditLog(url))
+    try:
+        claimed = legacy_orgs.claim(registry)
+    finally:
+        registry.close()
+    if claimed.total or claimed.left:
+        console.print(
+            f"{where}: gave {claimed.total} approval and audit rows from before organisations were recorded to "
+            f"their model's owner; {claimed.left} stay with nobody (their model was deleted or registered again)"
+        )

@@ -1,10 +1,10 @@
-"""Submitted jobs of every stage, kept in forgeline's control database (``training_jobs``).
+"""Submitted jobs of every stage, kept in forgeline's control database (table ``jobs``).
 
 One row per job: its handle (stage, kind, scheduler id, folders, cluster section) and the last
 status anyone saw, so ``forgeline jobs list`` answers without asking every scheduler and
 any process (the CLI later, the control plane) can follow or cancel a job it did not submit.
-The table lives beside the audit log and keys (``registry.settings.control_db_url()``); it
-keeps its first name, ``training_jobs``, from when only training ran as jobs.
+The table lives beside the audit log and keys (``registry.settings.control_db_url()``); the
+``stage`` column says what a job does (train, evaluate, build).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from .config import ClusterSpec
 
 log = logging.getLogger(__name__)
 
-training_jobs = Table(
-    "training_jobs",
+jobs_table = Table(
+    "jobs",
     metadata,
     Column("id", String(64), primary_key=True),
     Column("name", String(256), nullable=False),
@@ -45,7 +45,7 @@ training_jobs = Table(
     Column("actor", String(256), nullable=False),
     Column("submitted_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
-    Index("ix_training_jobs_submitted", "submitted_at"),
+    Index("ix_jobs_submitted", "submitted_at"),
 )
 
 
@@ -82,7 +82,7 @@ class JobStore:
         status = status or JobStatus(phase=JobPhase.PENDING, detail="submitted")
         with self.engine.begin() as conn:
             conn.execute(
-                insert(training_jobs).values(
+                insert(jobs_table).values(
                     id=handle.id, name=handle.name, kind=handle.kind, stage=handle.stage, backend_id=handle.backend_id,
                     phase=status.phase.value, detail=status.detail, restarts=status.restarts, nodes=status.nodes,
                     exit_code=status.exit_code, version=status.version, resumed_from_step=status.resumed_from_step,
@@ -103,7 +103,7 @@ class JobStore:
         if status.version is not None:
             values.update(version=status.version, run_id=status.run_id, resumed_from_step=status.resumed_from_step)
         with self.engine.begin() as conn:
-            conn.execute(update(training_jobs).where(training_jobs.c.id == job_id).values(**values))
+            conn.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(**values))
 
     def get(self, job_id: str) -> JobRecord:
         """One job by id, or by a unique prefix of it.
@@ -112,9 +112,9 @@ class JobStore:
             NotFoundError: no job (or more than one) matches.
         """
         with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
-            row = conn.execute(select(training_jobs).where(training_jobs.c.id == job_id)).first()
+            row = conn.execute(select(jobs_table).where(jobs_table.c.id == job_id)).first()
             if row is None:
-                rows = conn.execute(select(training_jobs).where(training_jobs.c.id.startswith(job_id, autoescape=True))).all()
+                rows = conn.execute(select(jobs_table).where(jobs_table.c.id.startswith(job_id, autoescape=True))).all()
                 if len(rows) == 1:
                     row = rows[0]
                 elif rows:
@@ -126,19 +126,19 @@ class JobStore:
     def list_jobs(self, *, kind: str | None = None, name: str | None = None, stage: str | None = None,
                   limit: int = 50) -> list[JobRecord]:
         """The newest jobs first."""
-        query = select(training_jobs).order_by(training_jobs.c.submitted_at.desc()).limit(limit)
+        query = select(jobs_table).order_by(jobs_table.c.submitted_at.desc()).limit(limit)
         if stage:
-            query = query.where(training_jobs.c.stage == stage)
+            query = query.where(jobs_table.c.stage == stage)
         if kind:
-            query = query.where(training_jobs.c.kind == kind)
+            query = query.where(jobs_table.c.kind == kind)
         if name:
-            query = query.where(training_jobs.c.name == name)
+            query = query.where(jobs_table.c.name == name)
         with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
             return [JobRecord(row) for row in conn.execute(query)]
 
     def active_for_output(self, output_dir: str) -> list[JobRecord]:
         """Unfinished jobs that write into ``output_dir`` (one recipe's checkpoints, one build's artifact)."""
         finished = [p.value for p in JobPhase if p.finished]
-        query = select(training_jobs).where(training_jobs.c.output_dir == output_dir, training_jobs.c.phase.not_in(finished))
+        query = select(jobs_table).where(jobs_table.c.output_dir == output_dir, jobs_table.c.phase.not_in(finished))
         with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
             return [JobRecord(row) for row in conn.execute(query)]

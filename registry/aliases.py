@@ -37,15 +37,27 @@ class AuditedAliases:
     """Alias moves, deletions, drift and reconciliation, each one audited.
 
     The facade that mixes this in provides ``client``, ``audit``, ``events`` and the
-    reads annotated below (``get_version`` checks a version exists).
+    reads annotated below (``get_version`` checks a version exists; ``governance_org``
+    names the org every audit row of the model is written and read for).
     """
 
     client: MlflowClient
     audit: AuditLog
     events: WebhookDispatcher
     get_version: Callable[[str, int], Any]
+    governance_org: Callable[[str], str]
     aliases: Callable[[str], dict[str, int]]
     alias_holder: Callable[[str, str], _Holder | None]
+
+    def alias_history(self, name: str, alias: str | None = None, *, org: str | None = None) -> list[AuditEntry]:
+        """Every audited move of ``name``'s aliases (or one ``alias``) by its owning org, oldest first.
+
+        Args:
+            org: the owner when the caller already read it; default ``governance_org(name)``.
+                Rows of an earlier owner of the name (deleted and registered again) are not
+                shown.
+        """
+        return self.audit.history(name, alias, org=org or self.governance_org(name))
 
     def move_alias(
         self,
@@ -137,6 +149,7 @@ class AuditedAliases:
             )
         if version is not None:
             self.get_version(name, version)  # fail fast, before taking the writer lock
+        org = self.governance_org(name)
 
         # Order matters. MLflow keeps no alias history and has no transaction we can join,
         # so the audit DB transaction is the serialisation point: take its writer lock,
@@ -147,7 +160,7 @@ class AuditedAliases:
         moved = False
         previous: int | None = None
         try:
-            with self.audit.transaction(name) as tx:
+            with self.audit.transaction(name, org=org) as tx:
                 holder = self.alias_holder(name, alias)
                 previous = holder.version if holder else None
                 if expected_from is not None and (previous or NO_HOLDER) != expected_from:
@@ -216,8 +229,8 @@ class AuditedAliases:
                 exc_info=True,
             )
 
-    def audit_drift(self, name: str) -> dict[str, tuple[int | None, int | None]]:
-        """Aliases where MLflow and the audit log disagree.
+    def audit_drift(self, name: str, *, org: str | None = None) -> dict[str, tuple[int | None, int | None]]:
+        """Aliases where MLflow and the audit log (the owning org's rows) disagree.
 
         Returns:
             ``{alias: (version in MLflow, version per the last audit row)}`` for every alias
@@ -226,7 +239,7 @@ class AuditedAliases:
         """
         in_mlflow = {alias: int(version) for alias, version in (self.aliases(name)).items()}
         audited: dict[str, int | None] = {}
-        for entry in self.audit.history(name):
+        for entry in self.alias_history(name, org=org):
             audited[entry.alias] = entry.to_version
         drift: dict[str, tuple[int | None, int | None]] = {}
         for alias in sorted(set(in_mlflow) | set(audited)):
@@ -248,8 +261,9 @@ class AuditedAliases:
         if not actor or not actor.strip():
             raise ForgelineError("reconcile needs an actor", code=ErrorCode.INVALID_REQUEST, param="actor")
         entries: list[AuditEntry] = []
-        with self.audit.transaction(name) as tx:
-            for alias, (in_mlflow, audited) in self.audit_drift(name).items():
+        org = self.governance_org(name)
+        with self.audit.transaction(name, org=org) as tx:
+            for alias, (in_mlflow, audited) in self.audit_drift(name, org=org).items():
                 entries.append(
                     tx.append(
                         alias=alias,

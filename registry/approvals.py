@@ -5,6 +5,17 @@ database. Rows are only ever inserted: changing one's mind is a new row, and the
 *standing* decision of each person is their latest one (:func:`standing`). Who may
 decide, and the no-self-approval rule, are enforced by
 :func:`registry.decisions.decide`, which also checks the version exists.
+
+**Organisations.** A decision belongs to the organisation that owned the model when it
+was made (column ``org``: ``Registry.governance_org``, i.e. ``registry.authz.owner_org``
+for governance), and every read takes the owning org and returns only that org's rows. A
+model deleted in MLflow and registered again under the same name by another organisation
+therefore starts with no decisions: org A's standing approval of version 3 never counts
+toward org B's gates. Rows written before the column existed (migration
+``0004_governance_org``) have ``org`` NULL and count for **nobody** until
+:mod:`registry.legacy_orgs` claims them for the model's current owner (``forgeline db
+upgrade`` and the control plane's start do); see that module for why not the operator's
+default org.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ approvals = Table(
     Column("decision", String(16), nullable=False),
     Column("comment", Text, nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
+    Column("org", String(256), nullable=True),  # NULL: written before 0004, counts for nobody
     Index("ix_approvals_model_version", "model", "version", "id"),
 )
 
@@ -51,6 +63,7 @@ class Approval:
     decision: str
     comment: str
     created_at: datetime
+    org: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (``created_at`` as ISO 8601)."""
@@ -63,6 +76,7 @@ class Approval:
             "decision": self.decision,
             "comment": self.comment,
             "created_at": self.created_at.isoformat(),
+            "org": self.org,
         }
 
 
@@ -76,6 +90,7 @@ def _approval(row: Any) -> Approval:
         decision=row.decision,
         comment=row.comment,
         created_at=row.created_at,
+        org=row.org,
     )
 
 
@@ -95,12 +110,18 @@ class ApprovalStore(ControlStore):
     """
 
     def append(
-        self, *, model: str, version: int, approver: str, role: str, decision: Decision, comment: str
+        self, *, model: str, version: int, approver: str, role: str, decision: Decision, comment: str, org: str
     ) -> Approval:
-        """Insert one decision and return it (no checks beyond the decision kind; see ``decisions.decide``)."""
+        """Insert one decision of ``org`` (the model's owner now) and return it.
+
+        No checks beyond the decision kind and a non-empty org; see ``decisions.decide``.
+        """
         if decision not in DECISIONS:
             raise ValueError(f"decision must be one of {DECISIONS}, got {decision!r}")
+        if not org:
+            raise ValueError("a decision needs the model's owning org")
         values = {
+            "org": org,
             "model": model,
             "version": version,
             "approver": approver,
@@ -116,19 +137,19 @@ class ApprovalStore(ControlStore):
             row = conn.execute(select(approvals).where(approvals.c.id == row_id)).one()
         return _approval(row)
 
-    def for_version(self, model: str, version: int) -> list[Approval]:
-        """Every decision on one version, oldest first."""
+    def for_version(self, model: str, version: int, *, org: str) -> list[Approval]:
+        """Every decision ``org`` recorded on one version, oldest first."""
         query = (
             select(approvals)
-            .where(approvals.c.model == model, approvals.c.version == version)
+            .where(approvals.c.model == model, approvals.c.version == version, approvals.c.org == org)
             .order_by(approvals.c.id)
         )
         with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
             return [_approval(row) for row in conn.execute(query)]
 
-    def for_model(self, model: str) -> list[Approval]:
-        """Every decision on any version of ``model``, oldest first."""
-        query = select(approvals).where(approvals.c.model == model).order_by(approvals.c.id)
+    def for_model(self, model: str, *, org: str) -> list[Approval]:
+        """Every decision ``org`` recorded on any version of ``model``, oldest first."""
+        query = select(approvals).where(approvals.c.model == model, approvals.c.org == org).order_by(approvals.c.id)
         with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
             return [_approval(row) for row in conn.execute(query)]
 

@@ -9,6 +9,14 @@ The log is also the serialisation point for alias moves: :meth:`AuditLog.transac
 holds a writer lock (SQLite ``BEGIN IMMEDIATE``; PostgreSQL
 ``pg_advisory_xact_lock`` per model) until the move is committed, so two promotions of
 the same model never interleave (see ``Registry.move_alias``).
+
+**Organisations.** Each row records the organisation that owned the model when the alias
+moved (column ``org``, from ``Registry.governance_org``), and :meth:`AuditLog.history`
+returns only the rows of the org it is given (the model's owner now). A model deleted in
+MLflow and registered again under its name by another organisation starts with an empty
+history: the new owner neither sees the old owner's trail nor rolls back into it. Rows
+from before the column (migration ``0004_governance_org``, ``org`` NULL) belong to nobody
+until :mod:`registry.legacy_orgs` claims them.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ alias_events = Table(
     Column("action", String(16), nullable=False),
     Column("policy_result", Text, nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
+    Column("org", String(256), nullable=True),  # NULL: written before 0004, visible to nobody
     Index("ix_alias_events_model_alias", "model", "alias", "id"),
 )
 
@@ -62,6 +71,7 @@ class AuditEntry:
     action: str
     policy_result: dict[str, Any] | None
     created_at: datetime
+    org: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (``created_at`` as an ISO 8601 string with ``+00:00``)."""
@@ -76,6 +86,7 @@ class AuditEntry:
             "action": self.action,
             "policy_result": self.policy_result,
             "created_at": self.created_at.isoformat(),
+            "org": self.org,
         }
 
 
@@ -91,15 +102,17 @@ def _entry(row: Any) -> AuditEntry:
         action=row.action,
         policy_result=json.loads(row.policy_result) if row.policy_result is not None else None,
         created_at=row.created_at,
+        org=row.org,
     )
 
 
 class AuditTransaction:
     """An open audit-log transaction holding the writer lock; see :meth:`AuditLog.transaction`."""
 
-    def __init__(self, conn: Connection, model: str) -> None:
+    def __init__(self, conn: Connection, model: str, org: str) -> None:
         self._conn = conn
         self.model = model
+        self.org = org
 
     def append(
         self,
@@ -117,6 +130,7 @@ class AuditTransaction:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
         values = {
             "model": self.model,
+            "org": self.org,
             "alias": alias,
             "from_version": from_version,
             "to_version": to_version,
@@ -141,15 +155,17 @@ class AuditLog(ControlStore):
     """
 
     @contextmanager
-    def transaction(self, model: str) -> Iterator[AuditTransaction]:
+    def transaction(self, model: str, *, org: str) -> Iterator[AuditTransaction]:
         """Open a transaction that holds the writer lock for ``model`` until it ends.
 
-        Commits when the block exits normally; rolls back (the appended rows disappear)
+        Rows appended in it are recorded for ``org`` (the model's owning org). Commits when the block exits normally; rolls back (the appended rows disappear)
         when it raises.
         """
+        if not org:
+            raise ValueError("an alias move needs the model's owning org")
         with self.engine.begin() as conn:
             lock_model(conn, model)  # released automatically at commit/rollback
-            yield AuditTransaction(conn, model)
+            yield AuditTransaction(conn, model, org)
 
     def append(
         self,
@@ -161,10 +177,11 @@ class AuditLog(ControlStore):
         actor: str,
         reason: str,
         action: Action,
+        org: str,
         policy_result: dict[str, Any] | None = None,
     ) -> AuditEntry:
-        """Append one row in its own transaction and return it."""
-        with self.transaction(model) as tx:
+        """Append one row for ``org`` in its own transaction and return it."""
+        with self.transaction(model, org=org) as tx:
             return tx.append(
                 alias=alias,
                 from_version=from_version,
@@ -175,9 +192,9 @@ class AuditLog(ControlStore):
                 policy_result=policy_result,
             )
 
-    def history(self, model: str, alias: str | None = None) -> list[AuditEntry]:
-        """Every recorded move of ``model``'s aliases (or of one ``alias``), oldest first."""
-        query = select(alias_events).where(alias_events.c.model == model)
+    def history(self, model: str, alias: str | None = None, *, org: str) -> list[AuditEntry]:
+        """Every move of ``model``'s aliases (or of one ``alias``) recorded for ``org``, oldest first."""
+        query = select(alias_events).where(alias_events.c.model == model, alias_events.c.org == org)
         if alias is not None:
             query = query.where(alias_events.c.alias == alias)
         # Ids follow commit order per model because moves of one model are serialised.

@@ -14,6 +14,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,9 @@ from sqlalchemy.engine import make_url
 
 from registry import lineage, settings
 from registry.aliases import AuditedAliases
-from registry.approvals import ApprovalStore
+from registry.approvals import Approval, ApprovalStore
 from registry.audit import AuditLog
+from registry.authz import Scope, owner_org
 from registry.errors import ConflictError, ErrorCode, ForgelineError, ModelNotFoundError, NotFoundError
 from registry.events import WebhookDispatcher
 from registry.mlflow_errors import error_code, is_missing, translate
@@ -133,6 +135,18 @@ def _safe_dirname(name: str) -> str:
     # Experiment names may contain '/', spaces or anything else; the folder only needs to
     # be unique enough, since MLflow nests every run under its own run id.
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
+
+
+def governance_owner(versions: list[VersionInfo]) -> str:
+    """The org owning a model for governance, given its versions oldest first.
+
+    The org tag (``lineage.ORG``) of the oldest tagged version, else the operator's org
+    (``registry.authz.owner_org``, the one place for the untagged-model rule).
+    """
+    tagged = next((org for info in versions if (org := info.tags.get(lineage.ORG))), None)
+    owner = owner_org(tagged, Scope.GOVERNANCE)
+    assert owner is not None, "governance always names an owner"
+    return owner
 
 
 class Registry(AuditedAliases, RunRecords):
@@ -306,6 +320,14 @@ class Registry(AuditedAliases, RunRecords):
                 raise ModelNotFoundError(missing_model_message(name), param="model") from exc
             raise translate(exc, f"could not look up model {name!r}", param="model") from exc
 
+    def registered_at(self, name: str) -> datetime:
+        """When MLflow registered ``name`` (UTC); a model deleted and registered again has a new time.
+
+        Raises:
+            ModelNotFoundError: there is no registered model ``name``.
+        """
+        return datetime.fromtimestamp(self._registered_model(name).creation_timestamp / 1000, UTC)
+
     def get_version(self, name: str, version: int) -> VersionInfo:
         """Fetch one version.
 
@@ -473,6 +495,30 @@ class Registry(AuditedAliases, RunRecords):
             ModelNotFoundError: there is no registered model ``name``.
         """
         return {info.version: info.tags.get(lineage.ORG) or None for info in self.list_versions(name)}
+
+    def governance_org(self, name: str) -> str:
+        """The organisation that owns ``name`` for governance, read from MLflow now.
+
+        The org tag of its oldest tagged version, or the operator's org for an untagged
+        model (``registry.authz.owner_org``). Every approval and audit row is written and
+        read for this org, so a model deleted in MLflow and registered again by another
+        organisation does not inherit the first one's decisions or history.
+
+        Raises:
+            ModelNotFoundError: there is no registered model ``name``.
+        """
+        return governance_owner(self.list_versions(name))
+
+    def decisions(self, name: str, version: int | None = None, *, org: str | None = None) -> list[Approval]:
+        """The approvals and rejections of ``name`` (or of one version) by its owning org, oldest first.
+
+        Args:
+            org: the owner when the caller already read it (:meth:`governance_org`).
+        """
+        org = org or self.governance_org(name)
+        if version is None:
+            return self.approvals.for_model(name, org=org)
+        return self.approvals.for_version(name, version, org=org)
 
     def model_orgs(self) -> dict[str, str | None]:
         """Every registered model -> the org tag of its oldest tagged version (None: untagged)."""

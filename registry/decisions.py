@@ -79,7 +79,8 @@ def decide(
             param="approver",
         )
     recorded = registry.approvals.append(
-        model=name, version=version, approver=actor, role=role, decision=decision, comment=comment.strip()
+        model=name, version=version, approver=actor, role=role, decision=decision, comment=comment.strip(),
+        org=registry.governance_org(name),  # the decision counts for the model's owner now, and only for it
     )
     logger.info("%s %sd %s: %s", actor, decision, info.ref, comment)
     registry.events.publish(

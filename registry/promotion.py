@@ -26,7 +26,7 @@ def check(registry: Registry, name: str, version: int, policy: PromotionPolicy, 
     candidate = registry.get_version(name, version)
     holder = registry.alias_holder(name, alias)
     return check_policy(
-        policy, candidate, holder=holder, alias=alias, decisions=registry.approvals.for_version(name, version),
+        policy, candidate, holder=holder, alias=alias, decisions=registry.decisions(name, version),
         **_evidence(registry, policy, candidate, holder),
     )
 
@@ -71,8 +71,9 @@ def promote(
     candidate = registry.get_version(name, version)
     holder = registry.alias_holder(name, alias)
     evidence = _evidence(registry, policy, candidate, holder)  # read once: the holder is fixed by the CAS below
+    org = registry.governance_org(name)  # only the owning org's decisions count (registry.approvals)
     result = check_policy(
-        policy, candidate, holder=holder, alias=alias, decisions=registry.approvals.for_version(name, version), **evidence
+        policy, candidate, holder=holder, alias=alias, decisions=registry.decisions(name, version, org=org), **evidence
     )
     _raise_if_refused(result, candidate, alias)
 
@@ -80,7 +81,7 @@ def promote(
         # Under the writer lock: the holder is unchanged (compare-and-set), tags rarely
         # change, but a decision may have been recorded since the first check.
         again = check_policy(
-            policy, candidate, holder=holder, alias=alias, decisions=registry.approvals.for_version(name, version),
+            policy, candidate, holder=holder, alias=alias, decisions=registry.decisions(name, version, org=org),
             **evidence,
         )
         _raise_if_refused(again, candidate, alias)
@@ -158,7 +159,7 @@ def rollback(
     if holder is None:
         raise NotFoundError(f"{name!r} has no alias {alias!r}; nothing to roll back", param="alias")
     if to_version is None:
-        current, previous = previous_holder(registry.audit.history(name, alias))
+        current, previous = previous_holder(registry.alias_history(name, alias))
         if current != holder.version:
             raise ConflictError(
                 f"{name}@{alias} is version {holder.version} in MLflow but {current} per the audit log "

@@ -54,6 +54,7 @@ from forgeline.finetune.jobs import FineTuningStore
 from forgeline.finetune.service import FineTuning, FineTuningSettings
 from forgeline.finetune.supervisor import Supervisor
 from jobs.store import JobStore
+from registry import legacy_orgs
 from registry.client import Registry
 from registry.errors import PolicyRefused
 from registry.keys import KeyStore
@@ -128,6 +129,10 @@ def create_control_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:  # rows from before 0004_governance_org count for nobody until claimed (registry.legacy_orgs)
+            legacy_orgs.claim(registry)
+        except Exception:
+            logger.warning("could not claim legacy approval and audit rows; they count for nobody", exc_info=True)
         if supervisor is not None:
             supervisor.start()
         yield

@@ -2,7 +2,7 @@
 
 A job row holds what the customer asked for (base model, files, method, hyper-parameters
 as resolved), the ``TrainJob`` built from it, and where it is: ``status`` in OpenAI's
-words, the launcher job of the current attempt (``training_jobs.id``), the registered
+words, the launcher job of the current attempt (``jobs.id``), the registered
 version once there is one. Events are append-only; each has a ``key`` unique per job, so
 whoever writes an event twice (a control plane restarted mid-way, two replicas) writes
 it once. Status changes are compare-and-set: a cancel racing the supervisor's submit

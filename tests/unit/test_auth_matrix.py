@@ -252,9 +252,9 @@ def test_other_org_cannot_promote_approve_or_roll_back(control: TestClient, worl
                        (f"/v1/models/{MODEL}/history", None), (f"{versions}/gates", None), (f"/v1/models/{MODEL}/versions", None)):
         response = control.request("POST" if body else "GET", path, headers=world.headers["other_org"], json=body)
         assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found", (path, response.text)
-    assert all(d.approver != "other_org" for d in world.registry.approvals.for_version(MODEL, 1))
+    assert all(d.approver != "other_org" for d in world.registry.decisions(MODEL, 1))
     assert world.registry.alias_holder(MODEL, "canary") is None
-    assert all(e.actor != "other_org" for e in world.registry.audit.history(MODEL))
+    assert all(e.actor != "other_org" for e in world.registry.alias_history(MODEL))
 
 
 def test_not_found_names_only_what_was_asked(control: TestClient, world: World) -> None:

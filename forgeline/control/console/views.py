@@ -16,7 +16,7 @@ from registry import lineage
 from registry.approvals import Approval, standing
 from registry.audit import AuditEntry
 from registry.authz import Kind, Operation, Rule, Scope, Verdict, decide, enforce, owner_org, person
-from registry.client import Registry, VersionInfo, missing_model_message
+from registry.client import Registry, VersionInfo, governance_owner, missing_model_message
 from registry.decisions import lifecycle_state
 from registry.errors import ForgelineError, ModelNotFoundError
 from registry.gates import PolicyResult, check_policy
@@ -75,6 +75,8 @@ class ModelState:
     decisions: list[Approval]
     aliases: dict[str, int]
     policy: PromotionPolicy
+    org: str
+    """The owning org (``Registry.governance_org``): decisions and history shown are its rows only."""
 
     def version(self, number: int) -> VersionInfo:
         for info in self.versions:
@@ -109,13 +111,15 @@ def load_model(registry: Registry, policies: PolicyBook, key: KeyRecord, name: s
     versions = registry.list_versions(name)
     # 403 for a missing role or a pattern miss; another org's model is 404, like a missing one.
     enforce(_read_verdict(key, name, versions), missing=lambda: ModelNotFoundError(missing_model_message(name), param="model"))
+    org = governance_owner(versions)
     return ModelState(
         name=name,
         # A version another org trained under a shared name is not there for this key.
         versions=[v for v in versions if owns_version(key, v.tags.get(lineage.ORG))],
-        decisions=registry.approvals.for_model(name),
+        decisions=registry.decisions(name, org=org),
         aliases=registry.aliases(name),
         policy=policies.for_model(name),
+        org=org,
     )
 
 
@@ -260,10 +264,11 @@ class AuditQuery:
 
 def search_audit(registry: Registry, models: list[ModelState], query: AuditQuery) -> list[AuditEntry]:
     """Alias moves of the visible models, newest first, filtered by model, actor and date."""
-    names = [m.name for m in models if query.model in (None, "", m.name)]
     found: list[AuditEntry] = []
-    for name in names:
-        for entry in registry.audit.history(name):
+    for model in models:
+        if query.model not in (None, "", model.name):
+            continue
+        for entry in registry.alias_history(model.name, org=model.org):
             when = entry.created_at
             if query.actor and query.actor.lower() not in entry.actor.lower():
                 continue

@@ -40,4 +40,4 @@ def list_decisions(name: str, version: VersionNumber, request: Request, key: Key
     """Every decision on the version, oldest first."""
     registry = registry_of(request)
     registry.get_version(name, version)  # 404 for a version that does not exist
-    return ApprovalList(approvals=[ApprovalOut.of(d) for d in registry.approvals.for_version(name, version)])
+    return ApprovalList(approvals=[ApprovalOut.of(d) for d in registry.decisions(name, version)])

@@ -24,5 +24,5 @@ def alias_history(
     """Every alias move of the model, oldest first, and where each alias points now."""
     registry = registry_of(request)
     current = registry.aliases(name)  # 404 for an unknown model
-    entries = [AuditEntryOut.of(e) for e in registry.audit.history(name, alias)]
+    entries = [AuditEntryOut.of(e) for e in registry.alias_history(name, alias)]  # the owning org's rows
     return HistoryOut(model=name, entries=entries, aliases=current)

@@ -33,7 +33,7 @@ def list_models(request: Request, key: KeyRecord = Depends(caller)) -> ModelList
 def list_versions(name: str, request: Request, key: KeyRecord = Depends(caller)) -> VersionList:
     """Every version of a model, oldest first, with its lifecycle state."""
     registry = registry_of(request)
-    decisions = registry.approvals.for_model(name)
+    decisions = registry.decisions(name)  # the owning org's only
     versions = [
         VersionOut.of(info, lifecycle_state(info, [d for d in decisions if d.version == info.version]))
         for info in registry.list_versions(name)
@@ -48,6 +48,6 @@ def get_version(name: str, version: VersionNumber, request: Request, key: KeyRec
     registry = registry_of(request)
     info = registry.get_version(name, version)
     info = next((v for v in registry.list_versions(name) if v.version == version), info)  # with aliases
-    decisions = registry.approvals.for_version(name, version)
+    decisions = registry.decisions(name, version)
     base = VersionOut.of(info, lifecycle_state(info, decisions))
     return VersionDetailOut(**base.model_dump(), decisions=[ApprovalOut.of(d) for d in decisions])

@@ -49,11 +49,11 @@ def test_approve_and_promote_from_the_cli(backend: Backend, tmp_path: Path) -> N
                     ("rollback", name), ("models", "reconcile", name)):
         code, out = run(*command)
         assert code == 1 and "--local-admin NAME" in out, (command, out)
-    assert registry.approvals.for_version(name, 1) == [] and registry.audit.history(name) == []
+    assert registry.decisions(name, 1) == [] and registry.alias_history(name) == []
 
     code, out = run("promote", name, "1", "--policy", str(policy), "--local-admin", "ops")
     assert code == 1 and "FAIL approvals: 0 of 1" in out and "FAIL requires:production:engine" in out
-    assert registry.alias_holder(name, "production") is None and registry.audit.history(name) == []
+    assert registry.alias_holder(name, "production") is None and registry.alias_history(name) == []
 
     # The local admin is still the person named: the trainer cannot approve as one.
     code, out = run("approve", name, "1", "--comment", "looks good", "--local-admin", me)
@@ -63,7 +63,7 @@ def test_approve_and_promote_from_the_cli(backend: Backend, tmp_path: Path) -> N
     other, _ = KeyStore().create("bob", roles=("approver",), org="beta")
     code, out = run("approve", name, "1", "-m", "from beta", env={"FORGELINE_API_KEY": other})
     assert code == 1 and f"no registered model named '{name}'" in out
-    assert registry.approvals.for_version(name, 1) == []
+    assert registry.decisions(name, 1) == []
 
     secret, _ = KeyStore().create("reviewer-rita", roles=("approver",))
     code, out = run("approve", name, "1", "-m", "reviewed", env={"FORGELINE_API_KEY": secret})
@@ -74,7 +74,7 @@ def test_approve_and_promote_from_the_cli(backend: Backend, tmp_path: Path) -> N
     registry.set_tags(name, 1, {"forgeline.engine.torch": "file:///engines/torch"})
     code, out = run("promote", name, "1", "--policy", str(policy), "--reason", "release 1", "--local-admin", "ops")
     assert code == 0, out
-    entry = registry.audit.history(name)[0]
+    entry = registry.alias_history(name)[0]
     assert registry.resolve(name).version == 1 and entry.reason == "release 1" and entry.actor == "local-admin:ops"
 
     key_file = tmp_path / "key"
@@ -91,7 +91,7 @@ def test_approve_and_promote_from_the_cli(backend: Backend, tmp_path: Path) -> N
     # An explicit local admin approves as `local-admin:NAME`, never as the OS user.
     code, out = run("approve", name, "1", "-m", "signed off", "--local-admin", "lee")
     assert code == 0 and "local-admin:lee (admin)" in out
-    assert [d.approver for d in registry.approvals.for_version(name, 1)][-1] == "local-admin:lee"
+    assert [d.approver for d in registry.decisions(name, 1)][-1] == "local-admin:lee"
     registry.close()
 
 

@@ -155,7 +155,7 @@ def test_approve_promote_roll_back_in_a_browser(console: Console, browser) -> No
     assert "recorded with your comment" in find(driver, by.ID, "change").text
     driver.find_element(by.ID, "confirm").click()
     assert "recorded: approve by ana" in find(driver, by.CSS_SELECTOR, ".notice").text
-    decisions = console.registry.approvals.for_version(name, 2)
+    decisions = console.registry.decisions(name, 2)
     assert [(d.approver, d.decision, d.comment) for d in decisions] == [("ana", "approve", "outputs reviewed on the held-out set")]
 
     # The trainer cannot approve their own version; they promote it.
@@ -183,7 +183,7 @@ def test_approve_promote_roll_back_in_a_browser(console: Console, browser) -> No
     assert console.registry.aliases(name)["production"] == 1
 
     # Every step is in the audit log, and the console's audit search finds it.
-    moves = [(e.action, e.actor, e.from_version, e.to_version) for e in console.registry.audit.history(name, "production")]
+    moves = [(e.action, e.actor, e.from_version, e.to_version) for e in console.registry.alias_history(name, "production")]
     assert moves[-2:] == [("promote", TRAINER, 1, 2), ("rollback", "ana", 2, 1)]
     driver.get(f"{console.url}/console/audit?actor=ana")
     audit = driver.find_element(by.ID, "audit").text
@@ -227,7 +227,7 @@ def test_forms_need_the_session_csrf_token_and_roles(console: Console) -> None:
     for data in ({}, {"csrf": "forged"}, {"csrf": token[:-2] + "xx"}):
         refused = ana.post(decide_url, data={"decision": "approve", "comment": "c", **data})
         assert refused.status_code == 403 and "CSRF" in refused.text
-    assert not console.registry.approvals.for_version(name, 2)
+    assert not console.registry.decisions(name, 2)
 
     # Another session's token is no good either.
     tess, tess_token = _session(console, TRAINER)
@@ -236,7 +236,7 @@ def test_forms_need_the_session_csrf_token_and_roles(console: Console) -> None:
     # The trainer's own approval is refused even when posted by hand.
     own = tess.post(decide_url, data={"decision": "approve", "comment": "mine", "csrf": tess_token})
     assert own.status_code == 403 and "self-approval" in own.text
-    assert not console.registry.approvals.for_version(name, 2)
+    assert not console.registry.decisions(name, 2)
 
     # Another org's session cannot act on the model: it does not exist for them.
     globex = httpx.Client(base_url=console.url, follow_redirects=False, timeout=30)
@@ -245,7 +245,7 @@ def test_forms_need_the_session_csrf_token_and_roles(console: Console) -> None:
     globex_token = re.search(r'name="csrf" value="([^"]+)"', home.text).group(1)
     other = globex.post(decide_url, data={"decision": "approve", "comment": "c", "csrf": globex_token})
     assert other.status_code == 404 and name not in html.unescape(other.text).replace(missing_model_message(name), "")
-    assert not console.registry.approvals.for_version(name, 2)
+    assert not console.registry.decisions(name, 2)
 
     # Cookies are HttpOnly and SameSite=Strict; logout ends the session.
     cookie = httpx.post(console.url + "/console/login", data={"api_key": console.secrets["ana"]}).headers["set-cookie"]
@@ -333,7 +333,7 @@ def test_console_session_matrix_from_the_route_table(console: Console) -> None:
     # Whatever passed, nothing of org A reached another org, and no decision was recorded by
     # anyone who may not decide.
     assert leaks == 0
-    deciders = {d.approver for d in console.registry.approvals.for_version(console.model, 2)}
+    deciders = {d.approver for d in console.registry.decisions(console.model, 2)}
     assert deciders <= {"matrix-approver"}, deciders
     assert console.registry.aliases(console.model).get("staging") in (None, 2)
     print(f"console session matrix: {cells} cells")

@@ -87,7 +87,7 @@ def test_registry_holds_version_lineage_metrics_alias_and_audit(home: Path) -> N
     artifacts = {a.path for a in registry.client.list_artifacts(info.run_id)}
     assert {"adapter", "recipe", "engine"} <= artifacts
 
-    [entry] = registry.audit.history("quickstart", "production")
+    [entry] = registry.alias_history("quickstart", "production")
     assert (entry.from_version, entry.to_version, entry.action) == (None, 1, "promote")
     assert entry.actor and "quickstart" in entry.reason
 
@@ -144,4 +144,4 @@ def test_policy_refusal_exits_nonzero_and_moves_nothing(home: Path, tmp_path: Pa
     assert "Traceback" not in result.stderr
     registry = Registry()
     assert registry.alias_holder("quickstart", "staging") is None
-    assert [e.alias for e in registry.audit.history("quickstart")] == ["production"]
+    assert [e.alias for e in registry.alias_history("quickstart")] == ["production"]

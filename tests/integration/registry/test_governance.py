@@ -51,7 +51,7 @@ def test_history_and_rollback_after_promote_promote_rollback(backend: Backend, r
 
     assert (back.action, back.from_version, back.to_version) == ("rollback", 2, 1)
     assert registry.resolve(name).version == 1
-    moves = [(e.action, e.from_version, e.to_version, e.actor) for e in registry.audit.history(name, "production")]
+    moves = [(e.action, e.from_version, e.to_version, e.actor) for e in registry.alias_history(name, "production")]
     assert moves == [("promote", None, 1, "ana"), ("promote", 1, 2, "bo"), ("rollback", 2, 1, "oncall")]
     assert registry.audit_drift(name) == {}
 
@@ -92,7 +92,7 @@ def test_two_processes_promoting_at_once_exactly_one_wins(backend: Backend, regi
     loser_message = next(detail for outcome, detail in outcomes.values() if outcome == "conflict")
     assert f"{name}@production changed meanwhile: expected unset, found version {winner}" in loser_message
     assert registry.resolve(name).version == winner
-    assert [(e.from_version, e.to_version, e.actor) for e in registry.audit.history(name)] == [
+    assert [(e.from_version, e.to_version, e.actor) for e in registry.alias_history(name)] == [
         (None, winner, f"proc-{winner}")
     ]
     assert registry.audit_drift(name) == {}
@@ -130,11 +130,11 @@ def test_crash_mid_promotion_leaves_alias_and_audit_consistent(
     monkeypatch.undo()
 
     assert registry.resolve(name).version == 1
-    assert [e.to_version for e in registry.audit.history(name)] == [1]
+    assert [e.to_version for e in registry.alias_history(name)] == [1]
     assert registry.audit_drift(name) == {}
     # And the next promotion goes through normally.
     promote(registry, name, 2, policy=policy, actor="bo")
-    assert [e.to_version for e in registry.audit.history(name)] == [1, 2]
+    assert [e.to_version for e in registry.alias_history(name)] == [1, 2]
 
 
 def test_approvals_self_approval_roles_rejection_and_engine_requirement(backend: Backend, registry: Registry) -> None:
@@ -148,7 +148,7 @@ def test_approvals_self_approval_roles_rejection_and_engine_requirement(backend:
         decide(registry, name, 1, actor="tom", roles=["trainer"], decision="approve", comment="lgtm")
     with pytest.raises(ForgelineError, match="needs a comment"):
         decide(registry, name, 1, actor="ana", roles=["approver"], decision="approve", comment=" ")
-    assert registry.approvals.for_version(name, 1) == []
+    assert registry.decisions(name, 1) == []
 
     # staging needs 1 approval; production needs 2 and a torch engine.
     with pytest.raises(PolicyRefused, match=r"0 of 1 approval"):
@@ -167,7 +167,7 @@ def test_approvals_self_approval_roles_rejection_and_engine_requirement(backend:
     assert [g.name for g in verdict.failed] == ["approvals"] and "rejected by bo" in verdict.failed[0].detail
     with pytest.raises(PolicyRefused, match="rejected by bo"):
         promote(registry, name, 1, policy=GATED, actor="ana")
-    decisions = registry.approvals.for_version(name, 1)
+    decisions = registry.decisions(name, 1)
     assert lifecycle_state(registry.resolve(f"{name}@1"), decisions) == "rejected"
 
     # bo changes their mind (a new row; nothing is edited): two standing approvals now.
@@ -175,7 +175,7 @@ def test_approvals_self_approval_roles_rejection_and_engine_requirement(backend:
     _, entry = promote(registry, name, 1, policy=GATED, actor="ana")
     gates = {g["name"]: g for g in entry.policy_result["gates"]}
     assert gates["approvals"]["passed"] and "(ana, bo)" in gates["approvals"]["detail"]
-    assert [d.decision for d in registry.approvals.for_version(name, 1)] == ["approve", "reject", "approve"]
+    assert [d.decision for d in registry.decisions(name, 1)] == ["approve", "reject", "approve"]
     assert registry.resolve(name).version == 1
 
 
@@ -195,4 +195,4 @@ def test_a_rejection_recorded_after_the_check_still_blocks_the_move(backend: Bac
     with pytest.raises(PolicyRefused, match="rejected by ana"):
         promote(registry, name, 1, policy=policy, actor=TRAINER)
     assert registry.alias_holder(name, "production") is None
-    assert registry.audit.history(name) == []
+    assert registry.alias_history(name) == []

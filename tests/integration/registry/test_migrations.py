@@ -6,10 +6,17 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import create_engine, insert, inspect, text
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Connection, create_engine, insert, inspect, text
 
-import forgeline.finetune.files  # noqa: F401  (declares `files` on registry.db.metadata)
-import jobs.store  # noqa: F401  (declares `training_jobs`)
+import forgeline.finetune.base_models  # noqa: F401  (declare their tables on registry.db.metadata)
+import forgeline.finetune.files  # noqa: F401
+import forgeline.finetune.jobs  # noqa: F401
+import jobs.store  # noqa: F401  (declares `jobs`)
+import registry.events  # noqa: F401
+import registry.keys  # noqa: F401
 from registry import migrations
 from registry.approvals import ApprovalStore
 from registry.audit import AuditLog, alias_events
@@ -19,8 +26,10 @@ from registry.errors import ForgelineError
 pytestmark = pytest.mark.integration
 
 
-LATER_COLUMNS = {"training_jobs": ["stage"]}
-"""Columns today's tables have that revisions after the baseline added (0003_job_stage)."""
+LATER_COLUMNS = {"jobs": ["stage"], "approvals": ["org"], "alias_events": ["org"]}
+"""Columns today's tables have that revisions after the baseline added (0003_job_stage, 0004_governance_org)."""
+RENAMED = {"jobs": "training_jobs"}
+"""Tables a revision after the baseline renamed (0005_jobs_table): today's name -> the legacy one."""
 
 
 def _legacy_install(url: str, tables: list[str] | None = None) -> None:
@@ -35,6 +44,11 @@ def _legacy_install(url: str, tables: list[str] | None = None) -> None:
         for table in chosen:
             for column in LATER_COLUMNS.get(table.name, []):
                 conn.execute(text(f"ALTER TABLE {table.name} DROP COLUMN {column}"))
+            if table.name in RENAMED:
+                old = RENAMED[table.name]
+                conn.execute(text(f"DROP INDEX ix_{table.name}_submitted"))
+                conn.execute(text(f"ALTER TABLE {table.name} RENAME TO {old}"))
+                conn.execute(text(f"CREATE INDEX ix_{old}_submitted ON {old} (submitted_at)"))
         conn.execute(insert(alias_events), [
             {"model": "m", "alias": "production", "from_version": None, "to_version": 1, "actor": "ana",
              "reason": "first", "action": "promote", "policy_result": None, "created_at": now() - timedelta(days=3)},
@@ -50,14 +64,16 @@ def test_create_all_install_upgrades_in_place_and_keeps_rows(empty_db: str) -> N
 
     audit = AuditLog(empty_db)
     try:
-        history = audit.history("m", "production")
-        assert [(e.to_version, e.actor, e.reason) for e in history] == [(1, "ana", "first"), (2, "bo", "better")]
+        assert audit.history("m", "production", org="default") == []  # legacy rows (no org) count for nobody...
         with audit.engine.connect() as conn:
             assert migrations.current(conn) == migrations.head()
             assert "webhook_deliveries" in inspect(conn).get_table_names()  # the revision after the baseline ran
+            kept = conn.execute(text("SELECT to_version, actor, reason, org FROM alias_events ORDER BY id")).all()
+        assert [tuple(r) for r in kept] == [(1, "ana", "first", None), (2, "bo", "better", None)]  # ...but are kept
         # and the upgraded database keeps working for writes
-        audit.append(model="m", alias="production", from_version=2, to_version=3, actor="cy", reason="x", action="promote")
-        assert len(audit.history("m")) == 3
+        audit.append(model="m", alias="production", from_version=2, to_version=3, actor="cy", reason="x",
+                     action="promote", org="default")
+        assert [e.to_version for e in audit.history("m", org="default")] == [3]
     finally:
         audit.dispose()
 
@@ -66,7 +82,8 @@ def test_partial_create_all_install_gets_its_missing_tables(empty_db: str) -> No
     _legacy_install(empty_db, ["alias_events"])  # a process that had imported only the audit log
     approvals = ApprovalStore(empty_db)
     try:
-        approvals.append(model="m", version=2, approver="cy", role="approver", decision="approve", comment="ok")
+        approvals.append(model="m", version=2, approver="cy", role="approver", decision="approve", comment="ok",
+                         org="default")
         with approvals.engine.connect() as conn:
             assert set(metadata.tables) <= set(inspect(conn).get_table_names())
             assert conn.execute(text("SELECT count(*) FROM alias_events")).scalar() == 2
@@ -77,7 +94,7 @@ def test_partial_create_all_install_gets_its_missing_tables(empty_db: str) -> No
 def test_opening_twice_migrates_once_and_a_newer_schema_is_refused(empty_db: str) -> None:
     first, second = AuditLog(empty_db), AuditLog(empty_db)
     try:
-        first.history("m"), second.history("m")
+        first.history("m", org="default"), second.history("m", org="default")
         with first.engine.begin() as conn:
             assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
             conn.execute(text("UPDATE alembic_version SET version_num = '9999_from_the_future'"))
@@ -86,5 +103,55 @@ def test_opening_twice_migrates_once_and_a_newer_schema_is_refused(empty_db: str
         second.dispose()
     newer = AuditLog(empty_db)
     with pytest.raises(ForgelineError, match="9999_from_the_future.*newer forgeline.*upgrade forgeline"):
-        newer.history("m")
+        newer.history("m", org="default")
     newer.dispose()
+
+
+def _jobs_row(job_id: str) -> dict[str, object]:
+    stamp = now().isoformat()
+    return {"id": job_id, "name": "r", "kind": "local", "backend_id": "1", "phase": "succeeded", "detail": "", "restarts": 0,
+            "nodes": "[]", "resumed_from_step": 0, "job_dir": "/j", "output_dir": "/o", "cluster": "{}", "actor": "ana",
+            "submitted_at": stamp, "updated_at": stamp, "stage": "build"}
+
+
+def _insert(conn: Connection, table: str, row: dict[str, object]) -> None:
+    conn.execute(text(f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join(':' + k for k in row)})"), row)
+
+
+def test_0004_and_0005_upgrade_with_rows_and_downgrade_back(empty_db: str) -> None:
+    """From 0003 with rows: org columns arrive NULL, `training_jobs` becomes `jobs`; and back again."""
+    engine = create_engine(empty_db)
+    stamp = now().isoformat()
+    try:
+        with engine.begin() as conn:
+            command.upgrade(migrations.config(conn), "0003_job_stage")
+            _insert(conn, "approvals", {"model": "m", "version": 1, "approver": "ana", "role": "approver",
+                                        "decision": "approve", "comment": "ok", "created_at": stamp})
+            _insert(conn, "alias_events", {"model": "m", "alias": "production", "to_version": 1, "actor": "bo",
+                                           "reason": "r", "action": "promote", "created_at": stamp})
+            _insert(conn, "training_jobs", _jobs_row("job-1"))
+        migrations.upgrade(engine)
+        with engine.connect() as conn:
+            assert migrations.current(conn) == migrations.head()
+            tables = set(inspect(conn).get_table_names())
+            assert "jobs" in tables and "training_jobs" not in tables
+            assert [i["name"] for i in inspect(conn).get_indexes("jobs")] == ["ix_jobs_submitted"]
+            assert conn.execute(text("SELECT id, stage FROM jobs")).all() == [("job-1", "build")]
+            for table in ("approvals", "alias_events"):
+                assert conn.execute(text(f"SELECT model, org FROM {table}")).all() == [("m", None)]
+            # the upgraded schema is the one the code declares (as for a database made at head)
+            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
+            assert diff == [], diff
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE approvals SET org = 'acme'"))
+            command.downgrade(migrations.config(conn), "0003_job_stage")
+        with engine.connect() as conn:
+            tables = set(inspect(conn).get_table_names())
+            assert "training_jobs" in tables and "jobs" not in tables
+            assert [i["name"] for i in inspect(conn).get_indexes("training_jobs")] == ["ix_training_jobs_submitted"]
+            assert conn.execute(text("SELECT id, stage FROM training_jobs")).all() == [("job-1", "build")]
+            for table in ("approvals", "alias_events"):
+                assert "org" not in {c["name"] for c in inspect(conn).get_columns(table)}
+                assert conn.execute(text(f"SELECT model FROM {table}")).all() == [("m",)]
+    finally:
+        engine.dispose()

@@ -110,7 +110,7 @@ def test_promote_moves_alias_and_audits(registry: Registry) -> None:
     assert (second.from_version, second.to_version) == (1, 2)
     assert second.reason.startswith("all 3 gate(s) passed")
     assert registry.resolve("tiny").version == 2
-    assert registry.audit.history("tiny", "production") == [entry, second]
+    assert registry.alias_history("tiny", "production") == [entry, second]
     assert registry.audit_drift("tiny") == {}
 
 
@@ -123,7 +123,7 @@ def test_refused_promotion_moves_nothing(registry: Registry) -> None:
         promote(registry, "tiny", 2, policy=POLICY, actor="bo")
     assert refused.value.policy_result is not None and refused.value.policy_result["passed"] is False
     assert registry.resolve("tiny").version == 1
-    assert len(registry.audit.history("tiny")) == 1
+    assert len(registry.alias_history("tiny")) == 1
 
 
 def test_rollback_returns_to_previous_holder_and_history_is_ordered(registry: Registry) -> None:
@@ -137,7 +137,7 @@ def test_rollback_returns_to_previous_holder_and_history_is_ordered(registry: Re
     rollback(registry, "tiny", actor="oncall", reason="still bad")  # walks further back, not to 3
     assert registry.resolve("tiny").version == 1
 
-    history = registry.audit.history("tiny", "production")
+    history = registry.alias_history("tiny", "production")
     assert [(e.action, e.from_version, e.to_version) for e in history] == [
         ("promote", None, 1),
         ("promote", 1, 2),
@@ -166,7 +166,7 @@ def test_crash_inside_mlflow_leaves_alias_and_audit_in_agreement(
     monkeypatch.undo()
 
     assert registry.resolve("tiny").version == 1
-    assert [e.to_version for e in registry.audit.history("tiny")] == [1]
+    assert [e.to_version for e in registry.alias_history("tiny")] == [1]
     assert registry.audit_drift("tiny") == {}
 
 
@@ -212,7 +212,7 @@ def test_compare_and_set_and_concurrent_promotions(registry: Registry) -> None:
     assert sorted(outcomes.values()) == ["conflict", "moved"]
     winner = next(v for v, outcome in outcomes.items() if outcome == "moved")
     assert registry.resolve("tiny").version == winner
-    assert [e.to_version for e in registry.audit.history("tiny")] == [winner]
+    assert [e.to_version for e in registry.alias_history("tiny")] == [winner]
 
     with pytest.raises(ConflictError, match="changed meanwhile"):
         registry.move_alias("tiny", "production", 3, actor="c", reason="", expected_from=99)

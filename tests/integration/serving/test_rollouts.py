@@ -146,7 +146,7 @@ def test_canary_breach_returns_traffic_to_production_and_is_audited(
         while registry.alias_holder("canary", "staging") is not None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert registry.alias_holder("canary", "staging") is None
-        entry = registry.audit.history("canary", "staging")[-1]
+        entry = registry.alias_history("canary", "staging")[-1]
         assert (entry.action, entry.from_version, entry.to_version) == ("delete", 2, None)
         assert entry.actor == "forgeline-gateway"
         assert "canary SLO breached" in entry.reason and "error rate 3/3" in entry.reason

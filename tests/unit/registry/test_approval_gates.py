@@ -104,11 +104,11 @@ def test_policy_validation_and_policy_book(tmp_path: Path) -> None:
 
 def test_approval_store_is_append_only_and_ordered(tmp_path: Path) -> None:
     store = ApprovalStore(f"sqlite:///{tmp_path / 'control.db'}")
-    first = store.append(model="m", version=1, approver="ana", role="approver", decision="approve", comment="ok")
-    store.append(model="m", version=2, approver="bo", role="admin", decision="reject", comment="no")
-    store.append(model="m", version=1, approver="ana", role="approver", decision="reject", comment="changed mind")
-    assert [(d.approver, d.decision) for d in store.for_version("m", 1)] == [("ana", "approve"), ("ana", "reject")]
-    assert store.for_version("m", 1)[0] == first and len(store.for_model("m")) == 3
+    first = store.append(model="m", version=1, approver="ana", role="approver", decision="approve", comment="ok", org="acme")
+    store.append(model="m", version=2, approver="bo", role="admin", decision="reject", comment="no", org="acme")
+    store.append(model="m", version=1, approver="ana", role="approver", decision="reject", comment="changed mind", org="acme")
+    assert [(d.approver, d.decision) for d in store.for_version("m", 1, org="acme")] == [("ana", "approve"), ("ana", "reject")]
+    assert store.for_version("m", 1, org="acme")[0] == first and len(store.for_model("m", org="acme")) == 3
     with pytest.raises(ValueError, match="decision"):
-        store.append(model="m", version=1, approver="x", role="approver", decision="maybe", comment="")  # type: ignore[arg-type]
+        store.append(model="m", version=1, approver="x", role="approver", decision="maybe", comment="", org="acme")  # type: ignore[arg-type]
     store.dispose()

@@ -21,9 +21,9 @@ def audit(tmp_path: Path) -> Iterator[AuditLog]:
 
 def test_append_and_history_in_order(audit: AuditLog) -> None:
     first = audit.append(
-        model="m", alias="production", from_version=None, to_version=1, actor="ana", reason="first", action="promote"
+        model="m", alias="production", from_version=None, to_version=1, actor="ana", reason="first", action="promote", org="acme"
     )
-    audit.append(model="m", alias="staging", from_version=None, to_version=2, actor="bo", reason="", action="promote")
+    audit.append(model="m", alias="staging", from_version=None, to_version=2, actor="bo", reason="", action="promote", org="acme")
     audit.append(
         model="m",
         alias="production",
@@ -33,42 +33,43 @@ def test_append_and_history_in_order(audit: AuditLog) -> None:
         reason="better",
         action="promote",
         policy_result={"passed": True, "gates": []},
+        org="acme",
     )
     audit.append(
-        model="other", alias="production", from_version=None, to_version=1, actor="c", reason="", action="promote"
+        model="other", alias="production", from_version=None, to_version=1, actor="c", reason="", action="promote", org="acme"
     )
 
     assert first.id > 0 and first.created_at.utcoffset() == timedelta(0)
-    production = audit.history("m", "production")
+    production = audit.history("m", "production", org="acme")
     assert [(e.from_version, e.to_version, e.actor) for e in production] == [(None, 1, "ana"), (1, 2, "bo")]
     assert production[1].policy_result == {"passed": True, "gates": []}
-    assert [e.alias for e in audit.history("m")] == ["production", "staging", "production"]
+    assert [e.alias for e in audit.history("m", org="acme")] == ["production", "staging", "production"]
     assert production[0].to_dict()["created_at"].endswith("+00:00")
 
 
 def test_history_survives_a_new_instance(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'c.db'}"
-    AuditLog(url).append(model="m", alias="p", from_version=None, to_version=1, actor="a", reason="", action="promote")
-    assert len(AuditLog(url).history("m")) == 1
+    AuditLog(url).append(model="m", alias="p", from_version=None, to_version=1, actor="a", reason="", action="promote", org="acme")
+    assert len(AuditLog(url).history("m", org="acme")) == 1
 
 
 def test_failed_transaction_leaves_no_row(audit: AuditLog) -> None:
-    with pytest.raises(RuntimeError), audit.transaction("m") as tx:
+    with pytest.raises(RuntimeError), audit.transaction("m", org="acme") as tx:
         tx.append(alias="p", from_version=None, to_version=1, actor="a", reason="", action="promote")
         raise RuntimeError("MLflow said no")
-    assert audit.history("m") == []
+    assert audit.history("m", org="acme") == []
 
 
 def test_unknown_action_is_rejected(audit: AuditLog) -> None:
     with pytest.raises(ValueError, match="action"):
-        audit.append(model="m", alias="p", from_version=None, to_version=1, actor="a", reason="", action="nope")  # type: ignore[arg-type]
+        audit.append(model="m", alias="p", from_version=None, to_version=1, actor="a", reason="", action="nope", org="acme")  # type: ignore[arg-type]
 
 
 def test_change_mark_moves_with_every_commit_and_only_then(audit: AuditLog) -> None:
     assert audit.change_mark() == (0, 0)
     other = AuditLog(audit.url)  # another process's view of the same control database
     try:
-        with audit.transaction("m") as tx:
+        with audit.transaction("m", org="acme") as tx:
             row = tx.append(alias="p", from_version=None, to_version=1, actor="a", reason="", action="promote")
             assert other.change_mark() == (0, 0)  # not committed yet: a gateway must not re-read now
         assert other.change_mark() == (1, row.id)
