@@ -12,12 +12,24 @@ from serving.engine.base import Logprob, SamplingParams, TokenLogprobs
 from serving.engine.request import Request
 from serving.engine.token_bytes import TokenBytes
 
+GREEDY_BELOW = 1e-5
+"""Temperatures below this pick greedily, as vLLM's sampler does below the same value.
+Dividing logits by a temperature near float32's smallest value overflows them to inf (and
+one that rounds to 0 divides by zero), which `torch.multinomial` refuses; long before that,
+at 1e-5, logits 1e-4 apart already differ by e^-10 in probability, so sampling there is
+greedy in all but near-ties."""
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    """Whether ``params`` picks the likeliest token every step (temperature 0, or below `GREEDY_BELOW`)."""
+    return params.temperature < GREEDY_BELOW
+
 
 def make_generator(params: SamplingParams, device: Any) -> Any:
     """The request's own random generator (None for greedy requests, which draw nothing)."""
     import torch
 
-    if params.temperature == 0:
+    if is_greedy(params):
         return None
     generator = torch.Generator(device=device)
     if params.seed is None:
@@ -52,7 +64,7 @@ class Sampler:
         reports: list[TokenLogprobs | None] = [None] * len(rows)
         for i, r in enumerate(rows):
             p = r.params
-            if p.temperature == 0:
+            if is_greedy(p):
                 if p.logprobs is not None:
                     reports[i] = self.report(torch.log_softmax(logits[i], dim=-1), tokens[i], p.logprobs)
                 continue

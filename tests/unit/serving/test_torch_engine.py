@@ -106,6 +106,16 @@ def test_seeded_sampling_is_reproducible(engine: TorchEngine) -> None:
     assert first != other
 
 
+@pytest.mark.parametrize("temperature", [1e-6, 1e-38, 1e-45, 5e-324])
+def test_a_vanishing_temperature_samples_greedily_instead_of_failing(engine: TorchEngine, temperature: float) -> None:
+    # Logits divided by a temperature near float32's smallest value overflow to inf (a 500, found by the fuzz test).
+    greedy = _ids(asyncio.run(_collect(engine, PROMPTS[1], SamplingParams(max_tokens=5, temperature=0.0))))
+    tiny = SamplingParams(max_tokens=5, temperature=temperature, seed=3, logprobs=2)
+    chunks = asyncio.run(_collect(engine, PROMPTS[1], tiny))
+    assert _ids(chunks) == greedy
+    assert all(c.logprobs for c in chunks if c.token_ids)
+
+
 def test_a_vanishing_top_p_still_samples_the_likeliest_token(engine: TorchEngine) -> None:
     # Found by the OpenAPI fuzzer: top_p=5e-324 rounds to 0 in float32 and masked every token (500).
     tiny = SamplingParams(max_tokens=4, temperature=1.0, top_p=5e-324, seed=1)
