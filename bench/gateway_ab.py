@@ -6,14 +6,18 @@ are measured round by round, in alternating order, and each round gives a paired
 (this checkout ÷ the other): claim a difference only when the ratios' range says so.
 
 * default: the whole gateway (`bench.gateway_proc`, as ``forgeline serve`` runs it) as two
-  processes, plus the worker called directly; concurrency 1, unary and streamed; gateway
-  CPU per request and p50 added over direct.
+  processes, plus the worker called directly; unary and streamed at each ``--concurrency``
+  (default 1); gateway CPU per request, p50 added over direct, throughput ÷ direct's.
 * ``--app-only``: each version's app driven in its own process through ASGI (no HTTP
   server, no client socket): the CPU of the gateway's own code per request, with much less
   noise from wake-ups. Batches alternate between the two processes.
+* ``--clients``: no gateway and no ``--base``: the clients to workers alone (aiohttp's as
+  "base", `WireWorkerClient` as "new") in one process, batches alternating, against the fake
+  worker; CPU per request of the client's side, unary and 16-token streams, sequential.
 
     git worktree add /tmp/base main
-    python -m bench.gateway_ab --base /tmp/base [--rounds 8] [--requests 600]
+    python -m bench.gateway_ab --base /tmp/base [--rounds 8] [--requests 600] [--concurrency 1,16]
+    python -m bench.gateway_ab --clients [--rounds 40] [--requests 400]
     python -m bench.gateway_ab --base /tmp/base --app-only [--rounds 40] [--requests 400]
 """
 
@@ -48,8 +52,8 @@ def _uptime() -> str:
     return "load average " + " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def whole_gateway(base: Path, rounds: int, requests: int) -> None:
-    """Both gateways as processes, the worker also called directly; c1 unary and streamed."""
+def whole_gateway(base: Path, rounds: int, requests: int, concurrencies: list[int]) -> None:
+    """Both gateways as processes, the worker also called directly; unary and streamed at each concurrency."""
     from bench.gateway_overhead import TOKENS
     from bench.loadgen import run_load
     from bench.procs import ServerProcess, free_port, group_cpu_seconds, python_module
@@ -70,30 +74,34 @@ def whole_gateway(base: Path, rounds: int, requests: int) -> None:
                 gateway.wait_healthy(timeout_s=240)
             keys = {name: (work / f"key-{name}").read_text().strip() for name in VERSIONS}
             print(_uptime(), flush=True)
-            results: dict[tuple[bool, str], list[tuple[float, float]]] = {}
+            results: dict[tuple[bool, int, str], list[tuple[float, float, float]]] = {}
+            cells = [(stream, c) for c in concurrencies for stream in (False, True)]
             for r in range(rounds):
-                for stream in (False, True):
+                for stream, c in cells:
                     order = VERSIONS if r % 2 == 0 else VERSIONS[::-1]
                     targets = [("direct", worker, "fake", "none")] + [(n, gateways[n], "bench", keys[n]) for n in order]
                     for name, server, model, key in targets:
                         before = group_cpu_seconds(server.pid)
-                        out = asyncio.run(run_load(server.base_url, model=model, api_key=key, concurrency=1, requests=requests,
-                                                   stream=stream, max_tokens=TOKENS, warmup=5, time_limit_s=60))  # fmt: skip
+                        out = asyncio.run(run_load(server.base_url, model=model, api_key=key, concurrency=c, requests=requests,
+                                                   stream=stream, max_tokens=TOKENS, warmup=5 * c, time_limit_s=60))  # fmt: skip
                         if out.errors:
                             raise SystemExit(f"{name}: {out.errors} failed requests")
                         sent = out.requests + out.warmup_requests
                         cpu_ms = (group_cpu_seconds(server.pid) - before) * 1000 / sent
-                        results.setdefault((stream, name), []).append((out.e2e_ms["p50"], cpu_ms))
+                        results.setdefault((stream, c, name), []).append((out.e2e_ms["p50"], cpu_ms, out.requests_per_s))
+                print(f"round {r + 1}/{rounds} done, {_uptime()}", flush=True)
             print(_uptime())
-            for stream in (False, True):
-                cell = "streamed" if stream else "unary"
-                direct = [p50 for p50, _ in results[(stream, "direct")]]
-                cpu = {n: [c for _, c in results[(stream, n)]] for n in VERSIONS}
-                added = {n: [p50 - d for (p50, _), d in zip(results[(stream, n)], direct, strict=True)] for n in VERSIONS}
+            for stream, c in cells:
+                cell = f"{'streamed' if stream else 'unary'} c{c}"
+                direct = [p50 for p50, _, _ in results[(stream, c, "direct")]]
+                cpu = {n: [cpu for _, cpu, _ in results[(stream, c, n)]] for n in VERSIONS}
+                added = {n: [p50 - d for (p50, _, _), d in zip(results[(stream, c, n)], direct, strict=True)] for n in VERSIONS}
                 print(_paired(f"{cell} gateway CPU per request", cpu["base"], cpu["new"]))
                 diffs = sorted(n - b for n, b in zip(added["new"], added["base"], strict=True))
                 print(f"{cell} p50 added: base {statistics.median(added['base']):+.2f} ms, new {statistics.median(added['new']):+.2f} ms; "
                       f"new-base per round: median {statistics.median(diffs):+.2f} ms, range {diffs[0]:+.2f}..{diffs[-1]:+.2f}")  # fmt: skip
+                rps = {n: [rps / d for (_, _, rps), (_, _, d) in zip(results[(stream, c, n)], results[(stream, c, "direct")], strict=True)] for n in VERSIONS}
+                print(f"{cell} throughput / direct: base {statistics.median(rps['base']):.2f}, new {statistics.median(rps['new']):.2f}")
         finally:
             for gateway in gateways.values():
                 gateway.stop()
@@ -136,6 +144,64 @@ def app_only(base: Path, rounds: int, requests: int) -> None:
                     driver.stdin.close()
                 driver.wait(timeout=60)
             worker.stop()
+
+
+def clients_only(rounds: int, requests: int) -> None:
+    """The clients to workers alone, in this process: aiohttp's ("base") and `WireWorkerClient` ("new")."""
+    import uvloop
+
+    from bench.procs import ServerProcess, free_port, python_module
+
+    with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
+        port = free_port()
+        worker = ServerProcess("upstream", python_module("bench.fake_upstream", "--port", str(port), "--tokens", "16"), port=port, log_path=Path(tmp) / "worker.log")
+        try:
+            worker.wait_healthy()
+            print(_uptime(), flush=True)
+            cpu = uvloop.run(_clients(worker.base_url, rounds, requests))
+            print(_uptime())
+            for mode in ("unary", "stream"):
+                print(_paired(f"{mode} client CPU per request", cpu[(mode, "base")], cpu[(mode, "new")]))
+        finally:
+            worker.stop()
+
+
+async def _clients(url: str, rounds: int, requests: int) -> dict[tuple[str, str], list[float]]:
+    from serving.engine.worker_http import AiohttpWorkerClient
+    from serving.engine.worker_wire import WireWorkerClient
+
+    settings: dict[str, Any] = {"headers": {"Authorization": "Bearer k"}, "connect_timeout": 5.0, "read_timeout": 30.0}
+    clients: dict[str, Any] = {"base": AiohttpWorkerClient(**settings), "new": WireWorkerClient(**settings)}
+    body = {"model": "fake", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    target = f"{url}/v1/chat/completions"
+
+    async def one(client: Any, mode: str) -> None:
+        if mode == "unary":
+            if (await client.post_json(target, body, {"x-request-id": "r"}, timeout=30)).status != 200:
+                raise SystemExit("the worker did not answer 200")
+            return
+        async with client.stream(target, streamed, {"x-request-id": "r"}) as response:
+            async for _piece in response.chunks():
+                pass
+
+    try:
+        for client in clients.values():
+            for mode in ("unary", "stream"):
+                for _ in range(50):
+                    await one(client, mode)
+        cpu: dict[tuple[str, str], list[float]] = {}
+        for r in range(rounds):
+            for mode in ("unary", "stream"):
+                for name in VERSIONS if r % 2 == 0 else VERSIONS[::-1]:
+                    started = time.process_time()
+                    for _ in range(requests):
+                        await one(clients[name], mode)
+                    cpu.setdefault((mode, name), []).append(1000 * (time.process_time() - started) / requests)
+        return cpu
+    finally:
+        for client in clients.values():
+            await client.aclose()
 
 
 async def _drive(upstream: str) -> None:
@@ -198,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="default 8 (whole gateway) or 40 (--app-only)")
     parser.add_argument("--requests", type=int, default=None, help="per cell and round: default 600 or 400")
     parser.add_argument("--app-only", action="store_true", help="the apps alone, through ASGI in-process")
+    parser.add_argument("--clients", action="store_true", help="the clients to workers alone: aiohttp's (base) against worker_wire's (new); no --base")
+    parser.add_argument("--concurrency", default="1", help="whole gateway: comma-separated concurrencies (default 1)")
     parser.add_argument("--drive", metavar="UPSTREAM", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.drive:
@@ -205,12 +273,15 @@ def main(argv: list[str] | None = None) -> None:
 
         uvloop.run(_drive(args.drive))
         return
+    if args.clients:
+        clients_only(args.rounds or 40, args.requests or 400)
+        return
     if args.base is None or not (args.base / "serving").is_dir():
         parser.error("--base must be a checkout of forgeline (a folder with serving/)")
     if args.app_only:
         app_only(args.base.resolve(), args.rounds or 40, args.requests or 400)
     else:
-        whole_gateway(args.base.resolve(), args.rounds or 8, args.requests or 600)
+        whole_gateway(args.base.resolve(), args.rounds or 8, args.requests or 600, [int(c) for c in args.concurrency.split(",")])
 
 
 if __name__ == "__main__":

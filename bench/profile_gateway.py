@@ -50,7 +50,8 @@ def py_spy() -> str:
 
 
 _LAYERS = (
-    ("upstream HTTP client (aiohttp; httpx, httpcore, anyio, h11)", ("aiohttp/", "httpx/", "httpcore/", "anyio/", "h11/")),
+    ("upstream HTTP client (worker_wire; aiohttp, httpx, httpcore, anyio, h11)",
+     ("serving/engine/worker_wire", "aiohttp/", "httpx/", "httpcore/", "anyio/", "h11/")),  # fmt: skip
     ("HTTP server (uvicorn, httptools)", ("uvicorn/", "httptools")),
     ("FastAPI / Starlette", ("fastapi/", "starlette/")),
     ("forgeline (serving/, registry/)", ("serving/", "registry/")),

@@ -48,7 +48,6 @@ from serving.engine.base import Chunk, FinishReason, RelayedAnswer, SamplingPara
 from serving.engine.pool import Outcome, PoolPolicy, Worker, WorkerPool
 from serving.engine.sse_relay import SseBlock, WorkerEventError, inspect, whole_events
 from serving.engine.worker_http import (
-    AiohttpWorkerClient,
     HttpxWorkerClient,
     WorkerBrokenError,
     WorkerClient,
@@ -56,6 +55,7 @@ from serving.engine.worker_http import (
     WorkerRefusedError,
     WorkerTimeoutError,
 )
+from serving.engine.worker_wire import WireWorkerClient
 from serving.stop_tokens import read_stop_token_ids
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class UpstreamEngine:
         scrape_queue: read each worker's ``vllm:num_requests_waiting`` and KV-cache use from ``metrics_path``
             with every health check, and route by it.
         transport: an httpx transport (tests script workers with it); without one the
-            workers are reached over aiohttp (`serving.engine.worker_http`).
+            workers are reached over `serving.engine.worker_wire`.
     """
 
     # `/v1/completions` answers carry logprobs in another shape; chat that wants them passes through.
@@ -251,13 +251,12 @@ class UpstreamEngine:
         # The worker may stop at its tokenizer's eos only (one id); the model's turn can end with
         # another one (Llama-3 <|eot_id|>), so every request names them all.
         self._stop_token_ids = read_stop_token_ids(self._tokenizer_src, self._tokenizer)
-        # Keep-alive connections sized to the pool, so steady load never reconnects.
         # Keep-alive connections without a cap, per worker, so steady load never reconnects.
         timeouts = {"connect_timeout": self._connect_timeout, "read_timeout": self._read_timeout}
         if self._transport is not None:
             self._client = HttpxWorkerClient(headers=self._headers, transport=self._transport, **timeouts)
         else:
-            self._client = AiohttpWorkerClient(headers=self._headers, **timeouts)
+            self._client = WireWorkerClient(headers=self._headers, **timeouts)
         self._started = True
         await self._discover()
         await self._check_all()
