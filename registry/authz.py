@@ -158,6 +158,16 @@ def owner_org(tagged: str | None, scope: Scope) -> str | None:
     return OPERATOR_ORG if scope is Scope.GOVERNANCE else None
 
 
+def model_owner(version_orgs: Iterable[str | None]) -> str:
+    """The organisation owning a model for governance, given its versions' org tags oldest first.
+
+    The oldest version's tag wins (a later version cannot move a model to another org);
+    untagged throughout, the operator's org (:func:`owner_org`).
+    """
+    tagged = next((org for org in version_orgs if org), None)
+    return owner_org(tagged, Scope.GOVERNANCE) or OPERATOR_ORG  # governance always names an owner
+
+
 def has_role(key: KeyRecord, operation: Operation) -> bool:
     """Whether ``key`` may take ``operation`` by its roles (``admin`` may take any)."""
     return operation is Operation.PUBLIC or key.has_role("admin") or any(key.has_role(r) for r in ROLES_FOR[operation])

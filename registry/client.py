@@ -27,7 +27,7 @@ from registry import lineage, settings
 from registry.aliases import AuditedAliases
 from registry.approvals import Approval, ApprovalStore
 from registry.audit import AuditLog
-from registry.authz import Scope, owner_org
+from registry.authz import model_owner
 from registry.errors import ConflictError, ErrorCode, ForgelineError, ModelNotFoundError, NotFoundError
 from registry.events import WebhookDispatcher
 from registry.mlflow_errors import error_code, is_missing, translate
@@ -138,15 +138,8 @@ def _safe_dirname(name: str) -> str:
 
 
 def governance_owner(versions: list[VersionInfo]) -> str:
-    """The org owning a model for governance, given its versions oldest first.
-
-    The org tag (``lineage.ORG``) of the oldest tagged version, else the operator's org
-    (``registry.authz.owner_org``, the one place for the untagged-model rule).
-    """
-    tagged = next((org for info in versions if (org := info.tags.get(lineage.ORG))), None)
-    owner = owner_org(tagged, Scope.GOVERNANCE)
-    assert owner is not None, "governance always names an owner"
-    return owner
+    """The org owning a model for governance, given its versions oldest first (:func:`registry.authz.model_owner`)."""
+    return model_owner(info.tags.get(lineage.ORG) for info in versions)
 
 
 class Registry(AuditedAliases, RunRecords):

@@ -30,6 +30,7 @@ from registry.authz import (
     Verdict,
     decide,
     enforce,
+    model_owner,
     owner_org,
     route_keys,
     undeclared,
@@ -175,8 +176,7 @@ def _owned(registry: Registry, key: KeyRecord, rule: Rule, name: str, version: s
         orgs = registry.version_orgs(name)
     except ModelNotFoundError:
         return Verdict(Outcome.HIDDEN, "no such model")
-    model_owner = next((org for org in orgs.values() if org), None)
-    verdict = decide(key, rule, owner=owner_org(model_owner, Scope.GOVERNANCE))
+    verdict = decide(key, rule, owner=model_owner(orgs.values()))
     if verdict.allowed and version is not None and version.isdecimal() and version.isascii():
         # A version of another org's under a shared name: absent too.
         if not owns_version(key, orgs.get(int(version))):
