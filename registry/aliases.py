@@ -22,6 +22,7 @@ from registry.audit import Action, AuditEntry, AuditLog
 from registry.errors import ConflictError, ErrorCode, ForgelineError, NotFoundError
 from registry.events import WebhookDispatcher
 from registry.mlflow_errors import translate
+from registry.owner import Owner
 
 logger = logging.getLogger(__name__)
 
@@ -37,27 +38,27 @@ class AuditedAliases:
     """Alias moves, deletions, drift and reconciliation, each one audited.
 
     The facade that mixes this in provides ``client``, ``audit``, ``events`` and the
-    reads annotated below (``get_version`` checks a version exists; ``governance_org``
-    names the org every audit row of the model is written and read for).
+    reads annotated below (``get_version`` checks a version exists; ``governance_owner``
+    names the org and registration every audit row of the model is written and read for).
     """
 
     client: MlflowClient
     audit: AuditLog
     events: WebhookDispatcher
     get_version: Callable[[str, int], Any]
-    governance_org: Callable[[str], str]
+    governance_owner: Callable[[str], Owner]
     aliases: Callable[[str], dict[str, int]]
     alias_holder: Callable[[str, str], _Holder | None]
 
-    def alias_history(self, name: str, alias: str | None = None, *, org: str | None = None) -> list[AuditEntry]:
-        """Every audited move of ``name``'s aliases (or one ``alias``) by its owning org, oldest first.
+    def alias_history(self, name: str, alias: str | None = None, *, owner: Owner | None = None) -> list[AuditEntry]:
+        """Every audited move of ``name``'s aliases (or one ``alias``) by its owner now, oldest first.
 
         Args:
-            org: the owner when the caller already read it; default ``governance_org(name)``.
-                Rows of an earlier owner of the name (deleted and registered again) are not
-                shown.
+            owner: the owner when the caller already read it; default
+                ``governance_owner(name)``. Rows of an earlier model of the name (deleted
+                and registered again, by any org) are not shown.
         """
-        return self.audit.history(name, alias, org=org or self.governance_org(name))
+        return self.audit.history(name, alias, owner=owner or self.governance_owner(name))
 
     def move_alias(
         self,
@@ -149,7 +150,7 @@ class AuditedAliases:
             )
         if version is not None:
             self.get_version(name, version)  # fail fast, before taking the writer lock
-        org = self.governance_org(name)
+        owner = self.governance_owner(name)
 
         # Order matters. MLflow keeps no alias history and has no transaction we can join,
         # so the audit DB transaction is the serialisation point: take its writer lock,
@@ -160,7 +161,7 @@ class AuditedAliases:
         moved = False
         previous: int | None = None
         try:
-            with self.audit.transaction(name, org=org) as tx:
+            with self.audit.transaction(name, owner=owner) as tx:
                 holder = self.alias_holder(name, alias)
                 previous = holder.version if holder else None
                 if expected_from is not None and (previous or NO_HOLDER) != expected_from:
@@ -229,8 +230,8 @@ class AuditedAliases:
                 exc_info=True,
             )
 
-    def audit_drift(self, name: str, *, org: str | None = None) -> dict[str, tuple[int | None, int | None]]:
-        """Aliases where MLflow and the audit log (the owning org's rows) disagree.
+    def audit_drift(self, name: str, *, owner: Owner | None = None) -> dict[str, tuple[int | None, int | None]]:
+        """Aliases where MLflow and the audit log (the current owner's rows) disagree.
 
         Returns:
             ``{alias: (version in MLflow, version per the last audit row)}`` for every alias
@@ -239,7 +240,7 @@ class AuditedAliases:
         """
         in_mlflow = {alias: int(version) for alias, version in (self.aliases(name)).items()}
         audited: dict[str, int | None] = {}
-        for entry in self.alias_history(name, org=org):
+        for entry in self.alias_history(name, owner=owner):
             audited[entry.alias] = entry.to_version
         drift: dict[str, tuple[int | None, int | None]] = {}
         for alias in sorted(set(in_mlflow) | set(audited)):
@@ -261,9 +262,9 @@ class AuditedAliases:
         if not actor or not actor.strip():
             raise ForgelineError("reconcile needs an actor", code=ErrorCode.INVALID_REQUEST, param="actor")
         entries: list[AuditEntry] = []
-        org = self.governance_org(name)
-        with self.audit.transaction(name, org=org) as tx:
-            for alias, (in_mlflow, audited) in self.audit_drift(name, org=org).items():
+        owner = self.governance_owner(name)
+        with self.audit.transaction(name, owner=owner) as tx:
+            for alias, (in_mlflow, audited) in self.audit_drift(name, owner=owner).items():
                 entries.append(
                     tx.append(
                         alias=alias,

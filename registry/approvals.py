@@ -7,7 +7,7 @@ decide, and the no-self-approval rule, are enforced by
 :func:`registry.decisions.decide`, which also checks the version exists.
 
 **Organisations.** A decision belongs to the organisation that owned the model when it
-was made (column ``org``: ``Registry.governance_org``, i.e. ``registry.authz.owner_org``
+was made (column ``org``: ``Registry.governance_owner``, i.e. ``registry.authz.owner_org``
 for governance), and every read takes the owning org and returns only that org's rows. A
 model deleted in MLflow and registered again under the same name by another organisation
 therefore starts with no decisions: org A's standing approval of version 3 never counts
@@ -16,6 +16,12 @@ toward org B's gates. Rows written before the column existed (migration
 :mod:`registry.legacy_orgs` claims them for the model's current owner (``forgeline db
 upgrade`` and the control plane's start do); see that module for why not the operator's
 default org.
+
+**Registrations.** Each row also records which registration of the model it belongs to
+(column ``model_created_ms``, MLflow's ``creation_timestamp``; migration
+``0006_model_incarnation``), and reads take only the current one's rows
+(:class:`registry.owner.Owner`): the same org deleting the model and registering the name
+again starts with no decisions either.
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Column, Index, Integer, String, Table, Text, select
+from sqlalchemy import BigInteger, Column, Index, Integer, String, Table, Text, select
 
 from registry.db import READ_ONLY, ControlStore, UTCDateTime, lock_model, metadata, now
+from registry.owner import Owner, owned_by
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +54,7 @@ approvals = Table(
     Column("comment", Text, nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("org", String(256), nullable=True),  # NULL: written before 0004, counts for nobody
+    Column("model_created_ms", BigInteger, nullable=True),  # the registration; NULL: before 0006, nobody's
     Index("ix_approvals_model_version", "model", "version", "id"),
 )
 
@@ -64,6 +72,7 @@ class Approval:
     comment: str
     created_at: datetime
     org: str | None = None
+    model_created_ms: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (``created_at`` as ISO 8601)."""
@@ -77,6 +86,7 @@ class Approval:
             "comment": self.comment,
             "created_at": self.created_at.isoformat(),
             "org": self.org,
+            "model_created_ms": self.model_created_ms,
         }
 
 
@@ -91,6 +101,7 @@ def _approval(row: Any) -> Approval:
         comment=row.comment,
         created_at=row.created_at,
         org=row.org,
+        model_created_ms=row.model_created_ms,
     )
 
 
@@ -110,18 +121,17 @@ class ApprovalStore(ControlStore):
     """
 
     def append(
-        self, *, model: str, version: int, approver: str, role: str, decision: Decision, comment: str, org: str
+        self, *, model: str, version: int, approver: str, role: str, decision: Decision, comment: str, owner: Owner
     ) -> Approval:
-        """Insert one decision of ``org`` (the model's owner now) and return it.
+        """Insert one decision for ``owner`` (the model's owner and registration now) and return it.
 
-        No checks beyond the decision kind and a non-empty org; see ``decisions.decide``.
+        No checks beyond the decision kind; see ``decisions.decide``.
         """
         if decision not in DECISIONS:
             raise ValueError(f"decision must be one of {DECISIONS}, got {decision!r}")
-        if not org:
-            raise ValueError("a decision needs the model's owning org")
         values = {
-            "org": org,
+            "org": owner.org,
+            "model_created_ms": owner.model_created_ms,
             "model": model,
             "version": version,
             "approver": approver,
@@ -137,19 +147,19 @@ class ApprovalStore(ControlStore):
             row = conn.execute(select(approvals).where(approvals.c.id == row_id)).one()
         return _approval(row)
 
-    def for_version(self, model: str, version: int, *, org: str) -> list[Approval]:
-        """Every decision ``org`` recorded on one version, oldest first."""
+    def for_version(self, model: str, version: int, *, owner: Owner) -> list[Approval]:
+        """Every decision recorded for ``owner`` on one version, oldest first."""
         query = (
             select(approvals)
-            .where(approvals.c.model == model, approvals.c.version == version, approvals.c.org == org)
+            .where(approvals.c.model == model, approvals.c.version == version, owned_by(approvals, owner))
             .order_by(approvals.c.id)
         )
         with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
             return [_approval(row) for row in conn.execute(query)]
 
-    def for_model(self, model: str, *, org: str) -> list[Approval]:
-        """Every decision ``org`` recorded on any version of ``model``, oldest first."""
-        query = select(approvals).where(approvals.c.model == model, approvals.c.org == org).order_by(approvals.c.id)
+    def for_model(self, model: str, *, owner: Owner) -> list[Approval]:
+        """Every decision recorded for ``owner`` on any version of ``model``, oldest first."""
+        query = select(approvals).where(approvals.c.model == model, owned_by(approvals, owner)).order_by(approvals.c.id)
         with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
             return [_approval(row) for row in conn.execute(query)]
 

@@ -11,12 +11,16 @@ holds a writer lock (SQLite ``BEGIN IMMEDIATE``; PostgreSQL
 the same model never interleave (see ``Registry.move_alias``).
 
 **Organisations.** Each row records the organisation that owned the model when the alias
-moved (column ``org``, from ``Registry.governance_org``), and :meth:`AuditLog.history`
+moved (column ``org``, from ``Registry.governance_owner``), and :meth:`AuditLog.history`
 returns only the rows of the org it is given (the model's owner now). A model deleted in
 MLflow and registered again under its name by another organisation starts with an empty
 history: the new owner neither sees the old owner's trail nor rolls back into it. Rows
 from before the column (migration ``0004_governance_org``, ``org`` NULL) belong to nobody
-until :mod:`registry.legacy_orgs` claims them.
+until :mod:`registry.legacy_orgs` claims them. Rows also record the registration of the
+model (column ``model_created_ms``, MLflow's ``creation_timestamp``; migration
+``0006_model_incarnation``) and history takes only the current one's
+(:class:`registry.owner.Owner`), so the same org registering a deleted name again starts
+with an empty history too.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Column, Connection, Index, Integer, String, Table, Text, func, select
+from sqlalchemy import BigInteger, Column, Connection, Index, Integer, String, Table, Text, func, select
 
 from registry.db import READ_ONLY, ControlStore, UTCDateTime, lock_model, metadata, now
+from registry.owner import Owner, owned_by
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +58,7 @@ alias_events = Table(
     Column("policy_result", Text, nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("org", String(256), nullable=True),  # NULL: written before 0004, visible to nobody
+    Column("model_created_ms", BigInteger, nullable=True),  # the registration; NULL: before 0006, nobody's
     Index("ix_alias_events_model_alias", "model", "alias", "id"),
 )
 
@@ -72,6 +78,7 @@ class AuditEntry:
     policy_result: dict[str, Any] | None
     created_at: datetime
     org: str | None = None
+    model_created_ms: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (``created_at`` as an ISO 8601 string with ``+00:00``)."""
@@ -87,6 +94,7 @@ class AuditEntry:
             "policy_result": self.policy_result,
             "created_at": self.created_at.isoformat(),
             "org": self.org,
+            "model_created_ms": self.model_created_ms,
         }
 
 
@@ -103,16 +111,17 @@ def _entry(row: Any) -> AuditEntry:
         policy_result=json.loads(row.policy_result) if row.policy_result is not None else None,
         created_at=row.created_at,
         org=row.org,
+        model_created_ms=row.model_created_ms,
     )
 
 
 class AuditTransaction:
     """An open audit-log transaction holding the writer lock; see :meth:`AuditLog.transaction`."""
 
-    def __init__(self, conn: Connection, model: str, org: str) -> None:
+    def __init__(self, conn: Connection, model: str, owner: Owner) -> None:
         self._conn = conn
         self.model = model
-        self.org = org
+        self.owner = owner
 
     def append(
         self,
@@ -130,7 +139,8 @@ class AuditTransaction:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
         values = {
             "model": self.model,
-            "org": self.org,
+            "org": self.owner.org,
+            "model_created_ms": self.owner.model_created_ms,
             "alias": alias,
             "from_version": from_version,
             "to_version": to_version,
@@ -155,17 +165,16 @@ class AuditLog(ControlStore):
     """
 
     @contextmanager
-    def transaction(self, model: str, *, org: str) -> Iterator[AuditTransaction]:
+    def transaction(self, model: str, *, owner: Owner) -> Iterator[AuditTransaction]:
         """Open a transaction that holds the writer lock for ``model`` until it ends.
 
-        Rows appended in it are recorded for ``org`` (the model's owning org). Commits when the block exits normally; rolls back (the appended rows disappear)
-        when it raises.
+        Rows appended in it are recorded for ``owner`` (the model's owning org and
+        registration). Commits when the block exits normally; rolls back (the appended rows
+        disappear) when it raises.
         """
-        if not org:
-            raise ValueError("an alias move needs the model's owning org")
         with self.engine.begin() as conn:
             lock_model(conn, model)  # released automatically at commit/rollback
-            yield AuditTransaction(conn, model, org)
+            yield AuditTransaction(conn, model, owner)
 
     def append(
         self,
@@ -177,11 +186,11 @@ class AuditLog(ControlStore):
         actor: str,
         reason: str,
         action: Action,
-        org: str,
+        owner: Owner,
         policy_result: dict[str, Any] | None = None,
     ) -> AuditEntry:
-        """Append one row for ``org`` in its own transaction and return it."""
-        with self.transaction(model, org=org) as tx:
+        """Append one row for ``owner`` in its own transaction and return it."""
+        with self.transaction(model, owner=owner) as tx:
             return tx.append(
                 alias=alias,
                 from_version=from_version,
@@ -192,9 +201,9 @@ class AuditLog(ControlStore):
                 policy_result=policy_result,
             )
 
-    def history(self, model: str, alias: str | None = None, *, org: str) -> list[AuditEntry]:
-        """Every move of ``model``'s aliases (or of one ``alias``) recorded for ``org``, oldest first."""
-        query = select(alias_events).where(alias_events.c.model == model, alias_events.c.org == org)
+    def history(self, model: str, alias: str | None = None, *, owner: Owner) -> list[AuditEntry]:
+        """Every move of ``model``'s aliases (or of one ``alias``) recorded for ``owner``, oldest first."""
+        query = select(alias_events).where(alias_events.c.model == model, owned_by(alias_events, owner))
         if alias is not None:
             query = query.where(alias_events.c.alias == alias)
         # Ids follow commit order per model because moves of one model are serialised.

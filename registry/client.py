@@ -31,6 +31,7 @@ from registry.authz import model_owner
 from registry.errors import ConflictError, ErrorCode, ForgelineError, ModelNotFoundError, NotFoundError
 from registry.events import WebhookDispatcher
 from registry.mlflow_errors import error_code, is_missing, translate
+from registry.owner import Owner
 from registry.refs import is_version_number, version_in_range
 from registry.runs import RunRecords
 
@@ -137,7 +138,7 @@ def _safe_dirname(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
 
 
-def governance_owner(versions: list[VersionInfo]) -> str:
+def owning_org(versions: list[VersionInfo]) -> str:
     """The org owning a model for governance, given its versions oldest first (:func:`registry.authz.model_owner`)."""
     return model_owner(info.tags.get(lineage.ORG) for info in versions)
 
@@ -465,7 +466,10 @@ class Registry(AuditedAliases, RunRecords):
         Raises:
             ModelNotFoundError: there is no registered model ``name``.
         """
-        model = self._registered_model(name)
+        return self._versions_of(self._registered_model(name))
+
+    def _versions_of(self, model: RegisteredModel) -> list[VersionInfo]:
+        name = model.name
         aliases_of: dict[int, list[str]] = {}
         for alias, version in (model.aliases or {}).items():
             aliases_of.setdefault(int(version), []).append(alias)
@@ -489,29 +493,36 @@ class Registry(AuditedAliases, RunRecords):
         """
         return {info.version: info.tags.get(lineage.ORG) or None for info in self.list_versions(name)}
 
-    def governance_org(self, name: str) -> str:
-        """The organisation that owns ``name`` for governance, read from MLflow now.
+    def versions_and_owner(self, name: str) -> tuple[list[VersionInfo], Owner]:
+        """:meth:`list_versions` and :meth:`governance_owner` from one read of the model."""
+        model = self._registered_model(name)
+        versions = self._versions_of(model)
+        return versions, Owner(owning_org(versions), int(model.creation_timestamp))
 
-        The org tag of its oldest tagged version, or the operator's org for an untagged
-        model (``registry.authz.owner_org``). Every approval and audit row is written and
-        read for this org, so a model deleted in MLflow and registered again by another
-        organisation does not inherit the first one's decisions or history.
+    def governance_owner(self, name: str) -> Owner:
+        """Whose governance rows ``name`` has now: its owning org and MLflow's registration of it.
+
+        The org is the tag of its oldest tagged version, or the operator's org for an
+        untagged model (``registry.authz.owner_org``); the registration is the registered
+        model's ``creation_timestamp``. Every approval and audit row is written and read for
+        this owner, so a model deleted in MLflow and registered again (by another
+        organisation or the same one) inherits none of the first one's decisions or history.
 
         Raises:
             ModelNotFoundError: there is no registered model ``name``.
         """
-        return governance_owner(self.list_versions(name))
+        return self.versions_and_owner(name)[1]
 
-    def decisions(self, name: str, version: int | None = None, *, org: str | None = None) -> list[Approval]:
-        """The approvals and rejections of ``name`` (or of one version) by its owning org, oldest first.
+    def decisions(self, name: str, version: int | None = None, *, owner: Owner | None = None) -> list[Approval]:
+        """The approvals and rejections of ``name`` (or of one version) by its owner now, oldest first.
 
         Args:
-            org: the owner when the caller already read it (:meth:`governance_org`).
+            owner: the owner when the caller already read it (:meth:`governance_owner`).
         """
-        org = org or self.governance_org(name)
+        owner = owner or self.governance_owner(name)
         if version is None:
-            return self.approvals.for_model(name, org=org)
-        return self.approvals.for_version(name, version, org=org)
+            return self.approvals.for_model(name, owner=owner)
+        return self.approvals.for_version(name, version, owner=owner)
 
     def model_orgs(self) -> dict[str, str | None]:
         """Every registered model -> the org tag of its oldest tagged version (None: untagged)."""

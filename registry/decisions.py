@@ -80,7 +80,7 @@ def decide(
         )
     recorded = registry.approvals.append(
         model=name, version=version, approver=actor, role=role, decision=decision, comment=comment.strip(),
-        org=registry.governance_org(name),  # the decision counts for the model's owner now, and only for it
+        owner=registry.governance_owner(name),  # it counts for the model's owner and registration now, only for them
     )
     logger.info("%s %sd %s: %s", actor, decision, info.ref, comment)
     registry.events.publish(

@@ -5,7 +5,7 @@ Migration ``0004_governance_org`` added the ``org`` column to ``approvals`` and
 tag that the control database never saw. The rule:
 
 * **A NULL row counts for nobody.** Reads take only the rows of the model's current
-  owning org (``Registry.governance_org``), and NULL equals no org. Failing closed costs a
+  owner and registration (``Registry.governance_owner``), and NULL equals neither. Failing closed costs a
   re-approval or an explicit rollback target at worst; any guess could leak one
   organisation's decisions into another's gates. Counting NULL for the operator's
   ``default`` org was rejected for that reason: an org's model deleted in MLflow and
@@ -15,6 +15,9 @@ tag that the control database never saw. The rule:
   A row older than the registration belongs to a model deleted since and stays NULL, so a
   name taken over by another organisation starts empty. Rows of a model missing from
   MLflow stay NULL too.
+* **Registrations** (migration ``0006_model_incarnation``, column ``model_created_ms``):
+  a claimed row also gets the current registration's ``creation_timestamp``, by the same
+  rule; so does a row that has an org but no registration (written between 0004 and 0006).
 
 ``forgeline db upgrade`` claims after Alembic has run, and so does the control plane when
 it starts (:func:`claim` is one query when no row is NULL; a model whose rows stay NULL
@@ -26,8 +29,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
-from sqlalchemy import Engine, Table, func, select, union, update
+from sqlalchemy import ColumnElement, Engine, Table, func, or_, select, union, update
 
 from registry.approvals import approvals
 from registry.audit import alias_events
@@ -52,16 +56,18 @@ class Claimed:
         return sum(self.rows.values())
 
 
+def _unowned(table: Table) -> ColumnElement[bool]:
+    return or_(table.c.org.is_(None), table.c.model_created_ms.is_(None))
+
+
 def unclaimed(engine: Engine) -> int:
-    """How many approval and audit rows of the control database at ``engine`` have no org (they count for nobody)."""
+    """How many approval and audit rows of the control database at ``engine`` lack an org or a registration (nobody's)."""
     with engine.connect().execution_options(**{READ_ONLY: True}) as conn:
-        return sum(
-            int(conn.execute(select(func.count()).select_from(t).where(t.c.org.is_(None))).scalar() or 0) for t in TABLES
-        )
+        return sum(int(conn.execute(select(func.count()).select_from(t).where(_unowned(t))).scalar() or 0) for t in TABLES)
 
 
 def claim(registry: Registry) -> Claimed:
-    """Give each NULL-org row to its model's current owner if the row is newer than the model.
+    """Give each row without an org or registration to its model's current owner and registration if newer than it.
 
     See the module docstring for the rule. Each model is updated under its writer lock, so
     a claim never interleaves with an alias move or a decision of that model.
@@ -69,23 +75,24 @@ def claim(registry: Registry) -> Claimed:
     result = Claimed(rows={t.name: 0 for t in TABLES})
     engine = registry.audit.engine
     with engine.connect().execution_options(**{READ_ONLY: True}) as conn:
-        names = sorted(conn.execute(union(*(select(t.c.model).where(t.c.org.is_(None)) for t in TABLES))).scalars())
+        names = sorted(conn.execute(union(*(select(t.c.model).where(_unowned(t)) for t in TABLES))).scalars())
     if not names:
         return result
     for name in names:
         try:
-            org = registry.governance_org(name)
-            since = registry.registered_at(name)
+            owner = registry.governance_owner(name)
         except ModelNotFoundError:
             logger.info("legacy governance rows of %r stay unclaimed: no such model in MLflow", name)
             continue
+        since = datetime.fromtimestamp(owner.model_created_ms / 1000, UTC)  # what Registry.registered_at says
         with engine.begin() as conn:
             lock_model(conn, name)
             for table in TABLES:
                 done = conn.execute(
                     update(table)
-                    .where(table.c.model == name, table.c.org.is_(None), table.c.created_at >= since)
-                    .values(org=org)
+                    .where(table.c.model == name, _unowned(table), table.c.created_at >= since)
+                    # a row with an org keeps it (the owner when it was written); a NULL one gets the owner now
+                    .values(org=func.coalesce(table.c.org, owner.org), model_created_ms=owner.model_created_ms)
                 )
                 result.rows[table.name] += done.rowcount or 0
     result.left = unclaimed(engine)

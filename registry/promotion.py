@@ -71,9 +71,9 @@ def promote(
     candidate = registry.get_version(name, version)
     holder = registry.alias_holder(name, alias)
     evidence = _evidence(registry, policy, candidate, holder)  # read once: the holder is fixed by the CAS below
-    org = registry.governance_org(name)  # only the owning org's decisions count (registry.approvals)
+    owner = registry.governance_owner(name)  # only this owner's and registration's decisions count (registry.approvals)
     result = check_policy(
-        policy, candidate, holder=holder, alias=alias, decisions=registry.decisions(name, version, org=org), **evidence
+        policy, candidate, holder=holder, alias=alias, decisions=registry.decisions(name, version, owner=owner), **evidence
     )
     _raise_if_refused(result, candidate, alias)
 
@@ -81,7 +81,7 @@ def promote(
         # Under the writer lock: the holder is unchanged (compare-and-set), tags rarely
         # change, but a decision may have been recorded since the first check.
         again = check_policy(
-            policy, candidate, holder=holder, alias=alias, decisions=registry.decisions(name, version, org=org),
+            policy, candidate, holder=holder, alias=alias, decisions=registry.decisions(name, version, owner=owner),
             **evidence,
         )
         _raise_if_refused(again, candidate, alias)

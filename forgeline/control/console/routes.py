@@ -197,7 +197,7 @@ def history_page(request: Request, name: str) -> HTMLResponse:
     except ForgelineError as exc:
         return _error(request, session, exc)
     timelines: dict[str, list[Any]] = {}
-    for entry in registry.alias_history(name, org=state.org):
+    for entry in registry.alias_history(name, owner=state.owner):
         timelines.setdefault(entry.alias, []).append(entry)
     return _page(request, "history.html", session, m=state, timelines=timelines)
 
@@ -319,7 +319,7 @@ async def confirm_rollback(request: Request, name: str, alias: str) -> HTMLRespo
         state = views.load_model(registry, _policies(request), session.key, name)
         alias = check_alias(alias)
         holder = state.aliases.get(alias)
-        _, previous = previous_holder(registry.alias_history(name, alias, org=state.org))
+        _, previous = previous_holder(registry.alias_history(name, alias, owner=state.owner))
         target = form.get("to_version") or (str(previous) if previous else "")
     except ForgelineError as exc:
         return _error(request, session, exc)

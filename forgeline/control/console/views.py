@@ -16,11 +16,12 @@ from registry import lineage
 from registry.approvals import Approval, standing
 from registry.audit import AuditEntry
 from registry.authz import Kind, Operation, Rule, Scope, Verdict, decide, enforce, owner_org, person
-from registry.client import Registry, VersionInfo, governance_owner, missing_model_message
+from registry.client import Registry, VersionInfo, missing_model_message
 from registry.decisions import lifecycle_state
 from registry.errors import ForgelineError, ModelNotFoundError
 from registry.gates import PolicyResult, check_policy
 from registry.keys import KeyRecord
+from registry.owner import Owner
 from registry.policy import PolicyBook, PromotionPolicy
 
 
@@ -75,8 +76,8 @@ class ModelState:
     decisions: list[Approval]
     aliases: dict[str, int]
     policy: PromotionPolicy
-    org: str
-    """The owning org (``Registry.governance_org``): decisions and history shown are its rows only."""
+    owner: Owner
+    """The owner and registration (``Registry.governance_owner``): decisions and history shown are its rows only."""
 
     def version(self, number: int) -> VersionInfo:
         for info in self.versions:
@@ -108,18 +109,17 @@ class ModelState:
 
 def load_model(registry: Registry, policies: PolicyBook, key: KeyRecord, name: str) -> ModelState:
     """A model the key may see; another org's model answers as not found, like a missing one."""
-    versions = registry.list_versions(name)
+    versions, owner = registry.versions_and_owner(name)
     # 403 for a missing role or a pattern miss; another org's model is 404, like a missing one.
     enforce(_read_verdict(key, name, versions), missing=lambda: ModelNotFoundError(missing_model_message(name), param="model"))
-    org = governance_owner(versions)
     return ModelState(
         name=name,
         # A version another org trained under a shared name is not there for this key.
         versions=[v for v in versions if owns_version(key, v.tags.get(lineage.ORG))],
-        decisions=registry.decisions(name, org=org),
+        decisions=registry.decisions(name, owner=owner),
         aliases=registry.aliases(name),
         policy=policies.for_model(name),
-        org=org,
+        owner=owner,
     )
 
 
@@ -268,7 +268,7 @@ def search_audit(registry: Registry, models: list[ModelState], query: AuditQuery
     for model in models:
         if query.model not in (None, "", model.name):
             continue
-        for entry in registry.alias_history(model.name, org=model.org):
+        for entry in registry.alias_history(model.name, owner=model.owner):
             when = entry.created_at
             if query.actor and query.actor.lower() not in entry.actor.lower():
                 continue

@@ -15,7 +15,10 @@ from datetime import timedelta
 import pytest
 
 from registry.audit import AuditLog
+from registry.owner import Owner
 from tests.support.backends import fresh_database
+
+ACME = Owner("acme", 1)  # the owning org and registration rows are written for
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +33,7 @@ def audit(postgres_server: str) -> Iterator[AuditLog]:
 def test_append_and_history_on_postgres(audit: AuditLog) -> None:
     model = f"m-{uuid.uuid4().hex}"  # tables persist between runs on a shared database
     audit.append(
-        model=model, alias="production", from_version=None, to_version=1, actor="a", reason="", action="promote", org="acme"
+        model=model, alias="production", from_version=None, to_version=1, actor="a", reason="", action="promote", owner=ACME
     )
     audit.append(
         model=model,
@@ -41,17 +44,17 @@ def test_append_and_history_on_postgres(audit: AuditLog) -> None:
         reason="why",
         action="promote",
         policy_result={"passed": True, "gates": []},
-        org="acme",
+        owner=ACME,
     )
-    history = audit.history(model, "production", org="acme")
+    history = audit.history(model, "production", owner=ACME)
     assert [(e.from_version, e.to_version) for e in history] == [(None, 1), (1, 2)]
     assert history[1].policy_result == {"passed": True, "gates": []}
     assert history[0].created_at.utcoffset() == timedelta(0)
 
-    with pytest.raises(RuntimeError), audit.transaction(model, org="acme") as tx:
+    with pytest.raises(RuntimeError), audit.transaction(model, owner=ACME) as tx:
         tx.append(alias="production", from_version=2, to_version=3, actor="c", reason="", action="promote")
         raise RuntimeError("MLflow said no")
-    assert len(audit.history(model, org="acme")) == 2
+    assert len(audit.history(model, owner=ACME)) == 2
 
 
 def test_transactions_on_one_model_are_serialised(audit: AuditLog) -> None:
@@ -60,7 +63,7 @@ def test_transactions_on_one_model_are_serialised(audit: AuditLog) -> None:
     order: list[str] = []
 
     def first() -> None:
-        with audit.transaction(model, org="acme"):
+        with audit.transaction(model, owner=ACME):
             held.set()
             time.sleep(0.5)
             order.append("first done")
@@ -68,9 +71,9 @@ def test_transactions_on_one_model_are_serialised(audit: AuditLog) -> None:
     thread = threading.Thread(target=first)
     thread.start()
     held.wait(10)
-    with audit.transaction(f"{model}-other", org="acme"):
+    with audit.transaction(f"{model}-other", owner=ACME):
         order.append("other model")  # a different model does not wait
-    with audit.transaction(model, org="acme"):
+    with audit.transaction(model, owner=ACME):
         order.append("second")  # waits for the lock of `first`
     thread.join(10)
     assert order == ["other model", "first done", "second"]

@@ -22,12 +22,16 @@ from registry.approvals import ApprovalStore
 from registry.audit import AuditLog, alias_events
 from registry.db import metadata, now
 from registry.errors import ForgelineError
+from registry.owner import Owner
+
+DEFAULT = Owner("default", 1)  # the owning org and registration rows are written for
 
 pytestmark = pytest.mark.integration
 
 
-LATER_COLUMNS = {"jobs": ["stage"], "approvals": ["org"], "alias_events": ["org"]}
-"""Columns today's tables have that revisions after the baseline added (0003_job_stage, 0004_governance_org)."""
+LATER_COLUMNS = {"jobs": ["stage"], "approvals": ["org", "model_created_ms"], "alias_events": ["org", "model_created_ms"]}
+"""Columns today's tables have that revisions after the baseline added (0003_job_stage, 0004_governance_org,
+0006_model_incarnation)."""
 RENAMED = {"jobs": "training_jobs"}
 """Tables a revision after the baseline renamed (0005_jobs_table): today's name -> the legacy one."""
 
@@ -64,7 +68,7 @@ def test_create_all_install_upgrades_in_place_and_keeps_rows(empty_db: str) -> N
 
     audit = AuditLog(empty_db)
     try:
-        assert audit.history("m", "production", org="default") == []  # legacy rows (no org) count for nobody...
+        assert audit.history("m", "production", owner=DEFAULT) == []  # legacy rows (no org) count for nobody...
         with audit.engine.connect() as conn:
             assert migrations.current(conn) == migrations.head()
             assert "webhook_deliveries" in inspect(conn).get_table_names()  # the revision after the baseline ran
@@ -72,8 +76,8 @@ def test_create_all_install_upgrades_in_place_and_keeps_rows(empty_db: str) -> N
         assert [tuple(r) for r in kept] == [(1, "ana", "first", None), (2, "bo", "better", None)]  # ...but are kept
         # and the upgraded database keeps working for writes
         audit.append(model="m", alias="production", from_version=2, to_version=3, actor="cy", reason="x",
-                     action="promote", org="default")
-        assert [e.to_version for e in audit.history("m", org="default")] == [3]
+                     action="promote", owner=DEFAULT)
+        assert [e.to_version for e in audit.history("m", owner=DEFAULT)] == [3]
     finally:
         audit.dispose()
 
@@ -83,7 +87,7 @@ def test_partial_create_all_install_gets_its_missing_tables(empty_db: str) -> No
     approvals = ApprovalStore(empty_db)
     try:
         approvals.append(model="m", version=2, approver="cy", role="approver", decision="approve", comment="ok",
-                         org="default")
+                         owner=DEFAULT)
         with approvals.engine.connect() as conn:
             assert set(metadata.tables) <= set(inspect(conn).get_table_names())
             assert conn.execute(text("SELECT count(*) FROM alias_events")).scalar() == 2
@@ -94,7 +98,7 @@ def test_partial_create_all_install_gets_its_missing_tables(empty_db: str) -> No
 def test_opening_twice_migrates_once_and_a_newer_schema_is_refused(empty_db: str) -> None:
     first, second = AuditLog(empty_db), AuditLog(empty_db)
     try:
-        first.history("m", org="default"), second.history("m", org="default")
+        first.history("m", owner=DEFAULT), second.history("m", owner=DEFAULT)
         with first.engine.begin() as conn:
             assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
             conn.execute(text("UPDATE alembic_version SET version_num = '9999_from_the_future'"))
@@ -103,7 +107,7 @@ def test_opening_twice_migrates_once_and_a_newer_schema_is_refused(empty_db: str
         second.dispose()
     newer = AuditLog(empty_db)
     with pytest.raises(ForgelineError, match="9999_from_the_future.*newer forgeline.*upgrade forgeline"):
-        newer.history("m", org="default")
+        newer.history("m", owner=DEFAULT)
     newer.dispose()
 
 
@@ -153,5 +157,38 @@ def test_0004_and_0005_upgrade_with_rows_and_downgrade_back(empty_db: str) -> No
             for table in ("approvals", "alias_events"):
                 assert "org" not in {c["name"] for c in inspect(conn).get_columns(table)}
                 assert conn.execute(text(f"SELECT model FROM {table}")).all() == [("m",)]
+    finally:
+        engine.dispose()
+
+
+def test_0006_upgrade_with_rows_and_downgrade_back(empty_db: str) -> None:
+    """From 0005 with rows (an org each): the registration column arrives NULL; downgrade drops it, rows and org kept."""
+    engine = create_engine(empty_db)
+    stamp = now().isoformat()
+    try:
+        with engine.begin() as conn:
+            command.upgrade(migrations.config(conn), "0005_jobs_table")
+            _insert(conn, "approvals", {"model": "m", "version": 1, "approver": "ana", "role": "approver",
+                                        "decision": "approve", "comment": "ok", "created_at": stamp, "org": "acme"})
+            _insert(conn, "alias_events", {"model": "m", "alias": "production", "to_version": 1, "actor": "bo",
+                                           "reason": "r", "action": "promote", "created_at": stamp, "org": "acme"})
+        migrations.upgrade(engine)
+        with engine.connect() as conn:
+            assert migrations.current(conn) == migrations.head() == "0006_model_incarnation"
+            for table in ("approvals", "alias_events"):
+                rows = conn.execute(text(f"SELECT model, org, model_created_ms FROM {table}")).all()
+                assert rows == [("m", "acme", None)]
+            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
+            assert diff == [], diff
+        with engine.begin() as conn:
+            # a creation_timestamp in ms needs more than 32 bits
+            conn.execute(text("UPDATE approvals SET model_created_ms = 1764648000123"))
+            assert conn.execute(text("SELECT model_created_ms FROM approvals")).scalar() == 1764648000123
+            command.downgrade(migrations.config(conn), "0005_jobs_table")
+        with engine.connect() as conn:
+            assert migrations.current(conn) == "0005_jobs_table"
+            for table in ("approvals", "alias_events"):
+                assert "model_created_ms" not in {c["name"] for c in inspect(conn).get_columns(table)}
+                assert conn.execute(text(f"SELECT model, org FROM {table}")).all() == [("m", "acme")]
     finally:
         engine.dispose()

@@ -14,7 +14,10 @@ from registry.client import VersionInfo
 from registry.decisions import lifecycle_state
 from registry.errors import ConfigError
 from registry.gates import check_policy
+from registry.owner import Owner
 from registry.policy import PolicyBook, PromotionPolicy
+
+ACME = Owner("acme", 1)  # the owning org and registration rows are written for
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -104,11 +107,11 @@ def test_policy_validation_and_policy_book(tmp_path: Path) -> None:
 
 def test_approval_store_is_append_only_and_ordered(tmp_path: Path) -> None:
     store = ApprovalStore(f"sqlite:///{tmp_path / 'control.db'}")
-    first = store.append(model="m", version=1, approver="ana", role="approver", decision="approve", comment="ok", org="acme")
-    store.append(model="m", version=2, approver="bo", role="admin", decision="reject", comment="no", org="acme")
-    store.append(model="m", version=1, approver="ana", role="approver", decision="reject", comment="changed mind", org="acme")
-    assert [(d.approver, d.decision) for d in store.for_version("m", 1, org="acme")] == [("ana", "approve"), ("ana", "reject")]
-    assert store.for_version("m", 1, org="acme")[0] == first and len(store.for_model("m", org="acme")) == 3
+    first = store.append(model="m", version=1, approver="ana", role="approver", decision="approve", comment="ok", owner=ACME)
+    store.append(model="m", version=2, approver="bo", role="admin", decision="reject", comment="no", owner=ACME)
+    store.append(model="m", version=1, approver="ana", role="approver", decision="reject", comment="changed mind", owner=ACME)
+    assert [(d.approver, d.decision) for d in store.for_version("m", 1, owner=ACME)] == [("ana", "approve"), ("ana", "reject")]
+    assert store.for_version("m", 1, owner=ACME)[0] == first and len(store.for_model("m", owner=ACME)) == 3
     with pytest.raises(ValueError, match="decision"):
-        store.append(model="m", version=1, approver="x", role="approver", decision="maybe", comment="", org="acme")  # type: ignore[arg-type]
+        store.append(model="m", version=1, approver="x", role="approver", decision="maybe", comment="", owner=ACME)  # type: ignore[arg-type]
     store.dispose()

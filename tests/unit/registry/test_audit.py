@@ -10,6 +10,9 @@ import pytest
 
 from registry.audit import AuditLog, alias_events
 from registry.db import now
+from registry.owner import Owner
+
+ACME = Owner("acme", 1)  # the owning org and registration rows are written for
 
 
 @pytest.fixture
@@ -21,9 +24,9 @@ def audit(tmp_path: Path) -> Iterator[AuditLog]:
 
 def test_append_and_history_in_order(audit: AuditLog) -> None:
     first = audit.append(
-        model="m", alias="production", from_version=None, to_version=1, actor="ana", reason="first", action="promote", org="acme"
+        model="m", alias="production", from_version=None, to_version=1, actor="ana", reason="first", action="promote", owner=ACME
     )
-    audit.append(model="m", alias="staging", from_version=None, to_version=2, actor="bo", reason="", action="promote", org="acme")
+    audit.append(model="m", alias="staging", from_version=None, to_version=2, actor="bo", reason="", action="promote", owner=ACME)
     audit.append(
         model="m",
         alias="production",
@@ -33,43 +36,43 @@ def test_append_and_history_in_order(audit: AuditLog) -> None:
         reason="better",
         action="promote",
         policy_result={"passed": True, "gates": []},
-        org="acme",
+        owner=ACME,
     )
     audit.append(
-        model="other", alias="production", from_version=None, to_version=1, actor="c", reason="", action="promote", org="acme"
+        model="other", alias="production", from_version=None, to_version=1, actor="c", reason="", action="promote", owner=ACME
     )
 
     assert first.id > 0 and first.created_at.utcoffset() == timedelta(0)
-    production = audit.history("m", "production", org="acme")
+    production = audit.history("m", "production", owner=ACME)
     assert [(e.from_version, e.to_version, e.actor) for e in production] == [(None, 1, "ana"), (1, 2, "bo")]
     assert production[1].policy_result == {"passed": True, "gates": []}
-    assert [e.alias for e in audit.history("m", org="acme")] == ["production", "staging", "production"]
+    assert [e.alias for e in audit.history("m", owner=ACME)] == ["production", "staging", "production"]
     assert production[0].to_dict()["created_at"].endswith("+00:00")
 
 
 def test_history_survives_a_new_instance(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'c.db'}"
-    AuditLog(url).append(model="m", alias="p", from_version=None, to_version=1, actor="a", reason="", action="promote", org="acme")
-    assert len(AuditLog(url).history("m", org="acme")) == 1
+    AuditLog(url).append(model="m", alias="p", from_version=None, to_version=1, actor="a", reason="", action="promote", owner=ACME)
+    assert len(AuditLog(url).history("m", owner=ACME)) == 1
 
 
 def test_failed_transaction_leaves_no_row(audit: AuditLog) -> None:
-    with pytest.raises(RuntimeError), audit.transaction("m", org="acme") as tx:
+    with pytest.raises(RuntimeError), audit.transaction("m", owner=ACME) as tx:
         tx.append(alias="p", from_version=None, to_version=1, actor="a", reason="", action="promote")
         raise RuntimeError("MLflow said no")
-    assert audit.history("m", org="acme") == []
+    assert audit.history("m", owner=ACME) == []
 
 
 def test_unknown_action_is_rejected(audit: AuditLog) -> None:
     with pytest.raises(ValueError, match="action"):
-        audit.append(model="m", alias="p", from_version=None, to_version=1, actor="a", reason="", action="nope", org="acme")  # type: ignore[arg-type]
+        audit.append(model="m", alias="p", from_version=None, to_version=1, actor="a", reason="", action="nope", owner=ACME)  # type: ignore[arg-type]
 
 
 def test_change_mark_moves_with_every_commit_and_only_then(audit: AuditLog) -> None:
     assert audit.change_mark() == (0, 0)
     other = AuditLog(audit.url)  # another process's view of the same control database
     try:
-        with audit.transaction("m", org="acme") as tx:
+        with audit.transaction("m", owner=ACME) as tx:
             row = tx.append(alias="p", from_version=None, to_version=1, actor="a", reason="", action="promote")
             assert other.change_mark() == (0, 0)  # not committed yet: a gateway must not re-read now
         assert other.change_mark() == (1, row.id)

@@ -1,6 +1,7 @@
-"""Approvals and audit rows belong to the org that owned the model: a name deleted in MLflow
-and registered again by another organisation inherits neither (real SQLite MLflow registry
-and control database; the control API answers through ``TestClient``)."""
+"""Approvals and audit rows belong to the org that owned the model and to that registration
+of it: a name deleted in MLflow and registered again, by another organisation or the same
+one, inherits neither (real SQLite MLflow registry and control database; the control API
+answers through ``TestClient``)."""
 
 from __future__ import annotations
 
@@ -58,42 +59,51 @@ def _approve_and_promote(registry: Registry, name: str, version: int) -> None:
     promote(registry, name, version, policy=POLICIES.for_model(name), alias="production", actor="tom")
 
 
-@pytest.mark.parametrize("new_owner", ["beta", None], ids=["another-org", "operator-untagged"])
-def test_a_name_registered_again_by_another_org_inherits_no_approvals_or_history(
-    registry: Registry, root: Path, new_owner: str | None
+@pytest.mark.parametrize(
+    ("old_owner", "new_owner"),
+    [("acme", "beta"), ("acme", None), ("acme", "acme"), (None, None)],
+    ids=["another-org", "operator-untagged", "same-org", "operator-both-times"],
+)
+def test_a_name_registered_again_inherits_no_approvals_or_history(
+    registry: Registry, root: Path, old_owner: str | None, new_owner: str | None
 ) -> None:
-    name = f"shared-{new_owner or 'operator'}"
+    name = f"shared-{old_owner or 'operator'}-{new_owner or 'operator'}"
+    first = old_owner or "default"
     for _ in range(2):
-        _approve_and_promote(registry, name, _register(registry, root, name, "acme"))
-    assert registry.governance_org(name) == "acme"
-    assert [(d.version, d.org) for d in registry.decisions(name)] == [(1, "acme"), (2, "acme")]
-    assert [(e.to_version, e.org) for e in registry.alias_history(name)] == [(1, "acme"), (2, "acme")]
+        _approve_and_promote(registry, name, _register(registry, root, name, old_owner))
+    before = registry.governance_owner(name)
+    assert before.org == first
+    assert [(d.version, d.org) for d in registry.decisions(name)] == [(1, first), (2, first)]
+    assert [(e.to_version, e.org) for e in registry.alias_history(name)] == [(1, first), (2, first)]
+    assert {e.model_created_ms for e in registry.alias_history(name)} == {before.model_created_ms}
 
     registry.client.delete_registered_model(name)  # an operator deletes it in MLflow directly
     for _ in range(2):
         _register(registry, root, name, new_owner, trainer="tim")
     owner = new_owner or "default"
-    assert registry.governance_org(name) == owner
+    after = registry.governance_owner(name)
+    assert after.org == owner and after.model_created_ms != before.model_created_ms
 
-    # acme's standing approvals of versions 1 and 2 do not count for the new owner's versions 1 and 2
+    # the old model's standing approvals of versions 1 and 2 do not count for the new model's versions 1 and 2
     assert registry.decisions(name) == [] and registry.decisions(name, 1) == []
     verdict = check(registry, name, 1, POLICIES.for_model(name), alias="production")
     assert not verdict.passed and "approval" in verdict.reason()
     with pytest.raises(PolicyRefused):
         promote(registry, name, 1, policy=POLICIES.for_model(name), alias="production", actor="tim")
-    # nor does acme's trail: empty history, and rollback finds nothing of acme's to return to
+    # nor does its trail: empty history, and rollback finds nothing of the old model's to return to
     assert registry.alias_history(name) == []
     registry.move_alias(name, "production", 2, actor="tim", reason="first of the new owner")
     assert [(e.to_version, e.org) for e in registry.alias_history(name)] == [(2, owner)]
     assert registry.audit_drift(name) == {}
     with pytest.raises(NotFoundError, match="no earlier version"):
         rollback(registry, name, alias="production", actor="tim")
-    # acme's rows are kept (append-only), only never shown to another owner
-    assert len(registry.approvals.for_model(name, org="acme")) == 2 and len(registry.audit.history(name, org="acme")) == 2
+    # the old model's rows are kept (append-only), only never shown for the new one
+    assert len(registry.approvals.for_model(name, owner=before)) == 2 and len(registry.audit.history(name, owner=before)) == 2
 
     # the new owner's decision is recorded for it and counts
     recorded = decide(registry, name, 1, actor="bea", roles=["approver"], decision="approve", comment="ok")
-    assert recorded.org == owner and [d.approver for d in registry.decisions(name, 1)] == ["bea"]
+    assert (recorded.org, recorded.model_created_ms) == (owner, after.model_created_ms)
+    assert [d.approver for d in registry.decisions(name, 1)] == ["bea"]
     assert check(registry, name, 1, POLICIES.for_model(name), alias="production").passed
 
 
@@ -123,14 +133,14 @@ def test_the_control_api_shows_the_new_owner_none_of_the_old_owners_rows(registr
         keys.dispose()
 
 
-def _legacy_rows(registry: Registry, name: str, *, age: timedelta) -> None:
-    """Rows as written before 0004_governance_org: no org."""
-    when = now() - age
+def _legacy_rows(registry: Registry, name: str, *, age: timedelta, org: str | None = None) -> None:
+    """Rows as written before 0004_governance_org (no org), or between 0004 and 0006 (an org, no registration)."""
+    when, comment = now() - age, "between" if org else "legacy"
     with registry.audit.engine.begin() as conn:
         conn.execute(insert(approvals).values(model=name, version=1, approver="ana", role="approver", decision="approve",
-                                              comment="legacy", created_at=when))
+                                              comment=comment, created_at=when, org=org))
         conn.execute(insert(alias_events).values(model=name, alias="production", from_version=None, to_version=1,
-                                                 actor="ana", reason="legacy", action="promote", created_at=when))
+                                                 actor="ana", reason=comment, action="promote", created_at=when, org=org))
 
 
 def test_legacy_rows_count_for_nobody_until_claimed_for_the_model_registered_before_them(
@@ -140,20 +150,26 @@ def test_legacy_rows_count_for_nobody_until_claimed_for_the_model_registered_bef
     _register(registry, root, name, "acme")
     _legacy_rows(registry, name, age=timedelta(days=30))  # before this model's registration: a deleted namesake's
     _legacy_rows(registry, name, age=timedelta(0))  # after it: this model's
+    _legacy_rows(registry, name, age=timedelta(days=30), org="acme")  # an org but no registration: a namesake's
+    _legacy_rows(registry, name, age=timedelta(0), org="acme")  # an org, no registration, after it: this model's
     _legacy_rows(registry, "gone", age=timedelta(0))  # a model no longer in MLflow
     assert registry.decisions(name) == [] and registry.alias_history(name) == []  # NULL counts for nobody
-    assert legacy_orgs.unclaimed(registry.audit.engine) == 6
+    assert legacy_orgs.unclaimed(registry.audit.engine) == 10
 
     runner = CliRunner()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.tracking_uri)
     status = runner.invoke(cli_app, ["db", "status", "--db-url", registry.audit.url])
-    assert status.exit_code == 0 and "6 approval and audit rows" in " ".join(status.output.split())
+    assert status.exit_code == 0 and "10 approval and audit rows" in " ".join(status.output.split())
     upgraded = runner.invoke(cli_app, ["db", "upgrade", "--db-url", registry.audit.url])
     said = " ".join(upgraded.output.split())  # rich wraps long lines
-    assert upgraded.exit_code == 0 and "gave 2 approval and audit rows" in said and "4 stay with nobody" in said, said
+    assert upgraded.exit_code == 0 and "gave 4 approval and audit rows" in said and "6 stay with nobody" in said, said
 
-    assert [(d.comment, d.org) for d in registry.decisions(name)] == [("legacy", "acme")]
-    [entry] = registry.alias_history(name)
-    assert entry.org == "acme" and entry.created_at > registry.registered_at(name)
+    owner = registry.governance_owner(name)
+    assert [(d.comment, d.org, d.model_created_ms) for d in registry.decisions(name)] == [
+        ("legacy", "acme", owner.model_created_ms), ("between", "acme", owner.model_created_ms)
+    ]
+    entries = registry.alias_history(name)
+    assert [e.reason for e in entries] == ["legacy", "between"]
+    assert all(e.org == "acme" and e.created_at > registry.registered_at(name) for e in entries)
     again = legacy_orgs.claim(registry)  # idempotent: the old and orphaned rows stay with nobody
-    assert again.total == 0 and again.left == 4
+    assert again.total == 0 and again.left == 6

@@ -11,6 +11,9 @@ import pytest
 
 from registry import settings
 from registry.audit import AuditLog
+from registry.owner import Owner
+
+DEFAULT = Owner("default", 1)  # the owning org and registration rows are written for
 
 
 def mode(path: Path) -> int:
@@ -33,7 +36,7 @@ def test_home_databases_and_artifacts_are_private(tmp_path: Path, monkeypatch: p
     monkeypatch.delenv("FORGELINE_DB_URL", raising=False)
 
     audit = AuditLog()
-    audit.append(model="m", alias="production", from_version=None, to_version=1, actor="a", reason="r", action="promote", org="default")
+    audit.append(model="m", alias="production", from_version=None, to_version=1, actor="a", reason="r", action="promote", owner=DEFAULT)
     audit.dispose()
     from mlflow import MlflowClient
 
@@ -58,7 +61,7 @@ def test_an_existing_loose_home_and_database_are_tightened(tmp_path: Path, monke
     monkeypatch.setenv("FORGELINE_HOME", str(home))
     monkeypatch.delenv("FORGELINE_DB_URL", raising=False)
     audit = AuditLog()
-    assert audit.history("m", org="default") == []
+    assert audit.history("m", owner=DEFAULT) == []
     audit.dispose()
     assert (mode(home), mode(home / "control.db")) == (0o700, 0o600)
 
