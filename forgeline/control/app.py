@@ -129,7 +129,7 @@ def create_control_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        try:  # rows from before 0004_governance_org count for nobody until claimed (registry.legacy_orgs)
+        try:  # rows from before 0004 (org) or 0006 (registration) count for nobody until claimed (registry.legacy_orgs)
             legacy_orgs.claim(registry)
         except Exception:
             logger.warning("could not claim legacy approval and audit rows; they count for nobody", exc_info=True)
