@@ -122,17 +122,22 @@ def _insert(conn: Connection, table: str, row: dict[str, object]) -> None:
     conn.execute(text(f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join(':' + k for k in row)})"), row)
 
 
+def _governance_rows(conn: Connection, **extra: object) -> None:
+    """One approval and one alias move of model ``m``, with ``extra`` columns (those a later revision added)."""
+    stamp = now().isoformat()
+    _insert(conn, "approvals", {"model": "m", "version": 1, "approver": "ana", "role": "approver", "decision": "approve",
+                                "comment": "ok", "created_at": stamp, **extra})
+    _insert(conn, "alias_events", {"model": "m", "alias": "production", "to_version": 1, "actor": "bo", "reason": "r",
+                                   "action": "promote", "created_at": stamp, **extra})
+
+
 def test_0004_and_0005_upgrade_with_rows_and_downgrade_back(empty_db: str) -> None:
     """From 0003 with rows: org columns arrive NULL, `training_jobs` becomes `jobs`; and back again."""
     engine = create_engine(empty_db)
-    stamp = now().isoformat()
     try:
         with engine.begin() as conn:
             command.upgrade(migrations.config(conn), "0003_job_stage")
-            _insert(conn, "approvals", {"model": "m", "version": 1, "approver": "ana", "role": "approver",
-                                        "decision": "approve", "comment": "ok", "created_at": stamp})
-            _insert(conn, "alias_events", {"model": "m", "alias": "production", "to_version": 1, "actor": "bo",
-                                           "reason": "r", "action": "promote", "created_at": stamp})
+            _governance_rows(conn)
             _insert(conn, "training_jobs", _jobs_row("job-1"))
         migrations.upgrade(engine)
         with engine.connect() as conn:
@@ -164,14 +169,10 @@ def test_0004_and_0005_upgrade_with_rows_and_downgrade_back(empty_db: str) -> No
 def test_0006_upgrade_with_rows_and_downgrade_back(empty_db: str) -> None:
     """From 0005 with rows (an org each): the registration column arrives NULL; downgrade drops it, rows and org kept."""
     engine = create_engine(empty_db)
-    stamp = now().isoformat()
     try:
         with engine.begin() as conn:
             command.upgrade(migrations.config(conn), "0005_jobs_table")
-            _insert(conn, "approvals", {"model": "m", "version": 1, "approver": "ana", "role": "approver",
-                                        "decision": "approve", "comment": "ok", "created_at": stamp, "org": "acme"})
-            _insert(conn, "alias_events", {"model": "m", "alias": "production", "to_version": 1, "actor": "bo",
-                                           "reason": "r", "action": "promote", "created_at": stamp, "org": "acme"})
+            _governance_rows(conn, org="acme")
         migrations.upgrade(engine)
         with engine.connect() as conn:
             assert migrations.current(conn) == migrations.head() == "0006_model_incarnation"
