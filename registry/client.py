@@ -14,7 +14,6 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -313,14 +312,6 @@ class Registry(AuditedAliases, RunRecords):
             if is_missing(exc):
                 raise ModelNotFoundError(missing_model_message(name), param="model") from exc
             raise translate(exc, f"could not look up model {name!r}", param="model") from exc
-
-    def registered_at(self, name: str) -> datetime:
-        """When MLflow registered ``name`` (UTC); a model deleted and registered again has a new time.
-
-        Raises:
-            ModelNotFoundError: there is no registered model ``name``.
-        """
-        return datetime.fromtimestamp(self._registered_model(name).creation_timestamp / 1000, UTC)
 
     def get_version(self, name: str, version: int) -> VersionInfo:
         """Fetch one version.

@@ -11,7 +11,7 @@ tag that the control database never saw. The rule:
   ``default`` org was rejected for that reason: an org's model deleted in MLflow and
   registered again untagged by the operator would show the org's history to the operator.
 * **:func:`claim` gives NULL rows to the model's current owner** when they were written
-  *after* MLflow registered the model now carrying the name (``Registry.registered_at``).
+  *after* MLflow registered the model now carrying the name (``Owner.registered_at``).
   A row older than the registration belongs to a model deleted since and stays NULL, so a
   name taken over by another organisation starts empty. Rows of a model missing from
   MLflow stay NULL too.
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from sqlalchemy import ColumnElement, Engine, Table, func, or_, select, union, update
 
@@ -84,7 +83,7 @@ def claim(registry: Registry) -> Claimed:
         except ModelNotFoundError:
             logger.info("legacy governance rows of %r stay unclaimed: no such model in MLflow", name)
             continue
-        since = datetime.fromtimestamp(owner.model_created_ms / 1000, UTC)  # what Registry.registered_at says
+        since = owner.registered_at
         with engine.begin() as conn:
             lock_model(conn, name)
             for table in TABLES:

@@ -12,6 +12,7 @@ The value is MLflow's own, compared for equality only: no clocks are compared.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from sqlalchemy import ColumnElement, Table, and_
 
@@ -26,6 +27,11 @@ class Owner:
     def __post_init__(self) -> None:
         if not self.org:
             raise ValueError("a governance row needs the model's owning org")
+
+    @property
+    def registered_at(self) -> datetime:
+        """When MLflow registered the model (UTC), by MLflow's clock."""
+        return datetime.fromtimestamp(self.model_created_ms / 1000, UTC)
 
 
 def owned_by(table: Table, owner: Owner) -> ColumnElement[bool]:

@@ -170,6 +170,6 @@ def test_legacy_rows_count_for_nobody_until_claimed_for_the_model_registered_bef
     ]
     entries = registry.alias_history(name)
     assert [e.reason for e in entries] == ["legacy", "between"]
-    assert all(e.org == "acme" and e.created_at > registry.registered_at(name) for e in entries)
+    assert all(e.org == "acme" and e.created_at > registry.governance_owner(name).registered_at for e in entries)
     again = legacy_orgs.claim(registry)  # idempotent: the old and orphaned rows stay with nobody
     assert again.total == 0 and again.left == 6
