@@ -166,11 +166,15 @@ class _Conn(asyncio.Protocol):
         while not (self.complete if whole else self.headers_done):
             if self.error is not None:
                 raise self.error
-            self.waiter = self.loop.create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
+            await self.woken()
+
+    async def woken(self) -> None:
+        """Until the parser, the timer or the connection's end has news for this exchange (`_wake`)."""
+        self.waiter = self.loop.create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
 
     def take(self) -> bytes:
         """The body bytes that arrived since the last call (resumes reading when paused)."""
@@ -378,11 +382,7 @@ class _Streamed:
             elif conn.error is not None:
                 raise conn.error
             else:
-                conn.waiter = conn.loop.create_future()
-                try:
-                    await conn.waiter
-                finally:
-                    conn.waiter = None
+                await conn.woken()
 
 
 def _header_lines(headers: dict[str, str]) -> bytes:
