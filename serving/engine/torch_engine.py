@@ -12,6 +12,7 @@ own ``ContinuousBatchingManager``). The parts, one module each:
 * `prefix_cache` - reused KV of shared prompt prefixes (opt-in, ``prefix_cache_tokens``);
 * `sampling` - guides, greedy / temperature / top-p, logprobs, per-request seeds;
 * `detokenizer` - streamed text, stop strings and stop tokens;
+* `counted_prompts` - the ids of prompts counted for admission, so `generate` tokenizes none twice;
 * `adapter_cache` - LoRA adapters loaded on first use, LRU-evicted, mixed per row by the
   stacked layers of `multi_lora` (PEFT, in batches of their own, for the rest).
 """
