@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "hi"}]
 # Differ per gateway or per call: the worker numbers its answers, the clock moves.
 _VOLATILE_HEADERS = {"date", "content-length", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"}
+_RETRY_IN = re.compile(r"retry in [0-9.]+ s")  # a 429's wait, in its message
 _VOLATILE_FIELDS = {"ts", "duration_ms", "client", "pid", "ttft_ms", "request_id"}
 
 
@@ -106,13 +108,15 @@ def _requests(secrets: dict[str, str]) -> list[tuple[str, dict[str, str], bytes]
 
 def _normalised(response: httpx.Response) -> dict[str, Any]:
     headers = {k: v for k, v in response.headers.items() if k not in _VOLATILE_HEADERS}
+    if "retry-after" in headers:  # seconds left in the key's window: moves with the clock
+        headers["retry-after"] = "<seconds>" if headers["retry-after"].isdigit() else headers["retry-after"]
     if headers.get("x-request-id", "").startswith("req-") is False:
         headers["x-request-id"] = "<generated>" if headers.get("x-request-id") else "<missing>"
     if response.headers.get("content-type", "").startswith("text/event-stream"):
         events = [line for line in response.text.split("\n\n") if line]
         content: Any = [e if e == "data: [DONE]" else _drop_ids(json.loads(e.removeprefix("data: "))) for e in events]
     else:
-        content = _drop_ids(response.json())
+        content = _drop_ids(json.loads(_RETRY_IN.sub("retry in <seconds>", response.text)))
     return {"status": response.status_code, "headers": headers, "content": content}
 
 
