@@ -244,6 +244,8 @@ def fused_support(model: Any, cache_kwarg: str, device: Any) -> str | None:
     """
     import inspect
 
+    import torch
+
     if not getattr(model, "_supports_attention_backend", False):
         return f"{type(model).__name__} does not take transformers' attention interface"
     if "logits_to_keep" not in inspect.signature(model.forward).parameters:
@@ -253,7 +255,9 @@ def fused_support(model: Any, cache_kwarg: str, device: Any) -> str | None:
         worst = _probe(model, cache_kwarg, device)
     except Exception as exc:  # noqa: BLE001 - any failure means: keep the two forwards
         return f"the fused forward failed on a probe batch: {type(exc).__name__}: {exc}"
-    if worst > 1e-3:
+    # float32 agrees to rounding; half precision differs in the last bits with the GEMMs' shapes.
+    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    if worst > tolerance:
         return f"the fused forward differs from the separate forwards on a probe batch (logits by {worst:.2g})"
     return None
 
