@@ -4,7 +4,8 @@ Every forward pays a fixed cost besides its tokens' work (on a CPU: streaming th
 once, and the model's Python; a 1-row decode step of the `small` benchmark model costs as
 much as ~15 prompt columns). When a prefill group's chunk and the running batch's decode
 step are both due, `fused_forward` runs them as one: the tokens of both are laid out in one
-flat row (the decode tokens first, then the group's left-padded chunk row after row), so the
+flat row (the decode tokens first, then the real tokens of the group's chunk row after row,
+its left padding left out), so the
 linear layers, MLP, norms and rotary embeddings (per-token ``position_ids``) see every token
 once, and only attention is split by part. It is transformers' own hook for this, an
 attention function registered with `AttentionInterface` (as its continuous batching's
@@ -12,7 +13,8 @@ paged attention is) and selected on the model's config for the fused forward onl
 
 - `FusedCache` is the forward's cache: each attention layer's ``update`` writes the decode
   tokens' keys/values into the running batch's cache (one column per row) and the group's
-  into the group's cache, exactly what the two separate forwards write;
+  into the group's cache, left-padded again (zeros where the separate forward wrote padding's,
+  which the mask hides either way);
 - `fused_attention` then runs SDPA for the decode part against the batch cache under the
   batch's padding mask, and for the group against the group cache under its causal+padding
   mask (and a layer's sliding window, which it is passed), and puts the outputs back in
@@ -64,15 +66,25 @@ def _cache_class() -> type:
             group: the prefill group's cache.
             group_mask: (rows, columns) the group's padding mask up to the chunk's end.
             decode: rows of the running batch (the first ``decode`` tokens of the flat row).
-            rows, width: the group's rows and chunk width (the next ``rows * width`` tokens).
+            rows, width: the group's rows and chunk width.
+            real: where the group's real tokens (the rest of the flat row, row after row) lie in its
+                ``rows * width`` chunk (flat indices), or None when the chunk has no padding.
         """
 
         def __init__(
-            self, batch: Any, batch_mask: Any, group: Any, group_mask: Any, decode: int, rows: int, width: int
+            self,
+            batch: Any,
+            batch_mask: Any,
+            group: Any,
+            group_mask: Any,
+            decode: int,
+            rows: int,
+            width: int,
+            real: Any = None,
         ) -> None:
             super().__init__(layers=[])
             self.batch, self.group = batch, group
-            self.decode, self.rows, self.width = decode, rows, width
+            self.decode, self.rows, self.width, self.real = decode, rows, width, real
             self._batch_mask = batch_mask.bool()[:, None, None, :]  # (decode, 1, 1, columns)
             self._group_padding = group_mask.bool()[:, None, None, :]  # (rows, 1, 1, columns)
             self._masks: dict[int | None, tuple[Any, Any]] = {}
@@ -83,15 +95,29 @@ def _cache_class() -> type:
         def update(
             self, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any
         ) -> tuple[Any, Any]:
-            # (1, kv_heads, tokens, head_dim): the decode tokens, then the group's rows one after another.
-            d, r, w = self.decode, self.rows, self.width
-            heads, dim = key_states.shape[1], key_states.shape[3]
-            for cache, part in ((self.batch, slice(0, d)), (self.group, slice(d, d + r * w))):
-                rows, columns = (d, 1) if cache is self.batch else (r, w)
-                keys = key_states[0, :, part].reshape(heads, rows, columns, dim).transpose(0, 1)
-                values = value_states[0, :, part].reshape(heads, rows, columns, dim).transpose(0, 1)
-                cache.update(keys, values, layer_idx)
+            # (1, kv_heads, tokens, head_dim): the decode tokens, then the group's real tokens.
+            for cache, part in ((self.batch, self.decode_part), (self.group, self.group_part)):
+                cache.update(part(key_states), part(value_states), layer_idx)
             return key_states, value_states
+
+        def decode_part(self, x: Any) -> Any:
+            """(1, heads, tokens, dim) -> the decode rows' (decode, heads, 1, dim)."""
+            return x[0, :, : self.decode].unsqueeze(2).transpose(0, 1)
+
+        def group_part(self, x: Any) -> Any:
+            """(1, heads, tokens, dim) -> the group's left-padded (rows, heads, width, dim), zero at padding."""
+            heads, dim = x.shape[1], x.shape[3]
+            part = x[0, :, self.decode :]
+            if self.real is not None:
+                padded = part.new_zeros((heads, self.rows * self.width, dim))
+                padded[:, self.real] = part
+                part = padded
+            return part.reshape(heads, self.rows, self.width, dim).transpose(0, 1)
+
+        def packed(self, group_out: Any) -> Any:
+            """The group's attention output (rows, width, heads, dim) -> its real tokens' (tokens, heads, dim)."""
+            out = group_out.reshape(self.rows * self.width, *group_out.shape[2:])
+            return out if self.real is None else out[self.real]
 
         def masks(self, window: int | None) -> tuple[Any, Any]:
             """The decode part's and the group's boolean attention masks (with a sliding ``window``)."""
@@ -107,8 +133,8 @@ def _cache_class() -> type:
                     causal = causal & (queries[:, None] - columns[None, :] < window)
                     near = torch.arange(batch.shape[-1], device=device) > batch.shape[-1] - 1 - window
                     batch = batch & near
-                # A padding query sees itself, so no row is all masked (SDPA would give NaN, and NaN
-                # keys/values written for padding would spoil the real rows: 0 * NaN is NaN).
+                # A padding query (zeros, its output dropped) sees itself, so no row is all masked
+                # and SDPA gives no NaN.
                 group = (padding & causal) | (columns[None, :] == queries[:, None])
                 self._masks[window] = (batch, group)
             return self._masks[window]
@@ -155,21 +181,16 @@ def fused_attention(
     if unknown or dropout or kwargs.get("output_attentions") or kwargs.get("head_mask") is not None:
         raise NotImplementedError(f"the fused step does not apply {unknown or 'dropout/attention outputs'}")
     batch_mask, group_mask = plan.masks(window)
-    d, r, w = plan.decode, plan.rows, plan.width
-    heads, dim = query.shape[1], query.shape[3]
     layer = module.layer_idx
     out = []
-    for cache, mask, part, rows, columns in (
-        (plan.batch, batch_mask, slice(0, d), d, 1),
-        (plan.group, group_mask, slice(d, d + r * w), r, w),
-    ):
+    for cache, mask, part in ((plan.batch, batch_mask, plan.decode_part), (plan.group, group_mask, plan.group_part)):
         keys, values = cache.layers[layer].keys, cache.layers[layer].values
-        q = query[0, :, part].reshape(heads, rows, columns, dim).transpose(0, 1)
         o = torch.nn.functional.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, scale=scaling, enable_gqa=heads != keys.shape[1]
+            part(query), keys, values, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != keys.shape[1]
         )
-        out.append(o.transpose(1, 2).reshape(1, rows * columns, heads, dim))
-    return torch.cat(out, dim=1), None
+        out.append(o.transpose(1, 2))  # (rows, columns, heads, dim)
+    decode, group = out
+    return torch.cat([decode.reshape(-1, *decode.shape[2:]), plan.packed(group)]).unsqueeze(0), None
 
 
 def register() -> None:
@@ -200,7 +221,8 @@ def fused_forward(
         decode_ids, decode_positions: (decode, 1) the running rows' last tokens and their positions.
         decode_mask: (decode, columns) the batch's mask, the new column included.
         batch_cache: the running batch's cache.
-        group_ids, group_positions: (rows, width) the group's left-padded chunk and its positions.
+        group_ids, group_positions: (rows, width) the group's left-padded chunk and its positions
+            (only its real tokens enter the forward).
         group_mask: (rows, columns) the group's mask up to the chunk's end.
         group_cache: the group's cache.
         group_logits: whether to return the group's last-column logits (its last chunk).
@@ -212,12 +234,18 @@ def fused_forward(
 
     d = decode_ids.shape[0]
     r, w = group_ids.shape
-    ids = torch.cat([decode_ids.reshape(-1), group_ids.reshape(-1)]).unsqueeze(0)
-    positions = torch.cat([decode_positions.reshape(-1), group_positions.reshape(-1)]).unsqueeze(0)
+    # The group's left padding stays out of the flat row (its keys/values are zeros in the cache, masked).
+    chunk = group_mask[:, -w:].bool()
+    real = None if bool(chunk.all()) else chunk.reshape(-1).nonzero().squeeze(1)
+    group_ids, group_positions = group_ids.reshape(-1), group_positions.reshape(-1)
+    if real is not None:
+        group_ids, group_positions = group_ids[real], group_positions[real]
+    ids = torch.cat([decode_ids.reshape(-1), group_ids]).unsqueeze(0)
+    positions = torch.cat([decode_positions.reshape(-1), group_positions]).unsqueeze(0)
     keep = torch.arange(d, device=ids.device)
-    if group_logits:
-        keep = torch.cat([keep, d + w - 1 + w * torch.arange(r, device=ids.device)])
-    plan = fused_cache(batch_cache, decode_mask, group_cache, group_mask, d, r, w)
+    if group_logits:  # each row's last column is real on the last chunk
+        keep = torch.cat([keep, d - 1 + chunk.sum(1).cumsum(0)])
+    plan = fused_cache(batch_cache, decode_mask, group_cache, group_mask, d, r, w, real)
     config = model.config
     previous = config._attn_implementation
     config._attn_implementation = NAME
