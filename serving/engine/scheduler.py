@@ -10,7 +10,10 @@ token and their KV rows are spliced into the running batch's cache (`kv_rows.joi
 that finish or whose consumer went away leave with `kv_rows.select`, which also trims the
 leading columns that became padding in every row. A nearly full batch holds waiting requests
 back briefly so that several join with one prefill forward rather than one forward each
-(`Scheduler._join_now`: a forward's fixed cost is worth 15-20 prompt columns on a CPU).
+(`Scheduler._join_now`: a forward's fixed cost is worth 15-20 prompt columns on a CPU). For the
+same reason, where the model allows it (`fused_step.fused_support`, decided at load; not with
+adapters) a group's prefill chunk and the decode step run as one forward (`fused_step`): the
+group's rows then get their first token at the end of that step and decode from the next.
 
 Why our own scheduler and not transformers' ``ContinuousBatchingManager`` (read in
 transformers 5.24, ``generation/continuous_batching/``): the manager packs all requests into
@@ -57,6 +60,7 @@ from registry.errors import ErrorCode, ForgelineError
 from serving.engine.adapter_cache import AdapterCache
 from serving.engine.base import Chunk
 from serving.engine.detokenizer import Detokenizer
+from serving.engine.fused_step import FusedForward
 from serving.engine.kv_rows import UnsplicableCacheError, check_splicable, join, new_cache, select
 from serving.engine.prefix_cache import PrefixCache
 from serving.engine.request import Request, flush
@@ -117,6 +121,8 @@ class Scheduler:
         join_rows: fewest free rows of a nearly full running batch worth a prefill forward
             (at most an eighth of ``max_batch_size``; 1 turns holding off).
         join_wait_s: longest a request is held back so that it joins with others.
+        fused: runs a decode step and a prefill chunk as one forward (`fused_step`), or None for
+            two forwards; only for rows without adapters.
     """
 
     def __init__(
@@ -138,6 +144,7 @@ class Scheduler:
         affinity_wait_s: float = AFFINITY_WAIT_S,
         join_rows: int = JOIN_ROWS,
         join_wait_s: float = JOIN_WAIT_S,
+        fused: FusedForward | None = None,
     ) -> None:
         self.model_id = model_id
         self.inbox = inbox
@@ -156,6 +163,7 @@ class Scheduler:
         # Holding rows out of a small batch costs a larger share of it: at most an eighth of it.
         self.join_rows = max(1, min(join_rows, max_batch_size // 8))
         self.join_wait_s = join_wait_s
+        self.fused = fused
         self._holding_since: float | None = None  # when `_join_now` began holding waiting requests back
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -194,10 +202,13 @@ class Scheduler:
         self._drop_cancelled()
         if self._group is None:
             self._admit()
-        if self._group is not None:
-            self._prefill_step()
-        if self.running:
-            self._decode_step()
+        if self._group is not None and self.running and self.fused is not None:
+            self._fused_step()
+        else:
+            if self._group is not None:
+                self._prefill_step()
+            if self.running:
+                self._decode_step()
         if not self.running and self._group is None:
             self._close_batch()
 
@@ -400,9 +411,7 @@ class Scheduler:
         group = self._group
         assert group is not None
         width = group.input_ids.shape[1]
-        # Chunks only matter while rows decode: an idle engine prefills the group at once.
-        columns = max(1, self.prefill_chunk // len(group.rows)) if self.running else width
-        start, end = group.done, min(group.done + columns, width)
+        start, end = self._chunk(group)
         try:
             self.observe(len(group.rows))
             logits = self.forward(
@@ -417,8 +426,18 @@ class Scheduler:
             self._prefill_failed(group, exc)
             return
         group.done = end
-        if end < width:
-            return
+        if end == width:
+            self._prefilled(group, logits)
+
+    def _chunk(self, group: _Group) -> tuple[int, int]:
+        """The prompt columns of ``group`` to feed next."""
+        width = group.input_ids.shape[1]
+        # Chunks only matter while rows decode: an idle engine prefills the group at once.
+        columns = max(1, self.prefill_chunk // len(group.rows)) if self.running else width
+        return group.done, min(group.done + columns, width)
+
+    def _prefilled(self, group: _Group, logits: Any) -> None:
+        """The group's last chunk is in: store its prefixes, sample its first tokens, join the batch."""
         if self.prefix_cache is not None:
             self.prefix_cache.store(group.rows, [self._internal(r) for r in group.rows], group.cache, group.mask)
         self._first_tokens(group, logits)
@@ -479,21 +498,70 @@ class Scheduler:
         self.running.extend(rows)
         self._last.extend(last)
 
-    def _decode_step(self) -> None:
+    def _decode_inputs(self) -> Any:
+        """The running rows' step tokens; extends the batch mask by the step's column."""
         import torch
 
-        step_ids = torch.tensor(self._last, dtype=torch.long, device=self.device).unsqueeze(1)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(self.running), 1))], dim=1)
+        return torch.tensor(self._last, dtype=torch.long, device=self.device).unsqueeze(1)
+
+    def _decode_step(self) -> None:
+        step_ids = self._decode_inputs()
         try:
             self.observe(len(self.running))
             logits = self.forward(step_ids, self._mask, self._next_pos.unsqueeze(1), self._cache, self._names)
-            self._next_pos = self._next_pos + 1
+        except Exception as exc:  # noqa: BLE001 - the worker must survive to serve the next request
+            self._decode_failed(exc)
+            return
+        self._decoded(logits)
+
+    def _fused_step(self) -> None:
+        """The prefill group's next chunk and the running batch's decode step in one forward (`fused_step`)."""
+        group, fused = self._group, self.fused
+        assert group is not None and fused is not None and not group.names and not self._names
+        start, end = self._chunk(group)
+        last = end == group.input_ids.shape[1]
+        step_ids = self._decode_inputs()
+        try:
+            self.observe(len(self.running) + len(group.rows))
+            logits, group_logits = fused(
+                step_ids,
+                self._mask,
+                self._next_pos.unsqueeze(1),
+                self._cache,
+                group.input_ids[:, start:end],
+                group.mask[:, : group.past + end],
+                group.positions[:, group.past + start : group.past + end],
+                group.cache,
+                last,
+            )
+        except Exception as exc:  # noqa: BLE001 - the worker must survive to serve the next request
+            # Both caches may be half written: the rows in flight fail as a failed decode step does, the
+            # group's are retried (one by one) on two forwards, which serve from now on.
+            logger.exception("engine %s: fused step failed; running prefill and decode apart from now on", self.model_id)
+            self.fused = None
+            self._decode_failed(exc)
+            self._group = None
+            self._prefill_failed(group, exc)
+            return
+        group.done = end
+        self._decoded(logits)
+        if last:
+            self._prefilled(group, group_logits)
+
+    def _decode_failed(self, exc: BaseException) -> None:
+        logger.exception("engine %s: decode step of %d rows failed", self.model_id, len(self.running))
+        for r in self.running:
+            r.fail(ForgelineError(f"generation failed: {exc}", code=ErrorCode.INTERNAL))
+        self._keep_running([])
+
+    def _decoded(self, logits: Any) -> None:
+        """Sample the running rows' next tokens from their step's ``logits``, stream them, drop finished rows."""
+        self._next_pos = self._next_pos + 1
+        try:
             tokens, reports = self.sampler.sample(logits, self.running)
         except Exception as exc:  # noqa: BLE001 - the worker must survive to serve the next request
-            logger.exception("engine %s: decode step of %d rows failed", self.model_id, len(self.running))
-            for r in self.running:
-                r.fail(ForgelineError(f"generation failed: {exc}", code=ErrorCode.INTERNAL))
-            self._keep_running([])
+            self._decode_failed(exc)
             return
         outbox: list[tuple[Request, Chunk]] = []
         keep = [

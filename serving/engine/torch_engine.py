@@ -9,6 +9,7 @@ own ``ContinuousBatchingManager``). The parts, one module each:
 * `loading` - weights and tokenizer, refusing incomplete weights;
 * `scheduler` - admission, chunked prefill, batched decode, rows joining and leaving;
 * `kv_rows` - splicing rows into and out of the left-padded batch cache;
+* `fused_step` - a joining group's prefill chunk run in the decode step's forward (a ragged batch);
 * `prefix_cache` - reused KV of shared prompt prefixes (opt-in, ``prefix_cache_tokens``);
 * `sampling` - guides, greedy / temperature / top-p, logprobs, per-request seeds;
 * `detokenizer` - streamed text, stop strings and stop tokens;
@@ -34,6 +35,7 @@ from serving.engine.adapter_chat import BASE_CHAT, AdapterChat, read_adapter_cha
 from serving.engine.base import Chunk, EngineStats, SamplingParams
 from serving.engine.counted_prompts import CountedPrompts
 from serving.engine.detokenizer import Detokenizer
+from serving.engine.fused_step import fused_forward, fused_support
 from serving.engine.grammar import GuideCompiler
 from serving.engine.loading import load_model, max_prompt_chars
 from serving.engine.lora_routing import BASE_ADAPTER
@@ -78,6 +80,9 @@ class TorchEngine:
             prompt delays the running rows by one chunk at a time.
         prefix_cache_tokens: tokens of prompt-prefix KV kept for reuse (a shared system
             prompt is prefilled once); 0 turns prefix reuse off.
+        fused_step: run a joining group's prefill chunk in the same forward as the running
+            batch's decode step where that is exactly right for the model (`fused_step`,
+            decided at start; never with adapters); False always runs two forwards.
     """
 
     reports_logprobs = True  # from the decode step, see `Sampler.sample`
@@ -99,6 +104,7 @@ class TorchEngine:
         max_loaded_adapters: int = 8,
         prefill_chunk: int = 256,
         prefix_cache_tokens: int = 0,
+        fused_step: bool = True,
     ) -> None:
         if max_batch_size <= 0:
             raise ValueError(f"max_batch_size must be > 0, got {max_batch_size}")
@@ -114,6 +120,7 @@ class TorchEngine:
         self.batch_window_s = max(batch_window_ms, 0.0) / 1000.0
         self.prefill_chunk = prefill_chunk
         self.prefix_cache_tokens = prefix_cache_tokens
+        self.fused_step = fused_step
         self.max_loaded_adapters = max_loaded_adapters
         self._device_spec = device
         self._num_threads_arg = num_threads
@@ -242,7 +249,26 @@ class TorchEngine:
             prefill_chunk=self.prefill_chunk,
             prefix_cache=PrefixCache(max_tokens=self.prefix_cache_tokens) if self.prefix_cache_tokens else None,
             observe=self._observe_step,
+            fused=self._fused_step_forward() if self._fused_supported() else None,
         )
+
+    def _fused_step_forward(self) -> Any:
+        return lambda *args: self._fused_forward(*args)  # looked up per call: tests wrap `_fused_forward`
+
+    def _fused_supported(self) -> bool:
+        """Whether the scheduler may fuse prefill chunks into decode steps (decided once, logged)."""
+        if not self.fused_step:
+            return False
+        if self._adapters is not None:
+            # The stacked LoRA layers gather each batch row's A/B; the fused forward's flat row has one.
+            logger.info("engine %s: prefill and decode run as separate forwards: the engine serves adapters", self.model_id)
+            return False
+        reason = fused_support(self._model, self._cache_kwarg, self._device)
+        if reason is not None:
+            logger.info("engine %s: prefill and decode run as separate forwards: %s", self.model_id, reason)
+            return False
+        logger.info("engine %s: joining prompts are prefilled in the decode step's forward", self.model_id)
+        return True
 
     # -- text helpers ------------------------------------------------------------------
 
@@ -452,6 +478,10 @@ class TorchEngine:
             **self._forward_kwargs,
         )
         return out.logits[:, -1, :].float()
+
+    def _fused_forward(self, *args: Any) -> tuple[Any, Any]:
+        """A decode step and a prefill chunk as one forward (see `fused_step.fused_forward`)."""
+        return fused_forward(self._model, self._cache_kwarg, *args)
 
     def _observe_step(self, rows: int) -> None:
         listener = self.step_listener

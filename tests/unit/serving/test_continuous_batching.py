@@ -73,36 +73,58 @@ def _joining_run(engine: TorchEngine, max_tokens: list[int]) -> tuple[list[Any],
     return asyncio.run(main()), log
 
 
-def _record_forwards(engine: TorchEngine) -> list[tuple[int, int]]:
-    """The (rows, tokens) shape of every forward ``engine`` runs from now on."""
-    forwards: list[tuple[int, int]] = []
-    forward = engine._forward
+def _record_forwards(engine: TorchEngine) -> list[tuple[str, int, int]]:
+    """The (kind, rows, tokens per row) of every forward ``engine`` runs from now on: ``decode``
+    and ``prefill`` forwards, and ``fused`` ones (decode rows plus group rows, the chunk's width)."""
+    forwards: list[tuple[str, int, int]] = []
+    forward, fused = engine._forward, engine._fused_forward
 
     def record(*args: Any) -> Any:
-        forwards.append(tuple(args[0].shape))
+        rows, width = args[0].shape
+        forwards.append(("decode" if width == 1 else "prefill", rows, width))
         return forward(*args)
 
+    def record_fused(*args: Any) -> Any:
+        forwards.append(("fused", args[0].shape[0] + args[4].shape[0], args[4].shape[1]))
+        return fused(*args)
+
     engine._forward = record  # type: ignore[method-assign]
+    engine._fused_forward = record_fused  # type: ignore[method-assign]
     return forwards
 
 
+# Families whose attention the fused step does not apply (they keep two forwards), and why.
+TWO_FORWARDS = {"gemma2": "softcap"}
+
+
 @pytest.mark.parametrize("name", FAMILIES)
-def test_rows_joining_a_running_batch_decode_exactly_as_generate(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_rows_joining_a_running_batch_decode_exactly_as_generate(
+    name: str, tmp_path_factory: pytest.TempPathFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     folder = build_family(name, tmp_path_factory.mktemp(f"cb-{name}"), **OVERRIDES.get(name, SENSITIVE))
     engine = TorchEngine(folder, device="cpu", batch_window_ms=0, prefill_chunk=8, model_id=name)
     forwards = _record_forwards(engine)
-    asyncio.run(engine.start())
+    with caplog.at_level("INFO", logger="serving.engine.torch_engine"):
+        asyncio.run(engine.start())
     try:
         max_tokens = [40, 12, 16]
         got, _ = _joining_run(engine, max_tokens)
         prompts = [engine._encode(p) for p in PROMPTS]
+        fused = engine._scheduler is not None and engine._scheduler.fused is not None
     finally:
         asyncio.run(engine.stop())
     assert got == _reference(folder, prompts, max_tokens)
-    joined = next(i for i, (_, width) in enumerate(forwards) if width == 1)  # request 0 decodes from here
-    assert all(width <= 8 for _, width in forwards[joined:]), "joining prompts must be prefilled in chunks of 8 tokens"
-    assert sum(width > 1 for _, width in forwards[joined:]) >= 3, "the joining prompts should have taken several chunks"
-    assert any(rows > 1 and width == 1 for rows, width in forwards), "the later requests never joined the batch"
+    joined = next(i for i, (kind, _, _) in enumerate(forwards) if kind == "decode")  # request 0 decodes from here
+    assert all(width <= 8 for _, _, width in forwards[joined:]), "joining prompts must be prefilled in chunks of 8 tokens"
+    # While request 0 decodes, the joining prompts' chunks ride in its decode steps (or, for a
+    # family that keeps two forwards, run between them).
+    chunk = "prefill" if name in TWO_FORWARDS else "fused"
+    assert fused == (name not in TWO_FORWARDS), caplog.text
+    assert sum(kind == chunk for kind, _, _ in forwards[joined:]) >= 3, "the joining prompts should have taken several chunks"
+    assert not any(kind == ("fused" if chunk == "prefill" else "prefill") for kind, _, _ in forwards[joined:])
+    assert any(rows > 1 and kind == "decode" for kind, rows, _ in forwards), "the later requests never joined the batch"
+    if name in TWO_FORWARDS:
+        assert TWO_FORWARDS[name] in caplog.text, "the log should say why the fused step is off"
 
 
 def test_a_joining_request_gets_its_first_token_before_the_longest_request_ends(engine: TorchEngine) -> None:
@@ -115,21 +137,28 @@ def test_a_joining_request_gets_its_first_token_before_the_longest_request_ends(
         assert first < long_end and done < long_end, f"request {tag} waited for the running batch to finish"
 
 
-def test_a_long_prompt_is_prefilled_between_decode_steps(tiny_artifact: Path) -> None:
-    engine = TorchEngine(tiny_artifact, device="cpu", batch_window_ms=0, prefill_chunk=4)
+@pytest.mark.parametrize("fused_step", [True, False])
+def test_a_long_prompt_is_prefilled_between_decode_steps(tiny_artifact: Path, fused_step: bool) -> None:
+    engine = TorchEngine(tiny_artifact, device="cpu", batch_window_ms=0, prefill_chunk=4, fused_step=fused_step)
     forwards = _record_forwards(engine)
     asyncio.run(engine.start())
     try:
-        _joining_run(engine, [60, 4, 4])
-        long_prompt = len(engine._encode(PROMPTS[2]))
+        got, _ = _joining_run(engine, [60, 4, 4])
+        prompts = [engine._encode(p) for p in PROMPTS]
     finally:
         asyncio.run(engine.stop())
-    assert long_prompt > 12
+    assert len(prompts[2]) > 12
+    assert got == _reference(tiny_artifact, prompts, [60, 4, 4])
+    start = next(i for i, (kind, _, _) in enumerate(forwards) if kind == "decode")
+    if fused_step:
+        # Every chunk of a joining prompt runs in a decode step's forward, one chunk per step.
+        assert not any(kind == "prefill" for kind, _, _ in forwards[start:]), forwards
+        assert sum(kind == "fused" for kind, _, _ in forwards[start:]) >= 4, forwards
+        return
     # After the first request's prefill, every prefill chunk is followed by a decode step of the running rows.
-    start = next(i for i, (_, width) in enumerate(forwards) if width == 1)
     for i in range(start, len(forwards) - 1):
-        if forwards[i][1] > 1:
-            assert forwards[i + 1][1] == 1, f"two prefill chunks in a row stalled decoding: {forwards[i : i + 2]}"
+        if forwards[i][0] == "prefill":
+            assert forwards[i + 1][0] == "decode", f"two prefill chunks in a row stalled decoding: {forwards[i : i + 2]}"
 
 
 def test_a_cache_that_cannot_be_spliced_falls_back_to_static_batching(
@@ -247,3 +276,76 @@ def test_a_nearly_full_batch_lets_waiting_requests_gather_for_one_prefill(monkey
     small.waiting.extend([row] * 3)
     small.running = [row] * 3
     assert small._join_now(), "a small batch never holds rows back (at most an eighth of it)"
+
+
+def test_a_joining_group_reusing_a_cached_prefix_rides_the_decode_step(tmp_path_factory: pytest.TempPathFactory) -> None:
+    folder = build_family("llama3", tmp_path_factory.mktemp("cb-fused-prefix"), **SENSITIVE)
+    engine = TorchEngine(folder, device="cpu", batch_window_ms=0, prefill_chunk=8, prefix_cache_tokens=1024)
+    forwards = _record_forwards(engine)
+    prompts = [PROMPTS[0], SYSTEM + "Where is my order?", SYSTEM + "Can I get a refund?"]
+
+    async def run() -> list[list[int]]:
+        async def one(prompt: str, n: int) -> list[int]:
+            return [t async for c in engine.generate(prompt, SamplingParams(max_tokens=n, temperature=0)) for t in c.token_ids]
+
+        await one(SYSTEM + "Hello", 2)  # fills the prefix cache with the system prompt
+        long = asyncio.create_task(one(prompts[0], 60))
+        while not any(kind == "decode" for kind, _, _ in forwards):
+            await asyncio.sleep(0.001)
+        return [*await asyncio.gather(long, one(prompts[1], 8), one(prompts[2], 8))]
+
+    asyncio.run(engine.start())
+    try:
+        forwards.clear()
+        got = asyncio.run(run())
+        ids = [engine._encode(p) for p in prompts]
+        hits = engine.prefix_cache.hits if engine.prefix_cache is not None else 0
+    finally:
+        asyncio.run(engine.stop())
+    assert hits > 0, "the joining prompts should reuse the cached system prompt"
+    assert any(kind == "fused" for kind, _, _ in forwards), forwards
+    assert got == _reference(folder, ids, [60, 8, 8])
+
+
+def test_a_failing_fused_step_fails_the_rows_in_flight_and_two_forwards_serve_on(tiny_artifact: Path) -> None:
+    from registry.errors import ErrorCode, ForgelineError
+
+    engine = TorchEngine(tiny_artifact, device="cpu", batch_window_ms=0)
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("injected fused bug")
+
+    engine._fused_forward = broken  # type: ignore[method-assign]
+    asyncio.run(engine.start())
+    try:
+        failed, _ = _joining_run(engine, [60, 4, 4])
+        assert isinstance(failed[0], ForgelineError) and failed[0].code == ErrorCode.INTERNAL
+        assert "injected fused bug" in failed[0].message
+        assert engine._scheduler is not None and engine._scheduler.fused is None
+        # The joining rows were retried on two forwards (one by one) and answered.
+        prompts = [engine._encode(p) for p in PROMPTS]
+        assert failed[1:] == _reference(tiny_artifact, prompts[1:], [4, 4])
+        got, _ = _joining_run(engine, [12, 4, 4])
+    finally:
+        asyncio.run(engine.stop())
+    assert got == _reference(tiny_artifact, prompts, [12, 4, 4])
+
+
+def test_the_probe_refuses_a_fused_attention_that_differs(tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from serving.engine import fused_step
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_artifact).eval()
+    assert fused_step.fused_support(model, "cache", torch.device("cpu")) is None
+    cls = type(fused_step.fused_cache(torch.zeros(1, 1), torch.zeros(1, 1), None, torch.zeros(1, 1), 1, 1, 1))
+    real = cls.masks
+
+    def no_padding(self: Any, window: int | None) -> tuple[Any, Any]:
+        batch, group = real(self, window)
+        return torch.ones_like(batch), group  # the decode rows see their padding columns
+
+    monkeypatch.setattr(cls, "masks", no_padding)
+    reason = fused_step.fused_support(model, "cache", torch.device("cpu"))
+    assert reason is not None and "differs" in reason
