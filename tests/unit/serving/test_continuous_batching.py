@@ -7,6 +7,8 @@ join and leave a running batch, with a prefill chunk small enough that prompts a
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +72,24 @@ def _joining_run(engine: TorchEngine, max_tokens: list[int]) -> tuple[list[Any],
         later = [asyncio.create_task(_stream(engine, PROMPTS[i], max_tokens[i], log, str(i))) for i in (1, 2)]
         return await asyncio.gather(first, *later, return_exceptions=True)
 
-    return asyncio.run(main()), log
+    inner = engine._forward
+    joined = threading.Event()
+
+    def hold(*args: Any) -> Any:
+        # Request 0's decode waits (up to 10 s) until 1 and 2 are queued: on a loaded machine its
+        # rows could otherwise all be decoded before they arrive, and nothing would join.
+        if args[0].shape[1] == 1 and not joined.is_set():
+            deadline = time.monotonic() + 10
+            while engine._inbox.qsize() < 2 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            joined.set()
+        return inner(*args)
+
+    engine._forward = hold  # type: ignore[method-assign]
+    try:
+        return asyncio.run(main()), log
+    finally:
+        engine._forward = inner  # type: ignore[method-assign]
 
 
 def _record_forwards(engine: TorchEngine) -> list[tuple[str, int, int]]:
