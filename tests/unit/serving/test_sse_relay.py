@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from serving.engine.sse_relay import SseSplitter, WorkerEventError, inspect, rename_model, whole_events
+from serving.engine.sse_relay import SseSplitter, WorkerEventError, inspect, rename_model
 from serving.gateway.event_stream import EventStreamResponse, LastEvents
 
 
@@ -37,15 +37,11 @@ def test_splitter_yields_whole_events_only_and_keeps_the_partial_one() -> None:
     assert crlf.rest() == b"data: 1\n\n" and crlf.rest() == b""
 
 
-def test_whole_events_ends_with_a_last_event_made_whole() -> None:
-    async def pieces() -> AsyncIterator[bytes]:
-        for piece in (b"data: 1\n", b"\ndata: 2\n\nda", b'ta: {"usage": {"completion_tokens": 2}}'):
-            yield piece
-
-    async def runs() -> list[bytes]:
-        return [run async for run in whole_events(pieces())]
-
-    assert asyncio.run(runs()) == [b"data: 1\n\ndata: 2\n\n", b'data: {"usage": {"completion_tokens": 2}}\n\n']
+def test_a_last_event_without_its_blank_line_is_made_whole_at_the_end() -> None:
+    splitter = SseSplitter()
+    runs = [splitter.feed(piece) for piece in (b"data: 1\n", b"\ndata: 2\n\nda", b'ta: {"usage": {"completion_tokens": 2}}')]
+    assert [run for run in runs if run] == [b"data: 1\n\ndata: 2\n\n"]
+    assert splitter.rest() == b'data: {"usage": {"completion_tokens": 2}}\n\n'
 
 
 def test_inspect_takes_out_done_and_the_usage_event_the_client_did_not_ask_for() -> None:
@@ -61,6 +57,23 @@ def test_inspect_takes_out_done_and_the_usage_event_the_client_did_not_ask_for()
     plain = _event({"choices": [{"index": 0, "delta": {"content": "x"}}], "usage": None})
     assert inspect(plain, keep_usage=False) == inspect(plain, keep_usage=True)
     assert inspect(plain, keep_usage=False).usage is None
+
+
+def test_inspect_with_usage_on_every_event_keeps_the_last_and_cuts_only_usage_only_events() -> None:
+    # vLLM's continuous_usage_stats: usage on each chunk; the last one counts.
+    first, second = ({"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n} for n in (1, 2))
+    final = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    events = [_chunk("a", usage=first), _chunk("b", usage=second), _chunk(None, choices=False, usage=final)]
+    block = inspect(b"".join(events) + b"data: [DONE]\n\n", keep_usage=False)
+    assert block.done and block.usage == final and block.data == events[0] + events[1]
+    # A usage-only event between others is cut out where it is; the end marker is not text.
+    text = _chunk("say data: [DONE] and stop")
+    middle = inspect(events[0] + events[2] + text, keep_usage=False)
+    assert not middle.done and middle.usage == final and middle.data == events[0] + text
+    assert inspect(events[0] + events[2] + text, keep_usage=True).data == events[0] + events[2] + text
+    # A marker with more events after it (not a worker's order) still ends the answer.
+    odd = inspect(events[0] + b"data:[DONE]\n\n" + text, keep_usage=False)
+    assert odd.done and odd.data == events[0] + text
 
 
 def test_inspect_counts_output_events_and_raises_on_an_in_band_error_only() -> None:
