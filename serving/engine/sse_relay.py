@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +88,17 @@ class SseSplitter:
         """A last event the stream ended without a blank line after, made whole; else ``b""``."""
         tail, self._tail = self._tail.strip(), b""
         return tail + b"\n\n" if tail else b""
+
+
+async def whole_events(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """Runs of whole events from a byte stream, one per piece that completes any; a last
+    event the stream ended without a blank line after comes made whole."""
+    splitter = SseSplitter()
+    async for data in chunks:
+        if whole := splitter.feed(data):
+            yield whole
+    if rest := splitter.rest():
+        yield rest
 
 
 def inspect(data: bytes, *, keep_usage: bool) -> SseBlock:

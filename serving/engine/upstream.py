@@ -46,7 +46,7 @@ from registry.errors import ErrorCode, ForgelineError, ModelNotFoundError
 from serving import request_id, telemetry
 from serving.engine.base import Chunk, FinishReason, RelayedAnswer, SamplingParams
 from serving.engine.pool import Outcome, PoolPolicy, Worker, WorkerPool
-from serving.engine.sse_relay import SseBlock, SseSplitter, WorkerEventError, inspect
+from serving.engine.sse_relay import SseBlock, WorkerEventError, inspect, whole_events
 from serving.engine.worker_http import (
     HttpxWorkerClient,
     WorkerBrokenError,
@@ -624,34 +624,22 @@ class UpstreamEngine:
                             outcome = Outcome.OK  # the worker is fine; 429 alone is worth another worker
                             fatal = response.status != 429
                     else:
-                        splitter = SseSplitter()
-                        pieces = response.chunks()
-                        while True:
-                            data = await anext(pieces, None)
+                        async for whole in whole_events(response.chunks()):
+                            # After [DONE], read on to the end of the body instead of breaking out: a
+                            # connection whose response was not read to the end is closed, not reused,
+                            # so breaking made every request open a new TCP connection to the worker.
                             if done:
-                                if data is None:
-                                    break
-                                continue  # see below: read to the end of the body
-                            whole = splitter.feed(data) if data is not None else splitter.rest()
-                            if whole:
-                                block = inspect(whole, keep_usage=keep_usage)
-                                done = block.done
-                                if block.usage and block.usage.get("completion_tokens") is not None:
-                                    tokens = int(block.usage["completion_tokens"])
-                                # (A block with the end marker alone still says the answer is whole.)
-                                if block.data or block.usage is not None or block.done:
-                                    if not yielded and attempt is not None:
-                                        attempt.add_event("first_token")
-                                    yielded = True
-                                    yield block
-                                # After [DONE] the body's end is still to come. A connection whose
-                                # response was not read to the end is closed, not reused (every request
-                                # would open a new TCP connection to the worker): the client takes it
-                                # back to its pool when the end comes, or this reads on to it.
-                                if done and response.finish_in_background():
-                                    break
-                            if data is None:
-                                break
+                                continue
+                            block = inspect(whole, keep_usage=keep_usage)
+                            done = block.done
+                            if block.usage and block.usage.get("completion_tokens") is not None:
+                                tokens = int(block.usage["completion_tokens"])
+                            if not block.data and block.usage is None and not block.done:
+                                continue  # (a block with the end marker alone still says the answer is whole)
+                            if not yielded and attempt is not None:
+                                attempt.add_event("first_token")
+                            yielded = True
+                            yield block
                         if done:
                             outcome = Outcome.OK
                         else:

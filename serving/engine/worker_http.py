@@ -67,11 +67,6 @@ class StreamedAnswer(Protocol):
         """The body in the pieces it arrives in (no waiting to fill a buffer)."""
         ...
 
-    def finish_in_background(self) -> bool:
-        """Whether the client can end the exchange itself once the rest of the body has come
-        (then the caller stops reading); False: the caller reads to the end for the connection to be reused."""
-        ...
-
 
 class WorkerClient(Protocol):
     """What `UpstreamEngine` needs of an HTTP client."""
@@ -159,9 +154,6 @@ class _AiohttpStream:
     async def read(self) -> bytes:
         return bytes(await self._response.read())
 
-    def finish_in_background(self) -> bool:
-        return False
-
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
             async for data in self._response.content.iter_any():
@@ -225,9 +217,6 @@ class _HttpxStream:
 
     async def read(self) -> bytes:
         return bytes(await self._response.aread())
-
-    def finish_in_background(self) -> bool:
-        return False
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:

@@ -64,7 +64,6 @@ class _Conn(asyncio.Protocol):
     def _begin(self, timeout: float) -> None:
         self.status = 0
         self.headers_done = self.complete = self.framed = self.got_bytes = self.keep_alive = self.paused = False
-        self.detached = False  # the caller is gone; the connection ends the exchange itself (`finish_in_background`)
         self.error: WorkerError | None = None
         self.buffer: list[bytes] = []
         self.buffered = 0
@@ -123,8 +122,6 @@ class _Conn(asyncio.Protocol):
                 why = f"{type(exc).__name__}: {exc}" if exc else "the worker closed the connection"
                 self._fail(_ClosedEarly(why) if not self.got_bytes else WorkerBrokenError(f"{why} mid-answer"))
         self._stop_timer()
-        if self.detached and self.active:
-            self.release()
 
     # -- httptools callbacks ---------------------------------------------------------------
 
@@ -140,24 +137,17 @@ class _Conn(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
-        if self.detached:
-            return  # the rest of an answer nobody reads (after a stream's end marker): only its end matters
         self.buffer.append(body)
         self.buffered += len(body)
         if self.buffered > self.limit and not self.paused:
             self.paused = True
             self.transport.pause_reading()
-        waiter = self.waiter  # `_wake`, inline: called for each chunk of a streamed answer (one per event)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()
 
     def on_message_complete(self) -> None:
         self.complete = True
         self._stop_timer()
-        if self.detached:
-            self.release()  # back to the pool from the read that ended the answer: no task waits for it
-        else:
-            self._wake()
+        self._wake()
 
     # -- waiting -----------------------------------------------------------------------------
 
@@ -172,12 +162,8 @@ class _Conn(asyncio.Protocol):
         self._wake()
 
     async def wait_for(self, whole: bool) -> None:
-        """Until the answer's headers (or all of it) are in; raises the exchange's error.
-
-        Not whole: a 200's first body bytes too. A streamed answer's caller can do nothing with
-        its headers alone, and a worker that writes them on their own would wake it twice.
-        """
-        while not (self.complete if whole else self.headers_done and (self.buffer or self.complete or self.status != 200)):
+        """Until the answer's headers (or all of it) are in; raises the exchange's error."""
+        while not (self.complete if whole else self.headers_done):
             if self.error is not None:
                 raise self.error
             await self.woken()
@@ -369,7 +355,6 @@ class _Streamed:
 
     def __init__(self, client: WireWorkerClient, origin: _Origin, request: bytes) -> None:
         self._client, self._origin, self._request = client, origin, request
-        self._handed_off = False
 
     async def __aenter__(self) -> _Streamed:
         self._conn = await self._client._exchange(self._origin, self._request, self._client._read_timeout, whole=False)
@@ -377,20 +362,7 @@ class _Streamed:
         return self
 
     async def __aexit__(self, *_exc: object) -> None:
-        if not self._handed_off:
-            self._conn.release()  # not read to the end (the client left, an error): closed, and the worker sees it
-
-    def finish_in_background(self) -> bool:
-        """Stop reading: the connection goes back to the pool when the rest of the answer (its end)
-        has come, or closes on an error or the read timeout, without waking the caller."""
-        conn = self._conn
-        self._handed_off = True
-        conn.take()  # what is buffered is not wanted (and reading resumes if it was paused)
-        if conn.complete or conn.error is not None or conn.closed:
-            conn.release()
-        else:
-            conn.detached = True
-        return True
+        self._conn.release()  # not read to the end (the client left, an error): closed, and the worker sees it
 
     async def read(self) -> bytes:
         conn = self._conn
@@ -400,30 +372,17 @@ class _Streamed:
         pieces.append(conn.take())
         return b"".join(pieces)
 
-    def chunks(self) -> AsyncIterator[bytes]:
-        return _Pieces(self._conn)
-
-
-class _Pieces:
-    """A streamed body in the pieces it arrives in. A plain iterator, not an async generator: a
-    caller that stops early (`finish_in_background`) leaves nothing to finalise."""
-
-    def __init__(self, conn: _Conn) -> None:
-        self._conn = conn
-
-    def __aiter__(self) -> _Pieces:
-        return self
-
-    async def __anext__(self) -> bytes:
+    async def chunks(self) -> AsyncIterator[bytes]:
         conn = self._conn
         while True:
             if conn.buffer:
-                return conn.take()
-            if conn.complete or conn.detached:
-                raise StopAsyncIteration
-            if conn.error is not None:
+                yield conn.take()
+            elif conn.complete:
+                return
+            elif conn.error is not None:
                 raise conn.error
-            await conn.woken()
+            else:
+                await conn.woken()
 
 
 def _header_lines(headers: dict[str, str]) -> bytes:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -29,13 +27,6 @@ except ImportError:  # httptools comes with uvicorn[standard]; h11 is the fallba
     HttpToolsProtocol = None  # type: ignore[assignment,misc]
 
 logger = logging.getLogger(__name__)
-
-DISCONNECT_HOOK = "forgeline.disconnect"
-"""A key of an HTTP scope's ``extensions``: ``watch(callback) -> unwatch``, set by this server.
-
-``callback`` runs once if the client's connection is lost before the response ends. A
-streamed response waits for that without a task per request calling ``receive()``
-(`serving.gateway.event_stream`); under another server the key is absent and it does."""
 
 _REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 _HEADERS_TOO_LARGE = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
@@ -92,7 +83,6 @@ class _LimitedMixin:
         self._body_timer: asyncio.TimerHandle | None = None
         self._got_bytes = False
         self._header_bytes = 0
-        self._on_lost: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -104,10 +94,7 @@ class _LimitedMixin:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
-        on_lost, self._on_lost = self._on_lost, None
         super().connection_lost(exc)
-        if on_lost is not None:
-            on_lost()
 
     def data_received(self, data: bytes) -> None:
         before = self.cycle
@@ -157,23 +144,7 @@ class _LimitedMixin:
         if getattr(cycle, "transport", None) is None:
             await self._asgi_app(scope, receive, send)
             return
-        scope.setdefault("extensions", {})[DISCONNECT_HOOK] = partial(self._watch_disconnect, cycle)
         await self._asgi_app(scope, receive, _one_write_start(cycle, send, self.loop))
-
-    def _watch_disconnect(self, cycle: Any, callback: Callable[[], None]) -> Callable[[], None]:
-        """Call ``callback`` if the client's connection is lost before ``cycle``'s response ends;
-        returns the function that stops watching (see `DISCONNECT_HOOK`)."""
-        if cycle.disconnected or self.transport.is_closing():
-            self.loop.call_soon(callback)
-            return _nothing
-        self._on_lost = callback
-        self.flow.resume_reading()  # as uvicorn's receive() does: a paused reader would not see the client leave
-
-        def unwatch() -> None:
-            if self._on_lost is callback:
-                self._on_lost = None
-
-        return unwatch
 
     # -- timers ------------------------------------------------------------------------
 
@@ -219,10 +190,6 @@ class _LimitedMixin:
             return
         logger.info("closing %s: no request body data for %.0f s", self.client, self.body_timeout_s)
         self.transport.close()  # the app sees http.disconnect
-
-
-def _nothing() -> None:
-    pass
 
 
 def _one_write_start(cycle: Any, send: Any, loop: asyncio.AbstractEventLoop) -> Any:

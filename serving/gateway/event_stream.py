@@ -6,8 +6,7 @@ stream runs in the request's own task, each item is one ``send`` (one socket wri
 closing event rides in the same write as the end of the body, and one plain asyncio task
 waits for ``http.disconnect``: when the client leaves mid-stream, the stream is cancelled
 at once (an upstream request is closed, a batch row freed) even while it waits for the
-next token. Under forgeline's own server (`serving.gateway.connections`) that wait is a
-callback from the connection instead of a task per request.
+next token.
 """
 
 from __future__ import annotations
@@ -17,8 +16,6 @@ from collections.abc import AsyncIterable, Mapping
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
-
-from serving.gateway.connections import DISCONNECT_HOOK
 
 
 class LastEvents(bytes):
@@ -57,21 +54,15 @@ class EventStreamResponse(Response):
         ending = False
         left = False
 
-        def client_left() -> None:
+        async def watch() -> None:
             nonlocal left
+            while (await receive())["type"] != "http.disconnect":
+                pass
             if not ending:  # uvicorn also reports a disconnect once the response is complete
                 left = True
                 task.cancel()
 
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            client_left()
-
-        # Under forgeline's server, a callback from the connection; elsewhere a task that waits on receive().
-        hook = scope.get("extensions", {}).get(DISCONNECT_HOOK)
-        watcher = asyncio.get_running_loop().create_task(watch()) if hook is None else None
-        unwatch = hook(client_left) if hook is not None else None
+        watcher = asyncio.get_running_loop().create_task(watch())
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             last = b""
@@ -91,10 +82,7 @@ class EventStreamResponse(Response):
             task.uncancel()  # the client left: a normal end of this request, not a server error
         finally:
             ending = True
-            if watcher is not None:
-                watcher.cancel()
-            if unwatch is not None:
-                unwatch()
+            watcher.cancel()
             aclose = getattr(self.events, "aclose", None)
             if aclose is not None:
                 await aclose()

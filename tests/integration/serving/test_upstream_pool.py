@@ -67,9 +67,8 @@ def stack(tmp_path: Path) -> Iterator[ExitStack]:
 
 
 def test_a_client_that_leaves_a_relayed_stream_ends_the_request_to_its_worker(tiny_base: Path, stack: ExitStack) -> None:
-    # The gateway's server tells the stream the client left (a callback from the connection, no
-    # task per request): the relay is cancelled at once and its worker connection closed, while
-    # the worker would go on for seconds.
+    # Under the gateway's own server (uvicorn with forgeline's protocol): the relay is cancelled
+    # at once and its worker request ended, while the worker would go on for seconds.
     worker_url, stop_worker = serve_in_background(fake_worker(tokens=200, token_delay_s=0.05))
     stack.callback(stop_worker)
     served = _served([worker_url], "pool", tiny_base)

@@ -247,38 +247,6 @@ def test_a_reused_connection_closed_as_the_request_arrives_is_retried_once_on_a_
     _run("wire", main)
 
 
-@pytest.mark.parametrize("ends", [True, False], ids=["ends-later", "never-ends"])
-def test_a_stream_finished_in_background_returns_its_connection_when_the_answer_ends(ends: bool) -> None:
-    # After a stream's end marker the caller stops reading (`finish_in_background`): the connection
-    # goes back to the pool from the read that ends the answer, or closes at the read timeout.
-    async def answer(_r: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
-        if n == 1:
-            writer.write(SSE_HEAD + _chunked(b"data: 1\n\n", b"data: [DONE]\n\n"))
-            if not ends:
-                await asyncio.sleep(3)  # the end never comes while the client waits
-                return False
-            await asyncio.sleep(0.1)
-            writer.write(b"0\r\n\r\n")
-            return True
-        writer.write(_json({"n": n}))
-        return True
-
-    async def main(client: Any) -> None:
-        async with RawWorker(answer) as worker:
-            got = b""
-            async with client.stream(worker.url + "/v1/completions", BODY, None) as response:
-                async for piece in response.chunks():
-                    got += piece
-                    if b"[DONE]" in got:
-                        assert response.finish_in_background()
-                        break
-            await asyncio.sleep(0.5)  # past the end (ends) and the read timeout (never ends)
-            assert (await client.post_json(worker.url + "/v1/completions", BODY, None, timeout=5)).json() == {"n": 2}
-            assert worker.connections == (1 if ends else 2)
-
-    _run("wire", main, read_timeout=0.3)
-
-
 # -- failures -----------------------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from serving.engine.sse_relay import SseSplitter, WorkerEventError, inspect, rename_model
+from serving.engine.sse_relay import SseSplitter, WorkerEventError, inspect, rename_model, whole_events
 from serving.gateway.event_stream import EventStreamResponse, LastEvents
 
 
@@ -37,11 +37,15 @@ def test_splitter_yields_whole_events_only_and_keeps_the_partial_one() -> None:
     assert crlf.rest() == b"data: 1\n\n" and crlf.rest() == b""
 
 
-def test_a_last_event_without_its_blank_line_is_made_whole_at_the_end() -> None:
-    splitter = SseSplitter()
-    runs = [splitter.feed(piece) for piece in (b"data: 1\n", b"\ndata: 2\n\nda", b'ta: {"usage": {"completion_tokens": 2}}')]
-    assert [run for run in runs if run] == [b"data: 1\n\ndata: 2\n\n"]
-    assert splitter.rest() == b'data: {"usage": {"completion_tokens": 2}}\n\n'
+def test_whole_events_ends_with_a_last_event_made_whole() -> None:
+    async def pieces() -> AsyncIterator[bytes]:
+        for piece in (b"data: 1\n", b"\ndata: 2\n\nda", b'ta: {"usage": {"completion_tokens": 2}}'):
+            yield piece
+
+    async def runs() -> list[bytes]:
+        return [run async for run in whole_events(pieces())]
+
+    assert asyncio.run(runs()) == [b"data: 1\n\ndata: 2\n\n", b'data: {"usage": {"completion_tokens": 2}}\n\n']
 
 
 def test_inspect_takes_out_done_and_the_usage_event_the_client_did_not_ask_for() -> None:
