@@ -44,7 +44,8 @@ def _paired(label: str, base: list[float], new: list[float], unit: str = "ms") -
     return (
         f"{label}: base {statistics.median(base):.3f} {unit} ({min(base):.3f}-{max(base):.3f}), "
         f"new {statistics.median(new):.3f} {unit} ({min(new):.3f}-{max(new):.3f}); new/base per round: "
-        f"median {statistics.median(ratios):.2f}, range {ratios[0]:.2f}-{ratios[-1]:.2f}"
+        f"median {statistics.median(ratios):.2f}, range {ratios[0]:.2f}-{ratios[-1]:.2f}, "
+        f"{sum(r < 1 for r in ratios)}/{len(ratios)} rounds below 1"
     )
 
 

@@ -24,8 +24,10 @@ from typing import Any
 _DONE = re.compile(rb"data: ?\[DONE\][ \t]*\n\n")
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _MODEL = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
-# An event with output: non-empty text (or reasoning) or a tool call.
-_OUTPUT = re.compile(rb'"(?:content|reasoning_content)"\s*:\s*"[^"]|"tool_calls"\s*:\s*\[')
+# An event with output: non-empty text (``content``, ``reasoning_content``: a key that ends in
+# content; begun with a literal, the pattern is searched for fast) or a tool call.
+_TEXT = re.compile(rb'content"\s*:\s*"[^"]')
+_TOOL_CALLS = re.compile(rb'"tool_calls"\s*:\s*\[')
 
 
 class WorkerEventError(Exception):
@@ -60,7 +62,8 @@ class SseBlock:
 
     def outputs(self) -> int:
         """How many events in the block carry output (text, reasoning or a tool call)."""
-        return len(_OUTPUT.findall(self.data))
+        data = self.data
+        return len(_TEXT.findall(data)) + (len(_TOOL_CALLS.findall(data)) if b'"tool_calls"' in data else 0)
 
 
 class SseSplitter:
@@ -101,6 +104,10 @@ async def whole_events(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
 def inspect(data: bytes, *, keep_usage: bool) -> SseBlock:
     """Examine whole events from a worker.
 
+    Only the events that need it are looked at: the end marker, events that mention
+    ``"error"`` and those that carry ``"usage"`` (the last one or two of a stream) are found
+    by byte searches and cut out or parsed where they are; the other events are not split apart.
+
     Args:
         data: whole events (see `SseSplitter`).
         keep_usage: leave a usage-only event (``choices: []``) in the block; False when the
@@ -110,25 +117,50 @@ def inspect(data: bytes, *, keep_usage: bool) -> SseBlock:
         WorkerEventError: an event is an error report.
     """
     done = False
-    if b"[DONE]" in data:
-        data, found = _DONE.subn(b"", data)
-        done = found > 0
+    at = data.rfind(b"[DONE]")  # from the end: where the marker is, when a block has it
+    if at >= 0:
+        data, done = _without_done(data, at)
     if b'"error"' in data:
         for payload in SseBlock(data).payloads():
             if b'"error"' in payload and _is_error(payload):
                 raise WorkerEventError(payload.decode(errors="replace"))
     usage: dict[str, Any] | None = None
-    if _USAGE.search(data):
-        kept: list[bytes] = []
-        for event in data.split(b"\n\n"):
-            if _USAGE.search(event):
-                parsed = json.loads(_payload(event))
-                usage = parsed.get("usage") or usage
+    at = data.rfind(b'"usage"')
+    if at >= 0:
+        # From the last event back: the last usage is the one that counts.
+        kept: list[bytes] = []  # pieces kept after `upto`, last first
+        upto = len(data)
+        while at >= 0:
+            start, end = _event_around(data, at, at)
+            if _USAGE.match(data, at):
+                parsed = json.loads(_payload(data[start:end]))
+                usage = usage or parsed.get("usage") or None
                 if not keep_usage and not parsed.get("choices"):
-                    continue
-            kept.append(event)
-        data = b"\n\n".join(kept)
+                    if end < upto:
+                        kept.append(data[end:upto])
+                    upto = start
+            at = data.rfind(b'"usage"', 0, start)
+        if upto < len(data) or kept:
+            data = b"".join([data[:upto], *reversed(kept)]) if kept else data[:upto]
     return SseBlock(data, usage, done)
+
+
+def _event_around(data: bytes, start: int, end: int) -> tuple[int, int]:
+    """The bounds of the whole event (its blank line included) that holds ``data[start:end]``."""
+    before = data.rfind(b"\n\n", 0, start)
+    after = data.find(b"\n\n", end)
+    return (0 if before < 0 else before + 2), (len(data) if after < 0 else after + 2)
+
+
+def _without_done(data: bytes, at: int) -> tuple[bytes, bool]:
+    """``data`` without its ``data: [DONE]`` event, and whether it had one (``at``: the last ``[DONE]``)."""
+    # The marker ends a stream: the block's last event, cut off without looking at the rest.
+    start, _ = _event_around(data, at, at)
+    last = _DONE.match(data, start)
+    if last is not None and last.end() == len(data):
+        return data[:start], True
+    data, found = _DONE.subn(b"", data)  # anywhere else, or "[DONE]" in a model's text
+    return data, found > 0
 
 
 def rename_model(data: bytes, model: bytes) -> bytes:

@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from functools import partial
 from typing import Protocol
 
 import fastapi.routing
@@ -69,6 +70,7 @@ class KeyAuth:
         self.store = store
         self.cache_s = cache_s
         self._cache: dict[str, tuple[float, KeyRecord]] = {}
+        self._verifying: dict[str, asyncio.Future[KeyRecord]] = {}
 
     async def authenticate(self, authorization: str | None) -> KeyRecord:
         """The key record for an ``Authorization`` header value.
@@ -83,6 +85,21 @@ class KeyAuth:
         cached = self._cache.get(digest)
         if cached is not None and now - cached[0] < self.cache_s and cached[1].active():
             return cached[1]
+        # One lookup per key at a time: when a busy key's entry expires, every request in flight
+        # misses together, and each lookup in its own thread made N store queries and a GIL
+        # contest between them (at concurrency 64, 64 queries every `cache_s`).
+        verifying = self._verifying.get(digest)
+        if verifying is None:
+            verifying = self._verifying[digest] = asyncio.ensure_future(self._verify(digest, secret, now))
+            verifying.add_done_callback(partial(self._verified, digest))
+        return await asyncio.shield(verifying)  # a waiter that leaves does not cancel the others' lookup
+
+    def _verified(self, digest: str, done: asyncio.Future[KeyRecord]) -> None:
+        self._verifying.pop(digest, None)
+        if not done.cancelled():
+            done.exception()  # retrieved, so a refusal that every waiter left before is not logged as lost
+
+    async def _verify(self, digest: str, secret: str, now: float) -> KeyRecord:
         record = await asyncio.to_thread(self.store.verify, secret)
         if self.cache_s > 0:
             if len(self._cache) > 10_000:

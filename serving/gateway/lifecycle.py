@@ -24,7 +24,7 @@ from serving.engine.upstream import UpstreamEngine
 from serving.gateway.auth import check_model_allowed, may_route
 from serving.gateway.catalog import Lease, ModelCatalog, Route, ServedModel, model_not_found
 from serving.gateway.generation import Completion, interleave, lineage_headers, open_streams
-from serving.gateway.metrics import GatewayMetrics
+from serving.gateway.metrics import GatewayMetrics, observe_many
 from serving.gateway.protocol import FinishReason
 from serving.gateway.quota import Limiter, Limits, QuotaState
 
@@ -224,9 +224,7 @@ class RequestLifecycle:
                         n_gaps, gap = n - 1, 0.0
                     else:
                         n_gaps, gap = n, (now - last[index]) / n
-                    itl = self._metrics.itl.labels(*self._labels)
-                    for _ in range(n_gaps):
-                        itl.observe(gap)
+                    observe_many(self._metrics.itl.labels(*self._labels), gap, n_gaps)
                     last[index] = now
                     self.completion_tokens += n
                 yield index, chunk
@@ -292,8 +290,7 @@ class RequestLifecycle:
                         outputs, gap = outputs - 1, 0.0
                     else:
                         gap = (now - last) / outputs
-                    for _ in range(outputs):
-                        itl.observe(gap)
+                    observe_many(itl, gap, outputs)
                     last = now
                 if block.done:
                     # The answer is whole: accounted for now, so the access-log line written with the

@@ -23,6 +23,7 @@ import httpx
 import openai
 import pytest
 
+from bench.fake_upstream import create_app as fake_worker
 from bench.procs import ServerProcess, free_port
 from serving.engine.pool import PoolPolicy
 from serving.engine.upstream import UpstreamEngine
@@ -63,6 +64,29 @@ def _requests_seen(server: ServerProcess) -> dict[str, Any]:
 def stack(tmp_path: Path) -> Iterator[ExitStack]:
     with ExitStack() as stack:
         yield stack
+
+
+def test_a_client_that_leaves_a_relayed_stream_ends_the_request_to_its_worker(tiny_base: Path, stack: ExitStack) -> None:
+    # Under the gateway's own server (uvicorn with forgeline's protocol): the relay is cancelled
+    # at once and its worker request ended, while the worker would go on for seconds.
+    worker_url, stop_worker = serve_in_background(fake_worker(tokens=200, token_delay_s=0.05))
+    stack.callback(stop_worker)
+    served = _served([worker_url], "pool", tiny_base)
+    url, stop = serve_in_background(create_app(StaticCatalog([served])))
+    stack.callback(stop)
+    body = {"model": "pool", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        assert sum('" tok"' in next(lines) for _ in range(6)) == 2  # the role event, two tokens (and blank lines)
+        (worker,) = served.engine.pool.workers  # type: ignore[attr-defined]
+        assert worker.outstanding == 1
+    deadline = time.monotonic() + 2
+    while worker.outstanding and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert worker.outstanding == 0, "the relay went on after its client left"
+    metrics = httpx.get(f"{url}/metrics", timeout=5).text
+    assert 'forgeline_requests_total{adapter="",model="pool",status="499",version="1"} 1.0' in metrics
 
 
 def test_sdk_gets_tools_json_schema_logprobs_and_n_from_a_chat_worker(tmp_path: Path, tiny_base: Path, stack: ExitStack) -> None:

@@ -63,6 +63,23 @@ def test_inspect_takes_out_done_and_the_usage_event_the_client_did_not_ask_for()
     assert inspect(plain, keep_usage=False).usage is None
 
 
+def test_inspect_with_usage_on_every_event_keeps_the_last_and_cuts_only_usage_only_events() -> None:
+    # vLLM's continuous_usage_stats: usage on each chunk; the last one counts.
+    first, second = ({"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n} for n in (1, 2))
+    final = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    events = [_chunk("a", usage=first), _chunk("b", usage=second), _chunk(None, choices=False, usage=final)]
+    block = inspect(b"".join(events) + b"data: [DONE]\n\n", keep_usage=False)
+    assert block.done and block.usage == final and block.data == events[0] + events[1]
+    # A usage-only event between others is cut out where it is; the end marker is not text.
+    text = _chunk("say data: [DONE] and stop")
+    middle = inspect(events[0] + events[2] + text, keep_usage=False)
+    assert not middle.done and middle.usage == final and middle.data == events[0] + text
+    assert inspect(events[0] + events[2] + text, keep_usage=True).data == events[0] + events[2] + text
+    # A marker with more events after it (not a worker's order) still ends the answer.
+    odd = inspect(events[0] + b"data:[DONE]\n\n" + text, keep_usage=False)
+    assert odd.done and odd.data == events[0] + text
+
+
 def test_inspect_counts_output_events_and_raises_on_an_in_band_error_only() -> None:
     data = _chunk("") + _chunk("hi") + _chunk("error") + _event({"choices": [{"delta": {"tool_calls": [{"index": 0}]}}]})
     assert inspect(data, keep_usage=False).outputs() == 3  # the empty role chunk carries no output

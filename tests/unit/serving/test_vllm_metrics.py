@@ -90,3 +90,25 @@ def test_the_workers_own_queue_kv_cache_and_batch_gauges_are_re_exported_per_wor
         assert samples[("forgeline_upstream_worker_num_requests_waiting", labels)] == waiting
         assert samples[("forgeline_upstream_worker_batch_size", labels)] == running
     assert samples[("vllm:num_requests_waiting", (("model_name", "pool"),))] == 4
+
+
+def test_observe_many_leaves_a_histogram_as_observing_one_by_one_does() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from serving.gateway.metrics import observe_many
+
+    texts = []
+    for batched in (False, True):
+        registry = CollectorRegistry()
+        child = Histogram("gap_seconds", "gaps", ["model"], buckets=(0.001, 0.01, 0.1), registry=registry).labels("m")
+        for value, count in ((0.0, 3), (0.001, 2), (0.05, 1), (0.5, 4), (0.02, 0)):
+            if batched:
+                observe_many(child, value, count)
+            else:
+                for _ in range(count):
+                    child.observe(value)
+        samples = _samples(generate_latest(registry).decode())
+        texts.append({key: value for key, value in samples.items() if not key[0].endswith("_created")})  # a time
+    assert texts[0] == texts[1]
+    assert texts[1][("gap_seconds_count", (("model", "m"),))] == 10
+    assert texts[1][("gap_seconds_bucket", (("le", "0.001"), ("model", "m")))] == 5
