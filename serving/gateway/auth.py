@@ -89,7 +89,8 @@ class KeyAuth:
         # misses together, and each lookup in its own thread made N store queries and a GIL
         # contest between them (at concurrency 64, 64 queries every `cache_s`).
         verifying = self._verifying.get(digest)
-        if verifying is None:
+        # (A lookup left behind by an event loop that closed mid-way is not awaited from another.)
+        if verifying is None or verifying.get_loop() is not asyncio.get_running_loop():
             verifying = self._verifying[digest] = asyncio.ensure_future(self._verify(digest, secret, now))
             verifying.add_done_callback(partial(self._verified, digest))
         return await asyncio.shield(verifying)  # a waiter that leaves does not cancel the others' lookup
