@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--prefix-cache-tokens", type=int, default=None, help="default: the engine's own")
+    parser.add_argument("--prefix-cache-tokens", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
             max_batch_size=args.max_batch_size,
             num_threads=args.threads,
             model_id=MODEL,
-            **({} if args.prefix_cache_tokens is None else {"prefix_cache_tokens": args.prefix_cache_tokens}),
+            prefix_cache_tokens=args.prefix_cache_tokens,
         )
     app = create_app(StaticCatalog([ServedModel(name=MODEL, version="1", engine=engine)]), max_new_tokens=1024)  # type: ignore[arg-type]
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)

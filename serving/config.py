@@ -88,7 +88,7 @@ class ServeSpec(BaseModel):
     max_batch_size: int = Field(default=16, gt=0, description="Most requests decoded together by the PyTorch engine.")
     batch_window_ms: float = Field(default=5.0, ge=0, description="How long an idle engine waits to gather requests into one prefill.")
     prefill_chunk: int = Field(default=256, gt=0, description="Most prompt tokens the PyTorch engine prefills between two decode steps.")
-    prefix_cache_tokens: int = Field(default=4096, ge=0, description="Prompt-prefix KV the PyTorch engine keeps for reuse, in tokens (0: off).")
+    prefix_cache_tokens: int = Field(default=0, ge=0, description="Prompt-prefix KV the PyTorch engine keeps for reuse, in tokens (0: off).")
     max_new_tokens: int = Field(default=256, gt=0, description="Default and upper bound for `max_tokens` per request.")
     device: str = Field(default="auto", description="Torch device for the engine: auto, cpu, cuda, cuda:N.")
     auth: bool = Field(default=True, description="Require `Authorization: Bearer <key>` (keys from `forgeline keys create`).")

@@ -10,7 +10,7 @@ own ``ContinuousBatchingManager``). The parts, one module each:
 * `scheduler` - admission, chunked prefill, batched decode, rows joining and leaving;
 * `kv_rows` - splicing rows into and out of the left-padded batch cache;
 * `fused_step` - a joining group's prefill chunk run in the decode step's forward (a ragged batch);
-* `prefix_cache` - reused KV of shared prompt prefixes (on by default, ``prefix_cache_tokens``);
+* `prefix_cache` - reused KV of shared prompt prefixes (opt-in, ``prefix_cache_tokens``);
 * `sampling` - guides, greedy / temperature / top-p, logprobs, per-request seeds;
 * `detokenizer` - streamed text, stop strings and stop tokens;
 * `counted_prompts` - the ids of prompts counted for admission, so `generate` tokenizes none twice;
@@ -48,11 +48,6 @@ from serving.engine.tool_formats import ToolFormat, detect_tool_format
 
 logger = logging.getLogger(__name__)
 
-PREFIX_CACHE_TOKENS = 4096
-"""Default prompt-prefix KV kept for reuse, in tokens: 4096 x 128 KiB per token = 0.5 GiB for an
-8B Llama-3 (32 layers, 8 KV heads of 128, bf16); at 32 requests/s on the open-loop benchmark's
-support tickets (their first 16-token block often shared) it raised tokens/s by 11-17 %."""
-
 __all__ = ["BASE_ADAPTER", "AdapterSource", "EngineStats", "TorchEngine"]
 
 _Request = Request  # the name tests and older callers import
@@ -84,9 +79,7 @@ class TorchEngine:
         prefill_chunk: most prompt tokens prefilled between two decode steps, so a long
             prompt delays the running rows by one chunk at a time.
         prefix_cache_tokens: tokens of prompt-prefix KV kept for reuse (a shared system
-            prompt is prefilled once); 0 turns prefix reuse off. On by default, as in vLLM:
-            chat prompts share at least their template's opening, and the cached blocks cost
-            ~0.5 GiB for an 8B model (`PREFIX_CACHE_TOKENS`).
+            prompt is prefilled once); 0 turns prefix reuse off.
         fused_step: run a joining group's prefill chunk in the same forward as the running
             batch's decode step where that is exactly right for the model (`fused_step`,
             decided at start; never with adapters); False always runs two forwards.
@@ -110,7 +103,7 @@ class TorchEngine:
         adapters: AdapterSource | None = None,
         max_loaded_adapters: int = 8,
         prefill_chunk: int = 256,
-        prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
+        prefix_cache_tokens: int = 0,
         fused_step: bool = True,
     ) -> None:
         if max_batch_size <= 0:
