@@ -33,6 +33,7 @@ adapters keep two forwards: the stacked multi-LoRA layers gather each batch row'
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +55,7 @@ FusedForward = Callable[..., tuple[Any, Any]]
 group_cache, group_logits) -> (decode logits, group last-column logits or None)``, as float32."""
 
 
+@functools.cache
 def _cache_class() -> type:
     from transformers.cache_utils import Cache
 
@@ -142,15 +144,9 @@ def _cache_class() -> type:
     return FusedCache
 
 
-_CACHE: type | None = None
-
-
 def fused_cache(*args: Any) -> Any:
     """A `FusedCache` (the class is built on first use: transformers is imported lazily)."""
-    global _CACHE
-    if _CACHE is None:
-        _CACHE = _cache_class()
-    return _CACHE(*args)
+    return _cache_class()(*args)
 
 
 def fused_attention(

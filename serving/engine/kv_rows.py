@@ -14,6 +14,7 @@ joined buffers with spare columns, leaves keep them, and trimming padding is a v
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 
@@ -141,15 +142,10 @@ def _growable_layer_class() -> type:
     return GrowableLayer
 
 
-_LAYER: type | None = None
-
-
+@functools.cache
 def growable_layer() -> type:
     """The `GrowableLayer` class (built on first use: transformers is imported lazily)."""
-    global _LAYER
-    if _LAYER is None:
-        _LAYER = _growable_layer_class()
-    return _LAYER
+    return _growable_layer_class()
 
 
 def new_cache() -> Any:

@@ -249,11 +249,9 @@ class TorchEngine:
             prefill_chunk=self.prefill_chunk,
             prefix_cache=PrefixCache(max_tokens=self.prefix_cache_tokens) if self.prefix_cache_tokens else None,
             observe=self._observe_step,
-            fused=self._fused_step_forward() if self._fused_supported() else None,
+            # Looked up per call, as `forward`: tests wrap `_fused_forward`.
+            fused=(lambda *args: self._fused_forward(*args)) if self._fused_supported() else None,
         )
-
-    def _fused_step_forward(self) -> Any:
-        return lambda *args: self._fused_forward(*args)  # looked up per call: tests wrap `_fused_forward`
 
     def _fused_supported(self) -> bool:
         """Whether the scheduler may fuse prefill chunks into decode steps (decided once, logged)."""
