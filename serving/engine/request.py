@@ -29,6 +29,8 @@ class Request:
     pending_ids: list[int] = field(default_factory=list)  # generated since the last chunk
     pending_logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per pending id, when asked
     emitted: int = 0  # characters of text already delivered
+    stream: Any = None  # the row's `tokenizers.decoders.DecodeStream`, when its detokenizer decodes incrementally
+    text: str = ""  # the stream's text so far (complete characters only)
     done: bool = False
     solo: bool = False  # retried alone after its batch failed: a failure now is its own
     arrived: float = 0.0  # time.monotonic() when queued
