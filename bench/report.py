@@ -272,12 +272,20 @@ def _span(x: Any) -> str:
     return f"{x[0]}–{x[1]} (uniform per request)" if isinstance(x, list) else str(x)
 
 
+def _open_loop_requests(cfg: dict[str, Any]) -> str:
+    text = f"{cfg['requests']} requests per rate"
+    if cfg.get("saturating_rates"):
+        rates = " and ".join(f"{r:g}" for r in cfg["saturating_rates"])
+        text += f" ({cfg['saturating_requests']} at {rates} requests/s, to average over more static batches)"
+    return text
+
+
 def open_loop_section(data: dict[str, Any], plots_rel: str) -> str:
     cfg = data["settings"]
     lines = [
         _meta(data),
         "",
-        f"Model: `{cfg['model']}` Llama (random weights), {cfg['requests']} requests per rate, max_tokens {_span(cfg['max_tokens'])}, "
+        f"Model: `{cfg['model']}` Llama (random weights), {_open_loop_requests(cfg)}, max_tokens {_span(cfg['max_tokens'])}, "
         f"greedy, Poisson arrivals (same schedule and prompts for every target), {cfg['threads']} CPU thread(s) per server, "
         f"max_batch_size {cfg.get('max_batch_size', 16)} for our engines. "
         "The 1-minute load average when each rate finished is in the last column.",
