@@ -77,7 +77,7 @@ class KeyRecord:
 
     def allows_model(self, name: str) -> bool:
         """Whether the key's ``models`` glob (``*``, ``support-*``) matches model ``name`` (case-sensitive)."""
-        return fnmatch.fnmatchcase(name, self.models)
+        return self.models == "*" or fnmatch.fnmatchcase(name, self.models)  # "*" matches every name
 
     def has_role(self, role: str) -> bool:
         """Whether the key carries exactly ``role`` (``admin`` does not imply other roles here)."""

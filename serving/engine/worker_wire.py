@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -53,6 +53,11 @@ class _Conn(asyncio.Protocol):
         self.origin = origin
         self.loop = origin.loop
         self.transport: Any = None
+        # httptools takes its callbacks from the protocol once, when the parser is made: body
+        # pieces go straight into the one buffer this connection keeps (emptied in place,
+        # never replaced), with no Python call of ours per piece (`data_received` counts them).
+        self.buffer: list[bytes] = []
+        self.on_body: Callable[[bytes], None] = self.buffer.append
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.active = False  # an exchange is under way
@@ -65,7 +70,7 @@ class _Conn(asyncio.Protocol):
         self.status = 0
         self.headers_done = self.complete = self.framed = self.got_bytes = self.keep_alive = self.paused = False
         self.error: WorkerError | None = None
-        self.buffer: list[bytes] = []
+        self.buffer.clear()
         self.buffered = 0
         self.limit: float = HIGH_WATER
         self.timeout = timeout
@@ -111,6 +116,15 @@ class _Conn(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(WorkerBrokenError(f"the worker's answer is malformed: {type(exc).__name__}: {exc}"))
             self.close()
+            return
+        if self.buffer:
+            # Counted and woken once per read, not per chunk: a streamed answer's read brings
+            # one HTTP chunk per event, ~20 for 16 tokens (framing bytes count here too).
+            self.buffered += len(data)
+            if self.buffered > self.limit and not self.paused:
+                self.paused = True
+                self.transport.pause_reading()
+            self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -134,14 +148,6 @@ class _Conn(asyncio.Protocol):
         self.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
         self.headers_done = True
-        self._wake()
-
-    def on_body(self, body: bytes) -> None:
-        self.buffer.append(body)
-        self.buffered += len(body)
-        if self.buffered > self.limit and not self.paused:
-            self.paused = True
-            self.transport.pause_reading()
         self._wake()
 
     def on_message_complete(self) -> None:
@@ -180,7 +186,8 @@ class _Conn(asyncio.Protocol):
         """The body bytes that arrived since the last call (resumes reading when paused)."""
         buffer = self.buffer
         data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
-        self.buffer, self.buffered = [], 0
+        buffer.clear()
+        self.buffered = 0
         if self.paused:
             self.paused = False
             self.last_read = self.loop.time()
@@ -395,8 +402,12 @@ def _header_lines(headers: dict[str, str]) -> bytes:
         raise WorkerError(f"a header for the worker is not latin-1: {exc}") from exc
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+"""``json.dumps`` with these options builds an encoder per call; this one is built once."""
+
+
 def _post(origin: _Origin, path: bytes, body: dict[str, Any], headers: dict[str, str] | None) -> bytes:
-    data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    data = _COMPACT.encode(body).encode()
     extra = _header_lines(headers) if headers else b""
     length = b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data)
     return b"".join((b"POST ", path, b" HTTP/1.1\r\n", origin.block, extra, length, data))

@@ -158,7 +158,7 @@ async def get_principal(request: Request) -> KeyRecord | None:
     with telemetry.span("gateway.auth"):
         record = await auth.authenticate(request.headers.get("authorization"))
     enforce(decide(record, rule), missing=lambda: PermissionDeniedError("refused", param="api_key"))
-    request.state.key_id = record.id
+    request.scope.setdefault("state", {})["key_id"] = record.id  # request.state.key_id, without its wrapper
     return record
 
 

@@ -257,7 +257,20 @@ class _LimitedH11(_LimitedMixin, H11Protocol):
 if HttpToolsProtocol is not None:
 
     class _LimitedHttpTools(_LimitedMixin, HttpToolsProtocol):
-        pass
+        def on_header(self, name: bytes, value: bytes) -> None:
+            # Lowered all at once when the headers are complete: uvicorn lowers each name
+            # as it comes, a call per header (a client's request brings ~17).
+            self.headers.append((name, value))
+
+        def on_headers_complete(self) -> None:
+            headers = self.headers
+            if headers:
+                # httptools refuses a line break in a header name, so none splits here.
+                names = b"\n".join([name for name, _ in headers]).lower().split(b"\n")
+                headers[:] = zip(names, [value for _, value in headers], strict=True)  # the scope's own list
+                if b"expect" in names:
+                    self.expect_100_continue = any(n == b"expect" and v.lower() == b"100-continue" for n, v in headers)
+            super().on_headers_complete()
 
 else:  # pragma: no cover - without httptools every server uses h11
     _LimitedHttpTools = _LimitedH11  # type: ignore[misc,assignment]

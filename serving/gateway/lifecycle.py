@@ -77,11 +77,13 @@ class RequestLifecycle:
         self._limiter: Limiter | None = state.limiter
         served = lease.served
         self._labels = (served.model, served.version, lease.adapter or "")
-        access = getattr(request.state, "access", None)
+        # ``request.state``'s own dict, read directly: the `State` wrapper costs several calls a read.
+        request_state = request.scope.setdefault("state", {})
+        access = request_state.get("access")
         self._access: dict[str, Any] = access if access is not None else {}
         # The access-log middleware calls these when the exchange ends, however it ends: a
         # stream the client abandoned before it began still releases the model.
-        closers = getattr(request.state, "on_close", None)
+        closers = request_state.get("on_close")
         if closers is not None:
             closers.append(lambda: self.finish(CLIENT_CLOSED))
         self._access.update(
@@ -217,14 +219,14 @@ class RequestLifecycle:
                 if n:
                     if self.first_token_at is None:
                         self.first_token_at = now
-                        self._metrics.ttft.labels(*self._labels).observe(now - self.started)
+                        self._metrics.ttft_by[self._labels].observe(now - self.started)
                         telemetry.event("first_token")
                     if index not in last:
                         # A first chunk of several tokens: the rest arrived with it.
                         n_gaps, gap = n - 1, 0.0
                     else:
                         n_gaps, gap = n, (now - last[index]) / n
-                    observe_many(self._metrics.itl.labels(*self._labels), gap, n_gaps)
+                    observe_many(self._metrics.itl_by[self._labels], gap, n_gaps)
                     last[index] = now
                     self.completion_tokens += n
                 yield index, chunk
@@ -273,7 +275,7 @@ class RequestLifecycle:
     async def _relayed(self, first: SseBlock, blocks: AsyncGenerator[SseBlock, None]) -> AsyncGenerator[SseBlock, None]:
         status = 200
         last = self.started
-        itl = self._metrics.itl.labels(*self._labels)
+        itl = self._metrics.itl_by[self._labels]
         try:
             block: SseBlock | None = first
             while block is not None:
@@ -284,7 +286,7 @@ class RequestLifecycle:
                     now = time.perf_counter()
                     if self.first_token_at is None:
                         self.first_token_at = now
-                        self._metrics.ttft.labels(*self._labels).observe(now - self.started)
+                        self._metrics.ttft_by[self._labels].observe(now - self.started)
                         telemetry.event("first_token")
                         # Output events that arrived with the first one add no gaps of their own.
                         outputs, gap = outputs - 1, 0.0
@@ -323,7 +325,7 @@ class RequestLifecycle:
         answered = status < 400 or status == CLIENT_CLOSED
         m.count(self._labels, self._key, status, self.prompt_tokens, self.completion_tokens, tokens=answered)
         if answered:
-            m.e2e.labels(*self._labels).observe(elapsed)
+            m.e2e_by[self._labels].observe(elapsed)
             # Prompt tokens beyond those admitted up front: a pass-through request learns its
             # prompt size from the worker's usage.
             owed = self.completion_tokens + max(0, self.prompt_tokens - self._admitted_tokens)

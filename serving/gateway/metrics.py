@@ -268,6 +268,26 @@ def observe_many(histogram: Histogram, value: float, count: int) -> None:
     buckets[bisect.bisect_left(bounds, value)].inc(count)  # the first bound >= value, as observe() finds it
 
 
+class Children(dict[tuple[Any, ...], Any]):
+    """A labelled metric's children by their label values: ``children[values]``, one dict read.
+
+    prometheus_client's ``labels()`` validates, converts and looks the values up under a lock
+    on every call: about a dozen Python calls, several times per request
+    (BENCHMARKS.md §1, seventh pass). The children it returns are the same objects every
+    time, so they are kept here on first use. Not for a metric whose children are ever
+    removed (``remove()``, ``clear()``): a kept child would then no longer be exported.
+    Values may be of any type ``labels()`` takes (it converts them with ``str``).
+    """
+
+    def __init__(self, metric: Any) -> None:
+        super().__init__()
+        self.metric = metric
+
+    def __missing__(self, values: tuple[Any, ...]) -> Any:
+        child = self[values] = self.metric.labels(*values)
+        return child
+
+
 class GatewayMetrics:
     """Every metric the gateway exports, on its own registry.
 
@@ -324,14 +344,22 @@ class GatewayMetrics:
         self.canary_rollbacks = Counter(
             "forgeline_canary_rollbacks", "Canaries stopped for breaching their SLO.", ["model"], registry=r
         )
+        # The per-request metrics' children, looked up once per label values (none is ever removed).
+        self.requests_by = Children(self.requests)
+        self.prompt_tokens_by = Children(self.prompt_tokens)
+        self.generation_tokens_by = Children(self.generation_tokens)
+        self.ttft_by = Children(self.ttft)
+        self.itl_by = Children(self.itl)
+        self.e2e_by = Children(self.e2e)
+        self.http_requests_by = Children(self.http_requests)
 
     def count(self, labels: tuple[str, str, str], key: str, status: int, prompt_tokens: int, completion_tokens: int, *, tokens: bool) -> None:
         """Count one finished request (and, with ``tokens``, its prompt and completion tokens)."""
         keyed = (*labels, key) if self.per_key else labels
-        self.requests.labels(*keyed, str(status)).inc()
+        self.requests_by[(*keyed, status)].inc()
         if tokens:
-            self.prompt_tokens.labels(*keyed).inc(prompt_tokens)
-            self.generation_tokens.labels(*keyed).inc(completion_tokens)
+            self.prompt_tokens_by[keyed].inc(prompt_tokens)
+            self.generation_tokens_by[keyed].inc(completion_tokens)
 
     def watch(self, catalog: ModelCatalog) -> None:
         """Export engine gauges for ``catalog``'s models and count their decode batch sizes."""
@@ -430,7 +458,7 @@ class AccessLogMiddleware:
             telemetry.end_request_span(span, final_status, fields)
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.metrics.http_requests.labels(template, str(final_status)).inc()
+            self.metrics.http_requests_by[(template, final_status)].inc()
             if path in _PROBES and final_status < 400:
                 return  # probes would drown the log
             entry = {
@@ -445,7 +473,8 @@ class AccessLogMiddleware:
                 "pid": os.getpid(),  # which process answered, with `forgeline serve --workers N`
                 **fields,
             }
-            access_logger.info(json.dumps(entry, separators=(",", ":"), default=str))
+            if access_logger.isEnabledFor(logging.INFO):
+                write_access(_ACCESS_JSON.encode(entry))
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -472,7 +501,21 @@ class AccessLogMiddleware:
             telemetry.detach(otel_token)
 
 
+def write_access(line: str) -> None:
+    """Log one access-log line at INFO on ``forgeline.access`` (the caller checked that INFO is on).
+
+    As ``access_logger.info(line)`` does, but naming its own code as the record's caller: the
+    frame walk that ``info`` makes to find it was a dozen Python calls per request.
+    """
+    code = write_access.__code__
+    record = access_logger.makeRecord(
+        access_logger.name, logging.INFO, code.co_filename, code.co_firstlineno, line, None, None, "write_access"
+    )
+    access_logger.handle(record)
+
+
 _PROBES = ("/metrics", "/health", "/ready")
+_ACCESS_JSON = json.JSONEncoder(separators=(",", ":"), default=str)  # built once, not per line
 _TRACE_HEADERS = (b"traceparent", b"tracestate")
 
 

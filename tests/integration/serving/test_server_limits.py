@@ -4,6 +4,7 @@ answers meanwhile; SIGTERM mid-upload exits within the graceful-shutdown bound."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -195,5 +196,49 @@ def test_oversized_headers_are_refused_on_both_http_parsers(http_impl: str) -> N
             answer = sock.recv(4096)
         assert answer.split(b"\r\n")[0].split(b" ")[1] in (b"431", b"400"), answer[:80]
         assert httpx.get(f"{url}/health", timeout=5).status_code == 200  # others are still served
+    finally:
+        stop()
+
+
+def _echo_headers_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/headers")
+    async def headers(request: Request) -> dict[str, object]:
+        body = await request.body()
+        return {"headers": [[k.decode(), v.decode()] for k, v in request.scope["headers"]], "bytes": len(body)}
+
+    return app
+
+
+@pytest.mark.parametrize("http_impl", ["httptools", "h11"])
+def test_request_header_names_reach_the_app_lowercased_and_expect_100_continue_is_honoured(http_impl: str) -> None:
+    url, stop = serve_in_background(_echo_headers_app(), http_impl=http_impl)
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(
+                b"POST /headers HTTP/1.1\r\nHost: x\r\nX-Request-ID: MixedCase-Value\r\nContent-Type: text/plain\r\n"
+                b"EXPECT: 100-Continue\r\nContent-Length: 3\r\n\r\n"
+            )
+            interim = sock.recv(4096)
+            assert interim.startswith(b"HTTP/1.1 100 "), interim[:80]  # sent before the app reads the body
+            sock.sendall(b"abc")
+            answer = b""
+            while not answer.endswith(b"}"):
+                chunk = sock.recv(4096)
+                assert chunk, answer
+                answer += chunk
+        seen = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        assert seen["bytes"] == 3
+        assert ["x-request-id", "MixedCase-Value"] in seen["headers"]
+        assert ["expect", "100-Continue"] in seen["headers"]
+        assert [name for name, _ in seen["headers"]] == [
+            "host",
+            "x-request-id",
+            "content-type",
+            "expect",
+            "content-length",
+        ]
     finally:
         stop()
