@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,16 @@ def _served_metrics(url: str) -> list[str]:
     return sorted(line for line in text.splitlines() if line.startswith(wanted))
 
 
+def _access(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "forgeline.access"]
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 @pytest.mark.integration
 def test_the_fast_path_answers_as_the_route_does(
     setup: tuple[dict[str, str], dict[str, str]], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
@@ -153,9 +164,12 @@ def test_the_fast_path_answers_as_the_route_does(
             for current, headers, content in _requests(secrets):
                 response = httpx.post(f"{url}{CHAT}", headers=headers, content=content, timeout=30)
                 answers[name].append({"what": current, **_normalised(response)})
+            # The access line is written once the response has gone out, so the client can
+            # hold its answer before the line lands: wait for this run's last one.
+            _wait_for(lambda: len(_access(caplog)) >= len(_requests(secrets)))
         logged[name] = [
             {k: v for k, v in json.loads(r.getMessage()).items() if k not in _VOLATILE_FIELDS}
-            for r in caplog.records if r.name == "forgeline.access"
+            for r in _access(caplog)
         ]  # fmt: skip
         if name == "fast":
             fast_fell = list(fell_through)
