@@ -243,9 +243,16 @@ def test_access_log_is_structured_and_has_no_prompt(prod: Prod, caplog: pytest.L
     caplog.set_level(logging.INFO, logger="forgeline.access")
     secret_prompt = "my-secret-prompt-text-42"
     prod.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": secret_prompt}], max_tokens=3)
-    time.sleep(0.1)
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "forgeline.access"]
-    entry = next(e for e in lines if e["path"] == "/v1/chat/completions")
+    # The access line is written once the response has gone out: wait for it, not a fixed time.
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "forgeline.access"]
+        chat = [e for e in lines if e["path"] == "/v1/chat/completions"]
+        if chat or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert chat, "no access line for the chat completion"
+    entry = chat[0]
     assert entry["status"] == 200 and entry["model"] == "tiny" and entry["served"] == "tiny/1"
     assert entry["key_id"] and entry["prompt_tokens"] > 0 and entry["completion_tokens"] == 3
     assert secret_prompt not in caplog.text

@@ -107,13 +107,34 @@ def test_two_replicas_share_one_requests_per_minute_budget(replicas: tuple[list[
     )
 
 
-def test_shared_token_budget_counts_completions_from_the_other_replica(replicas: tuple[list[str], KeyStore]) -> None:
+def _wait_for_tpm_level_below(redis_url: str, key_id: str, level: float, timeout_s: float = 10.0) -> None:
+    """Wait until the key's shared tokens-per-minute bucket is below ``level`` (a charge landed)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            stored = client.hget(f"forgeline:quota:{{{key_id}}}:tpm", "level")
+            if stored is not None and float(stored) < level:
+                return
+            time.sleep(0.02)
+    finally:
+        client.close()
+    pytest.fail(f"the completion charge did not reach Redis within {timeout_s} s")
+
+
+def test_shared_token_budget_counts_completions_from_the_other_replica(
+    replicas: tuple[list[str], KeyStore], redis_url: str
+) -> None:
     urls, store = replicas
-    secret, _ = store.create("tokens", tpm=24)
+    secret, record = store.create("tokens", tpm=24)
     a, b = (openai.OpenAI(base_url=f"{u}/v1", api_key=secret, max_retries=0, timeout=60) for u in urls)
     first = a.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16, temperature=0)
     # 24 - prompt - 16 completion tokens are left: less than the next prompt needs.
     assert first.usage is not None and first.usage.completion_tokens == 16 and first.usage.prompt_tokens >= 4
-    time.sleep(0.2)  # the completion charge is written just after the response
+    # The completion charge is written just after the response: wait for it (after the admit
+    # the bucket holds 24 - prompt tokens; the charge takes 16 more, refill is 0.4 tokens/s).
+    _wait_for_tpm_level_below(redis_url, record.id, 24 - first.usage.prompt_tokens - 8)
     with pytest.raises(openai.RateLimitError, match="tokens per minute"):
         b.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16, temperature=0)
