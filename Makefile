@@ -24,8 +24,9 @@ quickstart: $(STAMP)
 	$(VENV)/bin/forgeline quickstart recipes/quickstart.yaml
 
 # The whole CPU suite (what CI runs). GPU tests are marked `gpu` and skip without one.
+# The slowest tests are listed at the end, so a CI log shows where the suite's time goes.
 test: $(STAMP)
-	$(PY) -m pytest -m "not gpu" -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not gpu" -q -ra --durations=30 $(PYTEST_ARGS)
 
 # Fast loop: unit tests only (seconds).
 test-fast: $(STAMP)
