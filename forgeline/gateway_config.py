@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from registry.errors import ErrorCode, ForgelineError
 from serving.config import CanarySpec, ServerLimits, ServeSpec
 from serving.engine.pool import PoolPolicy
+from serving.engine.scheduler import DEFAULT_MAX_BATCH_SIZE
 
 
 class _Section(BaseModel):
@@ -108,7 +109,7 @@ class RolloutConfig(_Section):
     drain_timeout_s: float = Field(default=120.0, gt=0)
     canary: CanarySpec | None = None
     device: str = Field(default="auto", description="Torch device for models served here: auto, cpu, cuda, cuda:N.")
-    max_batch_size: int = Field(default=16, gt=0)
+    max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, gt=0)
 
 
 class GatewayConfig(_Section):

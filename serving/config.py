@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serving.engine.pool import PoolPolicy
+from serving.engine.scheduler import DEFAULT_MAX_BATCH_SIZE
 
 
 class CanarySLO(BaseModel):
@@ -85,7 +86,9 @@ class ServeSpec(BaseModel):
     )
     host: str = Field(default="127.0.0.1", description="Interface the gateway listens on.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port the gateway listens on (0 picks a free one).")
-    max_batch_size: int = Field(default=16, gt=0, description="Most requests decoded together by the PyTorch engine.")
+    max_batch_size: int = Field(
+        default=DEFAULT_MAX_BATCH_SIZE, gt=0, description="Most requests decoded together by the PyTorch engine."
+    )
     batch_window_ms: float = Field(default=5.0, ge=0, description="How long an idle engine waits to gather requests into one prefill.")
     prefill_chunk: int = Field(default=256, gt=0, description="Most prompt tokens the PyTorch engine prefills between two decode steps.")
     prefix_cache_tokens: int = Field(default=0, ge=0, description="Prompt-prefix KV the PyTorch engine keeps for reuse, in tokens (0: off).")

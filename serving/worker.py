@@ -18,6 +18,7 @@ from registry.errors import ErrorCode, ForgelineError, NotFoundError
 
 from .artifacts.torch_build import load_manifest
 from .engine.base import SamplingDefaults
+from .engine.scheduler import DEFAULT_MAX_BATCH_SIZE
 from .engine.torch_engine import TorchEngine
 from .gateway.app import create_app
 from .gateway.catalog import ServedModel, StaticCatalog
@@ -50,7 +51,7 @@ def artifact_catalog(
     name: str | None = None,
     adapters: dict[str, Path] | None = None,
     device: str = "auto",
-    max_batch_size: int = 16,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     batch_window_ms: float = 5.0,
 ) -> StaticCatalog:
     """A catalog serving a torch artifact as ``name`` (and its adapters as ``name:ADAPTER``).

@@ -42,7 +42,7 @@ from serving.engine.lora_routing import BASE_ADAPTER
 from serving.engine.prefix_cache import PrefixCache
 from serving.engine.request import Request
 from serving.engine.sampling import Sampler
-from serving.engine.scheduler import STOP, Scheduler
+from serving.engine.scheduler import DEFAULT_MAX_BATCH_SIZE, STOP, Scheduler
 from serving.engine.token_bytes import TokenBytes
 from serving.engine.tool_formats import ToolFormat, detect_tool_format
 
@@ -65,7 +65,8 @@ class TorchEngine:
         model_dir: a folder with config, safetensors weights and tokenizer (for example an
             artifact from `serving.artifacts.torch_build.build_torch_artifact`).
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
-        max_batch_size: most requests decoded together.
+        max_batch_size: most requests decoded together (`scheduler.DEFAULT_MAX_BATCH_SIZE` says
+            why 32 on a CPU; lower it where KV memory is tight).
         batch_window_ms: when the engine is idle, how long it waits after a request for more
             to prefill together; requests arriving while it decodes join at the next step.
         model_id: name used in logs and errors; defaults to the folder name.
@@ -96,7 +97,7 @@ class TorchEngine:
         model_dir: str | Path,
         *,
         device: str = "auto",
-        max_batch_size: int = 16,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         batch_window_ms: float = 5.0,
         model_id: str | None = None,
         num_threads: int | None = None,
