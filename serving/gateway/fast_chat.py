@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.gateway import chat
 from serving.gateway.auth import get_principal
+from serving.gateway.json_body import read_checked_body
 from serving.gateway.protocol import ChatCompletionRequest
 
 logger = logging.getLogger(__name__)
@@ -42,10 +43,11 @@ _ROUTE = next(r for r in chat.router.routes if isinstance(r, APIRoute) and r.pat
 
 
 class ChatFastPath:
-    """ASGI middleware (innermost of the gateway's) that answers chat completions itself.
+    """ASGI middleware (below the access log, above `StrictJSONMiddleware`) that answers chat
+    completions itself.
 
     Args:
-        app: the rest of the app (FastAPI's exception middleware and router).
+        app: the rest of the app (`StrictJSONMiddleware`, FastAPI's exception middleware and router).
     """
 
     path = PATH
@@ -64,22 +66,17 @@ class ChatFastPath:
         ):
             await self.app(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left before its body was whole
-                await self.fall_through(scope, chunks, message, receive, send)
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        # StrictJSONMiddleware's read and checks, made here: the request does not pass through
+        # it (nor does its body get replayed to us) unless it falls through to the route.
+        raw = await read_checked_body(scope, receive, send, self.app)
+        if raw is None:  # answered (413, JSON that cannot be processed), or the client left
+            return
         try:
             body = ChatCompletionRequest.model_validate_json(raw)
         except ValidationError:
             # The route's parse and its validation error handler word the 400 (and a missing
             # key still gets its 401 first, as there).
-            await self.fall_through(scope, [raw], None, receive, send)
+            await self.fall_through(scope, raw, receive, send)
             return
         scope["route"] = _ROUTE
         request = Request(scope, receive, send)
@@ -93,16 +90,12 @@ class ChatFastPath:
             response = await handler(request, exc)
         await response(scope, receive, send)
 
-    async def fall_through(
-        self, scope: Scope, chunks: list[bytes], last: Message | None, receive: Receive, send: Send
-    ) -> None:
-        """Hand the request to the FastAPI route, replaying the body read so far."""
-        pending: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": last is not None}]
-        if last is not None:
-            pending.append(last)
+    async def fall_through(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+        """Hand the request on to the FastAPI route (through `StrictJSONMiddleware`), its body replayed."""
+        pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def replay() -> Message:
-            return pending.pop(0) if pending else await receive()
+            return pending.pop() if pending else await receive()
 
         await self.app(scope, replay, send)
 

@@ -101,7 +101,7 @@ def loads_untrusted(data: str | bytes, *, what: str = "body", root: str = "") ->
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise UntrustedJSONError(
-                f"{what}: not valid UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); fix: encode the text as UTF-8"
+                f"{what}: not valid UTF-8 (byte {exc.start}: {data[exc.start : exc.start + 1]!r}); fix: encode the text as UTF-8"
             ) from None
     else:
         text = data
@@ -144,40 +144,61 @@ class StrictJSONMiddleware:
         if scope["type"] != "http" or not _is_json(scope):
             await self.app(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        size = 0
-        message: Message = {"type": "http.request", "body": b"", "more_body": True}
-        while message.get("more_body", False):
-            try:
-                message = await receive()
-            except StarletteHTTPException as exc:
-                # An outer size limit stopped a chunked body (metrics._limited); outside the
-                # app's handlers here, so answer it as they would.
-                await _http_error(scope, exc)(scope, receive, send)
-                return
-            if message["type"] != "http.request":
-                # The client left (http.disconnect): let the app see that as it would have.
-                await self.app(scope, _replay([], message, receive), send)
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if self.max_bytes is not None and size > self.max_bytes:
-                too_large = UntrustedJSONError(
-                    f"the JSON body is over the limit of {self.max_bytes} bytes; fix: send less data per request",
-                    code=ErrorCode.PAYLOAD_TOO_LARGE,
-                )
-                await forgeline_error_response(too_large)(scope, receive, send)
-                return
-        body = b"".join(chunks)
-        if body and not _plainly_safe(body):
-            try:
-                await run_cpu(len(body), loads_untrusted, body)
-            except json.JSONDecodeError:
-                pass  # the app answers syntax errors itself, with the position
-            except UntrustedJSONError as exc:
-                await forgeline_error_response(exc)(scope, _replay([body], None, receive), send)
-                return
-        await self.app(scope, _replay([body], None, receive), send)
+        body = await read_checked_body(scope, receive, send, self.app, max_bytes=self.max_bytes)
+        if body is not None:
+            await self.app(scope, _replay([body], None, receive), send)
+
+
+async def read_checked_body(
+    scope: Scope, receive: Receive, send: Send, app: ASGIApp, *, max_bytes: int | None = None
+) -> bytes | None:
+    """Read a JSON request body whole and check it with `loads_untrusted`, as
+    `StrictJSONMiddleware` does for every JSON request (the chat fast path, in front of it,
+    calls this itself).
+
+    Args:
+        scope, receive, send: the request.
+        app: where a request whose client left mid-body goes on (it sees the disconnect).
+        max_bytes: a larger body gets 413 (None: an outer middleware bounds it).
+
+    Returns:
+        The body; or None when the request has been answered here (413, or a 400 for JSON
+        that cannot be processed) or handed to ``app``.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    message: Message = {"type": "http.request", "body": b"", "more_body": True}
+    while message.get("more_body", False):
+        try:
+            message = await receive()
+        except StarletteHTTPException as exc:
+            # An outer size limit stopped a chunked body (metrics._limited); outside the
+            # app's handlers here, so answer it as they would.
+            await _http_error(scope, exc)(scope, receive, send)
+            return None
+        if message["type"] != "http.request":
+            # The client left (http.disconnect): let the app see that as it would have.
+            await app(scope, _replay([], message, receive), send)
+            return None
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if max_bytes is not None and size > max_bytes:
+            too_large = UntrustedJSONError(
+                f"the JSON body is over the limit of {max_bytes} bytes; fix: send less data per request",
+                code=ErrorCode.PAYLOAD_TOO_LARGE,
+            )
+            await forgeline_error_response(too_large)(scope, receive, send)
+            return None
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    if body and not _plainly_safe(body):
+        try:
+            await run_cpu(len(body), loads_untrusted, body)
+        except json.JSONDecodeError:
+            pass  # the app answers syntax errors itself, with the position
+        except UntrustedJSONError as exc:
+            await forgeline_error_response(exc)(scope, _replay([body], None, receive), send)
+            return None
+    return body
 
 
 def _plainly_safe(body: bytes) -> bool:

@@ -30,6 +30,7 @@ from serving.gateway.auth import ROUTES, http_routes
 from serving.gateway.fast_chat import ChatFastPath
 
 CHAT = "/v1/chat/completions"
+MAX_BODY = 64 * 1024
 HI = [{"role": "user", "content": "hi"}]
 # Differ per gateway or per call: the worker numbers its answers, the clock moves.
 _VOLATILE_HEADERS = {"date", "content-length", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"}
@@ -45,7 +46,7 @@ def _gateway(worker_url: str, tokenizer: Path, keys: KeyStore, *, fast: bool) ->
             ServedModel(name="theirs", version="1", engine=engine, chat_relay=engine.chat_relay, org="acme"),
         ]
     )
-    app = create_app(catalog, keys=keys, key_cache_s=0)
+    app = create_app(catalog, keys=keys, key_cache_s=0, max_body_bytes=MAX_BODY)
     if not fast:
         app.user_middleware = [m for m in app.user_middleware if m.cls is not ChatFastPath]
     return app
@@ -75,8 +76,8 @@ def setup(tiny_base: Path) -> Iterator[tuple[dict[str, str], dict[str, str]]]:
             stop()
 
 
-def _requests(secrets: dict[str, str]) -> list[tuple[str, dict[str, str], bytes]]:
-    """(what, headers, body) of each request, in order."""
+def _requests(secrets: dict[str, str]) -> list[tuple[str, dict[str, str], bytes | list[bytes]]]:
+    """(what, headers, body) of each request, in order (a list of pieces: sent chunked)."""
     def auth(who: str) -> dict[str, str]:
         return {"authorization": f"Bearer {secrets[who]}", "content-type": "application/json"}
 
@@ -97,6 +98,11 @@ def _requests(secrets: dict[str, str]) -> list[tuple[str, dict[str, str], bytes]
         ("max_tokens over the limit", user, body(max_completion_tokens=100_000)),
         ("first within quota", auth("one_rpm"), body()),
         ("over quota", auth("one_rpm"), body()),
+        # StrictJSONMiddleware's refusals, made by the fast path itself (it sits above it).
+        ("unpaired surrogate", user, body().replace(b'"hi"', b'"\\ud800"')),
+        ("nested too deep", user, body(user=None).replace(b"null", b"[" * 70 + b"]" * 70)),
+        ("over the size limit, chunked", user, [body()[:-1], b', "user": "' + b"x" * MAX_BODY + b'"}']),
+        ("over the size limit, declared", user, body(user="x" * MAX_BODY)),
         # These go on to the FastAPI route (its parse and validation word the errors):
         ("missing messages", user, json.dumps({"model": "m"}).encode()),
         ("unknown field", user, body(frobnicate=1)),
@@ -162,7 +168,8 @@ def test_the_fast_path_answers_as_the_route_does(
         answers[name] = []
         with caplog.at_level(logging.INFO, logger="forgeline.access"):
             for current, headers, content in _requests(secrets):
-                response = httpx.post(f"{url}{CHAT}", headers=headers, content=content, timeout=30)
+                sent = iter(content) if isinstance(content, list) else content
+                response = httpx.post(f"{url}{CHAT}", headers=headers, content=sent, timeout=30)
                 answers[name].append({"what": current, **_normalised(response)})
             # The access line is written once the response has gone out, so the client can
             # hold its answer before the line lands: wait for this run's last one.
@@ -180,6 +187,8 @@ def test_the_fast_path_answers_as_the_route_does(
     assert statuses["unary"] == statuses["stream"] == statuses["tools pass through"] == 200
     assert (statuses["no key"], statuses["outside the key's pattern"], statuses["another org's model"]) == (401, 403, 404)
     assert statuses["over quota"] == 429 and answers["fast"][11]["headers"]["retry-after"]
+    assert (statuses["unpaired surrogate"], statuses["nested too deep"]) == (400, 400)
+    assert statuses["over the size limit, chunked"] == statuses["over the size limit, declared"] == 413
     assert answers["fast"][0]["headers"]["x-request-id"] == "req-1"
     assert answers["fast"][0]["headers"]["x-forgeline-model-version"] == "m/1"
     assert logged["fast"] == logged["route"] and len(logged["fast"]) == len(_requests(secrets))
