@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from registry.errors import ErrorCode, ForgelineError
+from serving.engine.base import DEFAULT_MAX_BATCH_SIZE
 
 logger = logging.getLogger(__name__)
 console = Console(stderr=False)
@@ -29,19 +30,12 @@ def worker(
         list[str] | None, typer.Option("--adapter", help="NAME=ADAPTER_DIR: serve a PEFT LoRA adapter as MODEL:NAME (repeatable).")
     ] = None,
     device: Annotated[str, typer.Option(help="Torch device: auto, cpu, cuda, cuda:N.")] = "auto",
-    max_batch_size: Annotated[
-        int | None, typer.Option(help="Most requests decoded together (default: the PyTorch engine's).")
-    ] = None,
+    max_batch_size: Annotated[int, typer.Option(help="Most requests decoded together.")] = DEFAULT_MAX_BATCH_SIZE,
     max_new_tokens: Annotated[int, typer.Option(help="Default and upper bound of max_tokens.")] = 512,
 ) -> None:
     """Serve one model as an OpenAI-compatible worker (no API keys) for a gateway upstream."""
     from serving.gateway.server import run_server
     from serving.worker import artifact_catalog, parse_adapter_options, worker_app
-
-    if max_batch_size is None:
-        from serving.engine.scheduler import DEFAULT_MAX_BATCH_SIZE
-
-        max_batch_size = DEFAULT_MAX_BATCH_SIZE
 
     if (artifact is None) == (model is None):
         raise ForgelineError("give exactly one of --artifact DIR or --model REF", code=ErrorCode.INVALID_CONFIG, param="artifact")

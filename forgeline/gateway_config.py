@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from registry.errors import ErrorCode, ForgelineError
 from serving.config import CanarySpec, ServerLimits, ServeSpec
+from serving.engine.base import DEFAULT_MAX_BATCH_SIZE
 from serving.engine.pool import PoolPolicy
-from serving.engine.scheduler import DEFAULT_MAX_BATCH_SIZE
 
 
 class _Section(BaseModel):

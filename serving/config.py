@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serving.engine.base import DEFAULT_MAX_BATCH_SIZE
 from serving.engine.pool import PoolPolicy
-from serving.engine.scheduler import DEFAULT_MAX_BATCH_SIZE
 
 
 class CanarySLO(BaseModel):

@@ -17,8 +17,7 @@ from fastapi import FastAPI
 from registry.errors import ErrorCode, ForgelineError, NotFoundError
 
 from .artifacts.torch_build import load_manifest
-from .engine.base import SamplingDefaults
-from .engine.scheduler import DEFAULT_MAX_BATCH_SIZE
+from .engine.base import DEFAULT_MAX_BATCH_SIZE, SamplingDefaults
 from .engine.torch_engine import TorchEngine
 from .gateway.app import create_app
 from .gateway.catalog import ServedModel, StaticCatalog

@@ -74,17 +74,6 @@ AFFINITY_WAIT_S = 0.2
 """How long a request that would add an adapter to the running batch may be passed over for
 requests whose adapter is already in it (see `Scheduler._prefer_batch_adapters`)."""
 
-DEFAULT_MAX_BATCH_SIZE = 32
-"""Most rows decoded together unless configured (`TorchEngine`, `ServeSpec`, ``forgeline worker``).
-
-32 rather than 16: on a CPU a decode step's cost is mostly its weight reads and GEMMs, so
-more rows per step cost less per token. With the open-loop schedule at 16 requests/s on the
-`small` benchmark model (saturating the engine; in process, 3 alternating pairs), 32 rows gave
-1.16-1.24x the tokens/s of 16 at 0.79-0.83x the engine CPU per token and 0.52-0.60x the TTFT
-p99, for a decode step of 35-38 instead of 26-28 ms (the gap between tokens while the batch is
-full). A batch only grows this large when that many requests are in flight, so light load
-is unaffected; the KV cache grows with the rows in flight, so lower it where memory is tight."""
-
 JOIN_ROWS = 4
 """Fewest free rows of a nearly full running batch worth a prefill forward (see `Scheduler._join_now`)."""
 

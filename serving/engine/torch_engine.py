@@ -32,7 +32,7 @@ from registry.errors import ErrorCode, ForgelineError, ModelNotFoundError
 from serving.cpu_pool import run_cpu
 from serving.engine.adapter_cache import AdapterCache
 from serving.engine.adapter_chat import BASE_CHAT, AdapterChat, read_adapter_chat
-from serving.engine.base import Chunk, EngineStats, SamplingParams
+from serving.engine.base import DEFAULT_MAX_BATCH_SIZE, Chunk, EngineStats, SamplingParams
 from serving.engine.counted_prompts import CountedPrompts
 from serving.engine.detokenizer import Detokenizer
 from serving.engine.fused_step import fused_forward, fused_support
@@ -42,7 +42,7 @@ from serving.engine.lora_routing import BASE_ADAPTER
 from serving.engine.prefix_cache import PrefixCache
 from serving.engine.request import Request
 from serving.engine.sampling import Sampler
-from serving.engine.scheduler import DEFAULT_MAX_BATCH_SIZE, STOP, Scheduler
+from serving.engine.scheduler import STOP, Scheduler
 from serving.engine.token_bytes import TokenBytes
 from serving.engine.tool_formats import ToolFormat, detect_tool_format
 
@@ -65,7 +65,7 @@ class TorchEngine:
         model_dir: a folder with config, safetensors weights and tokenizer (for example an
             artifact from `serving.artifacts.torch_build.build_torch_artifact`).
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
-        max_batch_size: most requests decoded together (`scheduler.DEFAULT_MAX_BATCH_SIZE` says
+        max_batch_size: most requests decoded together (`base.DEFAULT_MAX_BATCH_SIZE` says
             why 32 on a CPU; lower it where KV memory is tight).
         batch_window_ms: when the engine is idle, how long it waits after a request for more
             to prefill together; requests arriving while it decodes join at the next step.

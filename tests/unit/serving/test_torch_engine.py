@@ -225,7 +225,7 @@ def test_every_way_of_serving_a_torch_engine_defaults_to_the_same_batch_size() -
 
     from forgeline.gateway_config import RolloutConfig
     from serving.config import ServeSpec
-    from serving.engine.scheduler import DEFAULT_MAX_BATCH_SIZE
+    from serving.engine.base import DEFAULT_MAX_BATCH_SIZE
     from serving.worker import artifact_catalog
 
     engine_default = inspect.signature(TorchEngine).parameters["max_batch_size"].default
