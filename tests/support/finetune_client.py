@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,16 +49,6 @@ def make_org() -> Org:
     }
     keys.dispose()
     return Org(secrets)
-
-
-def wait_for(what: str, check: Callable[[], object], timeout_s: float = 600, every_s: float = 0.5) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def all_events(client: openai.OpenAI, job_id: str) -> list[openai.types.fine_tuning.FineTuningJobEvent]:

@@ -29,7 +29,8 @@ from jobs.config import ClusterSpec
 from registry.client import Registry
 from serving.gateway.server import serve_in_background
 from tests.conftest import REPO, SUPPORT_DATA
-from tests.support.finetune_client import Org, add_tiny_base, all_events, chat_file, make_org, wait_for
+from tests.support.finetune_client import Org, add_tiny_base, all_events, chat_file, make_org
+from tests.support.polling import wait_for
 from tests.unit.jobs.fake_kube import FakeKubeCluster, api_client
 from training.job import TrainJob
 

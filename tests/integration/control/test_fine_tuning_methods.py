@@ -18,7 +18,8 @@ from registry import lineage
 from registry.client import Registry
 from serving.gateway.server import serve_in_background
 from tests.conftest import REPO
-from tests.support.finetune_client import Org, all_events, wait_for
+from tests.support.finetune_client import Org, all_events
+from tests.support.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

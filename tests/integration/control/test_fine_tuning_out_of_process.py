@@ -31,7 +31,8 @@ from forgeline.control import create_control_app
 from forgeline.finetune.service import FineTuningSettings
 from serving.gateway.server import serve_in_background
 from tests.conftest import SUPPORT_DATA
-from tests.support.finetune_client import add_tiny_base, all_events, chat_file, make_org, wait_for
+from tests.support.finetune_client import add_tiny_base, all_events, chat_file, make_org
+from tests.support.polling import wait_for
 
 tmp = Path(sys.argv[1])
 add_tiny_base()

@@ -24,7 +24,8 @@ from serving.gateway.server import serve_in_background
 from serving.registry_models import local_artifact_dir
 from serving.service import build_gateway
 from tests.conftest import REPO, SUPPORT_DATA, TINY_BASE
-from tests.support.finetune_client import TINY_TRAIN_DEFAULTS, Org, all_events, chat_file, wait_for
+from tests.support.finetune_client import TINY_TRAIN_DEFAULTS, Org, all_events, chat_file
+from tests.support.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

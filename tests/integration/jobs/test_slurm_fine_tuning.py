@@ -30,7 +30,8 @@ from registry.client import Registry
 from registry.keys import KeyStore
 from serving.gateway.server import serve_in_background
 from tests.conftest import SUPPORT_DATA
-from tests.support.finetune_client import add_tiny_base, all_events, chat_file, wait_for
+from tests.support.finetune_client import add_tiny_base, all_events, chat_file
+from tests.support.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -20,6 +20,7 @@ from registry.keys import KeyStore
 from serving.engine.torch_engine import BASE_ADAPTER, TorchEngine
 from serving.gateway.app import ServedModel, StaticCatalog, create_app
 from serving.gateway.server import serve_in_background
+from tests.support.polling import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -244,15 +245,12 @@ def test_access_log_is_structured_and_has_no_prompt(prod: Prod, caplog: pytest.L
     secret_prompt = "my-secret-prompt-text-42"
     prod.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": secret_prompt}], max_tokens=3)
     # The access line is written once the response has gone out: wait for it, not a fixed time.
-    deadline = time.monotonic() + 10
-    while True:
+    def chat_lines() -> list[dict]:
         lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "forgeline.access"]
-        chat = [e for e in lines if e["path"] == "/v1/chat/completions"]
-        if chat or time.monotonic() > deadline:
-            break
-        time.sleep(0.01)
-    assert chat, "no access line for the chat completion"
-    entry = chat[0]
+        return [e for e in lines if e["path"] == "/v1/chat/completions"]
+
+    wait_for("the chat completion's access line", chat_lines, timeout_s=10, every_s=0.01)
+    entry = chat_lines()[0]
     assert entry["status"] == 200 and entry["model"] == "tiny" and entry["served"] == "tiny/1"
     assert entry["key_id"] and entry["prompt_tokens"] > 0 and entry["completion_tokens"] == 3
     assert secret_prompt not in caplog.text

@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from registry.keys import KeyStore
+from tests.support.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -112,16 +113,15 @@ def _wait_for_tpm_level_below(redis_url: str, key_id: str, level: float, timeout
     import redis
 
     client = redis.Redis.from_url(redis_url)
-    deadline = time.monotonic() + timeout_s
+
+    def charged() -> bool:
+        stored = client.hget(f"forgeline:quota:{{{key_id}}}:tpm", "level")
+        return stored is not None and float(stored) < level
+
     try:
-        while time.monotonic() < deadline:
-            stored = client.hget(f"forgeline:quota:{{{key_id}}}:tpm", "level")
-            if stored is not None and float(stored) < level:
-                return
-            time.sleep(0.02)
+        wait_for("the completion charge in Redis", charged, timeout_s=timeout_s, every_s=0.02)
     finally:
         client.close()
-    pytest.fail(f"the completion charge did not reach Redis within {timeout_s} s")
 
 
 def test_shared_token_budget_counts_completions_from_the_other_replica(

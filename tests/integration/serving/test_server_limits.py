@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 
 from serving.config import ServerLimits
 from serving.gateway.server import serve_in_background
+from tests.support.polling import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -38,17 +39,6 @@ def _app() -> FastAPI:
         return {"bytes": len(await request.body())}
 
     return app
-
-
-def _eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    """Poll ``condition`` until it holds or ``timeout_s`` passes: the server acts on its own
-    loop, so a fixed sleep is a guess that a loaded machine can lose."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def _status(url: str) -> int:
@@ -116,8 +106,8 @@ def test_a_silent_connection_and_a_stalled_body_are_closed(server) -> None:
     stalled.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
     # Closed by the timeouts (1 s), well before anything else would close them; the bound is
     # loose because a loaded machine runs the server's timers late.
-    assert _eventually(lambda: _closed(silent), limits.body_timeout_s * 8)
-    assert _eventually(lambda: _closed(stalled), limits.body_timeout_s * 8)
+    wait_for("the silent connection closed", lambda: _closed(silent), limits.body_timeout_s * 8, every_s=0.05)
+    wait_for("the stalled body's connection closed", lambda: _closed(stalled), limits.body_timeout_s * 8, every_s=0.05)
 
 
 def test_connections_beyond_the_cap_are_closed_at_once() -> None:
@@ -132,10 +122,10 @@ def test_connections_beyond_the_cap_are_closed_at_once() -> None:
             closed.update(i for i, s in enumerate(socks) if i not in closed and _closed(s))
             return len(closed) >= 12 - 5
 
-        assert _eventually(enough_closed), f"only {len(closed)} of 12 connections closed with a cap of 5"
+        wait_for("7 of 12 connections closed with a cap of 5", enough_closed, timeout_s=10, every_s=0.05)
         for s in socks:
             s.close()
-        assert _eventually(lambda: _status(url + "/health") == 200)  # the cap frees up again
+        wait_for("the cap to free up again", lambda: _status(url + "/health") == 200, timeout_s=10, every_s=0.05)
     finally:
         stop()
 
@@ -152,13 +142,13 @@ def test_a_request_over_the_concurrency_limit_gets_an_openai_shaped_503() -> Non
             answers.append(httpx.get(url + "/health", timeout=5))
             return answers[-1].status_code == 503
 
-        assert _eventually(refused), answers[-1].text
+        wait_for("a 503 at the connection limit", refused, timeout_s=10, every_s=0.05)
         busy = answers[-1]
         assert busy.headers["retry-after"] == "1"
         assert busy.json()["error"]["code"] == "unavailable" and busy.json()["error"]["type"]
         for s in idle:
             s.close()
-        assert _eventually(lambda: _status(url + "/health") == 200)
+        wait_for("the cap to free up again", lambda: _status(url + "/health") == 200, timeout_s=10, every_s=0.05)
     finally:
         stop()
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from serving.engine.upstream import UpstreamEngine
 from serving.gateway.app import ServedModel, StaticCatalog, create_app
 from serving.gateway.auth import ROUTES, http_routes
 from serving.gateway.fast_chat import ChatFastPath
+from tests.support.polling import wait_for
 
 CHAT = "/v1/chat/completions"
 MAX_BODY = 64 * 1024
@@ -142,12 +142,6 @@ def _access(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "forgeline.access"]
 
 
-def _wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
 @pytest.mark.integration
 def test_the_fast_path_answers_as_the_route_does(
     setup: tuple[dict[str, str], dict[str, str]], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
@@ -173,7 +167,9 @@ def test_the_fast_path_answers_as_the_route_does(
                 answers[name].append({"what": current, **_normalised(response)})
             # The access line is written once the response has gone out, so the client can
             # hold its answer before the line lands: wait for this run's last one.
-            _wait_for(lambda: len(_access(caplog)) >= len(_requests(secrets)))
+            wait_for(
+                f"{name}'s access lines", lambda: len(_access(caplog)) >= len(_requests(secrets)), timeout_s=10, every_s=0.01
+            )
         logged[name] = [
             {k: v for k, v in json.loads(r.getMessage()).items() if k not in _VOLATILE_FIELDS}
             for r in _access(caplog)
