@@ -28,10 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    import uvicorn
-
     from serving.gateway.app import create_app
     from serving.gateway.catalog import ServedModel, StaticCatalog
+    from serving.gateway.server import run_server
 
     engine: object
     if args.engine == "static":
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
             prefix_cache_tokens=args.prefix_cache_tokens,
         )
     app = create_app(StaticCatalog([ServedModel(name=MODEL, version="1", engine=engine)]), max_new_tokens=1024)  # type: ignore[arg-type]
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    run_server(app, args.host, args.port, log_level="warning")  # as `forgeline serve`: its limits, its frozen heap
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from registry.errors import ErrorCode, ForgelineError
 from serving.config import ServerLimits
 from serving.gateway.connections import limited_protocol
 from serving.gateway.metrics import MULTIPROC_ENV
+from serving.startup_heap import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +41,43 @@ class GatewayConfig(uvicorn.Config):
     loaded: worker processes receive the config pickled, and a class made at run time
     does not pickle."""
 
-    def __init__(self, app: Any, *, server_limits: ServerLimits, http_impl: str | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        server_limits: ServerLimits,
+        http_impl: str | None = None,
+        freeze_heap: bool = False,
+        **options: Any,
+    ) -> None:
         super().__init__(app, **options)
         self.server_limits = server_limits
         self.http_impl = http_impl  # None: httptools when installed, else h11
+        self.freeze_heap = freeze_heap  # only a process that owns its server (`serving.startup_heap`)
 
     def load(self) -> None:
         super().load()
         self.http_protocol_class = limited_protocol(self.server_limits, self.http_impl)
+        if self.freeze_heap:
+            self.lifespan_class = _freezing_after_startup(self.lifespan_class)
+
+
+def _freezing_after_startup(lifespan_class: Any) -> Callable[[uvicorn.Config], Any]:
+    """``lifespan_class`` whose start-up, once it succeeded (models loaded), freezes the heap."""
+
+    def make(config: uvicorn.Config) -> Any:
+        lifespan = lifespan_class(config)
+        startup = lifespan.startup
+
+        async def startup_then_freeze() -> None:
+            await startup()
+            if not lifespan.should_exit:
+                freeze_startup_heap()
+
+        lifespan.startup = startup_then_freeze
+        return lifespan
+
+    return make
 
 
 def server_config(app: FastAPI | str, limits: ServerLimits | None = None, **options: Any) -> uvicorn.Config:
@@ -117,7 +147,8 @@ def run_server(
         from uvicorn.importer import import_from_string
 
         app = import_from_string(app)()
-    server = uvicorn.Server(server_config(app, limits, host=host, port=port, log_level=log_level, lifespan="on"))
+    config = server_config(app, limits, host=host, port=port, log_level=log_level, lifespan="on", freeze_heap=True)
+    server = uvicorn.Server(config)
     held = _HeldStartupErrors(server)
     uvicorn_log = logging.getLogger("uvicorn.error")  # configured by uvicorn.Config above
     uvicorn_log.addFilter(held)
@@ -136,7 +167,10 @@ def run_server(
 def _run_processes(factory: str, host: str, port: int, *, log_level: str, limits: ServerLimits | None, workers: int) -> None:
     from uvicorn.supervisors import Multiprocess
 
-    config = server_config(factory, limits, host=host, port=port, log_level=log_level, lifespan="on", factory=True, workers=workers)
+    config = server_config(
+        factory, limits, host=host, port=port, log_level=log_level, lifespan="on", factory=True, workers=workers,
+        freeze_heap=True,
+    )
     # prometheus_client's multiprocess mode: each process keeps its counters in files here, and
     # /metrics, whichever process answers it, sums them all. Set before the processes start
     # (they import prometheus_client afresh); an operator's own directory is kept.
