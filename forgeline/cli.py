@@ -336,6 +336,7 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port to listen on (default 8000, or the config's).")] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Gateway processes sharing the port (quotas then need Redis); default 1, or the config's.")] = None,
     device: Annotated[str, typer.Option(help="Torch device: auto, cpu, cuda.")] = "auto",
+    dtype: Annotated[str | None, typer.Option(help="Weights' dtype: auto (float32 on CPUs; default, or the recipe's), float32, bfloat16 (about 2x faster on CPUs with AMX/AVX-512 BF16), float16.")] = None,
     recipe: Annotated[Path | None, typer.Option(help="Take the other serve options (canary, quotas, adapters) from this recipe's `serve` section.")] = None,
     auth: Annotated[bool, typer.Option("--auth/--no-auth", help="Require API keys (`forgeline keys create`).")] = True,
     header_timeout: HeaderTimeout = None,
@@ -363,6 +364,9 @@ def serve(
         if refs or base_names or recipe:
             raise ForgelineError("--config names the models itself; drop --model, --base and --recipe",
                                  code=ErrorCode.INVALID_REQUEST, param="config")
+        if dtype is not None:
+            raise ForgelineError("--config sets the engine's dtype itself (`rollout.dtype`); drop --dtype",
+                                 code=ErrorCode.INVALID_REQUEST, param="dtype")
         loaded = load_gateway_config(config)
         spec = loaded.serve_spec()
         limits = server_limits(spec.limits, **flags)
@@ -378,6 +382,10 @@ def serve(
                 param="model",
             )
         serve_spec = load_recipe(recipe).serve if recipe else ServeSpec()
+        if dtype is not None:
+            from serving.engine.loading import check_dtype
+
+            serve_spec = serve_spec.model_copy(update={"dtype": check_dtype(dtype)})
         limits = server_limits(serve_spec.limits, **flags)
         spec = serve_spec.model_copy(update={"host": host or "127.0.0.1", "port": 8000 if port is None else port,
                                              "device": device, "auth": auth and serve_spec.auth, "limits": limits})

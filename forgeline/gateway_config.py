@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from registry.errors import ErrorCode, ForgelineError
 from serving.config import CanarySpec, ServerLimits, ServeSpec
-from serving.engine.base import DEFAULT_MAX_BATCH_SIZE
+from serving.engine.base import DEFAULT_MAX_BATCH_SIZE, EngineDtype
 from serving.engine.pool import PoolPolicy
 
 
@@ -109,6 +109,7 @@ class RolloutConfig(_Section):
     drain_timeout_s: float = Field(default=120.0, gt=0)
     canary: CanarySpec | None = None
     device: str = Field(default="auto", description="Torch device for models served here: auto, cpu, cuda, cuda:N.")
+    dtype: EngineDtype = Field(default="auto", description="Weights' dtype for the PyTorch engine: auto (float32 on CPUs, the artifact's own on GPUs), float32, bfloat16 (about 2x faster decoding on CPUs with AMX or AVX-512 BF16), float16.")
     max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, gt=0)
 
 
@@ -175,6 +176,7 @@ class GatewayConfig(_Section):
             drain_timeout_s=self.rollout.drain_timeout_s,
             canary=self.rollout.canary,
             device=self.rollout.device,
+            dtype=self.rollout.dtype,
             max_batch_size=self.rollout.max_batch_size,
             **upstream,
         )
@@ -253,7 +255,7 @@ def _static_model(index: int, model: ModelConfig, config: GatewayConfig, spec: S
             load_manifest(folder)  # checksums, before any weights load
         except ForgelineError as exc:
             raise ForgelineError(f"models.{index}.path: {exc.message}", code=exc.code, param="path") from exc
-        engine = TorchEngine(folder, device=spec.device, max_batch_size=spec.max_batch_size, model_id=model.name)
+        engine = TorchEngine(folder, device=spec.device, dtype=spec.dtype, max_batch_size=spec.max_batch_size, model_id=model.name)
         return ServedModel(name=model.name, version="local", engine=engine, artifact=str(folder),
                            sampling_defaults=SamplingDefaults.from_model_dir(folder))  # fmt: skip
     from serving.engine.discovery import DnsDiscovery

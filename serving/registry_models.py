@@ -69,6 +69,7 @@ def torch_engine(
     return TorchEngine(
         path,
         device=spec.device,
+        dtype=spec.dtype,
         max_batch_size=spec.max_batch_size,
         batch_window_ms=spec.batch_window_ms,
         model_id=model_id,

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from registry.errors import ErrorCode, ForgelineError, NotFoundError
 
 from .artifacts.torch_build import load_manifest
-from .engine.base import DEFAULT_MAX_BATCH_SIZE, SamplingDefaults
+from .engine.base import DEFAULT_MAX_BATCH_SIZE, EngineDtype, SamplingDefaults
 from .engine.torch_engine import TorchEngine
 from .gateway.app import create_app
 from .gateway.catalog import ServedModel, StaticCatalog
@@ -50,6 +50,7 @@ def artifact_catalog(
     name: str | None = None,
     adapters: dict[str, Path] | None = None,
     device: str = "auto",
+    dtype: EngineDtype = "auto",
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     batch_window_ms: float = 5.0,
 ) -> StaticCatalog:
@@ -68,6 +69,7 @@ def artifact_catalog(
     engine = TorchEngine(
         root,
         device=device,
+        dtype=dtype,
         max_batch_size=max_batch_size,
         batch_window_ms=batch_window_ms,
         model_id=model_name,

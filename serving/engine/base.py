@@ -38,6 +38,14 @@ p99, for a decode step of 35-38 instead of 26-28 ms (the gap between tokens whil
 full). A batch only grows this large when that many requests are in flight, so light load
 is unaffected; the KV cache grows with the rows in flight, so lower it where memory is tight."""
 
+EngineDtype = Literal["auto", "float32", "bfloat16", "float16"]
+"""The PyTorch engine's weight (and compute) dtype: ``auto`` is float32 on a CPU and the
+artifact's own dtype on a GPU. ``bfloat16`` on a CPU with bf16 matrix instructions (AMX,
+AVX-512 BF16) decodes about twice as fast (BENCHMARKS.md §2c), with bf16's rounding: greedy
+outputs can differ from float32 where two tokens are nearly tied."""
+
+ENGINE_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+
 
 class TokenGuide(Protocol):
     """Constrains one generated sequence token by token (a grammar, a JSON schema, a tool call).

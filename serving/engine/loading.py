@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from registry.errors import ErrorCode, ForgelineError
+from serving.engine.base import ENGINE_DTYPES, EngineDtype
 from serving.stop_tokens import stop_token_ids
 
 logger = logging.getLogger(__name__)
@@ -78,19 +79,66 @@ class LoadedModel:
     cache_kwarg: str  # the forward's name for the KV cache argument
     forward_kwargs: dict[str, Any]
     num_threads: int | None  # CPU intra-op threads for the worker, None on GPUs
+    dtype: Any  # the weights' torch dtype
 
 
-def load_model(model_dir: Path, device_spec: str, num_threads: int | None) -> LoadedModel:
-    """Load ``model_dir`` on ``device_spec`` (``auto``, ``cpu``, ``cuda[:N]``), one load at a time.
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AMX or AVX-512 BF16; Linux's flags)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def check_dtype(dtype: str) -> EngineDtype:
+    """``dtype`` when the engine serves in it (`serving.engine.base.ENGINE_DTYPES`).
 
     Raises:
-        ForgelineError: ``unavailable`` when the weights load incompletely.
+        ForgelineError: ``invalid_config`` naming the value and the choices.
+    """
+    if dtype not in ENGINE_DTYPES:
+        raise ForgelineError(
+            f"dtype {dtype!r} is not one the engine serves in; use one of {', '.join(ENGINE_DTYPES)}",
+            code=ErrorCode.INVALID_CONFIG,
+            param="dtype",
+        )
+    return dtype  # type: ignore[return-value]
+
+
+def _torch_dtype(dtype: str, device: Any) -> Any:
+    """The dtype `from_pretrained` gets for ``dtype`` (`serving.engine.base.EngineDtype`) on ``device``."""
+    import torch
+
+    if check_dtype(dtype) != "auto":
+        return getattr(torch, dtype)
+    if device.type != "cpu":
+        return "auto"  # on GPUs keep the dtype the artifact was saved in
+    if cpu_has_bf16_matmul():
+        logger.info(
+            "this CPU has bf16 matrix instructions: dtype bfloat16 decodes about twice as fast as the "
+            "float32 served by default (BENCHMARKS.md §2c)"
+        )
+    # bf16 matmuls are slow on CPUs without those instructions, and change greedy outputs.
+    return torch.float32
+
+
+def load_model(model_dir: Path, device_spec: str, num_threads: int | None, dtype: str = "auto") -> LoadedModel:
+    """Load ``model_dir`` on ``device_spec`` (``auto``, ``cpu``, ``cuda[:N]``) in ``dtype``, one load at a time.
+
+    Raises:
+        ForgelineError: ``unavailable`` when the weights load incompletely; ``invalid_config``
+            for a dtype not in `serving.engine.base.ENGINE_DTYPES`.
     """
     with LOAD_LOCK:
-        return _load(model_dir, device_spec, num_threads)
+        return _load(model_dir, device_spec, num_threads, dtype)
 
 
-def _load(model_dir: Path, device_spec: str, num_threads: int | None) -> LoadedModel:
+def _load(model_dir: Path, device_spec: str, num_threads: int | None, dtype_name: str) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -98,9 +146,8 @@ def _load(model_dir: Path, device_spec: str, num_threads: int | None) -> LoadedM
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(device_spec)
-    # bf16 matmuls are slow on most CPUs; on GPUs keep the dtype the artifact was saved in.
-    dtype: Any = torch.float32 if device.type == "cpu" else "auto"
-    logger.info("loading %s on %s", model_dir, device)
+    dtype = _torch_dtype(dtype_name, device)
+    logger.info("loading %s on %s (%s)", model_dir, device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     loaded: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, output_loading_info=True)
     model, info = loaded
@@ -126,4 +173,5 @@ def _load(model_dir: Path, device_spec: str, num_threads: int | None) -> LoadedM
         cache_kwarg="cache" if "cache" in params else "past_key_values",
         forward_kwargs={"logits_to_keep": 1} if "logits_to_keep" in params else {},
         num_threads=threads,
+        dtype=model.dtype,
     )

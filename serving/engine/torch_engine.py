@@ -32,12 +32,12 @@ from registry.errors import ErrorCode, ForgelineError, ModelNotFoundError
 from serving.cpu_pool import run_cpu
 from serving.engine.adapter_cache import AdapterCache
 from serving.engine.adapter_chat import BASE_CHAT, AdapterChat, read_adapter_chat
-from serving.engine.base import DEFAULT_MAX_BATCH_SIZE, Chunk, EngineStats, SamplingParams
+from serving.engine.base import DEFAULT_MAX_BATCH_SIZE, Chunk, EngineDtype, EngineStats, SamplingParams
 from serving.engine.counted_prompts import CountedPrompts
 from serving.engine.detokenizer import Detokenizer
 from serving.engine.fused_step import fused_forward, fused_support
 from serving.engine.grammar import GuideCompiler
-from serving.engine.loading import load_model, max_prompt_chars
+from serving.engine.loading import check_dtype, load_model, max_prompt_chars
 from serving.engine.lora_routing import BASE_ADAPTER
 from serving.engine.prefix_cache import PrefixCache
 from serving.engine.request import Request
@@ -84,6 +84,9 @@ class TorchEngine:
         fused_step: run a joining group's prefill chunk in the same forward as the running
             batch's decode step where that is exactly right for the model (`fused_step`,
             decided at start; never with adapters); False always runs two forwards.
+        dtype: the weights' dtype (`base.EngineDtype`): ``auto`` is float32 on a CPU and the
+            artifact's own on a GPU; ``bfloat16`` decodes about twice as fast on CPUs with
+            bf16 matrix instructions. Logits are sampled in float32 whatever it is.
     """
 
     reports_logprobs = True  # from the decode step, see `Sampler.sample`
@@ -106,6 +109,7 @@ class TorchEngine:
         prefill_chunk: int = 256,
         prefix_cache_tokens: int = 0,
         fused_step: bool = True,
+        dtype: EngineDtype = "auto",
     ) -> None:
         if max_batch_size <= 0:
             raise ValueError(f"max_batch_size must be > 0, got {max_batch_size}")
@@ -115,6 +119,7 @@ class TorchEngine:
             raise ValueError(f"prefill_chunk must be > 0, got {prefill_chunk}")
         if prefix_cache_tokens < 0:
             raise ValueError(f"prefix_cache_tokens must be >= 0, got {prefix_cache_tokens}")
+        check_dtype(dtype)
         self.model_dir = Path(model_dir)
         self.model_id = model_id or self.model_dir.name
         self.max_batch_size = max_batch_size
@@ -124,6 +129,7 @@ class TorchEngine:
         self.fused_step = fused_step
         self.max_loaded_adapters = max_loaded_adapters
         self._device_spec = device
+        self._dtype = dtype
         self._num_threads_arg = num_threads
         self._num_threads: int | None = None
         self._ready = False
@@ -223,7 +229,7 @@ class TorchEngine:
         logger.info("engine %s stopped", self.model_id)
 
     def _load(self) -> None:
-        loaded = load_model(self.model_dir, self._device_spec, self._num_threads_arg)
+        loaded = load_model(self.model_dir, self._device_spec, self._num_threads_arg, self._dtype)
         self._model = loaded.model
         self._tokenizer = loaded.tokenizer
         self._device = loaded.device
