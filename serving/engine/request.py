@@ -49,6 +49,33 @@ class Request:
             self.deliver(exc)
 
 
+def take_queued(first: Chunk, queue: asyncio.Queue[Chunk | BaseException]) -> tuple[Chunk, BaseException | None]:
+    """``first`` merged with the chunks already waiting behind it, and an error that ended them.
+
+    A reader that falls behind the decode loop (a busy event loop, a slow client) then sends
+    one event for several tokens instead of one per token: the same text and tokens, fewer
+    writes, and the writes are what the event loop spends its time on under load. A reader
+    that keeps up finds nothing queued and sends every chunk as it comes.
+    """
+    if queue.empty() or first.finish_reason is not None:
+        return first, None
+    text, ids = [first.text], list(first.token_ids)
+    logprobs = list(first.logprobs) if first.logprobs is not None else None
+    finish = None
+    error: BaseException | None = None
+    while finish is None and not queue.empty():
+        item = queue.get_nowait()
+        if isinstance(item, BaseException):
+            error = item
+            break
+        text.append(item.text)
+        ids.extend(item.token_ids)
+        if logprobs is not None and item.logprobs is not None:
+            logprobs.extend(item.logprobs)
+        finish = item.finish_reason
+    return Chunk("".join(text), ids, finish, logprobs), error
+
+
 def _put_all(items: list[tuple[asyncio.Queue[Chunk | BaseException], Chunk]]) -> None:
     for q, item in items:
         q.put_nowait(item)

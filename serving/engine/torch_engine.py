@@ -40,7 +40,7 @@ from serving.engine.grammar import GuideCompiler
 from serving.engine.loading import check_dtype, load_model, max_prompt_chars
 from serving.engine.lora_routing import BASE_ADAPTER
 from serving.engine.prefix_cache import PrefixCache
-from serving.engine.request import Request
+from serving.engine.request import Request, take_queued
 from serving.engine.sampling import Sampler
 from serving.engine.scheduler import STOP, Scheduler
 from serving.engine.token_bytes import TokenBytes
@@ -410,7 +410,10 @@ class TorchEngine:
                 item = await request.queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                item, error = take_queued(item, request.queue)
                 yield item
+                if error is not None:
+                    raise error
                 if item.finish_reason is not None:
                     return
         finally:
