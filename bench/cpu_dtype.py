@@ -6,7 +6,7 @@ first token, and their ratio bf16 / float32 per round. On CPUs with bf16 matrix
 instructions (AMX, AVX-512 BF16) bf16 halves the weight bytes read per token and runs the
 GEMMs natively; elsewhere it is usually slower, which is why float32 stays the default.
 
-    python -m bench.cpu_dtype [--size small] [--requests 16] [--max-tokens 32] [--rounds 3]
+    python -m bench.cpu_dtype [--size small] [--requests 16] [--max-tokens 32] [--rounds 3] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=16, help="concurrent requests per burst")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, help="also write the rounds to this JSON file")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="forgeline-dtype-") as work:
         model_dir = build_llama(Path(work) / "llama", args.size)
@@ -61,7 +62,10 @@ def main(argv: list[str] | None = None) -> None:
         rounds = asyncio.run(_rounds(model_dir, texts, args.max_tokens, args.rounds))
     speed = [r["bfloat16"]["tokens_per_s"] / r["float32"]["tokens_per_s"] for r in rounds]
     ttft = [r["bfloat16"]["ttft_ms"]["p50"] / r["float32"]["ttft_ms"]["p50"] for r in rounds]
-    print(json.dumps({"cpu_has_bf16_matmul": cpu_has_bf16_matmul(), "rounds": rounds}, indent=2))
+    result = {"cpu_has_bf16_matmul": cpu_has_bf16_matmul(), "rounds": rounds}
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result))
     print(
         f"\n| {args.size} Llama, {args.requests} concurrent requests x {args.max_tokens} tokens, {_threads()} thread(s) "
         "| float32 | bfloat16 | bf16 / fp32 (median, range) |\n|---|---|---|---|\n"

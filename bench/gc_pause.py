@@ -6,7 +6,7 @@ process, a worker as it starts (a PyTorch engine on a random Llama, the gateway 
 lifespan run, a few requests served) and its full-collection pause before and after the
 freeze.
 
-    python -m bench.gc_pause [--size small] [--rounds 7]
+    python -m bench.gc_pause [--size small] [--rounds 7] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -77,11 +77,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="small", help="bench.models size of the random Llama (default small)")
     parser.add_argument("--rounds", type=int, default=7, help="full collections timed each way (median reported)")
+    parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="forgeline-gc-") as work:
         model_dir = build_llama(Path(work) / "llama", args.size)
         result = asyncio.run(_measure(model_dir, args.rounds))
     print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result))
     print(
         f"\n| started worker ({args.size} Llama) | tracked objects | full collection (median of {args.rounds}) |\n"
         "|---|---|---|\n"

@@ -1,0 +1,40 @@
+"""The benchmarks run alone (not in `python -m bench`'s suite) run end to end on tiny settings.
+
+Nothing about speed is asserted (tiny settings mean nothing); what is checked is that each
+measured what it says it measures.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+
+pytestmark = [pytest.mark.integration]
+
+
+def _run(module: str, out: Path, *args: str) -> dict:
+    cmd = [sys.executable, "-m", module, *args, "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "|---|" in proc.stdout  # the table for BENCHMARKS.md
+    return json.loads(out.read_text())
+
+
+def test_gc_pause_times_collections_of_a_started_worker_before_and_after_the_freeze(tmp_path: Path) -> None:
+    result = _run("bench.gc_pause", tmp_path / "gc.json", "--size", "tiny", "--rounds", "1")
+    assert result["frozen_objects"] > 100_000  # a started worker: torch, transformers, the app
+    assert result["tracked_after_freeze"] < result["tracked_objects"] / 100
+    assert result["full_collection_ms"] > 0 and result["full_collection_frozen_ms"] >= 0
+
+
+def test_cpu_dtype_serves_the_same_burst_in_both_dtypes(tmp_path: Path) -> None:
+    result = _run("bench.cpu_dtype", tmp_path / "dtype.json", "--size", "tiny", "--requests", "2", "--max-tokens", "4", "--rounds", "1")
+    (round_,) = result["rounds"]
+    assert set(round_) == {"float32", "bfloat16"}
+    assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in round_.values())
