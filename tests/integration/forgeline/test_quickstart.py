@@ -24,7 +24,9 @@ def fast_recipe(tmp: Path, **overrides: dict) -> Path:
     raw = yaml.safe_load(src.read_text())
     raw["model"]["base"] = str((src.parent / raw["model"]["base"]).resolve())
     raw["data"] = {k: str((src.parent / v).resolve()) for k, v in raw["data"].items()}
-    raw["train"].update(max_steps=60, logging_steps=5)
+    # 40 steps: eval accuracy 1.0 (0.95 at 30, 1.0 at 60), train loss 0.03, 9 logged points;
+    # the 20 more steps of 60 only lowered a loss the assertions already pass on.
+    raw["train"].update(max_steps=40, logging_steps=5)
     raw["evaluate"].update(max_samples=40)
     for section, values in overrides.items():
         raw[section].update(values)
