@@ -15,9 +15,15 @@ builtin or C method; builtins are charged to the layer of the Python function th
 them. Only the event loop's thread is profiled (the key lookups' executor thread runs once
 per cache period, not per request).
 
-    python -m bench.call_count [--requests 1000] [--top 25] [--base /path/to/other/checkout]
+    python -m bench.call_count [--requests 1000] [--top 25] [--base /path/to/other/checkout] [--token-delay-ms 1]
 
 With ``--base`` the same is measured for another checkout and both are printed side by side.
+
+A streamed answer costs calls per block of events the gateway reads from the worker, and
+how many events one read brings depends on timing (a busier machine batches more): two
+runs of the same code differed by a third in blocks per stream. ``--token-delay-ms``
+spaces the worker's tokens so that each comes in a read of its own (17 blocks a stream at
+c1), which makes streamed counts comparable between versions and runs.
 """
 
 from __future__ import annotations
@@ -109,7 +115,7 @@ def by_layer(prof: Path) -> tuple[collections.Counter[str], collections.Counter[
 
 
 def measure(
-    code: Path, requests: int, warmup: int, save: Path | None = None
+    code: Path, requests: int, warmup: int, save: Path | None = None, token_delay_ms: float = 0.0
 ) -> dict[str, tuple[collections.Counter[str], collections.Counter[str], int]]:
     """Calls per cell (``unary``, ``stream``) for the gateway in checkout ``code``."""
     import time
@@ -125,7 +131,7 @@ def measure(
         port = free_port()
         worker = ServerProcess(
             "upstream",
-            python_module("bench.fake_upstream", "--port", str(port), "--tokens", str(TOKENS)),
+            python_module("bench.fake_upstream", "--port", str(port), "--tokens", str(TOKENS), "--token-delay-ms", str(token_delay_ms)),
             port=port,
             log_path=work / "worker.log",
         )
@@ -185,11 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--top", type=int, default=25, help="functions with the most calls to list per cell")
     parser.add_argument("--base", type=Path, default=None, help="another checkout, counted the same way")
+    parser.add_argument("--token-delay-ms", type=float, default=0.0, help="the worker's pause before each streamed token")
     parser.add_argument("--save", type=Path, default=None, help="keep the cProfile dumps here (<version>/<cell>.prof)")
     args = parser.parse_args(argv)
     versions = {"new": REPO} if args.base is None else {"base": args.base, "new": REPO}
     counted = {
-        name: measure(code, args.requests, args.warmup, args.save and args.save / name)
+        name: measure(code, args.requests, args.warmup, args.save and args.save / name, args.token_delay_ms)
         for name, code in versions.items()
     }
     n = args.requests
