@@ -13,7 +13,7 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 from serving.engine.sse_relay import SseBlock
 
@@ -44,7 +44,7 @@ artifact's own dtype on a GPU. ``bfloat16`` on a CPU with bf16 matrix instructio
 AVX-512 BF16) decodes about twice as fast (BENCHMARKS.md §2c), with bf16's rounding: greedy
 outputs can differ from float32 where two tokens are nearly tied."""
 
-ENGINE_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+ENGINE_DTYPES: tuple[str, ...] = get_args(EngineDtype)
 
 
 class TokenGuide(Protocol):

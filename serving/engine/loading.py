@@ -79,7 +79,6 @@ class LoadedModel:
     cache_kwarg: str  # the forward's name for the KV cache argument
     forward_kwargs: dict[str, Any]
     num_threads: int | None  # CPU intra-op threads for the worker, None on GPUs
-    dtype: Any  # the weights' torch dtype
 
 
 def cpu_has_bf16_matmul() -> bool:
@@ -173,5 +172,4 @@ def _load(model_dir: Path, device_spec: str, num_threads: int | None, dtype_name
         cache_kwarg="cache" if "cache" in params else "past_key_values",
         forward_kwargs={"logits_to_keep": 1} if "logits_to_keep" in params else {},
         num_threads=threads,
-        dtype=model.dtype,
     )
