@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from bench.engine_batching import _threads, run_batched
+from bench.harness import show_result
 from bench.models import build_llama, prompts
 from serving.engine.loading import cpu_has_bf16_matmul
 
@@ -63,9 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     speed = [r["bfloat16"]["tokens_per_s"] / r["float32"]["tokens_per_s"] for r in rounds]
     ttft = [r["bfloat16"]["ttft_ms"]["p50"] / r["float32"]["ttft_ms"]["p50"] for r in rounds]
     result = {"cpu_has_bf16_matmul": cpu_has_bf16_matmul(), "rounds": rounds}
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(result))
+    show_result(result, args.out)
     print(
         f"\n| {args.size} Llama, {args.requests} concurrent requests x {args.max_tokens} tokens, {_threads()} thread(s) "
         "| float32 | bfloat16 | bf16 / fp32 (median, range) |\n|---|---|---|---|\n"

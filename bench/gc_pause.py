@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.harness import show_result
 from bench.models import build_llama
 from serving.gateway.app import create_app
 from serving.gateway.catalog import ServedModel, StaticCatalog
@@ -82,9 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="forgeline-gc-") as work:
         model_dir = build_llama(Path(work) / "llama", args.size)
         result = asyncio.run(_measure(model_dir, args.rounds))
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(result))
+    show_result(result, args.out)
     print(
         f"\n| started worker ({args.size} Llama) | tracked objects | full collection (median of {args.rounds}) |\n"
         "|---|---|---|\n"

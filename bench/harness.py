@@ -93,6 +93,13 @@ def write_result(name: str, setting: str, result: dict[str, Any], results_dir: P
     return path
 
 
+def show_result(result: dict[str, Any], out: Path | None) -> None:
+    """Print a standalone benchmark's figures as JSON, and write them to ``out`` when given (its ``--out``)."""
+    print(json.dumps(result, indent=2))
+    if out:
+        out.write_text(json.dumps(result))
+
+
 def main(name: str, run: Callable[[str, Path], dict[str, Any]], argv: list[str] | None = None) -> int:
     """Command line of one benchmark: run it on a setting and write its JSON."""
     parser = argparse.ArgumentParser(prog=f"python -m bench.{name}")
