@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--prefix-cache-tokens", type=int, default=0)
+    parser.add_argument("--batch-window-ms", type=float, default=None, help="the continuous engine's (default: its own)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
             num_threads=args.threads,
             model_id=MODEL,
             prefix_cache_tokens=args.prefix_cache_tokens,
+            **({} if args.batch_window_ms is None else {"batch_window_ms": args.batch_window_ms}),
         )
     app = create_app(StaticCatalog([ServedModel(name=MODEL, version="1", engine=engine)]), max_new_tokens=1024)  # type: ignore[arg-type]
     run_server(app, args.host, args.port, log_level="warning")  # as `forgeline serve`: its limits, its frozen heap

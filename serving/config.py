@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serving.engine.base import DEFAULT_MAX_BATCH_SIZE, EngineDtype
+from serving.engine.base import DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BATCH_SIZE, EngineDtype
 from serving.engine.pool import PoolPolicy
 
 
@@ -89,7 +89,11 @@ class ServeSpec(BaseModel):
     max_batch_size: int = Field(
         default=DEFAULT_MAX_BATCH_SIZE, gt=0, description="Most requests decoded together by the PyTorch engine."
     )
-    batch_window_ms: float = Field(default=5.0, ge=0, description="How long an idle engine waits to gather requests into one prefill.")
+    batch_window_ms: float = Field(
+        default=DEFAULT_BATCH_WINDOW_MS,
+        ge=0,
+        description="How long an idle engine waits to gather requests into one prefill (0: none; later arrivals join at the next step).",
+    )
     prefill_chunk: int = Field(default=256, gt=0, description="Most prompt tokens the PyTorch engine prefills between two decode steps.")
     prefix_cache_tokens: int = Field(default=0, ge=0, description="Prompt-prefix KV the PyTorch engine keeps for reuse, in tokens (0: off).")
     max_new_tokens: int = Field(default=256, gt=0, description="Default and upper bound for `max_tokens` per request.")

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from registry.errors import ErrorCode, ForgelineError, NotFoundError
 
 from .artifacts.torch_build import load_manifest
-from .engine.base import DEFAULT_MAX_BATCH_SIZE, EngineDtype, SamplingDefaults
+from .engine.base import DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BATCH_SIZE, EngineDtype, SamplingDefaults
 from .engine.torch_engine import TorchEngine
 from .gateway.app import create_app
 from .gateway.catalog import ServedModel, StaticCatalog
@@ -52,7 +52,7 @@ def artifact_catalog(
     device: str = "auto",
     dtype: EngineDtype = "auto",
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-    batch_window_ms: float = 5.0,
+    batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS,
 ) -> StaticCatalog:
     """A catalog serving a torch artifact as ``name`` (and its adapters as ``name:ADAPTER``).
 

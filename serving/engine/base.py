@@ -24,19 +24,34 @@ FinishReason = Literal["stop", "length"]
 MAX_TOP_LOGPROBS = 20
 """Most alternatives reported per token (OpenAI's bound for ``top_logprobs``)."""
 
-DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_MAX_BATCH_SIZE = 64
 """Most rows decoded together unless configured (`TorchEngine`, `ServeSpec`, ``forgeline worker``).
 
 Here, beside the seam, rather than in the scheduler: the configuration modules that
 default to it import this module already, and the scheduler's imports cost them ~0.1 s.
 
-32 rather than 16: on a CPU a decode step's cost is mostly its weight reads and GEMMs, so
-more rows per step cost less per token. With the open-loop schedule at 16 requests/s on the
-`small` benchmark model (saturating the engine; in process, 3 alternating pairs), 32 rows gave
-1.16-1.24x the tokens/s of 16 at 0.79-0.83x the engine CPU per token and 0.52-0.60x the TTFT
-p99, for a decode step of 35-38 instead of 26-28 ms (the gap between tokens while the batch is
-full). A batch only grows this large when that many requests are in flight, so light load
-is unaffected; the KV cache grows with the rows in flight, so lower it where memory is tight."""
+On a CPU a decode step's cost is mostly its weight reads and GEMMs, so more rows per step
+cost less per token. 32 replaced 16 first (open loop at 16 requests/s on the `small`
+benchmark model: 1.16-1.24x the tokens/s, 0.52-0.60x the TTFT p99). 64 replaced 32 once
+arrivals outran the engine (same model and schedules over HTTP, 192 requests, 2 schedules
+per rate, idle Xeon): TTFT p99 0.36-0.65x of 32 rows at 48 and 64 requests/s, at
+1.06-1.19x the tokens/s, where `transformers serve` (which admits every arrival) was
+level with 32 rows; the price is the gap between tokens of a full batch, 24 ms p50
+instead of 14 (`transformers serve`: ~230). Below saturation nothing changes (a batch only
+grows this large when that many requests are in flight). The KV cache grows with the rows
+in flight, so lower it where memory is tight (vLLM's default is 256)."""
+
+DEFAULT_BATCH_WINDOW_MS = 0.0
+"""How long an idle engine waits after a request for more to prefill with it, unless configured.
+
+0 since continuous batching: a request that arrives a moment later joins at the next step
+(in the same forward as the decode step where the model allows, `fused_step`), so waiting
+buys little and every request pays it. Open loop over HTTP on the `small` benchmark model
+(96 requests, 3 schedules per rate, idle Xeon): TTFT p50 15-17 instead of 16-19 ms and p99
+23-34 instead of 27-35 ms at 4 and 8 requests/s, where 5 ms lost to `transformers serve`'s
+TTFT p99 at 4 requests/s in every schedule; 16 requests submitted at once still share one
+prefill (the engine takes everything queued when it wakes) at 0.98x the tokens/s. Raise it
+where a forward's fixed cost is large and bursts arrive a few milliseconds apart."""
 
 EngineDtype = Literal["auto", "float32", "bfloat16", "float16"]
 """The PyTorch engine's weight (and compute) dtype: ``auto`` is float32 on a CPU and the

@@ -32,7 +32,14 @@ from registry.errors import ErrorCode, ForgelineError, ModelNotFoundError
 from serving.cpu_pool import run_cpu
 from serving.engine.adapter_cache import AdapterCache
 from serving.engine.adapter_chat import BASE_CHAT, AdapterChat, read_adapter_chat
-from serving.engine.base import DEFAULT_MAX_BATCH_SIZE, Chunk, EngineDtype, EngineStats, SamplingParams
+from serving.engine.base import (
+    DEFAULT_BATCH_WINDOW_MS,
+    DEFAULT_MAX_BATCH_SIZE,
+    Chunk,
+    EngineDtype,
+    EngineStats,
+    SamplingParams,
+)
 from serving.engine.counted_prompts import CountedPrompts
 from serving.engine.detokenizer import Detokenizer
 from serving.engine.fused_step import fused_forward, fused_support
@@ -66,9 +73,10 @@ class TorchEngine:
             artifact from `serving.artifacts.torch_build.build_torch_artifact`).
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
         max_batch_size: most requests decoded together (`base.DEFAULT_MAX_BATCH_SIZE` says
-            why 32 on a CPU; lower it where KV memory is tight).
+            why 64 on a CPU; lower it where KV memory is tight).
         batch_window_ms: when the engine is idle, how long it waits after a request for more
-            to prefill together; requests arriving while it decodes join at the next step.
+            to prefill together; requests arriving while it decodes join at the next step
+            (`base.DEFAULT_BATCH_WINDOW_MS` says why 0 by default).
         model_id: name used in logs and errors; defaults to the folder name.
         num_threads: CPU only: torch intra-op threads for decoding. The default leaves one
             core free, because spinning OpenMP workers on every core starve the event loop
@@ -101,7 +109,7 @@ class TorchEngine:
         *,
         device: str = "auto",
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-        batch_window_ms: float = 5.0,
+        batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS,
         model_id: str | None = None,
         num_threads: int | None = None,
         adapters: AdapterSource | None = None,

@@ -220,7 +220,7 @@ def test_stop_ends_in_flight_requests_with_unavailable(tiny_artifact: Path) -> N
 
 def test_every_way_of_serving_a_torch_engine_defaults_to_the_same_batch_size() -> None:
     """`forgeline serve`, a gateway config's rollout section, `forgeline worker` and the engine itself
-    decode the same number of rows together unless told otherwise (32: see `DEFAULT_MAX_BATCH_SIZE`)."""
+    decode the same number of rows together unless told otherwise (64: see `DEFAULT_MAX_BATCH_SIZE`)."""
     import inspect
 
     from forgeline.gateway_config import RolloutConfig
@@ -230,5 +230,5 @@ def test_every_way_of_serving_a_torch_engine_defaults_to_the_same_batch_size() -
 
     engine_default = inspect.signature(TorchEngine).parameters["max_batch_size"].default
     worker_default = inspect.signature(artifact_catalog).parameters["max_batch_size"].default
-    assert DEFAULT_MAX_BATCH_SIZE == 32
-    assert engine_default == worker_default == ServeSpec().max_batch_size == RolloutConfig().max_batch_size == 32
+    assert DEFAULT_MAX_BATCH_SIZE == 64
+    assert engine_default == worker_default == ServeSpec().max_batch_size == RolloutConfig().max_batch_size == 64
