@@ -198,12 +198,17 @@ class Scheduler:
         self._fail_everything(self.unavailable())
 
     def _step(self) -> None:
-        """One round: admit, one prefill chunk, one decode step."""
+        """One round: admit, one prefill chunk, one decode step (none in the round an idle engine prefills)."""
         self._drop_cancelled()
         if self._group is None:
             self._admit()
         if self._group is not None and self.running and self.fused is not None:
             self._fused_step()
+        elif self._group is not None and not self.running:
+            # An idle engine's group: its rows decode from the next round, so a request that
+            # arrived during this prefill joins that forward (fused with its own prefill where
+            # the model allows) instead of also waiting for a decode step.
+            self._prefill_step()
         else:
             if self._group is not None:
                 self._prefill_step()

@@ -112,6 +112,13 @@ def _record_forwards(engine: TorchEngine) -> list[tuple[str, int, int]]:
     return forwards
 
 
+def _after_first_prefill(forwards: list[tuple[str, int, int]], width: int) -> int:
+    """Index of the first forward after request 0's prefill (one row, its whole prompt at once,
+    as the engine was idle): from there request 0 decodes, and the joining requests may ride in
+    its very first decode step, since the engine takes its inbox between a prefill and a decode."""
+    return 1 + next(i for i, f in enumerate(forwards) if f == ("prefill", 1, width))
+
+
 # Families whose attention the fused step does not apply (they keep two forwards), and why.
 TWO_FORWARDS = {"gemma2": "softcap"}
 
@@ -133,7 +140,7 @@ def test_rows_joining_a_running_batch_decode_exactly_as_generate(
     finally:
         asyncio.run(engine.stop())
     assert got == _reference(folder, prompts, max_tokens)
-    joined = next(i for i, (kind, _, _) in enumerate(forwards) if kind == "decode")  # request 0 decodes from here
+    joined = _after_first_prefill(forwards, len(prompts[0]))  # request 0 decodes from here
     assert all(width <= 8 for _, _, width in forwards[joined:]), "joining prompts must be prefilled in chunks of 8 tokens"
     # While request 0 decodes, the joining prompts' chunks ride in its decode steps (or, for a
     # family that keeps two forwards, run between them).
@@ -168,7 +175,7 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(tiny_artifact: Path, fu
         asyncio.run(engine.stop())
     assert len(prompts[2]) > 12
     assert got == _reference(tiny_artifact, prompts, [60, 4, 4])
-    start = next(i for i, (kind, _, _) in enumerate(forwards) if kind == "decode")
+    start = _after_first_prefill(forwards, len(prompts[0]))
     if fused_step:
         # Every chunk of a joining prompt runs in a decode step's forward, one chunk per step.
         assert not any(kind == "prefill" for kind, _, _ in forwards[start:]), forwards
@@ -368,3 +375,38 @@ def test_the_probe_refuses_a_fused_attention_that_differs(tiny_artifact: Path, m
     monkeypatch.setattr(cls, "masks", no_padding)
     reason = fused_step.fused_support(model, "cache", torch.device("cpu"))
     assert reason is not None and "differs" in reason
+
+
+def test_an_idle_engines_prefill_takes_its_inbox_before_the_first_decode() -> None:
+    """A round that prefills for an idle engine ends there: requests that arrived during that
+    prefill are admitted before the new rows' first decode step, not one step later."""
+    import queue
+    import threading
+    from types import SimpleNamespace
+
+    s = scheduler_module.Scheduler(
+        model_id="t", inbox=queue.Queue(), forward=lambda *a: None, sampler=None, detokenizer=None,  # type: ignore[arg-type]
+        adapters=None, device="cpu", pad_id=0, max_batch_size=8, batch_window_s=0.0, prefill_chunk=256,
+    )  # fmt: skip
+    rounds: list[str] = []
+    row: Any = SimpleNamespace(cancelled=threading.Event())
+
+    def admit() -> None:
+        if s.waiting:
+            s.waiting.clear()
+            s._group = SimpleNamespace(rows=[row])  # type: ignore[assignment]
+
+    def prefill() -> None:
+        rounds.append("prefill")
+        s._group = None
+        s.running.append(row)
+
+    s._admit = admit  # type: ignore[method-assign]
+    s._prefill_step = prefill  # type: ignore[method-assign]
+    s._decode_step = lambda: rounds.append("decode")  # type: ignore[method-assign]
+    s._close_batch = lambda: None  # type: ignore[method-assign]
+    s.waiting.append(row)
+    s._step()
+    assert rounds == ["prefill"], "the idle engine's prefill round must not also decode"
+    s._step()
+    assert rounds == ["prefill", "decode"]
