@@ -68,15 +68,18 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # requests/s saturated every target on the AMD EPYC VM; on the Xeon with AMX (about twice as
     # fast for this model) the continuous engine keeps up there, so 64 is past every target's
     # capacity on both (the batch stays full, the queue grows).
-    # At the saturating rates every target gets twice the requests: with 96, a
-    # static batch's length is set by its longest row, so which requests share a batch moved
-    # the static engine's tokens/s by a third between runs of one schedule (534-746 at 32/s),
-    # and the drain after the last arrival, when no target is saturated, was a quarter of the
-    # continuous engine's run. Our two engines get the engines' default batch size.
+    # 192 requests per rate: with 96, at 4-8 requests/s the p99 was one request's time (it moved
+    # 0.92-1.04x of transformers serve's between idle runs). At 32 and 64 requests/s, past the
+    # static engine's capacity, 384: a static batch's length is set by its longest row, so which
+    # requests share a batch moves the static engine's tokens/s between runs of one schedule
+    # (534-746 at 32/s with 96 requests; 1228-1365 at 32/s and 1344-1474 at 64/s with 192, where
+    # it ran about three full batches), and the drain after the last arrival, when no target is
+    # saturated, was a quarter of the continuous engine's run with 96. Our two engines get the
+    # engines' default batch size.
     "full": {
-        "model": "small", "rates": [4.0, 8.0, 16.0, 32.0, 64.0], "requests": 96, "max_tokens": [8, 96], "threads": 1,
+        "model": "small", "rates": [4.0, 8.0, 16.0, 32.0, 64.0], "requests": 192, "max_tokens": [8, 96], "threads": 1,
         "max_batch_size": DEFAULT_MAX_BATCH_SIZE, "prefix_requests": 8, "step_rows": [1, 4, 16, 32, 64],
-        "saturating_rates": [16.0, 32.0, 64.0], "saturating_requests": 192,
+        "saturating_rates": [32.0, 64.0], "saturating_requests": 384,
     },  # fmt: skip
 }
 
