@@ -38,3 +38,12 @@ def test_cpu_dtype_serves_the_same_burst_in_both_dtypes(tmp_path: Path) -> None:
     (round_,) = result["rounds"]
     assert set(round_) == {"float32", "bfloat16"}
     assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in round_.values())
+
+
+def test_lora_step_times_the_stacked_decode_step_against_the_merged_model(tmp_path: Path) -> None:
+    result = _run("bench.lora_step", tmp_path / "step.json", "--size", "tiny", "--rows", "2", "--rank", "4", "--reps", "1")
+    step = result["decode_step"]
+    assert step["rows"] == 2 and step["merged_ms"]["n"] == step["lora_ms"]["n"] == 1
+    assert step["merged_ms"]["median"] > 0 and step["lora_ms"]["median"] > 0
+    # The tiny base's layer: hidden 128, k/v 64, intermediate 352; rank 4 on all seven linears.
+    assert result["adapter_share_of_layer"] == pytest.approx(4 * (256 + 192 * 2 + 256 + 480 * 3) / (128 * 128 * 2 + 128 * 64 * 2 + 128 * 352 * 3))
