@@ -15,7 +15,6 @@ the stacked layers can be read at a realistic share.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -45,26 +44,26 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from serving.artifacts.torch_build import build_torch_artifact
 
+    threads = _threads()
     with tempfile.TemporaryDirectory(prefix="forgeline-lora-step-") as work:
         base = build_llama(Path(work) / "llama", args.size)
         adapters = build_adapters(base, Path(work) / "adapters", args.rows, r=args.rank)
         merged = Path(work) / "merged"
         build_torch_artifact(str(base), adapters[sorted(adapters)[0]], merged)
         # A short prefill: on the large shapes a 32-token prefill of every row is most of the run.
-        step = step_times(merged, base, adapters, rows=args.rows, threads=_threads(), reps=args.reps, prompt_tokens=4)
+        step = step_times(merged, base, adapters, rows=args.rows, threads=threads, reps=args.reps, prompt_tokens=4)
         parameters = model_parameters(base)
     share = adapter_share(args.size, args.rank)
     result: dict[str, Any] = {
-        "size": args.size, "parameters": parameters, "rank": args.rank, "rows": args.rows, "threads": _threads(),
+        "size": args.size, "parameters": parameters, "rank": args.rank, "rows": args.rows, "threads": threads,
         "adapter_share_of_layer": share, "decode_step": step,
     }  # fmt: skip
     show_result(result, args.out)
-    ms = lambda key: statistics.median(step[key]["values"])  # noqa: E731
     print(
         f"\n| {args.size} ({(parameters or 0) / 1e6:.0f}M parameters), {args.rows} rows, rank {args.rank} "
-        f"(one adapter {share:.1%} of a layer), {_threads()} thread(s) | merged | stacked | speed ratio (median, range) |\n"
+        f"(one adapter {share:.1%} of a layer), {threads} thread(s) | merged | stacked | speed ratio (median, range) |\n"
         "|---|---|---|---|\n"
-        f"| decode step | {ms('merged_ms'):.1f} ms | {ms('lora_ms'):.1f} ms "
+        f"| decode step | {step['merged_ms']['median']:.1f} ms | {step['lora_ms']['median']:.1f} ms "
         f"| {step['speed_ratio']['median']:.2f}x ({step['speed_ratio']['min']:.2f}-{step['speed_ratio']['max']:.2f}) |"
     )
 

@@ -25,7 +25,7 @@ SIZES: dict[str, dict[str, int]] = {
     "small": {"hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 6, "num_attention_heads": 6, "num_key_value_heads": 2},
     # ~1M parameters, the shape of assets/tiny-base: for smoke runs.
     "tiny": {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2},
-    # One decoder layer of Llama-3-8B's shape (~220M parameters with this tokenizer's small
+    # One decoder layer of Llama-3-8B's shape (229M parameters with this tokenizer's small
     # vocabulary): a rank-16 adapter on it is 0.6 % of the layer, as on the real model, where on
     # `small` it is 6.9 % (bench/lora_step.py).
     "llama3-8b-layer": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 1, "num_attention_heads": 32, "num_key_value_heads": 8},
