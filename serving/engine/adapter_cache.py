@@ -4,7 +4,8 @@ This is the one seam between the scheduler and how adapters are applied. The sch
 asks `ensure` for each admitted request's adapter (with the adapters of rows still in
 flight as ``keep``), enters `batch` for a run of steps, turns every set of rows it forms
 (a prefill group; the running batch whenever rows join or leave) into `AdapterRows` with
-`rows`, and calls `set_rows` with them before every forward.
+`rows`, and calls `set_rows` with them before every forward (`set_flat_rows` before a fused
+forward, whose one flat row carries the running batch's decode tokens and a group's chunk).
 
 Plain LoRA adapters are read from their files into the stacked layers of the base model
 (`serving.engine.multi_lora`: gather + batched matmul, any mix of adapters per batch); the
@@ -193,6 +194,24 @@ class AdapterCache:
         if rows.selection is None:
             raise RuntimeError(f"rows {list(rows)} mix a PEFT-only adapter into a stacked batch")
         self._stack.use(rows.selection, tokens_per_row)
+
+    def set_flat_rows(self, decode: Sequence[str], group: Sequence[str], *, width: int, real: Any) -> None:
+        """Name the rows of a fused forward's flat row (`multi_lora.FlatRows`): stacked adapters only.
+
+        Args:
+            decode, group: the running batch's and the prefill group's rows (`AdapterRows` from `rows`).
+            width, real: the group's chunk width and where its real tokens lie (None: all of it).
+        """
+        if self._router is not None and self._router.exclusive is not None:
+            raise RuntimeError("an exclusive (PEFT) batch runs prefill and decode as separate forwards")
+        selections = []
+        for rows in (decode, group):
+            if not isinstance(rows, AdapterRows):
+                rows = self.rows(rows)
+            if rows.selection is None:
+                raise RuntimeError(f"rows {list(rows)} mix a PEFT-only adapter into a stacked batch")
+            selections.append(rows.selection)
+        self._stack.use_flat(*selections, width=width, real=real)
 
     def _forget(self, internal: str) -> None:
         """Remove what a failed load left of PEFT adapter ``internal`` (best effort)."""

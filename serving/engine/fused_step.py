@@ -27,8 +27,9 @@ attention interface and ``logits_to_keep``, and a probe runs the fused forward o
 synthetic batch against the two separate forwards and must match them (so a family whose
 attention needs something this function does not apply, e.g. Gemma-2's logit soft-capping
 or GPT-OSS's sinks, is refused by the probe instead of served wrongly). Engines that serve
-adapters keep two forwards: the stacked multi-LoRA layers gather each batch row's A/B
-(`AdapterRows`), and a flat row has one.
+adapters fuse too: ``layout`` hands the flat row's layout (the `FusedCache`) to the stacked
+multi-LoRA layers, which apply each decode row's adapter to its token and each group row's
+to its chunk (`multi_lora.FlatRows`); an exclusive (PEFT) batch keeps two forwards.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ any other that is set (``softcap``, ``s_aux``...) makes `fused_attention` refuse
 
 FusedForward = Callable[..., tuple[Any, Any]]
 """``(decode_ids, decode_mask, decode_positions, batch_cache, group_ids, group_mask, group_positions,
-group_cache, group_logits) -> (decode logits, group last-column logits or None)``, as float32."""
+group_cache, group_logits, decode_names, group_names) -> (decode logits, group last-column logits or
+None)``, as float32; the names are each row's adapter, as for a `scheduler.Forward` (empty without adapters)."""
 
 
 @functools.cache
@@ -208,6 +210,7 @@ def fused_forward(
     group_positions: Any,
     group_cache: Any,
     group_logits: bool,
+    layout: Callable[[Any], None] | None = None,
 ) -> tuple[Any, Any]:
     """Run the running batch's decode step and a group's prefill chunk as one forward.
 
@@ -222,6 +225,8 @@ def fused_forward(
         group_mask: (rows, columns) the group's mask up to the chunk's end.
         group_cache: the group's cache.
         group_logits: whether to return the group's last-column logits (its last chunk).
+        layout: called with the flat row's `FusedCache` (``decode``, ``rows``, ``width``, ``real``)
+            before the forward: where per-row state (stacked LoRA rows) learns which token is whose.
 
     Returns:
         (decode, vocab) logits, and (rows, vocab) logits or None, as float32.
@@ -242,6 +247,8 @@ def fused_forward(
     if group_logits:  # each row's last column is real on the last chunk
         keep = torch.cat([keep, d - 1 + chunk.sum(1).cumsum(0)])
     plan = fused_cache(batch_cache, decode_mask, group_cache, group_mask, d, r, w, real)
+    if layout is not None:
+        layout(plan)
     config = model.config
     previous = config._attn_implementation
     config._attn_implementation = NAME

@@ -16,7 +16,10 @@ continuous batching, when a prefill group is formed and when rows join or leave 
 batch, not at every step. Each layer gathers its per-row ``a``/``b`` into the selection the
 first time it runs it, so a step only points the layers at a selection (`StackedLora.use`);
 the prefill group's and the running batch's selections take turns without re-gathering.
-Nothing is registered or removed per step.
+Nothing is registered or removed per step. A fused forward (`serving.engine.fused_step`) runs
+both at once on one flat row: `StackedLora.use_flat` points the layers at a `FlatRows`, and
+each layer applies the running batch's selection to the leading decode tokens and the group's
+to its chunk (zeros put back where the chunk's left padding was left out of the row).
 
 Modules are wrapped when the first adapter targeting them loads (the engine starts with an
 untouched base, and layers no adapter targets cost nothing), and stay wrapped. Loading reads
@@ -32,6 +35,7 @@ import copy
 import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +52,7 @@ from serving.engine.lora_files import (
 )
 from serving.engine.lora_routing import BASE_ADAPTER, RoutingError
 
-__all__ = ["AdapterRefused", "RowSelection", "RowSlots", "StackedLora", "StackedLoraLinear", "shared_copy"]
+__all__ = ["AdapterRefused", "FlatRows", "RowSelection", "RowSlots", "StackedLora", "StackedLoraLinear", "shared_copy"]
 
 _UNSEEN = object()  # a layer has not gathered its rows for a selection yet
 
@@ -74,11 +78,33 @@ class RowSelection:
         self.gathered: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
 
 
+@dataclass(frozen=True)
+class FlatRows:
+    """The rows of a fused forward (`serving.engine.fused_step`): one flat row of tokens.
+
+    The running batch's ``decode_rows`` decode tokens (one per row of ``decode``) come first,
+    then the real tokens of the prefill ``group``'s chunk, row after row: ``rows`` rows of
+    ``width`` columns, of which ``real`` (flat indices into ``rows * width``) are in the flat
+    row, or all of them when ``real`` is None.
+    """
+
+    decode: RowSelection
+    group: RowSelection
+    decode_rows: int
+    rows: int
+    width: int
+    real: torch.Tensor | None
+
+    @property
+    def tokens(self) -> int:
+        return self.decode_rows + (self.rows * self.width if self.real is None else int(self.real.numel()))
+
+
 class RowSlots:
-    """The selection the next forward runs; shared by every `StackedLoraLinear` of one model."""
+    """The rows the next forward runs; shared by every `StackedLoraLinear` of one model."""
 
     def __init__(self) -> None:
-        self.current: RowSelection | None = None
+        self.current: RowSelection | FlatRows | None = None
         self.tokens_per_row = 1
 
 
@@ -129,17 +155,22 @@ class StackedLoraLinear(nn.Module):
         selection.gathered[id(self)] = pair
         return pair
 
+    def _rows_of(self, selection: RowSelection) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This layer's A/B gathered for ``selection``'s rows (gathered on first use), None: no row adapted."""
+        pair = selection.gathered.get(id(self), _UNSEEN)
+        return self._gather(selection) if pair is _UNSEEN else pair  # type: ignore[return-value]
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
-        selection = self.rows.current
-        if selection is None:
+        current = self.rows.current
+        if current is None:
             return y
-        pair = selection.gathered.get(id(self), _UNSEEN)
-        if pair is _UNSEEN:
-            pair = self._gather(selection)
+        if isinstance(current, FlatRows):
+            return self._flat(x, y, current)
+        pair = self._rows_of(current)
         if pair is None:
             return y
-        a, b = pair  # type: ignore[misc]
+        a, b = pair
         batch, lead = a.shape[0], x.shape[0]
         if not (lead == batch or (x.dim() == 2 and lead == batch * self.rows.tokens_per_row)):
             raise RoutingError(
@@ -155,6 +186,47 @@ class StackedLoraLinear(nn.Module):
             y.view(batch, -1, self.out_features).baddbmm_(h, b)
             return y
         return y + torch.bmm(h, b).reshape(y.shape).to(y.dtype)
+
+    def _flat(self, x: torch.Tensor, y: torch.Tensor, flat: FlatRows) -> torch.Tensor:
+        """The LoRA of a fused forward's flat row: the decode part per row, the group's chunk per row."""
+        decode, group = self._rows_of(flat.decode), self._rows_of(flat.group)
+        if decode is None and group is None:
+            return y
+        tokens = flat.tokens
+        # (1, tokens, in) as it comes, or (tokens, in) flattened before a shared expert.
+        if x.numel() != tokens * self.in_features or y.numel() != tokens * self.out_features:
+            raise RoutingError(
+                f"a LoRA layer saw input {tuple(x.shape)} for a fused row of {tokens} tokens; "
+                "its tokens cannot be matched to adapters"
+            )
+        x = x.reshape(tokens, self.in_features)
+        out = y if y.is_contiguous() else y.contiguous()
+        flat_out = out.view(tokens, self.out_features)
+        d = flat.decode_rows
+        if decode is not None:
+            a, b = decode
+            h = torch.bmm(x[:d].unsqueeze(1).to(a.dtype), a)
+            self._add(flat_out[:d].view(d, 1, self.out_features), h, b)
+        if group is not None:
+            a, b = group
+            part = x[d:]
+            if flat.real is not None:  # the chunk's left padding is not in the flat row: zeros in its place
+                part = part.new_zeros((flat.rows * flat.width, self.in_features)).index_copy_(0, flat.real, part)
+            h = torch.bmm(part.view(flat.rows, flat.width, self.in_features).to(a.dtype), a)
+            if flat.real is None:
+                self._add(flat_out[d:].view(flat.rows, flat.width, self.out_features), h, b)
+            else:  # (index_select and index_copy_: several times faster than [] indexing on CPU)
+                delta = torch.bmm(h, b).view(-1, self.out_features).index_select(0, flat.real)
+                flat_out[d:] += delta.to(flat_out.dtype)
+        return out.view(y.shape)
+
+    @staticmethod
+    def _add(out: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> None:
+        """``out += h @ b`` per row, in place (``out`` is a view of the layer's fresh output)."""
+        if out.dtype == b.dtype:
+            out.baddbmm_(h, b)
+        else:
+            out += torch.bmm(h, b).to(out.dtype)
 
 
 class StackedLora:
@@ -293,6 +365,19 @@ class StackedLora:
             self._index(selection)
         self.rows.current = selection
         self.rows.tokens_per_row = max(tokens_per_row, 1)
+
+    def use_flat(self, decode: RowSelection, group: RowSelection, *, width: int, real: torch.Tensor | None) -> None:
+        """Run the next forward on a fused forward's flat row (see `FlatRows`).
+
+        Args:
+            decode: the running batch's selection (one decode token per row leads the flat row).
+            group: the prefill group's selection, whose chunk of ``width`` columns follows.
+            real: where the chunk's real tokens lie (flat indices into ``rows * width``), None: all of it.
+        """
+        for selection in (decode, group):
+            if selection.version != self._version:
+                self._index(selection)
+        self.rows.current = FlatRows(decode, group, len(decode.names), len(group.names), width, real)
 
     def _index(self, selection: RowSelection) -> None:
         try:

@@ -11,9 +11,10 @@ that finish or whose consumer went away leave with `kv_rows.select`, which also 
 leading columns that became padding in every row. A nearly full batch holds waiting requests
 back briefly so that several join with one prefill forward rather than one forward each
 (`Scheduler._join_now`: a forward's fixed cost is worth 15-20 prompt columns on a CPU). For the
-same reason, where the model allows it (`fused_step.fused_support`, decided at load; not with
-adapters) a group's prefill chunk and the decode step run as one forward (`fused_step`): the
-group's rows then get their first token at the end of that step and decode from the next.
+same reason, where the model allows it (`fused_step.fused_support`, decided at load; not in an
+exclusive PEFT adapter batch) a group's prefill chunk and the decode step run as one forward
+(`fused_step`): the group's rows then get their first token at the end of that step and decode
+from the next.
 
 Why our own scheduler and not transformers' ``ContinuousBatchingManager`` (read in
 transformers 5.24, ``generation/continuous_batching/``): the manager packs all requests into
@@ -122,7 +123,7 @@ class Scheduler:
             (at most an eighth of ``max_batch_size``; 1 turns holding off).
         join_wait_s: longest a request is held back so that it joins with others.
         fused: runs a decode step and a prefill chunk as one forward (`fused_step`), or None for
-            two forwards; only for rows without adapters.
+            two forwards; not in an exclusive (PEFT) adapter batch, nor for a row retried alone.
     """
 
     def __init__(
@@ -202,7 +203,7 @@ class Scheduler:
         self._drop_cancelled()
         if self._group is None:
             self._admit()
-        if self._group is not None and self.running and self.fused is not None:
+        if self._group is not None and self.running and self._fusable(self._group):
             self._fused_step()
         elif self._group is not None and not self.running:
             # An idle engine's group: its rows decode from the next round, so a request that
@@ -520,10 +521,18 @@ class Scheduler:
             return
         self._decoded(logits)
 
+    def _fusable(self, group: _Group) -> bool:
+        """Whether ``group``'s chunk may ride in the decode step's forward.
+
+        Not in an exclusive (PEFT) adapter batch, and not for a row retried alone after its
+        group failed: should it fail again, it must fail alone, not with the running rows.
+        """
+        return self.fused is not None and self._mode is None and not any(r.solo for r in group.rows)
+
     def _fused_step(self) -> None:
         """The prefill group's next chunk and the running batch's decode step in one forward (`fused_step`)."""
         group, fused = self._group, self.fused
-        assert group is not None and fused is not None and not group.names and not self._names
+        assert group is not None and fused is not None and self._fusable(group)
         start, end = self._chunk(group)
         last = end == group.input_ids.shape[1]
         step_ids = self._decode_inputs()
@@ -539,6 +548,8 @@ class Scheduler:
                 group.positions[:, group.past + start : group.past + end],
                 group.cache,
                 last,
+                self._names,
+                group.names,
             )
         except Exception as exc:  # noqa: BLE001 - the worker must survive to serve the next request
             # Both caches may be half written: the rows in flight fail as a failed decode step does, the

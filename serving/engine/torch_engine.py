@@ -91,7 +91,8 @@ class TorchEngine:
             prompt is prefilled once); 0 turns prefix reuse off.
         fused_step: run a joining group's prefill chunk in the same forward as the running
             batch's decode step where that is exactly right for the model (`fused_step`,
-            decided at start; never with adapters); False always runs two forwards.
+            decided at start; with adapters too, except in an exclusive PEFT batch); False always runs
+            two forwards.
         dtype: the weights' dtype (`base.EngineDtype`): ``auto`` is float32 on a CPU and the
             artifact's own on a GPU; ``bfloat16`` decodes about twice as fast on CPUs with
             bf16 matrix instructions. Logits are sampled in float32 whatever it is.
@@ -272,10 +273,8 @@ class TorchEngine:
         """Whether the scheduler may fuse prefill chunks into decode steps (decided once, logged)."""
         if not self.fused_step:
             return False
-        if self._adapters is not None:
-            # The stacked LoRA layers gather each batch row's A/B; the fused forward's flat row has one.
-            logger.info("engine %s: prefill and decode run as separate forwards: the engine serves adapters", self.model_id)
-            return False
+        # Probed on the base (no adapter is loaded yet): the stacked LoRA layers that wrap its
+        # Linears later take each flat-row token's adapter from `AdapterCache.set_flat_rows`.
         reason = fused_support(self._model, self._cache_kwarg, self._device)
         if reason is not None:
             logger.info("engine %s: prefill and decode run as separate forwards: %s", self.model_id, reason)
@@ -496,8 +495,22 @@ class TorchEngine:
         return out.logits[:, -1, :].float()
 
     def _fused_forward(self, *args: Any) -> tuple[Any, Any]:
-        """A decode step and a prefill chunk as one forward (see `fused_step.fused_forward`)."""
-        return fused_forward(self._model, self._cache_kwarg, *args)
+        """A decode step and a prefill chunk as one forward (`fused_step.FusedForward`'s arguments)."""
+        *tensors, decode_names, group_names = args
+        adapters = self._adapters
+        layout = None
+        if adapters is not None:
+            decode, group = tensors[0].shape[0], tensors[4].shape[0]
+
+            def layout(plan: Any) -> None:
+                adapters.set_flat_rows(
+                    decode_names or [BASE_ADAPTER] * decode,
+                    group_names or [BASE_ADAPTER] * group,
+                    width=plan.width,
+                    real=plan.real,
+                )
+
+        return fused_forward(self._model, self._cache_kwarg, *tensors, layout=layout)
 
     def _observe_step(self, rows: int) -> None:
         listener = self.step_listener

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -109,6 +110,61 @@ def test_more_adapters_than_fit_are_split_across_batches(
             await engine.stop()
 
     assert asyncio.run(scenario()) == [references["a"], references["b"], references["c"], references["a"]]
+
+
+def _peft_text(base: Path, adapter: Path | None, prompt: str, max_tokens: int) -> str:
+    """Greedy text of PEFT's own single-adapter generate."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    enc = tokenizer(prompt, return_tensors="pt")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    ids = model.eval().generate(**enc, do_sample=False, max_new_tokens=max_tokens)
+    return tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_rows_of_other_adapters_join_a_running_batch_in_its_decode_steps_forward(
+    tiny_base: Path, adapters: dict[str, Path]
+) -> None:
+    """Joining prompts are prefilled, chunk by chunk, in the running batch's decode forwards
+    (`fused_step`), each token with its own row's adapter."""
+    long_prompt = "Please tell me where my parcel is, it was due on Monday and nothing came. " * 2
+    jobs = [("a", PROMPT, 40), ("b", long_prompt, 8), (None, long_prompt, 8)]
+    engine = TorchEngine(tiny_base, device="cpu", batch_window_ms=0, prefill_chunk=4, adapters=adapters, max_loaded_adapters=3)
+    fused_rows: list[tuple[list[str], list[str]]] = []
+    fused = engine._fused_forward
+
+    def record(*args: Any) -> Any:
+        fused_rows.append((list(args[-2]), list(args[-1])))
+        return fused(*args)
+
+    engine._fused_forward = record  # type: ignore[method-assign]
+
+    async def text(adapter: str | None, prompt: str, max_tokens: int, started: asyncio.Event) -> str:
+        parts = []
+        async for chunk in engine.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0), adapter=adapter):
+            started.set()
+            parts.append(chunk.text)
+        return "".join(parts)
+
+    async def scenario() -> list[str]:
+        await engine.start()
+        try:
+            streaming = asyncio.Event()
+            first = asyncio.create_task(text(*jobs[0], streaming))
+            await streaming.wait()  # request "a" decodes; the others join its batch
+            return await asyncio.gather(first, *(text(*job, asyncio.Event()) for job in jobs[1:]))
+        finally:
+            await engine.stop()
+
+    got = asyncio.run(scenario())
+    assert got == [_peft_text(tiny_base, adapters[a] if a else None, prompt, n) for a, prompt, n in jobs]
+    internal = {name for decode, group in fused_rows for name in (*decode, *group)}
+    assert fused_rows and len(internal - {BASE_ADAPTER}) >= 2, f"no fused step mixed adapters: {fused_rows}"
+    assert any(decode and group for decode, group in fused_rows)
 
 
 POISON = "poison pill"

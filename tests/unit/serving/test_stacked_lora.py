@@ -102,6 +102,75 @@ def test_mixed_rows_equal_peft_unmerged_lora(
             torch.testing.assert_close(dec[i], refs[adapter][0, -1:], atol=ATOL, rtol=1e-4)
 
 
+# Gemma-2's attention soft-capping is not applied by the fused attention: it keeps two forwards.
+FUSED_FAMILIES = [n for n in FAMILIES if n != "gemma2"]
+
+
+@pytest.mark.parametrize("name", FUSED_FAMILIES)
+def test_a_fused_forward_gives_every_token_its_rows_adapter(
+    name: str, family_checkpoint: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """The flat row of a fused forward (decode tokens, then a group's chunk with and without
+    left padding) gets the logits the two separate forwards give the same rows and adapters."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from serving.engine.fused_step import fused_forward, fused_support
+    from serving.engine.kv_rows import new_cache
+
+    base = family_checkpoint(name)
+    targets = ["q_proj", "v_proj"] if name == "mixtral" else "all-linear"
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    assert fused_support(model, "past_key_values", torch.device("cpu")) is None
+    stack = StackedLora(model, max_adapters=2)
+    for adapter, seed, rank in (("small", 5, 4), ("big", 6, 8)):
+        stack.load(adapter, stack.plan(_save_lora(base, tmp_path / adapter, seed=seed, r=rank, target_modules=targets)))  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(0)
+
+    def rows(lengths: list[int]) -> tuple[Any, Any, Any]:
+        width = max(lengths)
+        mask = torch.zeros((len(lengths), width), dtype=torch.long)
+        for i, n in enumerate(lengths):
+            mask[i, width - n :] = 1
+        return torch.randint(3, 200, (len(lengths), width), generator=gen), mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def logits(ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1]
+
+    running, step = rows([6, 3, 5]), torch.randint(3, 200, (3, 1), generator=gen)
+    batch_adapters, group_adapters = ["small", BASE_ADAPTER, "big"], ["big", "small"]
+    for group in (rows([5, 2]), rows([4, 4])):  # the chunk with left padding, and without
+        got = {}
+        for way in ("base", "separate", "fused"):
+            adapted = way != "base"
+            batch_rows = stack.select(batch_adapters if adapted else [BASE_ADAPTER] * 3)
+            group_rows = stack.select(group_adapters if adapted else [BASE_ADAPTER] * 2)
+            cache, group_cache = new_cache(), new_cache()
+            with torch.inference_mode(), stack.batch():
+                stack.use(batch_rows, running[0].shape[1])
+                logits(*running, cache)
+                mask = torch.cat([running[1], running[1].new_ones((3, 1))], dim=1)
+                positions = running[2][:, -1:] + 1
+                if way == "fused":
+                    got[way] = fused_forward(
+                        model, "past_key_values", step, mask, positions, cache, *group, group_cache, True,
+                        layout=lambda plan, b=batch_rows, g=group_rows: stack.use_flat(b, g, width=plan.width, real=plan.real),
+                    )  # fmt: skip
+                else:
+                    stack.use(batch_rows, 1)
+                    decoded = logits(step, mask, positions, cache)
+                    stack.use(group_rows, group[0].shape[1])
+                    got[way] = (decoded, logits(*group, group_cache))
+        for part, names in ((0, batch_adapters), (1, group_adapters)):
+            fused, separate, plain = got["fused"][part], got["separate"][part].float(), got["base"][part].float()
+            torch.testing.assert_close(fused, separate, atol=ATOL, rtol=1e-4)
+            for i, adapter in enumerate(names):
+                if adapter == BASE_ADAPTER:
+                    torch.testing.assert_close(fused[i], plain[i], atol=ATOL, rtol=1e-4)
+                else:
+                    assert (fused[i] - plain[i]).abs().max() > 100 * ATOL, f"{adapter} must change row {i}'s logits"
+
+
 def test_an_unloaded_slot_is_reused_and_serves_the_new_adapter_exactly(tiny_base: Path, tmp_path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -247,7 +316,14 @@ def test_waiting_rows_of_an_adapter_already_in_the_batch_join_first(tiny_base: P
             prefills.append(list(args[4]))
         return forward(*args)
 
+    fused = engine._fused_forward
+
+    def record_fused(*args: Any) -> Any:  # a group's (one-chunk) prefill in the decode step's forward
+        prefills.append(list(args[-1]))
+        return fused(*args)
+
     engine._forward = record  # type: ignore[method-assign]
+    engine._fused_forward = record_fused  # type: ignore[method-assign]
 
     async def text(adapter: str, max_tokens: int, started: asyncio.Event | None = None) -> None:
         params = SamplingParams(max_tokens=max_tokens, temperature=0)
