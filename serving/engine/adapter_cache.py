@@ -189,11 +189,7 @@ class AdapterCache:
             # PEFT's active adapter routes an exclusive batch: there are no per-row names to set.
             self._router.route(list(rows), tokens_per_row)
             return
-        if not isinstance(rows, AdapterRows):
-            rows = self.rows(rows)
-        if rows.selection is None:
-            raise RuntimeError(f"rows {list(rows)} mix a PEFT-only adapter into a stacked batch")
-        self._stack.use(rows.selection, tokens_per_row)
+        self._stack.use(self._selection(rows), tokens_per_row)
 
     def set_flat_rows(self, decode: Sequence[str], group: Sequence[str], *, width: int, real: Any) -> None:
         """Name the rows of a fused forward's flat row (`multi_lora.FlatRows`): stacked adapters only.
@@ -204,14 +200,15 @@ class AdapterCache:
         """
         if self._router is not None and self._router.exclusive is not None:
             raise RuntimeError("an exclusive (PEFT) batch runs prefill and decode as separate forwards")
-        selections = []
-        for rows in (decode, group):
-            if not isinstance(rows, AdapterRows):
-                rows = self.rows(rows)
-            if rows.selection is None:
-                raise RuntimeError(f"rows {list(rows)} mix a PEFT-only adapter into a stacked batch")
-            selections.append(rows.selection)
-        self._stack.use_flat(*selections, width=width, real=real)
+        self._stack.use_flat(self._selection(decode), self._selection(group), width=width, real=real)
+
+    def _selection(self, rows: Sequence[str]) -> RowSelection:
+        """The stacked layers' selection of ``rows`` (`AdapterRows`, or plain names resolved now)."""
+        if not isinstance(rows, AdapterRows):
+            rows = self.rows(rows)
+        if rows.selection is None:
+            raise RuntimeError(f"rows {list(rows)} mix a PEFT-only adapter into a stacked batch")
+        return rows.selection
 
     def _forget(self, internal: str) -> None:
         """Remove what a failed load left of PEFT adapter ``internal`` (best effort)."""

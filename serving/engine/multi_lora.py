@@ -180,12 +180,9 @@ class StackedLoraLinear(nn.Module):
         # (rows, tokens, in) as it comes, or flattened to (rows * tokens, in) by mixture-of-experts
         # blocks before their shared expert: each row's tokens stay together, row after row.
         h = torch.bmm(x.reshape(batch, -1, self.in_features).to(a.dtype), a)
-        if y.dtype == b.dtype and y.is_contiguous():
-            # Added inside the product, in place: y is this call's own fresh output, and a separate
-            # delta and sum would be two more allocations of its size per layer (page faults on CPU).
-            y.view(batch, -1, self.out_features).baddbmm_(h, b)
-            return y
-        return y + torch.bmm(h, b).reshape(y.shape).to(y.dtype)
+        out = y if y.is_contiguous() else y.contiguous()
+        self._add(out.view(batch, -1, self.out_features), h, b)
+        return out
 
     def _flat(self, x: torch.Tensor, y: torch.Tensor, flat: FlatRows) -> torch.Tensor:
         """The LoRA of a fused forward's flat row: the decode part per row, the group's chunk per row."""
@@ -222,7 +219,11 @@ class StackedLoraLinear(nn.Module):
 
     @staticmethod
     def _add(out: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> None:
-        """``out += h @ b`` per row, in place (``out`` is a view of the layer's fresh output)."""
+        """``out += h @ b`` per row, in place (``out`` is a view of the layer's fresh output).
+
+        Added inside the product where the dtypes agree: a separate delta and sum would be two
+        more allocations of the output's size per layer (page faults on CPU).
+        """
         if out.dtype == b.dtype:
             out.baddbmm_(h, b)
         else:

@@ -26,19 +26,7 @@ def adapters(tiny_base: Path) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def references(tiny_base: Path, adapters: dict[str, Path]) -> dict[str | None, str]:
     """Greedy text per adapter from PEFT's own single-adapter generate."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
-    enc = tokenizer(PROMPT, return_tensors="pt")
-    out: dict[str | None, str] = {}
-    for name, path in [(None, None), *adapters.items()]:
-        model = AutoModelForCausalLM.from_pretrained(tiny_base)
-        if path is not None:
-            model = PeftModel.from_pretrained(model, str(path))
-        ids = model.eval().generate(**enc, do_sample=False, max_new_tokens=GREEDY.max_tokens)
-        out[name] = tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    return out
+    return {name: _peft_text(tiny_base, path, PROMPT, GREEDY.max_tokens) for name, path in [(None, None), *adapters.items()]}
 
 
 async def _text(engine: TorchEngine, adapter: str | None) -> str:
