@@ -32,6 +32,27 @@ SIZES: dict[str, dict[str, int]] = {
 }
 
 
+def layer_linears(shape: dict[str, int]) -> list[tuple[int, int]]:
+    """(in, out) of the seven linear layers of one Llama decoder layer of ``shape`` (a `SIZES` entry or a config)."""
+    hidden, inter = shape["hidden_size"], shape["intermediate_size"]
+    kv = hidden // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    return [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, inter), (hidden, inter), (inter, hidden)]
+
+
+def weight_reads(config: dict[str, Any], rank: int, rows: int) -> dict[str, float]:
+    """Weights one decode step of ``rows`` rows reads (parameters), each row with its own rank-``rank`` adapter.
+
+    The base's linear layers and output head are read once however many rows the step has;
+    each row's adapter (every linear layer) is read for that row alone. On a CPU a decode step
+    is mostly these reads, so ``lora_over_base`` says what the stacked adapters add to a step.
+    """
+    linears = layer_linears(config)
+    layers = config["num_hidden_layers"]
+    base = layers * sum(i * o for i, o in linears) + config["hidden_size"] * config["vocab_size"]
+    lora = rows * layers * rank * sum(i + o for i, o in linears)
+    return {"base": float(base), "lora": float(lora), "lora_over_base": lora / base}
+
+
 def build_llama(folder: Path, size: str, *, seed: int = 0) -> Path:
     """Save a random Llama of ``size`` with the tiny base's tokenizer and chat template."""
     import torch

@@ -19,6 +19,7 @@ tiny base: the N adapters through PEFT as the engine loaded them before (``PeftM
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import harness
-from bench.models import TINY_BASE, build_adapters, build_llama, model_parameters, prompts
+from bench.models import TINY_BASE, build_adapters, build_llama, model_parameters, prompts, weight_reads
 from bench.stats import spread
 
 logger = logging.getLogger(__name__)
@@ -155,25 +156,29 @@ def step_times(
     return {"rows": len(names), "merged_ms": spread(merged_ms), "lora_ms": spread(lora_ms), "speed_ratio": spread(ratios)}
 
 
-def run(setting: str, work: Path) -> dict[str, Any]:
-    from serving.artifacts.torch_build import build_torch_artifact
+def engine_rounds(
+    merged: Path,
+    base: Path,
+    adapters: dict[str, Path],
+    *,
+    texts: list[str],
+    mixed: list[str | None],
+    concurrency: int,
+    max_tokens: int,
+    rounds: int,
+    budget_s: float,
+    threads: int,
+) -> dict[str, Any]:
+    """The closed loop on two engines: ``merged`` alone, and ``base`` serving every adapter, request i naming ``mixed[i]``.
+
+    Adapters are loaded by a warm-up pass first (its time is the cold start); then rounds of
+    ``texts`` alternate which engine goes first, and stop early when the next round would
+    overrun ``budget_s``.
+    """
     from serving.engine.torch_engine import TorchEngine
 
-    cfg = SETTINGS[setting]
-    budget = cfg["budget_s"] * harness.time_scale()
-    base = TINY_BASE if cfg["model"] == "tiny-base" else build_llama(work / f"llama-{cfg['model']}", cfg["model"])
-    adapters = build_adapters(base, work / "adapters", cfg["adapters"], r=cfg["rank"])
     names = sorted(adapters)
-    merged = work / "merged"
-    build_torch_artifact(str(base), adapters[names[0]], merged)
-    threads = max(1, (os.cpu_count() or 1) - 1)
-    batch = cfg["concurrency"]
-
-    rng = random.Random(0)
-    texts = prompts(base, cfg["requests"])
-    mixed: list[str | None] = [rng.choice(names) for _ in texts]
-    distinct = len(set(mixed))
-
+    batch = concurrency
     merged_engine = TorchEngine(merged, device="cpu", max_batch_size=batch, num_threads=threads, model_id="merged")
     lora_engine = TorchEngine(
         base, device="cpu", max_batch_size=batch, num_threads=threads, model_id="multi-lora",
@@ -190,40 +195,75 @@ def run(setting: str, work: Path) -> dict[str, Any]:
             warm_texts = [texts[i % len(texts)] for i in range(len(names))]
             await closed_loop(lora_engine, warm_texts, list(names), concurrency=batch, max_tokens=1)
             cold_s = time.perf_counter() - began
-            rounds: list[dict[str, Any]] = []
+            done: list[dict[str, Any]] = []
             measuring = time.perf_counter()
-            for i in range(cfg["rounds"]):
+            for i in range(rounds):
                 round_began = time.perf_counter()
                 pair: dict[str, Any] = {}
                 order = ("merged", "lora") if i % 2 == 0 else ("lora", "merged")
                 for which in order:
                     if which == "merged":
-                        pair[which] = await closed_loop(merged_engine, texts, [None] * len(texts), concurrency=batch, max_tokens=cfg["max_tokens"])
+                        pair[which] = await closed_loop(merged_engine, texts, [None] * len(texts), concurrency=batch, max_tokens=max_tokens)
                     else:
-                        pair[which] = await closed_loop(lora_engine, texts, mixed, concurrency=batch, max_tokens=cfg["max_tokens"])
+                        pair[which] = await closed_loop(lora_engine, texts, mixed, concurrency=batch, max_tokens=max_tokens)
                 pair["ratio"] = pair["lora"]["tokens_per_s"] / pair["merged"]["tokens_per_s"] if pair["merged"]["tokens_per_s"] else None
                 logger.info(
                     "round %d: merged %.0f tok/s, %d adapters %.0f tok/s (%.2fx)",
                     i, pair["merged"]["tokens_per_s"], len(names), pair["lora"]["tokens_per_s"], pair["ratio"] or 0,
                 )  # fmt: skip
-                rounds.append(pair)
+                done.append(pair)
                 now = time.perf_counter()
-                if i + 1 < cfg["rounds"] and (now - measuring) + (now - round_began) > budget:
-                    logger.warning("stopping after %d of %d rounds: the next would overrun the %.0f s budget", i + 1, cfg["rounds"], budget)
+                if i + 1 < rounds and (now - measuring) + (now - round_began) > budget_s:
+                    logger.warning("stopping after %d of %d rounds: the next would overrun the %.0f s budget", i + 1, rounds, budget_s)
                     break
             loaded = len(lora_engine.stats().loaded_adapters)
-            return {"cold_start_s": cold_s, "rounds": rounds, "loaded_adapters": loaded}
+            return {"cold_start_s": cold_s, "rounds": done, "loaded_adapters": loaded}
         finally:
             await asyncio.gather(merged_engine.stop(), lora_engine.stop())
 
-    measured = asyncio.run(measure())
+    return asyncio.run(measure())
+
+
+def summary(measured: dict[str, Any]) -> dict[str, Any]:
+    """The medians and ranges of `engine_rounds`' rounds."""
     rounds = measured["rounds"]
+    return {
+        "tokens_per_s_ratio": spread([r["ratio"] for r in rounds]),
+        "merged_tokens_per_s": spread([r["merged"]["tokens_per_s"] for r in rounds]),
+        "lora_tokens_per_s": spread([r["lora"]["tokens_per_s"] for r in rounds]),
+        "cold_start_s": measured["cold_start_s"],
+    }
+
+
+def run(setting: str, work: Path) -> dict[str, Any]:
+    from serving.artifacts.torch_build import build_torch_artifact
+
+    cfg = SETTINGS[setting]
+    budget = cfg["budget_s"] * harness.time_scale()
+    base = TINY_BASE if cfg["model"] == "tiny-base" else build_llama(work / f"llama-{cfg['model']}", cfg["model"])
+    adapters = build_adapters(base, work / "adapters", cfg["adapters"], r=cfg["rank"])
+    names = sorted(adapters)
+    merged = work / "merged"
+    build_torch_artifact(str(base), adapters[names[0]], merged)
+    threads = max(1, (os.cpu_count() or 1) - 1)
+    batch = cfg["concurrency"]
+
+    rng = random.Random(0)
+    texts = prompts(base, cfg["requests"])
+    mixed: list[str | None] = [rng.choice(names) for _ in texts]
+    distinct = len(set(mixed))
+
+    measured = engine_rounds(
+        merged, base, adapters, texts=texts, mixed=mixed, concurrency=batch, max_tokens=cfg["max_tokens"],
+        rounds=cfg["rounds"], budget_s=budget, threads=threads,
+    )  # fmt: skip
     # Old against new on the tiny base (the goal's model; PEFT's loads take tens of seconds on a
     # busy box), the new path alone on the run's base.
     loading = {"base": load_times(base, adapters, peft=base == TINY_BASE)}
     if base != TINY_BASE:
         loading["tiny"] = load_times(TINY_BASE, build_adapters(TINY_BASE, work / "tiny-adapters", cfg["adapters"], r=cfg["rank"]))
     step = step_times(merged, base, adapters, rows=batch, threads=threads, reps=cfg["rounds"] * 2)
+    step["weight_reads"] = weight_reads(json.loads((base / "config.json").read_text()), cfg["rank"], batch)
     return {
         "goal_ratio": GOAL_RATIO,
         "goal_load_s": GOAL_LOAD_S,
@@ -234,13 +274,8 @@ def run(setting: str, work: Path) -> dict[str, Any]:
         "cpu_threads": threads,
         "distinct_adapters_in_traffic": distinct,
         "loaded_adapters": measured["loaded_adapters"],
-        "rounds": rounds,
-        "summary": {
-            "tokens_per_s_ratio": spread([r["ratio"] for r in rounds]),
-            "merged_tokens_per_s": spread([r["merged"]["tokens_per_s"] for r in rounds]),
-            "lora_tokens_per_s": spread([r["lora"]["tokens_per_s"] for r in rounds]),
-            "cold_start_s": measured["cold_start_s"],
-        },
+        "rounds": measured["rounds"],
+        "summary": summary(measured),
     }
 
 

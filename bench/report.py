@@ -426,6 +426,7 @@ def _multi_lora_loading(data: dict[str, Any]) -> list[str]:
             f"{fmt_spread(step['merged_ms'], '{:.1f}')} ms, stacked {fmt_spread(step['lora_ms'], '{:.1f}')} ms, "
             f"speed ratio **{_x(step['speed_ratio'])}** (the closed loop's ratio also carries the engine's per-token "
             "work, the same for both).",
+            *_weight_reads(step),
             "",
             *lines,
         ]
@@ -434,6 +435,18 @@ def _multi_lora_loading(data: dict[str, Any]) -> list[str]:
     if goal is not None and tiny is not None and data["settings"]["adapters"] >= 50:  # the goal is 50 adapters'
         lines += ["", f"Goal: ≤ {goal:g} s on the tiny base: {_verdict(tiny['stacked_s'] <= goal)}."]
     return [*lines, ""]
+
+
+def _weight_reads(step: dict[str, Any]) -> list[str]:
+    reads = step.get("weight_reads")
+    if not reads:
+        return []
+    return [
+        f"Such a step reads the base's {reads['base'] / 1e6:.1f}M weights once and {step['rows']} adapters' "
+        f"{reads['lora'] / 1e6:.1f}M LoRA weights, one per row (**{reads['lora_over_base']:.2f}×** the base's): "
+        "a CPU decode step is mostly these reads, so its speed ratio follows this share (the step's other work, such as "
+        "attention, is the same for both)."
+    ]
 
 
 def multi_lora_plot(data: dict[str, Any], path: Path) -> None:

@@ -40,10 +40,24 @@ def test_cpu_dtype_serves_the_same_burst_in_both_dtypes(tmp_path: Path) -> None:
     assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in round_.values())
 
 
-def test_lora_step_times_the_stacked_decode_step_against_the_merged_model(tmp_path: Path) -> None:
-    result = _run("bench.lora_step", tmp_path / "step.json", "--size", "tiny", "--rows", "2", "--rank", "4", "--reps", "1")
+def test_lora_step_times_the_stacked_decode_step_and_the_closed_loop_against_the_merged_model(tmp_path: Path) -> None:
+    result = _run(
+        "bench.lora_step", tmp_path / "step.json", "--size", "tiny", "--rows", "2", "--rank", "4", "--reps", "1",
+        "--engine", "--adapters", "3", "--requests", "4", "--max-tokens", "2",
+    )  # fmt: skip
     step = result["decode_step"]
     assert step["rows"] == 2 and step["merged_ms"]["n"] == step["lora_ms"]["n"] == 1
     assert step["merged_ms"]["median"] > 0 and step["lora_ms"]["median"] > 0
     # The tiny base's layer: hidden 128, k/v 64, intermediate 352; rank 4 on all seven linears.
-    assert result["adapter_share_of_layer"] == pytest.approx(4 * (256 + 192 * 2 + 256 + 480 * 3) / (128 * 128 * 2 + 128 * 64 * 2 + 128 * 352 * 3))
+    layer = 128 * 128 * 2 + 128 * 64 * 2 + 128 * 352 * 3
+    adapter = 4 * (256 + 192 * 2 + 256 + 480 * 3)
+    assert result["adapter_share_of_layer"] == pytest.approx(adapter / layer)
+    vocab = json.loads((REPO / "assets" / "tiny-base" / "config.json").read_text())["vocab_size"]
+    reads = result["weight_reads"]  # 4 layers and the output head; one adapter per row
+    assert reads["base"] == 4 * layer + 128 * vocab and reads["lora"] == 2 * 4 * adapter
+    engine = result["engine"]
+    assert engine["adapters"] == 3 and engine["loaded_adapters"] == 3 and len(engine["rounds"]) == 1
+    (round_,) = engine["rounds"]
+    # Every request ran on each engine: 4 requests of 2 tokens (random weights, no early stop).
+    assert round_["merged"]["tokens"] == round_["lora"]["tokens"] == 8
+    assert engine["summary"]["tokens_per_s_ratio"]["median"] == pytest.approx(round_["ratio"])
