@@ -397,7 +397,8 @@ def multi_lora_section(data: dict[str, Any], plots_rel: str) -> str:
         f"| {cfg['adapters']} adapters on one base, mixed | {fmt_spread(s['lora_tokens_per_s'], '{:.0f}')} |",
         "",
         f"Adapters over merged: **{_x(ratio)}** (goal ≥ {data['goal_ratio']:g}×: {_verdict(ok)}). "
-        f"Loading all {data['loaded_adapters']} adapters (cold start, first request of each): {s['cold_start_s']:.1f} s.",
+        f"Cold start: the first request of each of the {data['loaded_adapters']} adapters, its load and its prefill, "
+        f"{s['cold_start_s']:.1f} s (loading alone is timed below).",
         "",
         *_multi_lora_loading(data),
         _image("multi_lora", plots_rel),
