@@ -122,6 +122,7 @@ def step_times(
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
+    from serving.engine.loading import cache_kwarg
     from serving.engine.multi_lora import StackedLora
 
     torch.set_num_threads(threads)
@@ -139,12 +140,12 @@ def step_times(
             selection = stack.select(names) if select else None
             if selection is not None:
                 stack.use(selection, ids.shape[1])
-            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
             if selection is not None:
                 stack.use(selection, 1)
             began = time.perf_counter()
             for _ in range(8):
-                model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                model(input_ids=ids[:, :1], use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
             return (time.perf_counter() - began) / 8 * 1000
 
         merged_ms, lora_ms = [], []

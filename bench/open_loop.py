@@ -284,16 +284,19 @@ def _decode_cpu(model: Any, cache: Any, rows: int, context: int, steps: int) -> 
     """(prefill CPU seconds for ``rows`` x ``context`` columns, CPU seconds per decode step after it)."""
     import torch
 
+    from serving.engine.loading import cache_kwarg
+
+    kv = {cache_kwarg(model): cache}
     ids = torch.randint(5, 1000, (rows, context))
     mask = torch.ones(rows, context, dtype=torch.long)
     began = time.thread_time()
-    model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    model(input_ids=ids, attention_mask=mask, use_cache=True, **kv)
     prefill = time.thread_time() - began
     began = time.thread_time()
     for step in range(steps):
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
         position = torch.full((rows, 1), context + step)
-        model(input_ids=ids[:, :1], attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, :1], attention_mask=mask, position_ids=position, use_cache=True, **kv)
     return prefill, (time.thread_time() - began) / steps
 
 

@@ -126,6 +126,14 @@ def _torch_dtype(dtype: str, device: Any) -> Any:
     return torch.float32
 
 
+def cache_kwarg(model: Any) -> str:
+    """The name ``model.forward`` takes its KV cache under.
+
+    transformers 5.2x renamed ``past_key_values`` to ``cache`` (the old name is deprecated until 5.40).
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def load_model(model_dir: Path, device_spec: str, num_threads: int | None, dtype: str = "auto") -> LoadedModel:
     """Load ``model_dir`` on ``device_spec`` (``auto``, ``cpu``, ``cuda[:N]``) in ``dtype``, one load at a time.
 
@@ -168,8 +176,7 @@ def _load(model_dir: Path, device_spec: str, num_threads: int | None, dtype_name
         eos_ids=eos,
         pad_id=int(pad) if pad is not None else 0,
         max_context=getattr(model.config, "max_position_embeddings", None),
-        # transformers 5.2x renamed `past_key_values` to `cache` (old name deprecated until 5.40).
-        cache_kwarg="cache" if "cache" in params else "past_key_values",
+        cache_kwarg=cache_kwarg(model),
         forward_kwargs={"logits_to_keep": 1} if "logits_to_keep" in params else {},
         num_threads=threads,
     )
