@@ -17,9 +17,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 
 status=0
 start=$(date +%s)
-timeout 240 "$PYTHON" -m pytest tests/gpu -m gpu -q -ra -p no:cacheprovider --junitxml "$RESULTS/gpu-tests.xml" 2>&1 | tee "$RESULTS/gpu-tests.log" || status=1
+timeout 210 "$PYTHON" -m pytest tests/gpu -m gpu -q -ra -p no:cacheprovider --junitxml "$RESULTS/gpu-tests.xml" 2>&1 | tee "$RESULTS/gpu-tests.log" || status=1
 echo "gpu tests: $(( $(date +%s) - start )) s"
 start=$(date +%s)
-timeout 330 "$PYTHON" bench/gpu_bench.py --out "$RESULTS" 2>&1 | tee "$RESULTS/gpu-bench.log" || status=1
+timeout 370 "$PYTHON" bench/gpu_bench.py --out "$RESULTS" 2>&1 | tee "$RESULTS/gpu-bench.log" || status=1
 echo "gpu bench: $(( $(date +%s) - start )) s"
 exit "$status"

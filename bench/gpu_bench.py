@@ -9,6 +9,10 @@ Measures, each against a ceiling measured in the same run:
   engine before it (`bench.static_engine`), bf16, random weights, batch 1 and larger:
   tokens/s and the fraction of measured bandwidth the decode steps use (weights + KV cache
   read per step); then requests arriving one every 50 ms: tokens/s and time to first token;
+* many LoRA adapters in one batch (`serving.engine.multi_lora`): ``rows`` concurrent
+  requests, each naming its own rank-16 adapter, against the same requests on the model
+  alone (`bench.multi_lora.engine_rounds`), tokens/s and their ratio; on a GPU a decode step
+  is bound by the bytes it reads, so the ratio should follow the adapters' share of them;
 * LoRA SFT (PEFT, rank 16 on every linear layer, bf16): tokens/s and model FLOP
   utilisation, counted two ways: 6N (the usual full-fine-tuning count) and 4N (LoRA: the
   frozen base needs no weight gradients), plus attention.
@@ -243,6 +247,34 @@ def bench_arrivals(
     return results
 
 
+def bench_multi_lora(folder: Path, work: Path, *, device: str, rows: int, max_tokens: int, rounds: int) -> dict[str, Any]:
+    """``rows`` concurrent requests, each with its own stacked adapter, against the base alone.
+
+    The base stands for the merged model: merging changes the weights' values, not a step's
+    work, and saves merging and writing a second copy of the model in the GPU's time budget.
+    """
+    import random
+
+    from bench.models import build_adapters, prompts, weight_reads
+    from bench.multi_lora import engine_rounds, summary
+
+    adapters = build_adapters(folder, work / "adapters", rows, r=16)
+    names = sorted(adapters)
+    texts = prompts(folder, rows * 2)
+    rng = random.Random(0)
+    mixed: list[str | None] = rng.sample(names, rows) + rng.sample(names, rows)  # every row its own adapter
+    measured = engine_rounds(
+        folder, folder, adapters, texts=texts, mixed=mixed, concurrency=rows, max_tokens=max_tokens,
+        rounds=rounds, budget_s=float("inf"), threads=1, device=device,
+    )  # fmt: skip
+    config = json.loads((folder / "config.json").read_text())
+    result = {"rows": rows, "rank": 16, "max_tokens": max_tokens, "rounds": measured["rounds"], "summary": summary(measured),
+              "weight_reads": weight_reads(config, 16, rows)}  # fmt: skip
+    s = result["summary"]
+    logger.info("multi-LoRA, %d rows: %.2fx of the base alone", rows, s["tokens_per_s_ratio"]["median"])
+    return result
+
+
 def bench_lora_sft(*, device: Any, smoke: bool, batch: int, seq: int, steps: int, peak_tflops: float) -> dict[str, Any]:
     """LoRA SFT step throughput and model FLOP utilisation on a random ~1B Llama."""
     import torch
@@ -324,6 +356,16 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {row['requests']} × {row['max_tokens']} tokens, every {row['gap_ms']:.0f} ms | {row['engine']} "
                 f"| {row['tokens_per_s']:.0f} | {row['ttft_p50_ms']:.0f} | {row['ttft_max_ms']:.0f} |"
             )
+    multi = report.get("multi_lora")
+    if multi:
+        ms, reads = multi["summary"], multi["weight_reads"]
+        lines += [
+            "",
+            f"Multi-LoRA decode, {multi['rows']} concurrent requests × {multi['max_tokens']} tokens, each with its own rank-16 "
+            f"adapter (their LoRA weights {reads['lora_over_base']:.2f}× the base's per step): "
+            f"**{ms['tokens_per_s_ratio']['median']:.2f}×** the base alone's tokens/s "
+            f"({ms['lora_tokens_per_s']['median']:.0f} against {ms['merged_tokens_per_s']['median']:.0f}).",
+        ]
     lines += [
         "",
         f"LoRA SFT (r=16, all linear layers, batch {sft['batch']} × {sft['seq_len']} tokens): **{sft['tokens_per_s']:.0f} tokens/s**, "
@@ -370,6 +412,9 @@ def run(out: Path, *, smoke: bool) -> dict[str, Any]:
         report["arrivals"] = bench_arrivals(
             folder, device=device.type, requests=4 if smoke else 32, gap_s=0.01 if smoke else 0.05,
             max_tokens=16 if smoke else 256,
+        )  # fmt: skip
+        report["multi_lora"] = bench_multi_lora(
+            folder, Path(tmp), device=device.type, rows=4 if smoke else 16, max_tokens=8 if smoke else 128, rounds=1 if smoke else 2,
         )  # fmt: skip
     if cuda:
         torch.cuda.empty_cache()

@@ -169,6 +169,7 @@ def engine_rounds(
     rounds: int,
     budget_s: float,
     threads: int,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """The closed loop on two engines: ``merged`` alone, and ``base`` serving every adapter, request i naming ``mixed[i]``.
 
@@ -180,9 +181,9 @@ def engine_rounds(
 
     names = sorted(adapters)
     batch = concurrency
-    merged_engine = TorchEngine(merged, device="cpu", max_batch_size=batch, num_threads=threads, model_id="merged")
+    merged_engine = TorchEngine(merged, device=device, max_batch_size=batch, num_threads=threads, model_id="merged")
     lora_engine = TorchEngine(
-        base, device="cpu", max_batch_size=batch, num_threads=threads, model_id="multi-lora",
+        base, device=device, max_batch_size=batch, num_threads=threads, model_id="multi-lora",
         adapters=adapters, max_loaded_adapters=len(names),
     )  # fmt: skip
 

@@ -135,4 +135,6 @@ def test_benchmark_runs_on_the_gpu(tmp_path: Path) -> None:
     assert report["bandwidth"]["gb_per_s"] > 50
     assert all(row["tokens"] > 0 and row["tokens_per_s"] > 0 for row in report["decode"])
     assert report["lora_sft"]["tokens_per_s"] > 0 and 0 < report["lora_sft"]["mfu_lora_4n_vs_measured_matmul"] < 1
+    multi = report["multi_lora"]["rounds"][0]
+    assert multi["merged"]["tokens"] > 0 and multi["lora"]["tokens"] > 0 and multi["ratio"] > 0
     assert (tmp_path / "gpu-bench.json").is_file() and (tmp_path / "gpu-bench.md").read_text().startswith("### GPU benchmark")

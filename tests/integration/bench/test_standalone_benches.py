@@ -61,3 +61,20 @@ def test_lora_step_times_the_stacked_decode_step_and_the_closed_loop_against_the
     # Every request ran on each engine: 4 requests of 2 tokens (random weights, no early stop).
     assert round_["merged"]["tokens"] == round_["lora"]["tokens"] == 8
     assert engine["summary"]["tokens_per_s_ratio"]["median"] == pytest.approx(round_["ratio"])
+
+
+def test_the_gpu_benchmark_runs_its_smoke_sizes_on_a_cpu(tmp_path: Path) -> None:
+    """bench/gpu.sh runs it on a lent GPU, rarely: a broken script would waste that machine's time."""
+    proc = subprocess.run(
+        [sys.executable, "bench/gpu_bench.py", "--smoke", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "gpu-bench.json").read_text())
+    assert report["environment"]["smoke"] is True
+    assert {row["engine"] for row in report["decode"]} == {"continuous", "static"}
+    multi = report["multi_lora"]
+    (round_,) = multi["rounds"]
+    # 2 waves of 4 requests × 8 tokens on each engine, every row of a wave with its own adapter.
+    assert round_["merged"]["tokens"] == round_["lora"]["tokens"] == 64
+    assert multi["weight_reads"]["lora_over_base"] > 0
+    assert "Multi-LoRA decode" in (tmp_path / "gpu-bench.md").read_text()
