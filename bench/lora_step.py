@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from bench.engine_batching import _threads
 from bench.harness import show_result
-from bench.models import SIZES, build_adapters, build_llama, layer_linears, model_parameters, prompts, weight_reads
-from bench.multi_lora import engine_rounds, step_times, summary
+from bench.models import SIZES, build_adapters, build_llama, layer_linears, model_parameters, weight_reads
+from bench.multi_lora import engine_rounds, mixed_traffic, step_times, summary
+from bench.stats import fmt_spread
 
 
 def adapter_share(size: str, rank: int) -> float:
@@ -87,15 +87,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _x(figure: dict[str, Any]) -> str:
-    return f"{figure['median']:.2f}x ({figure['min']:.2f}-{figure['max']:.2f})"
+    return fmt_spread(figure, "{:.2f}", "×")
 
 
 def _engine(args: argparse.Namespace, base: Path, merged: Path, adapters: dict[str, Path], threads: int) -> dict[str, Any]:
     """`bench.multi_lora`'s closed loop on this model: ``args.rows`` clients, each request naming a random adapter."""
     names = sorted(adapters)[: args.adapters]
-    rng = random.Random(0)
-    texts = prompts(base, args.requests)
-    mixed: list[str | None] = [rng.choice(names) for _ in texts]
+    texts, mixed = mixed_traffic(base, names, args.requests)
     measured = engine_rounds(
         merged, base, {n: adapters[n] for n in names}, texts=texts, mixed=mixed, concurrency=args.rows,
         max_tokens=args.max_tokens, rounds=args.reps, budget_s=float("inf"), threads=threads,

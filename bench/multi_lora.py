@@ -157,6 +157,13 @@ def step_times(
     return {"rows": len(names), "merged_ms": spread(merged_ms), "lora_ms": spread(lora_ms), "speed_ratio": spread(ratios)}
 
 
+def mixed_traffic(base: Path, names: list[str], count: int) -> tuple[list[str], list[str | None]]:
+    """``count`` prompts and, for each, an adapter of ``names`` drawn at random (seeded: every run the same)."""
+    rng = random.Random(0)
+    texts = prompts(base, count)
+    return texts, [rng.choice(names) for _ in texts]
+
+
 def engine_rounds(
     merged: Path,
     base: Path,
@@ -250,9 +257,7 @@ def run(setting: str, work: Path) -> dict[str, Any]:
     threads = max(1, (os.cpu_count() or 1) - 1)
     batch = cfg["concurrency"]
 
-    rng = random.Random(0)
-    texts = prompts(base, cfg["requests"])
-    mixed: list[str | None] = [rng.choice(names) for _ in texts]
+    texts, mixed = mixed_traffic(base, names, cfg["requests"])
     distinct = len(set(mixed))
 
     measured = engine_rounds(

@@ -362,9 +362,7 @@ class StackedLora:
         Per step this is two assignments; only after an adapter was loaded or unloaded since
         the selection was made (a slab changed) are its index and gathered rows rebuilt.
         """
-        if selection.version != self._version:
-            self._index(selection)
-        self.rows.current = selection
+        self.rows.current = self._fresh(selection)
         self.rows.tokens_per_row = max(tokens_per_row, 1)
 
     def use_flat(self, decode: RowSelection, group: RowSelection, *, width: int, real: torch.Tensor | None) -> None:
@@ -375,10 +373,13 @@ class StackedLora:
             group: the prefill group's selection, whose chunk of ``width`` columns follows.
             real: where the chunk's real tokens lie (flat indices into ``rows * width``), None: all of it.
         """
-        for selection in (decode, group):
-            if selection.version != self._version:
-                self._index(selection)
-        self.rows.current = FlatRows(decode, group, len(decode.names), len(group.names), width, real)
+        self.rows.current = FlatRows(self._fresh(decode), self._fresh(group), len(decode.names), len(group.names), width, real)
+
+    def _fresh(self, selection: RowSelection) -> RowSelection:
+        """``selection``, re-indexed (and its gathered rows dropped) if a slab changed since it was indexed."""
+        if selection.version != self._version:
+            self._index(selection)
+        return selection
 
     def _index(self, selection: RowSelection) -> None:
         try:

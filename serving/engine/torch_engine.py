@@ -482,7 +482,7 @@ class TorchEngine:
         """Run the model on a batch; the logits of each row's last column, as float32."""
         adapters = self._adapters
         if adapters is not None:
-            adapters.set_rows(adapter_names or [BASE_ADAPTER] * input_ids.shape[0], input_ids.shape[1])
+            adapters.set_rows(_or_base(adapter_names, input_ids.shape[0]), input_ids.shape[1])
         model = adapters.model if adapters is not None else self._model
         out = model(
             input_ids=input_ids,
@@ -500,15 +500,10 @@ class TorchEngine:
         adapters = self._adapters
         layout = None
         if adapters is not None:
-            decode, group = tensors[0].shape[0], tensors[4].shape[0]
+            decode, group = _or_base(decode_names, tensors[0].shape[0]), _or_base(group_names, tensors[4].shape[0])
 
             def layout(plan: Any) -> None:
-                adapters.set_flat_rows(
-                    decode_names or [BASE_ADAPTER] * decode,
-                    group_names or [BASE_ADAPTER] * group,
-                    width=plan.width,
-                    real=plan.real,
-                )
+                adapters.set_flat_rows(decode, group, width=plan.width, real=plan.real)
 
         return fused_forward(self._model, self._cache_kwarg, *tensors, layout=layout)
 
@@ -519,3 +514,8 @@ class TorchEngine:
                 listener(rows)
             except Exception:  # noqa: BLE001 - metrics must never break decoding
                 logger.debug("step listener failed", exc_info=True)
+
+
+def _or_base(names: Sequence[str], rows: int) -> Sequence[str]:
+    """Each row's adapter: ``names``, or the base for every one of ``rows`` rows when none are given."""
+    return names or [BASE_ADAPTER] * rows
